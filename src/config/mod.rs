@@ -1,0 +1,189 @@
+//! The configuration file: serde types, loading and validation.
+//!
+//! Loading happens in clear steps (as pingora does): parse the TOML, deserialize it
+//! into typed values (each value type checks itself, so a bad value is reported with
+//! its key path), then [`Config::validate`] checks what spans several keys. Every
+//! failure is a [`ConfigError`] that names the file, the key and the problem, so
+//! `sluicegate check-config` can answer like `nginx -t` does.
+
+mod error;
+mod values;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use error::ConfigError;
+pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
+
+/// The configuration that sluicegate runs with when no `--config` is given.
+///
+/// It is the repository's `config.toml`, compiled into the binary so that a new
+/// user can start the proxy (or `sluicegate demo`) with nothing else on the disk.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config.toml");
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, admin listener and process settings (`[server]`).
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The routes, in file order (`[[route]]`).
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: how the proxy listens and shuts down.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the proxy listener.
+    #[serde(deserialize_with = "values::socket_addr")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (metrics, health, status).
+    #[serde(deserialize_with = "values::socket_addr")]
+    pub admin_listen: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout_ms: u64,
+    /// Tokio worker threads; 0 means one per core.
+    pub worker_threads: usize,
+    /// Most client connections open at once; the accept loop pauses at the cap.
+    pub max_connections: Limit,
+    /// Longest time a client may take to send a request's headers.
+    pub header_read_timeout_ms: Millis,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            drain_timeout_ms: 10_000,
+            worker_threads: 0,
+            max_connections: Limit::new(10_000),
+            header_read_timeout_ms: Millis::from_ms(10_000),
+        }
+    }
+}
+
+/// `[[route]]`: where requests with a path prefix (and optionally a host) go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics, logs and `/status`; defaults to the path prefix.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Requests whose path starts with this go to this route; the longest wins.
+    #[serde(default)]
+    pub path_prefix: PathPrefix,
+    /// When set, only requests for this host (`Host` or `:authority`, port ignored).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The upstream, `http://host:port`.
+    pub upstream: UpstreamUrl,
+    /// Deadline for the upstream's response headers; past it the client gets 504.
+    #[serde(default = "values::default_timeout")]
+    pub timeout_ms: Millis,
+    /// Deadline for opening a TCP connection to the upstream; past it, 502.
+    #[serde(default = "values::default_connect_timeout")]
+    pub connect_timeout_ms: Millis,
+    /// Largest request body accepted; larger ones get 413.
+    #[serde(default = "values::default_max_body")]
+    pub max_body_bytes: ByteSize,
+}
+
+impl RouteConfig {
+    /// The route's name as it appears in metrics and logs.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.path_prefix.as_str())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(&file, &e))?;
+        Self::parse(&file, &text)
+    }
+
+    /// The embedded default configuration (see [`EMBEDDED_DEFAULT`]).
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::parse("<embedded config.toml>", EMBEDDED_DEFAULT)
+    }
+
+    /// Parses and validates configuration text; `file` is only used in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::toml(file, text, &e))?;
+        let config: Config =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::field(file, text, &e))?;
+        config
+            .validate()
+            .map_err(|(key, msg)| ConfigError::new(file, key, msg))?;
+        Ok(config)
+    }
+
+    /// Checks the rules that span several keys. Returns the key path and the problem.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.routes.is_empty() {
+            return Err(("route".into(), "at least one [[route]] is required".into()));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut places: HashMap<(Option<String>, &str), usize> = HashMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let name = route.display_name();
+            if name.is_empty() {
+                return Err((format!("route[{i}].name"), "must not be empty".into()));
+            }
+            if let Some(first) = names.insert(name, i) {
+                return Err((
+                    format!("route[{i}].name"),
+                    format!("duplicate route name `{name}` (also route[{first}])"),
+                ));
+            }
+            let host = route.host.as_deref().map(normalize_host);
+            if let Some(h) = &host
+                && (h.is_empty() || h.contains(['/', ' ']))
+            {
+                return Err((
+                    format!("route[{i}].host"),
+                    format!("`{h}` is not a host name"),
+                ));
+            }
+            if let Some(first) = places.insert((host, route.path_prefix.as_str()), i) {
+                return Err((
+                    format!("route[{i}].path_prefix"),
+                    format!(
+                        "route[{first}] already has path_prefix `{}` for the same host; \
+                         the second route could never match",
+                        route.path_prefix.as_str()
+                    ),
+                ));
+            }
+        }
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            return Err((
+                "server.admin_listen".into(),
+                format!("must differ from server.listen ({})", self.server.listen),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Lower-cases a host name and strips a `:port`, the form routes are matched on.
+pub(crate) fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = match host.rsplit_once(':') {
+        // `[::1]:80` or `name:80`; a bare IPv6 literal has more colons and no brackets.
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    without_port.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests;

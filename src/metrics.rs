@@ -1,0 +1,124 @@
+//! Metric names (a contract: SPEC "Observability") and the Prometheus registry.
+//!
+//! Each running proxy owns its own [`Registry`] instead of a process-global
+//! recorder, so that several proxies in one process (tests, embedders) do not mix
+//! their counts. Metric handles are registered once per route when the stack is
+//! built; the request path only touches atomics, never a registry lookup.
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// `sluicegate_requests_total{route,outcome}`: requests answered, by outcome
+/// (`2xx`..`5xx` from the upstream, or the reason code of a proxy answer).
+pub const REQUESTS_TOTAL: &str = "sluicegate_requests_total";
+/// `sluicegate_unmatched_requests_total`: requests no route matched (404).
+pub const UNMATCHED_TOTAL: &str = "sluicegate_unmatched_requests_total";
+/// `sluicegate_inflight{route}`: requests being answered, until their response
+/// body has finished streaming.
+pub const INFLIGHT: &str = "sluicegate_inflight";
+/// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
+/// response headers.
+pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";
+
+/// Histogram buckets for latencies, from 0.5 ms to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+
+/// One proxy's metrics: registers handles and renders the Prometheus text.
+pub struct Registry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// A registry with latency histograms bucketed for Prometheus.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            // The matcher is a non-empty literal list, so this cannot fail.
+            .expect("non-empty bucket list")
+            .build_recorder();
+        let handle = recorder.handle();
+        let this = Self { recorder, handle };
+        this.describe();
+        this
+    }
+
+    fn describe(&self) {
+        let r = &self.recorder;
+        r.describe_counter(
+            REQUESTS_TOTAL.into(),
+            None,
+            "Requests answered, by route and outcome".into(),
+        );
+        r.describe_counter(
+            UNMATCHED_TOTAL.into(),
+            None,
+            "Requests that no route matched (answered 404)".into(),
+        );
+        r.describe_gauge(
+            INFLIGHT.into(),
+            None,
+            "Requests in flight, until their response body has finished".into(),
+        );
+        r.describe_histogram(
+            UPSTREAM_DURATION.into(),
+            Some(Unit::Seconds),
+            "Time until the upstream's response headers".into(),
+        );
+    }
+
+    /// A counter with labels.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder
+            .register_counter(&key(name, labels), &METADATA)
+    }
+
+    /// A gauge with labels.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    /// A histogram with labels.
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder
+            .register_histogram(&key(name, labels), &METADATA)
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; call it periodically so that
+    /// memory stays bounded between scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect();
+    Key::from_parts(name, labels)
+}

@@ -1,0 +1,181 @@
+//! [`RouteStats`]: one route's live counters, read by `/status` and exported to
+//! Prometheus.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Counter, Gauge, Histogram};
+use serde_json::{Map, Value, json};
+
+use crate::metrics::{INFLIGHT, REQUESTS_TOTAL, Registry, UPSTREAM_DURATION};
+use crate::respond::Reason;
+
+/// How a request ended, the `outcome` label of `sluicegate_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with a status of this class (1 to 5).
+    Status(u8),
+    /// The proxy answered itself.
+    Rejected(Reason),
+    /// The client went away before the response headers.
+    Cancelled,
+    /// The inner service failed without a response (no rescue below).
+    Error,
+}
+
+const STATUS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const OUTCOMES: usize = STATUS_LABELS.len() + Reason::ALL.len() + 2;
+
+impl Outcome {
+    /// The outcome of a response status.
+    pub fn of_status(status: http::StatusCode) -> Self {
+        // StatusCode guarantees 100..=999; classes above 5 are folded into 5xx.
+        Outcome::Status((status.as_u16() / 100).clamp(1, 5) as u8)
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Outcome::Status(class) => usize::from(class.clamp(1, 5)) - 1,
+            Outcome::Rejected(r) => STATUS_LABELS.len() + r as usize,
+            Outcome::Cancelled => OUTCOMES - 2,
+            Outcome::Error => OUTCOMES - 1,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Status(class) => STATUS_LABELS[usize::from(class.clamp(1, 5)) - 1],
+            Outcome::Rejected(r) => r.as_str(),
+            Outcome::Cancelled => "cancelled",
+            Outcome::Error => "error",
+        }
+    }
+
+    fn all() -> impl Iterator<Item = Outcome> {
+        (1..=5)
+            .map(Outcome::Status)
+            .chain(Reason::ALL.into_iter().map(Outcome::Rejected))
+            .chain([Outcome::Cancelled, Outcome::Error])
+    }
+}
+
+struct OutcomeCount {
+    label: &'static str,
+    count: AtomicU64,
+    counter: Counter,
+}
+
+/// One route's counters. Every update goes both to an atomic (for `/status`) and
+/// to a pre-registered Prometheus handle (for `/metrics`).
+pub struct RouteStats {
+    name: Arc<str>,
+    inflight: AtomicU64,
+    inflight_gauge: Gauge,
+    outcomes: Box<[OutcomeCount]>,
+    upstream_duration: Histogram,
+}
+
+impl std::fmt::Debug for RouteStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteStats")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl RouteStats {
+    /// Registers the route's metrics in `registry`.
+    pub fn new(name: &str, registry: &Registry) -> Self {
+        let outcomes = Outcome::all()
+            .map(|o| OutcomeCount {
+                label: o.label(),
+                count: AtomicU64::new(0),
+                counter: registry
+                    .counter(REQUESTS_TOTAL, &[("route", name), ("outcome", o.label())]),
+            })
+            .collect();
+        Self {
+            name: name.into(),
+            inflight: AtomicU64::new(0),
+            inflight_gauge: registry.gauge(INFLIGHT, &[("route", name)]),
+            outcomes,
+            upstream_duration: registry.histogram(UPSTREAM_DURATION, &[("route", name)]),
+        }
+    }
+
+    /// The route's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Counts one answered request.
+    pub fn record(&self, outcome: Outcome) {
+        let slot = &self.outcomes[outcome.index()];
+        slot.count.fetch_add(1, Ordering::Relaxed);
+        slot.counter.increment(1);
+    }
+
+    /// How many requests ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome.index()].count.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight now.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn inflight_add(&self) {
+        let now = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.inflight_gauge.set(now as f64);
+    }
+
+    pub(super) fn inflight_sub(&self) {
+        let now = self.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.inflight_gauge.set(now as f64);
+    }
+
+    /// Records the time the upstream took to answer with headers.
+    pub fn record_upstream_duration(&self, elapsed: std::time::Duration) {
+        self.upstream_duration.record(elapsed.as_secs_f64());
+    }
+
+    /// The live state for `/status`.
+    pub fn snapshot(&self) -> Value {
+        let requests: Map<String, Value> = self
+            .outcomes
+            .iter()
+            .map(|o| (o.label.to_string(), o.count.load(Ordering::Relaxed).into()))
+            .collect();
+        json!({
+            "inflight": self.inflight(),
+            "requests": requests,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_indexes_are_distinct_and_in_range() {
+        let mut seen = [false; OUTCOMES];
+        for o in Outcome::all() {
+            assert!(!seen[o.index()], "{o:?} shares an index");
+            seen[o.index()] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(Outcome::of_status(http::StatusCode::OK).label(), "2xx");
+        assert_eq!(
+            Outcome::of_status(http::StatusCode::BAD_GATEWAY).label(),
+            "5xx"
+        );
+        let odd = http::StatusCode::from_u16(799).unwrap();
+        assert_eq!(Outcome::of_status(odd).label(), "5xx");
+    }
+}

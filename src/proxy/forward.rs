@@ -1,0 +1,149 @@
+//! [`Forward`]: sends a request to the route's upstream over a pooled keep-alive
+//! client and streams both bodies.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower::Service;
+
+use super::headers;
+use crate::body::{BoxError, ProxyBody, boxed, find_cause};
+use crate::body_limit::LengthLimitError;
+use crate::config::RouteConfig;
+use crate::observe::RouteStats;
+use crate::respond::{Reason, Rejection};
+
+/// Request extension: the address of the client connection, set by the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Idle upstream connections kept per route; a bound on the pool's memory and on
+/// the file descriptors it holds.
+const POOL_MAX_IDLE: usize = 1024;
+/// How long an idle upstream connection is kept before it is closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A pooled HTTP/1.1 keep-alive client to one upstream.
+pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+
+/// Builds the client for one route.
+fn client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
+        .build(connector)
+}
+
+/// The innermost service of a route: rewrites the request for the upstream, sends
+/// it, and rewrites the response for the client.
+///
+/// Errors are [`Rejection`]s: `upstream_unavailable` (502) when the upstream
+/// cannot be reached or breaks the connection, `body_too_large` (413) when the
+/// request body passed the route's limit while it streamed.
+#[derive(Clone)]
+pub struct Forward {
+    client: UpstreamClient,
+    scheme: Scheme,
+    authority: Authority,
+    stats: Arc<RouteStats>,
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("upstream", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forward {
+    /// A forwarder to the route's upstream, timing into `stats`.
+    pub fn new(route: &RouteConfig, stats: Arc<RouteStats>) -> Self {
+        Self {
+            client: client(route.connect_timeout_ms.get()),
+            scheme: route.upstream.scheme().clone(),
+            authority: route.upstream.authority().clone(),
+            stats,
+        }
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, http::Error> {
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+    }
+}
+
+impl<B> Service<Request<B>> for Forward
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The pool opens connections on demand; readiness is admission's job.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let client_ip = parts.extensions.get::<ClientAddr>().map(|c| c.0.ip());
+        headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client_ip);
+        let uri = match self.upstream_uri(&parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                let err = Rejection::new(Reason::UpstreamUnavailable).with_cause(e);
+                return Box::pin(std::future::ready(Err(err.into())));
+            }
+        };
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, boxed(body));
+        let response = self.client.request(request);
+        let stats = self.stats.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let mut res = response.await.map_err(classify)?;
+            stats.record_upstream_duration(start.elapsed());
+            let version = res.version();
+            headers::prepare_response(res.headers_mut(), version);
+            Ok(res.map(boxed))
+        })
+    }
+}
+
+/// Turns a client error into the rejection the client gets.
+fn classify(err: hyper_util::client::legacy::Error) -> BoxError {
+    if find_cause::<LengthLimitError>(&err).is_some() {
+        // The client's fault, not the upstream's: no cause, so nothing is logged
+        // at warn level.
+        return Rejection::new(Reason::BodyTooLarge).into();
+    }
+    Rejection::new(Reason::UpstreamUnavailable)
+        .with_cause(err)
+        .into()
+}

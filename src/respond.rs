@@ -1,0 +1,369 @@
+//! The one place that knows status codes: every error of the stack becomes an
+//! HTTP response here (the "rescue" of linkerd2-proxy).
+//!
+//! Rejections the proxy makes itself are fast, carry `Cache-Control: no-store`
+//! and a small JSON body `{"error": ..., "reason": ..., "retry_after_s": N}`, and
+//! never leak internals: the cause (an upstream address, an OS error) goes to the
+//! log, not to the client.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::{HeaderValue, Response, StatusCode, header};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::body::{BoxError, ProxyBody, full};
+
+/// Why the proxy answered a request itself. The `as_str` codes are a contract
+/// (SPEC "Rejections") used in bodies and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The admission queue is full, or the predicted wait is beyond the timeout.
+    QueueFull,
+    /// The request waited in the admission queue for too long.
+    QueueTimeout,
+    /// The circuit breaker is open.
+    CircuitOpen,
+    /// The client is over its rate limit.
+    RateLimited,
+    /// The request body is larger than the route's `max_body_bytes`.
+    BodyTooLarge,
+    /// The upstream did not answer within the route's `timeout_ms`.
+    UpstreamTimeout,
+    /// The upstream could not be reached or broke the connection.
+    UpstreamUnavailable,
+    /// The proxy is shutting down.
+    Draining,
+    /// No route matches the request.
+    NoRoute,
+}
+
+impl Reason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [Reason; 9] = [
+        Reason::QueueFull,
+        Reason::QueueTimeout,
+        Reason::CircuitOpen,
+        Reason::RateLimited,
+        Reason::BodyTooLarge,
+        Reason::UpstreamTimeout,
+        Reason::UpstreamUnavailable,
+        Reason::Draining,
+        Reason::NoRoute,
+    ];
+
+    /// The reason code, as in bodies and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::QueueFull => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::RateLimited => "rate_limited",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::UpstreamUnavailable => "upstream_unavailable",
+            Reason::Draining => "draining",
+            Reason::NoRoute => "no_route",
+        }
+    }
+
+    /// The status the client gets.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::QueueFull | Reason::QueueTimeout | Reason::CircuitOpen | Reason::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// A short human text for the body's `error` field.
+    const fn message(self) -> &'static str {
+        match self {
+            Reason::QueueFull => "overloaded: admission queue full",
+            Reason::QueueTimeout => "overloaded: waited too long in the admission queue",
+            Reason::CircuitOpen => "upstream failing: circuit open",
+            Reason::RateLimited => "too many requests",
+            Reason::BodyTooLarge => "request body too large",
+            Reason::UpstreamTimeout => "upstream timed out",
+            Reason::UpstreamUnavailable => "upstream unavailable",
+            Reason::Draining => "shutting down",
+            Reason::NoRoute => "no route for this request",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request the proxy refused or could not forward, with an optional cause that
+/// is logged but never shown to the client.
+#[derive(Debug)]
+pub struct Rejection {
+    reason: Reason,
+    retry_after_s: Option<u64>,
+    cause: Option<BoxError>,
+}
+
+impl Rejection {
+    /// A rejection for `reason`.
+    pub const fn new(reason: Reason) -> Self {
+        Self {
+            reason,
+            retry_after_s: None,
+            cause: None,
+        }
+    }
+
+    /// Adds a `Retry-After` (whole seconds).
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+
+    /// Adds the underlying error, for the log.
+    pub fn with_cause(mut self, cause: impl Into<BoxError>) -> Self {
+        self.cause = Some(cause.into());
+        self
+    }
+
+    /// Why the request was refused.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// The response the client gets.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let mut body = format!(
+            r#"{{"error":"{}","reason":"{}""#,
+            self.reason.message(),
+            self.reason.as_str()
+        );
+        if let Some(s) = self.retry_after_s {
+            body.push_str(&format!(r#","retry_after_s":{s}"#));
+        }
+        body.push('}');
+        let mut res = Response::new(full(body));
+        *res.status_mut() = self.reason.status();
+        let headers = res.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(s) = self.retry_after_s {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        res.extensions_mut().insert(Rejected(self.reason));
+        res
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.reason.message())
+    }
+}
+
+impl std::error::Error for Rejection {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|e| e as _)
+    }
+}
+
+/// Response extension marking a response the proxy made itself, so that outer
+/// layers (metrics, logs) can tell a proxy 502 from an upstream 502.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejected(pub Reason);
+
+/// Turns a stack error into the client's response, logging the cause.
+pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
+    let rejection = match err.downcast::<Rejection>() {
+        Ok(rejection) => *rejection,
+        Err(err) if err.is::<tower::timeout::error::Elapsed>() => {
+            Rejection::new(Reason::UpstreamTimeout).with_cause(err)
+        }
+        Err(err) => Rejection::new(Reason::UpstreamUnavailable).with_cause(err),
+    };
+    if let Some(cause) = &rejection.cause {
+        tracing::warn!(
+            route,
+            reason = rejection.reason.as_str(),
+            cause = %ErrorChain(cause.as_ref()),
+            "request failed"
+        );
+    }
+    rejection.to_response()
+}
+
+/// Displays an error and its sources, `a: b: c`.
+pub(crate) struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+// === impl RescueLayer ===
+
+/// Layer that turns the errors of the services below into responses.
+#[derive(Debug, Clone)]
+pub struct RescueLayer {
+    route: Arc<str>,
+}
+
+impl RescueLayer {
+    /// `route` names the route in the logs.
+    pub fn new(route: impl Into<Arc<str>>) -> Self {
+        Self {
+            route: route.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for RescueLayer {
+    type Service = Rescue<S>;
+    fn layer(&self, inner: S) -> Rescue<S> {
+        Rescue {
+            inner,
+            route: self.route.clone(),
+            not_ready: None,
+        }
+    }
+}
+
+/// Service that never fails: its inner service's errors become responses.
+#[derive(Debug, Clone)]
+pub struct Rescue<S> {
+    inner: S,
+    route: Arc<str>,
+    /// An error from `poll_ready`, answered on the next call instead of calling
+    /// a service that is not ready.
+    not_ready: Option<Arc<str>>,
+}
+
+impl<S, Req> Service<Req> for Rescue<S>
+where
+    S: Service<Req, Response = Response<ProxyBody>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = RescueFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if let Err(e) = ready!(self.inner.poll_ready(cx)) {
+            self.not_ready = Some(e.into().to_string().into());
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(error) = self.not_ready.take() {
+            let err = Rejection::new(Reason::UpstreamUnavailable).with_cause(error.to_string());
+            return RescueFuture::Failed {
+                response: Some(rescue(&self.route, err.into())),
+            };
+        }
+        RescueFuture::Pending {
+            inner: self.inner.call(req),
+            route: self.route.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`Rescue`].
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = RescueProj]
+    pub enum RescueFuture<F> {
+        /// Waiting for the inner service.
+        Pending {
+            #[pin]
+            inner: F,
+            route: Arc<str>,
+        },
+        /// The inner service was not ready; this is the answer.
+        Failed {
+            response: Option<Response<ProxyBody>>,
+        },
+    }
+}
+
+impl<F, E> Future for RescueFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RescueProj::Pending { inner, route } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
+                Ok(res) => res,
+                Err(err) => rescue(route, err.into()),
+            })),
+            RescueProj::Failed { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("RescueFuture polled after completion"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn rejection_body_and_headers() {
+        let res = Rejection::new(Reason::QueueFull)
+            .with_retry_after(3)
+            .to_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(res.extensions().get(), Some(&Rejected(Reason::QueueFull)));
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["reason"], "queue_full");
+        assert_eq!(json["retry_after_s"], 3);
+    }
+
+    #[tokio::test]
+    async fn rescue_hides_the_cause() {
+        let cause = std::io::Error::other("connect to 10.1.2.3:9000 refused");
+        let res = rescue("r", Box::new(cause));
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        assert!(res.headers().get(header::RETRY_AFTER).is_none());
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!text.contains("10.1.2.3"), "{text}");
+        assert!(text.contains("upstream_unavailable"), "{text}");
+    }
+
+    #[test]
+    fn timeout_is_504() {
+        let res = rescue("r", Box::new(tower::timeout::error::Elapsed::new()));
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+}

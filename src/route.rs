@@ -1,0 +1,261 @@
+//! Routing: picks the route for a request (longest path prefix, then a matching
+//! host over any host) and calls that route's stack; 404 when none matches.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use metrics::Counter;
+use pin_project_lite::pin_project;
+use tower::Service;
+use tower::util::{Oneshot, ServiceExt};
+
+use crate::body::{BoxError, ProxyBody, boxed};
+use crate::respond::{Reason, Rejection};
+
+/// One route of the table: what it matches and the service that answers.
+#[derive(Debug, Clone)]
+pub struct RouteEntry<S> {
+    /// Requests whose path starts with this match.
+    pub path_prefix: String,
+    /// When set, only requests for this host (lower case, no port) match.
+    pub host: Option<String>,
+    /// The route's stack.
+    pub service: S,
+}
+
+/// Routes ordered for matching: the first entry that matches wins.
+#[derive(Debug)]
+pub struct RouteTable<S> {
+    entries: Vec<RouteEntry<S>>,
+}
+
+impl<S> RouteTable<S> {
+    /// Orders `entries` so that the longest prefix, then a specific host, wins.
+    pub fn new(mut entries: Vec<RouteEntry<S>>) -> Self {
+        // Stable sort: among identical keys the file order is kept.
+        entries.sort_by_key(|e| (std::cmp::Reverse(e.path_prefix.len()), e.host.is_none()));
+        Self { entries }
+    }
+
+    /// The route for a request to `host` (as sent: may have a port) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&RouteEntry<S>> {
+        let host = host.map(strip_port);
+        self.entries.iter().find(|e| {
+            path.starts_with(e.path_prefix.as_str())
+                && match (&e.host, host) {
+                    (None, _) => true,
+                    (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                    (Some(_), None) => false,
+                }
+        })
+    }
+
+    /// The entries in matching order.
+    pub fn entries(&self) -> &[RouteEntry<S>] {
+        &self.entries
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or the
+/// `Host` header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+/// The proxy's top service: routes each request to its route's stack.
+#[derive(Debug)]
+pub struct Proxy<S> {
+    table: Arc<RouteTable<S>>,
+    unmatched: Arc<Unmatched>,
+}
+
+impl<S> Clone for Proxy<S> {
+    fn clone(&self) -> Self {
+        Self {
+            table: self.table.clone(),
+            unmatched: self.unmatched.clone(),
+        }
+    }
+}
+
+/// Count of requests no route matched.
+#[derive(Debug)]
+pub struct Unmatched {
+    count: AtomicU64,
+    counter: Counter,
+}
+
+impl Unmatched {
+    /// Counts into `counter` (and an atomic, for `/status`).
+    pub fn new(counter: Counter) -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            counter,
+        }
+    }
+
+    /// Requests answered 404 so far.
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl<S> Proxy<S> {
+    /// A proxy over `table`, counting misses in `unmatched`.
+    pub fn new(table: RouteTable<S>, unmatched: Arc<Unmatched>) -> Self {
+        Self {
+            table: Arc::new(table),
+            unmatched,
+        }
+    }
+
+    /// The routing table.
+    pub fn table(&self) -> &RouteTable<S> {
+        &self.table
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for Proxy<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>, Error = Infallible> + Clone,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ProxyFuture<S, Request<B>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Each request's route is only known in `call`; routes wait there.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        match self.table.find(request_host(&req), req.uri().path()) {
+            Some(route) => ProxyFuture::Route {
+                inner: route.service.clone().oneshot(req),
+            },
+            None => {
+                self.unmatched.count.fetch_add(1, Ordering::Relaxed);
+                self.unmatched.counter.increment(1);
+                ProxyFuture::Ready {
+                    response: Some(Rejection::new(Reason::NoRoute).to_response()),
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`Proxy`].
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = ProxyProj]
+    pub enum ProxyFuture<S: Service<Req>, Req> {
+        /// Waiting for the route's stack.
+        Route {
+            #[pin]
+            inner: Oneshot<S, Req>,
+        },
+        /// Answered by the router itself.
+        Ready {
+            response: Option<Response<ProxyBody>>,
+        },
+    }
+}
+
+impl<S, Req, ResB> Future for ProxyFuture<S, Req>
+where
+    S: Service<Req, Response = Response<ResB>, Error = Infallible>,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ProxyProj::Route { inner } => {
+                let res = ready!(inner.poll(cx))?;
+                Poll::Ready(Ok(res.map(boxed)))
+            }
+            // Taken once: a completed future is not polled again.
+            ProxyProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ProxyFuture polled after completion"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable<&'static str> {
+        let e = |prefix: &str, host: Option<&str>, service| RouteEntry {
+            path_prefix: prefix.into(),
+            host: host.map(Into::into),
+            service,
+        };
+        RouteTable::new(vec![
+            e("/", None, "root"),
+            e("/ingest", None, "ingest"),
+            e("/ingest/logs", None, "logs"),
+            e("/ingest", Some("eu.example.com"), "ingest-eu"),
+        ])
+    }
+
+    fn find(host: Option<&str>, path: &str) -> Option<&'static str> {
+        table().find(host, path).map(|e| e.service)
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        assert_eq!(find(None, "/ingest/logs/x"), Some("logs"));
+        assert_eq!(find(None, "/ingest/metrics"), Some("ingest"));
+        assert_eq!(find(None, "/other"), Some("root"));
+    }
+
+    #[test]
+    fn host_specific_route_wins_at_equal_prefix() {
+        assert_eq!(
+            find(Some("EU.example.com:8080"), "/ingest/x"),
+            Some("ingest-eu")
+        );
+        assert_eq!(find(Some("us.example.com"), "/ingest/x"), Some("ingest"));
+        // A longer prefix still beats a host match.
+        assert_eq!(find(Some("eu.example.com"), "/ingest/logs"), Some("logs"));
+    }
+
+    #[test]
+    fn no_match() {
+        let t = RouteTable::new(vec![RouteEntry {
+            path_prefix: "/api".into(),
+            host: None,
+            service: (),
+        }]);
+        assert!(t.find(None, "/ap").is_none());
+    }
+
+    #[test]
+    fn ports_are_stripped_but_ipv6_literals_kept() {
+        assert_eq!(strip_port("a.example:80"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("a.example"), "a.example");
+    }
+}

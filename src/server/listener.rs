@@ -1,0 +1,96 @@
+//! The proxy listener: accept loop with a connection cap, HTTP/1.1 and h2c on
+//! one port, header-read timeout, graceful drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt;
+
+use crate::config::ServerConfig;
+use crate::proxy::ClientAddr;
+use crate::stack::ProxyService;
+
+/// The most permits a tokio semaphore can hold.
+const MAX_PERMITS: usize = Semaphore::MAX_PERMITS;
+
+/// The HTTP/1.1 + h2c connection builder for the proxy listener.
+pub(super) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout_ms.get());
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Accepts connections until `stop` turns true, serving each with `service`.
+///
+/// At `max_connections` open connections the loop stops accepting (new
+/// connections wait in the kernel backlog) until one closes, rather than
+/// accepting and failing them.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    service: ProxyService,
+    server: &ServerConfig,
+    graceful: &GracefulShutdown,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(http_builder(server));
+    let slots = Arc::new(Semaphore::new(
+        server.max_connections.as_usize().min(MAX_PERMITS),
+    ));
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed.
+                Err(_) => return,
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set TCP_NODELAY failed");
+        }
+        let service = service.clone();
+        let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            service.clone().oneshot(req)
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), hyper_service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}

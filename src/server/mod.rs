@@ -1,0 +1,152 @@
+//! Starting and stopping a proxy: the proxy listener, the admin listener and the
+//! graceful drain.
+
+mod listener;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::metrics::Registry;
+use crate::stack;
+
+/// How often histogram samples are folded into buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A running proxy. Dropping it does not stop it; call [`Running::shutdown`].
+#[derive(Debug)]
+pub struct Running {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<DrainReport>,
+}
+
+/// How the drain went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainReport {
+    /// Every connection finished within `drain_timeout_ms`.
+    Drained,
+    /// The drain timeout passed with connections still open; they were closed.
+    TimedOut,
+}
+
+/// Binds both listeners and starts serving.
+pub async fn start(config: Config) -> io::Result<Running> {
+    let registry = Arc::new(Registry::new());
+    let built = stack::build(&config, &registry);
+    let listener = bind(config.server.listen, "server.listen").await?;
+    let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
+    let proxy_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin_state = AdminState::new(
+        registry.clone(),
+        built.routes,
+        built.unmatched,
+        draining.clone(),
+    );
+    let (stop, stop_rx) = watch::channel(false);
+    let server = config.server.clone();
+    let task = tokio::spawn(async move {
+        let admin_stop = stop_rx.clone();
+        let admin = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop));
+        let upkeep = tokio::spawn(upkeep(registry));
+        let graceful = GracefulShutdown::new();
+        listener::accept_loop(listener, built.service, &server, &graceful, stop_rx).await;
+        draining.store(true, Ordering::SeqCst);
+        let report = drain(graceful, Duration::from_millis(server.drain_timeout_ms)).await;
+        upkeep.abort();
+        admin.abort();
+        report
+    });
+    tracing::info!(%proxy_addr, %admin_addr, "sluicegate listening");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        stop,
+        task,
+    })
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("{key} = \"{addr}\": cannot bind: {e}")))
+}
+
+async fn drain(graceful: GracefulShutdown, timeout: Duration) -> DrainReport {
+    let open = graceful.count();
+    tracing::info!(open_connections = open, ?timeout, "draining");
+    match tokio::time::timeout(timeout, graceful.shutdown()).await {
+        Ok(()) => {
+            tracing::info!("drained");
+            DrainReport::Drained
+        }
+        Err(_) => {
+            tracing::warn!("drain timeout passed; closing the remaining connections");
+            DrainReport::TimedOut
+        }
+    }
+}
+
+async fn upkeep(registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        registry.run_upkeep();
+    }
+}
+
+impl Running {
+    /// The proxy listener's address (useful with port 0).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Drains: `/readyz` turns 503, the listener stops accepting, requests in flight
+    /// get `drain_timeout_ms` to finish. Resolves when the proxy has stopped.
+    pub async fn shutdown(self) -> DrainReport {
+        // The receiver lives in the serving task; if it is gone, so is the server.
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or(DrainReport::TimedOut)
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
