@@ -50,9 +50,10 @@ impl ConfigError {
         let inner = err.inner();
         let message = inner.message().trim().to_string();
         let mut key = err.path().to_string();
-        // serde reports an unknown key at its parent; name the key itself.
+        // Some formats report an unknown key at its parent; name the key itself.
         if let Some(rest) = message.strip_prefix("unknown field `")
             && let Some((field, _)) = rest.split_once('`')
+            && !(key == field || key.ends_with(&format!(".{field}")))
         {
             key = if key == "." {
                 field.to_string()

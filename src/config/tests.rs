@@ -1,1 +1,125 @@
+use super::*;
 
+fn err(text: &str) -> ConfigError {
+    Config::parse("t.toml", text).expect_err("config should be refused")
+}
+
+const ROUTE: &str = "[[route]]\nupstream = \"http://127.0.0.1:9000\"\n";
+
+#[test]
+fn embedded_default_is_valid() {
+    let config = Config::embedded_default().unwrap();
+    assert_eq!(config.routes[0].display_name(), "ingest");
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = Config::parse("t.toml", ROUTE).unwrap();
+    let route = &config.routes[0];
+    assert_eq!(route.display_name(), "/");
+    assert_eq!(route.timeout_ms.get(), std::time::Duration::from_secs(30));
+    assert_eq!(route.max_body_bytes.get(), 10 * 1024 * 1024);
+    assert_eq!(config.server.listen.port(), 8080);
+}
+
+#[test]
+fn unknown_key_is_named_with_its_path() {
+    let e = err(&format!("{ROUTE}timeout_mss = 5\n"));
+    assert_eq!(e.key(), Some("route[0].timeout_mss"));
+    let e = err(&format!("[server]\nlisten_addr = \"x\"\n{ROUTE}"));
+    assert_eq!(e.key(), Some("server.listen_addr"));
+    let e = err(&format!("{ROUTE}[route.admision]\n"));
+    assert_eq!(e.key(), Some("route[0].admision"));
+    let e = err(&format!("[serv]\n{ROUTE}"));
+    assert_eq!(e.key(), Some("serv"));
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases = [
+        ("upstream = \"ftp://x:1\"", "route[0].upstream", "scheme"),
+        (
+            "upstream = \"http://127.0.0.1:9000/base\"",
+            "route[0].upstream",
+            "path",
+        ),
+        ("upstream = \"not a url\"", "route[0].upstream", "not a URL"),
+        (
+            "upstream = \"127.0.0.1:9000\"",
+            "route[0].upstream",
+            "scheme",
+        ),
+        (
+            "upstream = \"https://127.0.0.1:9000\"",
+            "route[0].upstream",
+            "https",
+        ),
+        (
+            "upstream = \"http://u:p@h:1\"",
+            "route[0].upstream",
+            "credentials",
+        ),
+    ];
+    for (line, key, words) in cases {
+        let e = err(&format!("[[route]]\n{line}\n"));
+        assert_eq!(e.key(), Some(key), "{line}: {e}");
+        assert!(e.message().contains(words), "{line}: {e}");
+    }
+    let limits = [
+        ("timeout_ms = 0", "route[0].timeout_ms"),
+        ("timeout_ms = -5", "route[0].timeout_ms"),
+        ("max_body_bytes = 0", "route[0].max_body_bytes"),
+        ("connect_timeout_ms = -1", "route[0].connect_timeout_ms"),
+    ];
+    for (line, key) in limits {
+        let e = err(&format!("{ROUTE}{line}\n"));
+        assert_eq!(e.key(), Some(key), "{line}: {e}");
+        assert!(e.message().contains("greater than 0"), "{line}: {e}");
+    }
+    let e = err(&format!("[server]\nmax_connections = 0\n{ROUTE}"));
+    assert_eq!(e.key(), Some("server.max_connections"));
+    let e = err(&format!("[server]\nlisten = \"localhost:80\"\n{ROUTE}"));
+    assert_eq!(e.key(), Some("server.listen"));
+    assert!(e.message().contains("IP:port"), "{e}");
+    let e = err(&format!("[server]\ndrain_timeout_ms = -1\n{ROUTE}"));
+    assert_eq!(e.key(), Some("server.drain_timeout_ms"));
+    let e = err("[[route]]\nupstream = \"http://h:1\"\npath_prefix = \"api\"\n");
+    assert_eq!(e.key(), Some("route[0].path_prefix"));
+}
+
+#[test]
+fn missing_upstream_is_named() {
+    let e = err("[[route]]\nname = \"a\"\n");
+    assert!(e.to_string().contains("upstream"), "{e}");
+    assert!(e.to_string().contains("route[0]"), "{e}");
+}
+
+#[test]
+fn cross_key_rules() {
+    let e = err("");
+    assert_eq!(e.key(), Some("route"));
+    let e = err(&format!(
+        "{ROUTE}name = \"a\"\n{ROUTE}name = \"a\"\npath_prefix = \"/b\"\n"
+    ));
+    assert_eq!(e.key(), Some("route[1].name"));
+    let e = err(&format!("{ROUTE}name = \"a\"\n{ROUTE}name = \"b\"\n"));
+    assert_eq!(e.key(), Some("route[1].path_prefix"));
+    let e = err(&format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\n{ROUTE}"
+    ));
+    assert_eq!(e.key(), Some("server.admin_listen"));
+}
+
+#[test]
+fn syntax_error_has_a_position() {
+    let e = err("[server\n");
+    assert!(e.to_string().starts_with("t.toml:1:"), "{e}");
+    assert!(e.message().contains("TOML"), "{e}");
+}
+
+#[test]
+fn host_normalization() {
+    assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
+    assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    assert_eq!(normalize_host("::1"), "::1");
+}

@@ -58,15 +58,24 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let server = config.server.clone();
     let task = tokio::spawn(async move {
-        let admin_stop = stop_rx.clone();
-        let admin = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop));
+        // The admin listener outlives the drain, so that probes see /readyz 503.
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let admin = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop_rx));
         let upkeep = tokio::spawn(upkeep(registry));
         let graceful = GracefulShutdown::new();
         listener::accept_loop(listener, built.service, &server, &graceful, stop_rx).await;
         draining.store(true, Ordering::SeqCst);
         let report = drain(graceful, Duration::from_millis(server.drain_timeout_ms)).await;
         upkeep.abort();
-        admin.abort();
+        admin_stop.send_replace(true);
+        // Admin requests are short; do not let a stuck scraper hold the exit.
+        let admin_abort = admin.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), admin)
+            .await
+            .is_err()
+        {
+            admin_abort.abort();
+        }
         report
     });
     tracing::info!(%proxy_addr, %admin_addr, "sluicegate listening");

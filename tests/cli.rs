@@ -1,0 +1,299 @@
+//! The `sluicegate` binary as users run it: check-config, signals, memory.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluicegate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn check_config(name: &str, text: &str) -> (i32, String) {
+    let path = write_config(name, text);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn check_config_accepts_the_shipped_config() {
+    let out = Command::new(BIN)
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+}
+
+#[test]
+fn check_config_names_file_key_and_problem() {
+    let route = "[[route]]\nupstream = \"http://127.0.0.1:9000\"\n";
+    let cases: &[(&str, String, &str, &str)] = &[
+        (
+            "syntax.toml",
+            "[server\nlisten = 1\n".into(),
+            "syntax.toml:1:",
+            "TOML syntax error",
+        ),
+        (
+            "unknown.toml",
+            format!("{route}timeot_ms = 5\n"),
+            "route[0].timeot_ms",
+            "unknown field",
+        ),
+        (
+            "section.toml",
+            format!("{route}[route.admision]\n"),
+            "route[0].admision",
+            "unknown field",
+        ),
+        (
+            "addr.toml",
+            format!("[server]\nlisten = \"localhost:80\"\n{route}"),
+            "server.listen",
+            "IP:port",
+        ),
+        (
+            "admin.toml",
+            format!("[server]\nadmin_listen = \"1.2.3.4\"\n{route}"),
+            "server.admin_listen",
+            "IP:port",
+        ),
+        (
+            "url.toml",
+            "[[route]]\nupstream = \"htp:/nowhere\"\n".into(),
+            "route[0].upstream",
+            "expected http://host:port",
+        ),
+        (
+            "zero.toml",
+            format!("{route}timeout_ms = 0\n"),
+            "route[0].timeout_ms",
+            "greater than 0",
+        ),
+        (
+            "negative.toml",
+            format!("{route}max_body_bytes = -10\n"),
+            "route[0].max_body_bytes",
+            "greater than 0",
+        ),
+        (
+            "conns.toml",
+            format!("[server]\nmax_connections = 0\n{route}"),
+            "server.max_connections",
+            "greater than 0",
+        ),
+    ];
+    for (file, text, key, problem) in cases {
+        let (code, stderr) = check_config(file, text);
+        assert_eq!(code, 1, "{file}: {stderr}");
+        assert!(stderr.contains(file), "{file}: file not named: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{file}: key `{key}` not named: {stderr}"
+        );
+        assert!(
+            stderr.contains(problem),
+            "{file}: problem not said: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_exit_1() {
+    let path = write_config("bad-run.toml", "[[route]]\nupstream = \"nope\"\n");
+    let out = Command::new(BIN).arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("route[0].upstream"));
+}
+
+/// The binary, running, with the addresses it logged.
+struct Proc {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Proc {
+    fn start(config: &str) -> Self {
+        let path = write_config(&format!("run-{}.toml", rand_name()), config);
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("sluicegate did not log its addresses");
+            if line.contains("sluicegate listening") {
+                break line;
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        Proc {
+            proxy: addr("proxy_addr"),
+            admin: addr("admin_addr"),
+            child,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Peak resident memory so far (VmHWM), in bytes.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
+    fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("sluicegate did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn rand_name() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+fn proc_config(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworker_threads = 2\n\
+         drain_timeout_ms = 10000\n\n[[route]]\nname = \"t\"\nupstream = \"http://{upstream}\"\n{extra}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
+    let (up, mut held) = spawn_upstream().await;
+    let proc = Proc::start(&proc_config(up.addr.unwrap(), ""));
+    let target = format!("http://{}/hold", proc.proxy);
+    let pending = tokio::spawn(async move { get(&target).await });
+    held.recv().await.unwrap();
+
+    proc.signal("TERM");
+    let readyz = format!("http://{}/readyz", proc.admin);
+    let mut tries = 0;
+    while get(&readyz).await.0.status() != StatusCode::SERVICE_UNAVAILABLE {
+        tries += 1;
+        assert!(tries < 500, "/readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The listener is closed to new connections while the held request goes on.
+    assert!(tokio::net::TcpStream::connect(proc.proxy).await.is_err());
+    up.release.notify_waiters();
+    let (res, body) = pending.await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(&body[..], b"released");
+    let status = tokio::task::spawn_blocking(move || proc.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_exits_0() {
+    let (up, _) = spawn_upstream().await;
+    let proc = Proc::start(&proc_config(up.addr.unwrap(), ""));
+    assert_eq!(
+        get(&format!("http://{}/x", proc.proxy)).await.0.status(),
+        StatusCode::OK
+    );
+    proc.signal("INT");
+    let status = tokio::task::spawn_blocking(move || proc.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_of_20_mb_streams_without_growing_memory_by_its_size() {
+    const SIZE: usize = 20 * 1024 * 1024;
+    let (up, _) = spawn_upstream().await;
+    let proc = Proc::start(&proc_config(up.addr.unwrap(), "max_body_bytes = 50000000"));
+    let url = format!("http://{}/upload", proc.proxy);
+    // Warm up connections, pools and allocator arenas before the baseline.
+    for _ in 0..3 {
+        let (body, _) = streamed(256 * 1024, 64 * 1024);
+        let req = Request::post(&url).body(body).unwrap();
+        assert_eq!(send(&client(), req).await.0.status(), StatusCode::OK);
+    }
+    let before = proc.peak_rss();
+    let (body, sum) = streamed(SIZE, 64 * 1024);
+    let req = Request::post(&url).body(body).unwrap();
+    let (res, echo) = send(&client(), req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(json(&echo)["body"], sum, "upload arrived altered");
+    let grown = proc.peak_rss().saturating_sub(before);
+    eprintln!("peak RSS before {before} B, grown by {grown} B for {SIZE} B");
+    assert!(
+        grown < (SIZE / 4) as u64,
+        "peak RSS grew by {grown} bytes for a {SIZE}-byte upload"
+    );
+}
