@@ -119,9 +119,15 @@ fn block_on(
     threads: usize,
     main: impl std::future::Future<Output = Result<(), Box<dyn std::error::Error>>>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One thread needs no work stealing: the current-thread scheduler does the
+    // same job with fewer atomics and cross-thread wake-ups.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all();
-    if threads > 0 {
+    if threads > 1 {
         builder.worker_threads(threads);
     }
     let runtime = match builder.build() {

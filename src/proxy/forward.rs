@@ -46,6 +46,7 @@ fn client(connect_timeout: Duration) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE)
+        .http1_writev(false)
         .build(connector)
 }
 
@@ -57,6 +58,12 @@ fn client(connect_timeout: Duration) -> UpstreamClient {
 /// request body passed the route's limit while it streamed.
 #[derive(Clone)]
 pub struct Forward {
+    // One Arc: the stack is cloned for every request, and the client alone is
+    // several reference counts.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     client: UpstreamClient,
     scheme: Scheme,
     authority: Authority,
@@ -66,7 +73,7 @@ pub struct Forward {
 impl std::fmt::Debug for Forward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forward")
-            .field("upstream", &self.authority)
+            .field("upstream", &self.inner.authority)
             .finish_non_exhaustive()
     }
 }
@@ -75,10 +82,12 @@ impl Forward {
     /// A forwarder to the route's upstream, timing into `stats`.
     pub fn new(route: &RouteConfig, stats: Arc<RouteStats>) -> Self {
         Self {
-            client: client(route.connect_timeout_ms.get()),
-            scheme: route.upstream.scheme().clone(),
-            authority: route.upstream.authority().clone(),
-            stats,
+            inner: Arc::new(Inner {
+                client: client(route.connect_timeout_ms.get()),
+                scheme: route.upstream.scheme().clone(),
+                authority: route.upstream.authority().clone(),
+                stats,
+            }),
         }
     }
 
@@ -88,8 +97,8 @@ impl Forward {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
+            .scheme(self.inner.scheme.clone())
+            .authority(self.inner.authority.clone())
             .path_and_query(path)
             .build()
     }
@@ -123,12 +132,12 @@ where
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, boxed(body));
-        let response = self.client.request(request);
-        let stats = self.stats.clone();
+        let response = self.inner.client.request(request);
+        let inner = self.inner.clone();
         Box::pin(async move {
             let start = Instant::now();
             let mut res = response.await.map_err(classify)?;
-            stats.record_upstream_duration(start.elapsed());
+            inner.stats.record_upstream_duration(start.elapsed());
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
             Ok(res.map(boxed))

@@ -26,7 +26,8 @@ pub(super) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout_ms.get());
+        .header_read_timeout(server.header_read_timeout_ms.get())
+        .writev(false);
     builder.http2().timer(TokioTimer::new());
     builder
 }

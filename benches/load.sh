@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Throughput and latency of a fast static upstream (nginx `return 200`) hit
+# directly, through HAProxy and through sluicegate, interleaved in one run so
+# that the machine's noise hits all three alike.
+#
+# Installs what it needs: Debian's nginx, haproxy and wrk (apt-get, as root).
+# Everything listens on 127.0.0.1 only; each wrk run is bounded by -d.
+#
+#   bash benches/load.sh            # 3 rounds x 10 s per target
+#   ROUNDS=5 DURATION=15 CONNS=64 bash benches/load.sh
+#
+# Like for like: nginx has one worker, HAProxy one thread (nbthread 1),
+# sluicegate one tokio worker thread (worker_threads = 1); wrk runs one thread.
+# Prints a markdown table of medians and the ratios sluicegate/HAProxy.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+BASE_PORT=${BASE_PORT:-18080}
+UP=$((BASE_PORT + 1)) HA=$((BASE_PORT + 2)) SG=$((BASE_PORT + 3)) SG_ADMIN=$((BASE_PORT + 4))
+
+cd "$(dirname "$0")/.."
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} (Debian packages)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+
+cargo build --release --quiet
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP reuseport;
+    location / { return 200 "ok\n"; }
+  }
+}
+CONF
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HA
+  default_backend be
+backend be
+  server up 127.0.0.1:$UP
+CONF
+cat > "$work/sluicegate.toml" <<CONF
+[server]
+listen = "127.0.0.1:$SG"
+admin_listen = "127.0.0.1:$SG_ADMIN"
+worker_threads = 1
+[[route]]
+name = "bench"
+upstream = "http://127.0.0.1:$UP"
+CONF
+
+nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
+RUST_LOG=warn ./target/release/sluicegate -c "$work/sluicegate.toml" & pids+=($!)
+for port in $UP $HA $SG; do
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+done
+
+# wrk's --latency table in microseconds: "50%  123.00us" etc.
+to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
+run() { # name port round
+  local out="$work/$1.$3.txt"
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$2/" > "$out"
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' "$out")
+  p50=$(awk '$1=="50%" {print $2}' "$out" | to_us)
+  p99=$(awk '$1=="99%" {print $2}' "$out" | to_us)
+  echo "$1 $rps $p50 $p99" >> "$work/results"
+  echo "round $3 $1: $rps req/s, p50 ${p50}us, p99 ${p99}us" >&2
+}
+for round in $(seq "$ROUNDS"); do
+  run direct $UP "$round"
+  run haproxy $HA "$round"
+  run sluicegate $SG "$round"
+done
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+stat() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
+echo
+echo "$(nproc) cores, $ROUNDS rounds x ${DURATION}s, wrk -t1 -c$CONNS, medians"
+echo
+echo "| target | req/s | p50 (us) | p99 (us) |"
+echo "|---|---:|---:|---:|"
+for t in direct haproxy sluicegate; do
+  echo "| $t | $(stat $t 2) | $(stat $t 3) | $(stat $t 4) |"
+done
+awk -v sr="$(stat sluicegate 2)" -v hr="$(stat haproxy 2)" -v s99="$(stat sluicegate 4)" -v h99="$(stat haproxy 4)" \
+  -v s50="$(stat sluicegate 3)" -v h50="$(stat haproxy 3)" 'BEGIN {
+  printf "\nsluicegate / HAProxy: req/s %.2fx, p50 %.2fx, p99 %.2fx\n", sr/hr, s50/h50, s99/h99 }'
