@@ -7,6 +7,51 @@
 //!
 //! Start a whole proxy with [`server::start`]; run the upstream simulator with
 //! [`sim::spawn`].
+//!
+//! # Using the layers in an axum or hyper service
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full, Limited};
+//! use bytes::Bytes;
+//! use sluicegate::body::{BoxError, ProxyBody, full};
+//! use sluicegate::body_limit::BodyLimitLayer;
+//! use sluicegate::metrics::Registry;
+//! use sluicegate::observe::{ObserveLayer, RouteStats};
+//! use sluicegate::respond::RescueLayer;
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! // Your handler: here it reads the (limited) body and answers its length.
+//! async fn handler(req: Request<Limited<Full<Bytes>>>) -> Result<Response<ProxyBody>, BoxError> {
+//!     let body = req.into_body().collect().await?.to_bytes();
+//!     Ok(Response::new(full(body.len().to_string())))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let registry = Registry::new();
+//! let stats = Arc::new(RouteStats::new("ingest", &registry));
+//! let service = ServiceBuilder::new()
+//!     .layer(ObserveLayer::new(stats.clone())) // counts, in-flight, access log
+//!     .layer(RescueLayer::new("ingest"))       // errors -> JSON answers
+//!     .layer(BodyLimitLayer::new(1024))        // 413 past 1 KiB
+//!     .service_fn(handler);
+//!
+//! let big = Request::new(Full::new(Bytes::from(vec![0u8; 2048])));
+//! let status = service.clone().oneshot(big).await.unwrap().status();
+//! assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+//!
+//! let ok = Request::new(Full::new(Bytes::from_static(b"{}")));
+//! let res = service.oneshot(ok).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK);
+//! assert_eq!(stats.inflight(), 1); // until the response body is read or dropped
+//! drop(res);
+//! assert_eq!(stats.inflight(), 0);
+//! assert!(registry.render().contains(r#"outcome="body_too_large"} 1"#));
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]

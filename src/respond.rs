@@ -17,7 +17,8 @@ use http::{HeaderValue, Response, StatusCode, header};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::body::{BoxError, ProxyBody, full};
+use crate::body::{BoxError, ProxyBody, find_cause, full};
+use crate::body_limit::LengthLimitError;
 
 /// Why the proxy answered a request itself. The `as_str` codes are a contract
 /// (SPEC "Rejections") used in bodies and metric labels.
@@ -190,6 +191,11 @@ pub struct Rejected(pub Reason);
 
 /// Turns a stack error into the client's response, logging the cause.
 pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
+    // A body cut off at its limit may surface wrapped in any error of the layers
+    // below (the upstream client's, a handler's): it is the client's fault.
+    if find_cause::<LengthLimitError>(err.as_ref()).is_some() {
+        return Rejection::new(Reason::BodyTooLarge).to_response();
+    }
     let rejection = match err.downcast::<Rejection>() {
         Ok(rejection) => *rejection,
         Err(err) if err.is::<tower::timeout::error::Elapsed>() => {
@@ -359,6 +365,18 @@ mod tests {
         let text = String::from_utf8(body.to_vec()).unwrap();
         assert!(!text.contains("10.1.2.3"), "{text}");
         assert!(text.contains("upstream_unavailable"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_at_its_limit_is_413_however_deep() {
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"xx"));
+        let limit = http_body_util::Limited::new(body, 1)
+            .collect()
+            .await
+            .expect_err("over the limit");
+        let wrapped = Rejection::new(Reason::UpstreamUnavailable).with_cause(limit);
+        let res = rescue("r", Box::new(wrapped));
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[test]

@@ -16,8 +16,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::headers;
-use crate::body::{BoxError, ProxyBody, boxed, find_cause};
-use crate::body_limit::LengthLimitError;
+use crate::body::{BoxError, ProxyBody, boxed};
 use crate::config::RouteConfig;
 use crate::observe::RouteStats;
 use crate::respond::{Reason, Rejection};
@@ -145,13 +144,9 @@ where
     }
 }
 
-/// Turns a client error into the rejection the client gets.
+/// Turns a client error into the rejection the client gets. A request body cut
+/// off at the route's limit also lands here; the rescue tells it apart (413).
 fn classify(err: hyper_util::client::legacy::Error) -> BoxError {
-    if find_cause::<LengthLimitError>(&err).is_some() {
-        // The client's fault, not the upstream's: no cause, so nothing is logged
-        // at warn level.
-        return Rejection::new(Reason::BodyTooLarge).into();
-    }
     Rejection::new(Reason::UpstreamUnavailable)
         .with_cause(err)
         .into()
