@@ -396,3 +396,65 @@ async fn drain_lets_the_request_in_flight_finish_and_refuses_new_connections() {
         sluicegate::server::DrainReport::Drained
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn connection_cap_pauses_accepting_until_a_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _) = spawn_upstream().await;
+    let mut config = config(up.addr.unwrap(), "/", "");
+    config.server.max_connections = sluicegate::config::Limit::new(2);
+    let proxy = sluicegate::start(config).await.unwrap();
+    let addr = proxy.proxy_addr();
+    let request = b"GET /cap HTTP/1.1\r\nhost: t\r\n\r\n";
+
+    // Two connections fill the cap; each is served.
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for conn in [&mut first, &mut second] {
+        conn.write_all(request).await.unwrap();
+        let mut buf = [0u8; 12];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+    }
+    // A third waits in the backlog: no answer, however long it waits.
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let mut buf = [0u8; 12];
+    let waited = tokio::time::timeout(Duration::from_secs(5), third.read_exact(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "the third connection was served past the cap"
+    );
+    // When one closes, the third is accepted and answered.
+    drop(first);
+    third.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    drop((second, third));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_headers_are_cut_off_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", ""))
+        .await
+        .unwrap();
+    let mut conn = tokio::net::TcpStream::connect(proxy.proxy_addr())
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    conn.write_all(b"GET /slow HTTP/1.1\r\nhost: t\r\n")
+        .await
+        .unwrap();
+    // The headers never finish; the proxy closes the connection (408 or EOF).
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest).await;
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "closed after {waited:?}"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    proxy.shutdown().await;
+}
