@@ -117,6 +117,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
             if let (Some(route), Value::Object(live)) = (route.as_object_mut(), r.stats.snapshot())
             {
                 route.extend(live);
+                route.insert("admission".into(), json!(r.admission.snapshot()));
             }
             route
         })

@@ -1,7 +1,12 @@
 //! The body type the proxy answers with, and small helpers around it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use pin_project_lite::pin_project;
 
 /// The error type of every service in the stack, as in tower: nested error enums
 /// would change whenever layers are reordered.
@@ -41,4 +46,52 @@ pub(crate) fn find_cause<'a, T: std::error::Error + 'static>(
         current = e.source();
     }
     None
+}
+
+pin_project! {
+    /// A body that holds `guard` until it has ended (end of stream or error) or
+    /// is dropped, whichever comes first: a streaming response keeps its
+    /// in-flight slot until its last byte.
+    #[derive(Debug)]
+    pub struct GuardedBody<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> GuardedBody<B, G> {
+    /// Holds `guard` for the life of `inner`.
+    pub fn new(inner: B, guard: G) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body, G> Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            // Done now, not when the connection gets around to dropping the body.
+            this.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -18,6 +18,14 @@ pub const UNMATCHED_TOTAL: &str = "sluicegate_unmatched_requests_total";
 /// `sluicegate_inflight{route}`: requests being answered, until their response
 /// body has finished streaming.
 pub const INFLIGHT: &str = "sluicegate_inflight";
+/// `sluicegate_queue_depth{route}`: requests waiting for admission.
+pub const QUEUE_DEPTH: &str = "sluicegate_queue_depth";
+/// `sluicegate_concurrency_limit{route}`: the in-flight limit in force.
+pub const CONCURRENCY_LIMIT: &str = "sluicegate_concurrency_limit";
+/// `sluicegate_shed_total{route,reason}`: requests refused by admission.
+pub const SHED_TOTAL: &str = "sluicegate_shed_total";
+/// `sluicegate_queue_wait_seconds{route}`: time admitted requests waited.
+pub const QUEUE_WAIT: &str = "sluicegate_queue_wait_seconds";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";
@@ -77,7 +85,27 @@ impl Registry {
         r.describe_gauge(
             INFLIGHT.into(),
             None,
-            "Requests in flight, until their response body has finished".into(),
+            "Requests admitted to the upstream, until their response body has finished".into(),
+        );
+        r.describe_gauge(
+            QUEUE_DEPTH.into(),
+            None,
+            "Requests waiting in the admission queue".into(),
+        );
+        r.describe_gauge(
+            CONCURRENCY_LIMIT.into(),
+            None,
+            "In-flight limit in force".into(),
+        );
+        r.describe_counter(
+            SHED_TOTAL.into(),
+            None,
+            "Requests refused by admission control, by reason".into(),
+        );
+        r.describe_histogram(
+            QUEUE_WAIT.into(),
+            Some(Unit::Seconds),
+            "Time admitted requests waited in the queue".into(),
         );
         r.describe_histogram(
             UPSTREAM_DURATION.into(),

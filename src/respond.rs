@@ -17,7 +17,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::body::{BoxError, ProxyBody, find_cause, full};
+use crate::body::{BoxError, ProxyBody, boxed, find_cause, full};
 use crate::body_limit::LengthLimitError;
 
 /// Why the proxy answered a request itself. The `as_str` codes are a contract
@@ -257,7 +257,8 @@ impl<S> Layer<S> for RescueLayer {
     }
 }
 
-/// Service that never fails: its inner service's errors become responses.
+/// Service that never fails: its inner service's errors become responses, and
+/// its bodies the one boxed [`ProxyBody`] type.
 #[derive(Debug, Clone)]
 pub struct Rescue<S> {
     inner: S,
@@ -267,10 +268,12 @@ pub struct Rescue<S> {
     not_ready: Option<Arc<str>>,
 }
 
-impl<S, Req> Service<Req> for Rescue<S>
+impl<S, Req, B> Service<Req> for Rescue<S>
 where
-    S: Service<Req, Response = Response<ProxyBody>>,
+    S: Service<Req, Response = Response<B>>,
     S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -315,17 +318,19 @@ pin_project! {
     }
 }
 
-impl<F, E> Future for RescueFuture<F>
+impl<F, E, B> Future for RescueFuture<F>
 where
-    F: Future<Output = Result<Response<ProxyBody>, E>>,
+    F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response<ProxyBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             RescueProj::Pending { inner, route } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
-                Ok(res) => res,
+                Ok(res) => res.map(boxed),
                 Err(err) => rescue(route, err.into()),
             })),
             RescueProj::Failed { response } => Poll::Ready(Ok(response

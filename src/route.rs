@@ -6,16 +6,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response, header};
 use metrics::Counter;
 use pin_project_lite::pin_project;
 use tower::Service;
 use tower::util::{Oneshot, ServiceExt};
 
-use crate::body::{BoxError, ProxyBody, boxed};
+use crate::body::ProxyBody;
 use crate::respond::{Reason, Rejection};
 
 /// One route of the table: what it matches and the service that answers.
@@ -132,11 +131,9 @@ impl<S> Proxy<S> {
     }
 }
 
-impl<S, B, ResB> Service<Request<B>> for Proxy<S>
+impl<S, B> Service<Request<B>> for Proxy<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>, Error = Infallible> + Clone,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible> + Clone,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -180,20 +177,15 @@ pin_project! {
     }
 }
 
-impl<S, Req, ResB> Future for ProxyFuture<S, Req>
+impl<S, Req> Future for ProxyFuture<S, Req>
 where
-    S: Service<Req, Response = Response<ResB>, Error = Infallible>,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    S: Service<Req, Response = Response<ProxyBody>, Error = Infallible>,
 {
     type Output = Result<Response<ProxyBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ProxyProj::Route { inner } => {
-                let res = ready!(inner.poll(cx))?;
-                Poll::Ready(Ok(res.map(boxed)))
-            }
+            ProxyProj::Route { inner } => inner.poll(cx),
             // Taken once: a completed future is not polled again.
             ProxyProj::Ready { response } => Poll::Ready(Ok(response
                 .take()

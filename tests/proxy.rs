@@ -306,7 +306,7 @@ async fn metrics_count_what_was_sent() {
     let status = json(&status);
     assert_eq!(status["routes"][0]["name"], "test");
     assert_eq!(status["routes"][0]["requests"]["2xx"], 3);
-    assert_eq!(status["routes"][0]["inflight"], 0);
+    assert_eq!(status["routes"][0]["admission"]["inflight"], 0);
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     proxy.shutdown().await;
 }
@@ -321,11 +321,11 @@ async fn inflight_counts_until_the_response_is_answered() {
     let pending = tokio::spawn(async move { get(&target).await });
     held.recv().await.unwrap();
     let (_, status) = get(&admin(&proxy, "/status")).await;
-    assert_eq!(json(&status)["routes"][0]["inflight"], 1);
+    assert_eq!(json(&status)["routes"][0]["admission"]["inflight"], 1);
     up.release.notify_waiters();
     assert_eq!(pending.await.unwrap().0.status(), StatusCode::OK);
     let (_, status) = get(&admin(&proxy, "/status")).await;
-    assert_eq!(json(&status)["routes"][0]["inflight"], 0);
+    assert_eq!(json(&status)["routes"][0]["admission"]["inflight"], 0);
     proxy.shutdown().await;
 }
 

@@ -93,6 +93,37 @@ pub struct RouteConfig {
     /// Largest request body accepted; larger ones get 413.
     #[serde(default = "values::default_max_body")]
     pub max_body_bytes: ByteSize,
+    /// Admission control (`[route.admission]`); absent: requests are only counted.
+    #[serde(default)]
+    pub admission: Option<AdmissionConfig>,
+}
+
+/// `[route.admission]`: how many requests may be at the upstream at once, and
+/// how many more may wait, for how long.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Requests at the upstream at once.
+    #[serde(deserialize_with = "values::max_inflight")]
+    pub max_inflight: Limit,
+    /// Requests that may wait beyond `max_inflight`; 0 = none wait.
+    #[serde(default = "values::default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Longest time a request waits in the queue.
+    #[serde(default = "values::default_queue_timeout")]
+    pub queue_timeout_ms: Millis,
+    /// Request header naming the priority class: `critical`, `normal`, `batch`.
+    #[serde(
+        default = "values::default_priority_header",
+        deserialize_with = "values::header_name"
+    )]
+    pub priority_header: http::HeaderName,
+    /// Smallest `Retry-After` (seconds) sent with a 503.
+    #[serde(default = "values::default_retry_after_min")]
+    pub retry_after_min_s: u64,
+    /// Largest `Retry-After` (seconds) sent with a 503.
+    #[serde(default = "values::default_retry_after_max")]
+    pub retry_after_max_s: u64,
 }
 
 impl RouteConfig {
@@ -151,6 +182,17 @@ impl Config {
                 return Err((
                     format!("route[{i}].host"),
                     format!("`{h}` is not a host name"),
+                ));
+            }
+            if let Some(a) = &route.admission
+                && a.retry_after_min_s > a.retry_after_max_s
+            {
+                return Err((
+                    format!("route[{i}].admission.retry_after_min_s"),
+                    format!(
+                        "must not exceed retry_after_max_s ({} > {})",
+                        a.retry_after_min_s, a.retry_after_max_s
+                    ),
                 ));
             }
             if let Some(first) = places.insert((host, route.path_prefix.as_str()), i) {

@@ -210,3 +210,48 @@ pub(super) const fn default_connect_timeout() -> Millis {
 pub(super) const fn default_max_body() -> ByteSize {
     ByteSize(10 * 1024 * 1024)
 }
+
+/// `max_inflight`: a positive number. (`"adaptive"` is a planned mode; until it
+/// exists the word is refused with a clear message rather than ignored.)
+pub(super) fn max_inflight<'de, D: Deserializer<'de>>(de: D) -> Result<Limit, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(i64),
+        Word(String),
+    }
+    match Raw::deserialize(de)? {
+        Raw::Number(n) => Limit::try_from(n).map_err(serde::de::Error::custom),
+        Raw::Word(w) => Err(serde::de::Error::custom(format!(
+            "`{w}` is not a number; give the most requests at the upstream at once \
+             (adaptive limits are not available in this version)"
+        ))),
+    }
+}
+
+/// A header name, lower-cased.
+pub(super) fn header_name<'de, D: Deserializer<'de>>(de: D) -> Result<http::HeaderName, D::Error> {
+    let s = String::deserialize(de)?;
+    http::HeaderName::from_bytes(s.trim().to_ascii_lowercase().as_bytes())
+        .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a valid header name")))
+}
+
+pub(super) const fn default_queue_capacity() -> usize {
+    64
+}
+
+pub(super) const fn default_queue_timeout() -> Millis {
+    Millis::from_ms(200)
+}
+
+pub(super) fn default_priority_header() -> http::HeaderName {
+    http::HeaderName::from_static("x-priority")
+}
+
+pub(super) const fn default_retry_after_min() -> u64 {
+    1
+}
+
+pub(super) const fn default_retry_after_max() -> u64 {
+    60
+}

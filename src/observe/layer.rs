@@ -10,11 +10,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::body::{InflightGuard, ObservedBody};
 use super::{Outcome, RouteStats};
 use crate::respond::Rejected;
 
-/// Counts a route's requests by outcome and in flight, and writes the access log
+/// Counts a route's requests by outcome, and writes the access log
 /// line (at debug level, target `sluicegate::access`).
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
@@ -49,7 +48,7 @@ impl<S, B, ResB> Service<Request<B>> for Observe<S>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
 {
-    type Response = Response<ObservedBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ObserveFuture<S::Future>;
 
@@ -69,31 +68,28 @@ where
     }
 }
 
-/// Holds the in-flight count while waiting for the response; counts the request
-/// as cancelled if the future is dropped before it.
+/// Counts the request as cancelled if the future is dropped before the answer.
 struct Pending {
-    inflight: Option<InflightGuard>,
+    stats: Option<Arc<RouteStats>>,
 }
 
 impl Pending {
     fn new(stats: Arc<RouteStats>) -> Self {
-        Self {
-            inflight: Some(InflightGuard::new(stats)),
-        }
+        Self { stats: Some(stats) }
     }
 
-    fn finish(mut self, outcome: Outcome) -> InflightGuard {
-        // `inflight` is only taken here, and `finish` consumes `self`.
-        let guard = self.inflight.take().expect("Pending finished twice");
-        guard.stats().record(outcome);
-        guard
+    fn finish(mut self, outcome: Outcome) -> Arc<RouteStats> {
+        // `stats` is only taken here, and `finish` consumes `self`.
+        let stats = self.stats.take().expect("Pending finished twice");
+        stats.record(outcome);
+        stats
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(guard) = &self.inflight {
-            guard.stats().record(Outcome::Cancelled);
+        if let Some(stats) = &self.stats {
+            stats.record(Outcome::Cancelled);
         }
     }
 }
@@ -144,7 +140,7 @@ impl<F, ResB, E> Future for ObserveFuture<F>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
 {
-    type Output = Result<Response<ObservedBody<ResB>>, E>;
+    type Output = Result<Response<ResB>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -160,16 +156,16 @@ where
                     Some(Rejected(reason)) => Outcome::Rejected(*reason),
                     None => Outcome::of_status(res.status()),
                 };
-                let guard = pending.finish(outcome);
+                let stats = pending.finish(outcome);
                 if let Some(log) = this.log {
-                    log.write(guard.stats().name(), Some(res.status()), outcome);
+                    log.write(stats.name(), Some(res.status()), outcome);
                 }
-                Ok(res.map(|body| ObservedBody::new(body, guard)))
+                Ok(res)
             }
             Err(e) => {
-                let guard = pending.finish(Outcome::Error);
+                let stats = pending.finish(Outcome::Error);
                 if let Some(log) = this.log {
-                    log.write(guard.stats().name(), None, Outcome::Error);
+                    log.write(stats.name(), None, Outcome::Error);
                 }
                 Err(e)
             }

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 use serde_json::{Map, Value, json};
 
-use crate::metrics::{INFLIGHT, REQUESTS_TOTAL, Registry, UPSTREAM_DURATION};
+use crate::metrics::{REQUESTS_TOTAL, Registry, UPSTREAM_DURATION};
 use crate::respond::Reason;
 
 /// How a request ended, the `outcome` label of `sluicegate_requests_total`.
@@ -65,12 +65,10 @@ struct OutcomeCount {
     counter: Counter,
 }
 
-/// One route's counters. Every update goes both to an atomic (for `/status`) and
+/// One route's request counters. Every update goes both to an atomic (for `/status`) and
 /// to a pre-registered Prometheus handle (for `/metrics`).
 pub struct RouteStats {
     name: Arc<str>,
-    inflight: AtomicU64,
-    inflight_gauge: Gauge,
     outcomes: Box<[OutcomeCount]>,
     upstream_duration: Histogram,
 }
@@ -96,8 +94,6 @@ impl RouteStats {
             .collect();
         Self {
             name: name.into(),
-            inflight: AtomicU64::new(0),
-            inflight_gauge: registry.gauge(INFLIGHT, &[("route", name)]),
             outcomes,
             upstream_duration: registry.histogram(UPSTREAM_DURATION, &[("route", name)]),
         }
@@ -120,21 +116,6 @@ impl RouteStats {
         self.outcomes[outcome.index()].count.load(Ordering::Relaxed)
     }
 
-    /// Requests in flight now.
-    pub fn inflight(&self) -> u64 {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    pub(super) fn inflight_add(&self) {
-        let now = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.inflight_gauge.set(now as f64);
-    }
-
-    pub(super) fn inflight_sub(&self) {
-        let now = self.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.inflight_gauge.set(now as f64);
-    }
-
     /// Records the time the upstream took to answer with headers.
     pub fn record_upstream_duration(&self, elapsed: std::time::Duration) {
         self.upstream_duration.record(elapsed.as_secs_f64());
@@ -147,10 +128,7 @@ impl RouteStats {
             .iter()
             .map(|o| (o.label.to_string(), o.count.load(Ordering::Relaxed).into()))
             .collect();
-        json!({
-            "inflight": self.inflight(),
-            "requests": requests,
-        })
+        json!({ "requests": requests })
     }
 }
 

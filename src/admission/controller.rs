@@ -1,0 +1,355 @@
+//! [`Controller`]: one route's in-flight limit, wait queue and completion rate.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::queue::{Priority, WaitQueue};
+use super::retry_after::{CompletionRate, jitter, retry_after_secs};
+use crate::config::AdmissionConfig;
+use crate::metrics::{CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_WAIT, Registry, SHED_TOTAL};
+use crate::respond::{Reason, Rejection};
+
+/// The limits a controller enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionSettings {
+    /// Requests admitted at once.
+    pub max_inflight: usize,
+    /// Requests that may wait beyond that.
+    pub queue_capacity: usize,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
+    /// Clamp of `Retry-After`, in seconds.
+    pub retry_after_min_s: u64,
+    /// Clamp of `Retry-After`, in seconds.
+    pub retry_after_max_s: u64,
+}
+
+impl AdmissionSettings {
+    /// No limit: every request is admitted at once, and only counted.
+    pub const UNLIMITED: Self = Self {
+        max_inflight: usize::MAX,
+        queue_capacity: 0,
+        queue_timeout: Duration::ZERO,
+        retry_after_min_s: 1,
+        retry_after_max_s: 60,
+    };
+}
+
+impl From<&AdmissionConfig> for AdmissionSettings {
+    fn from(c: &AdmissionConfig) -> Self {
+        Self {
+            max_inflight: c.max_inflight.as_usize(),
+            queue_capacity: c.queue_capacity,
+            queue_timeout: c.queue_timeout_ms.get(),
+            retry_after_min_s: c.retry_after_min_s,
+            retry_after_max_s: c.retry_after_max_s,
+        }
+    }
+}
+
+/// Prometheus handles of one route's admission.
+#[derive(Debug, Clone)]
+pub struct AdmissionMetrics {
+    inflight: Gauge,
+    queue_depth: Gauge,
+    limit: Gauge,
+    shed_full: Counter,
+    shed_timeout: Counter,
+    queue_wait: Histogram,
+}
+
+impl AdmissionMetrics {
+    /// Registers the route's admission metrics.
+    pub fn new(route: &str, registry: &Registry) -> Self {
+        let r = [("route", route)];
+        let shed = |reason: Reason| {
+            registry.counter(SHED_TOTAL, &[("route", route), ("reason", reason.as_str())])
+        };
+        Self {
+            inflight: registry.gauge(INFLIGHT, &r),
+            queue_depth: registry.gauge(QUEUE_DEPTH, &r),
+            limit: registry.gauge(CONCURRENCY_LIMIT, &r),
+            shed_full: shed(Reason::QueueFull),
+            shed_timeout: shed(Reason::QueueTimeout),
+            queue_wait: registry.histogram(QUEUE_WAIT, &r),
+        }
+    }
+
+    fn noop() -> Self {
+        Self {
+            inflight: Gauge::noop(),
+            queue_depth: Gauge::noop(),
+            limit: Gauge::noop(),
+            shed_full: Counter::noop(),
+            shed_timeout: Counter::noop(),
+            queue_wait: Histogram::noop(),
+        }
+    }
+}
+
+/// The live state, as `/status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AdmissionSnapshot {
+    /// Requests admitted and not finished (response body included).
+    pub inflight: usize,
+    /// Requests waiting.
+    pub queued: usize,
+    /// The in-flight limit (absent: unlimited).
+    pub limit: Option<usize>,
+    /// Waiting capacity.
+    pub queue_capacity: usize,
+    /// Estimated completions per second.
+    pub completion_rate: Option<f64>,
+    /// Requests shed because the queue was full or the wait predicted too long.
+    pub shed_queue_full: u64,
+    /// Requests shed after waiting `queue_timeout`.
+    pub shed_queue_timeout: u64,
+}
+
+struct State {
+    inflight: usize,
+    queue: WaitQueue<oneshot::Sender<Permit>>,
+    rate: CompletionRate,
+    next_id: u64,
+}
+
+/// One route's admission: at most `max_inflight` requests hold a [`Permit`];
+/// up to `queue_capacity` more wait (highest priority class first, FIFO within
+/// a class) for at most `queue_timeout`; the rest are refused with a
+/// [`Rejection`] carrying an honest `Retry-After`.
+pub struct Controller {
+    settings: AdmissionSettings,
+    state: Mutex<State>,
+    metrics: AdmissionMetrics,
+    shed_full: AtomicU64,
+    shed_timeout: AtomicU64,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// A controller with no metrics (embedders can read [`Controller::snapshot`]).
+    pub fn new(settings: AdmissionSettings) -> Arc<Self> {
+        Self::with_metrics(settings, AdmissionMetrics::noop())
+    }
+
+    /// A controller that exports to `metrics`.
+    pub fn with_metrics(settings: AdmissionSettings, metrics: AdmissionMetrics) -> Arc<Self> {
+        if settings.max_inflight != usize::MAX {
+            metrics.limit.set(settings.max_inflight as f64);
+        }
+        metrics.inflight.set(0.0);
+        metrics.queue_depth.set(0.0);
+        Arc::new(Self {
+            settings,
+            state: Mutex::new(State {
+                inflight: 0,
+                queue: WaitQueue::default(),
+                rate: CompletionRate::new(),
+                next_id: 0,
+            }),
+            metrics,
+            shed_full: AtomicU64::new(0),
+            shed_timeout: AtomicU64::new(0),
+        })
+    }
+
+    /// The limits.
+    pub fn settings(&self) -> &AdmissionSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state holds counters and channel ends only; a panic elsewhere while
+        // it was locked leaves it usable, so a poisoned lock is taken as is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, state: &State) {
+        self.metrics.inflight.set(state.inflight as f64);
+        self.metrics.queue_depth.set(state.queue.len() as f64);
+    }
+
+    /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
+    /// and never leaks a slot.
+    pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
+        let now = Instant::now();
+        let (id, mut rx) = {
+            let mut state = self.lock();
+            if state.queue.len() == 0 && state.inflight < self.settings.max_inflight {
+                state.inflight += 1;
+                self.publish(&state);
+                return Ok(Permit::new(self.clone()));
+            }
+            if self.settings.queue_capacity == 0 {
+                return Err(self.shed(&state, Reason::QueueFull, now));
+            }
+            // Deadline-aware: refuse now what would only time out later.
+            let ahead = state.queue.ahead_of(priority);
+            if let Some(wait) = state.rate.time_for(ahead + 1, now)
+                && wait > self.settings.queue_timeout
+            {
+                return Err(self.shed(&state, Reason::QueueFull, now));
+            }
+            if state.queue.len() >= self.settings.queue_capacity {
+                match state.queue.evict_for(priority) {
+                    // Dropping its sender wakes the evicted waiter with a refusal.
+                    Some((_, evicted)) => drop(evicted),
+                    None => return Err(self.shed(&state, Reason::QueueFull, now)),
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.queue.push(id, priority, tx);
+            self.publish(&state);
+            (id, rx)
+        };
+        let place = QueuePlace {
+            controller: self.clone(),
+            id,
+            priority,
+        };
+        let outcome = tokio::time::timeout(self.settings.queue_timeout, &mut rx).await;
+        // Out of the queue in every case below (a granted waiter already is).
+        place.leave();
+        let reason = match outcome {
+            Ok(Ok(permit)) => {
+                self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
+                return Ok(permit);
+            }
+            Ok(Err(_)) => Reason::QueueFull, // evicted by a higher class
+            Err(_) => Reason::QueueTimeout,
+        };
+        // A slot granted at the last moment is still taken.
+        if let Ok(permit) = rx.try_recv() {
+            self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
+            return Ok(permit);
+        }
+        let state = self.lock();
+        Err(self.shed(&state, reason, Instant::now()))
+    }
+
+    /// Counts a refusal and builds it with its `Retry-After`: the time to drain
+    /// the work ahead (queued + in flight) at the recent completion rate.
+    fn shed(&self, state: &State, reason: Reason, now: Instant) -> Rejection {
+        let (counter, count) = match reason {
+            Reason::QueueTimeout => (&self.metrics.shed_timeout, &self.shed_timeout),
+            _ => (&self.metrics.shed_full, &self.shed_full),
+        };
+        counter.increment(1);
+        count.fetch_add(1, Ordering::Relaxed);
+        let work = state.queue.len() + state.inflight;
+        let drain = state.rate.time_for(work, now);
+        let secs = retry_after_secs(
+            drain,
+            jitter(),
+            self.settings.retry_after_min_s,
+            self.settings.retry_after_max_s,
+        );
+        Rejection::new(reason).with_retry_after(secs)
+    }
+
+    /// A permit ended: hand its slot to the next waiter, or free it.
+    fn release(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.rate.record(now);
+        loop {
+            let next = if state.inflight > self.settings.max_inflight {
+                None
+            } else {
+                state.queue.pop_next()
+            };
+            let Some((_, tx)) = next else {
+                state.inflight -= 1;
+                self.publish(&state);
+                return;
+            };
+            // The slot passes straight to the waiter: `inflight` is unchanged.
+            match tx.send(Permit::new(self.clone())) {
+                Ok(()) => {
+                    self.publish(&state);
+                    return;
+                }
+                // The waiter is gone and the permit came back. It must not release
+                // (the lock is held, and the slot is still ours): try the next.
+                Err(mut permit) => permit.armed = false,
+            }
+        }
+    }
+
+    /// The live state.
+    pub fn snapshot(&self) -> AdmissionSnapshot {
+        let state = self.lock();
+        let limit = self.settings.max_inflight;
+        AdmissionSnapshot {
+            inflight: state.inflight,
+            queued: state.queue.len(),
+            limit: (limit != usize::MAX).then_some(limit),
+            queue_capacity: self.settings.queue_capacity,
+            completion_rate: state.rate.per_second(Instant::now()),
+            shed_queue_full: self.shed_full.load(Ordering::Relaxed),
+            shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A waiter's place in the queue; leaves it when dropped, so that a cancelled
+/// request never stays queued.
+struct QueuePlace {
+    controller: Arc<Controller>,
+    id: u64,
+    priority: Priority,
+}
+
+impl QueuePlace {
+    fn leave(self) {
+        drop(self);
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let mut state = self.controller.lock();
+        if state.queue.remove(self.id, self.priority).is_some() {
+            self.controller.publish(&state);
+        }
+    }
+}
+
+/// A slot at the upstream; released (or handed to the next waiter) on drop.
+#[derive(Debug)]
+pub struct Permit {
+    controller: Arc<Controller>,
+    armed: bool,
+}
+
+impl Permit {
+    fn new(controller: Arc<Controller>) -> Self {
+        Self {
+            controller,
+            armed: true,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.armed {
+            self.controller.release();
+        }
+    }
+}

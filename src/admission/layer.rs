@@ -1,0 +1,132 @@
+//! [`AdmissionLayer`] and its service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderName, Request, Response};
+use tower::{Layer, Service, ServiceExt};
+
+use super::{AdmissionSettings, Controller, Permit, Priority};
+use crate::body::{BoxError, GuardedBody};
+
+/// Admission control for any `Service<http::Request<B>>`.
+///
+/// Refusals are [`Rejection`](crate::respond::Rejection) errors (`queue_full`,
+/// `queue_timeout`) with a `Retry-After`; put a
+/// [`RescueLayer`](crate::respond::RescueLayer) above it to turn them into
+/// `503` responses with the JSON body.
+///
+/// ```
+/// use std::time::Duration;
+/// use http::{Request, Response, StatusCode};
+/// use sluicegate::admission::{AdmissionLayer, AdmissionSettings};
+/// use sluicegate::body::{BoxError, full};
+/// use sluicegate::respond::RescueLayer;
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let admission = AdmissionLayer::new(AdmissionSettings {
+///     max_inflight: 16,
+///     queue_capacity: 32,
+///     queue_timeout: Duration::from_millis(100),
+///     retry_after_min_s: 1,
+///     retry_after_max_s: 60,
+/// });
+/// let controller = admission.controller().clone();
+/// let app = ServiceBuilder::new()
+///     .layer(RescueLayer::new("ingest")) // refusals -> 503 + Retry-After + JSON
+///     .layer(admission)
+///     .service_fn(|_req: Request<String>| async {
+///         Ok::<_, BoxError>(Response::new(full("stored")))
+///     });
+///
+/// let res = app.oneshot(Request::new(String::from("event"))).await.unwrap();
+/// assert_eq!(res.status(), StatusCode::OK);
+/// drop(res); // the slot is held until the response body is done
+/// assert_eq!(controller.snapshot().inflight, 0);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AdmissionLayer {
+    controller: Arc<Controller>,
+    priority_header: HeaderName,
+}
+
+impl AdmissionLayer {
+    /// A layer with its own controller; priorities from `x-priority`.
+    pub fn new(settings: AdmissionSettings) -> Self {
+        Self::with_controller(Controller::new(settings))
+    }
+
+    /// A layer over an existing controller (shared, or with metrics).
+    pub fn with_controller(controller: Arc<Controller>) -> Self {
+        Self {
+            controller,
+            priority_header: HeaderName::from_static("x-priority"),
+        }
+    }
+
+    /// Reads the priority class from `header` instead of `x-priority`.
+    pub fn priority_header(mut self, header: HeaderName) -> Self {
+        self.priority_header = header;
+        self
+    }
+
+    /// The controller, for its live state.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission {
+            inner,
+            controller: self.controller.clone(),
+            priority_header: self.priority_header.clone(),
+        }
+    }
+}
+
+/// Service of [`AdmissionLayer`].
+#[derive(Debug, Clone)]
+pub struct Admission<S> {
+    inner: S,
+    controller: Arc<Controller>,
+    priority_header: HeaderName,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl<S, B, ResB> Service<Request<B>> for Admission<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+{
+    type Response = Response<GuardedBody<ResB, Permit>>;
+    type Error = BoxError;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Waiting happens per request in `call`: the queue needs the request's
+        // priority, which readiness cannot see.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let priority = Priority::from_header(req.headers().get(&self.priority_header));
+        let controller = self.controller.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let permit = controller.acquire(priority).await?;
+            let res = inner.oneshot(req).await.map_err(Into::into)?;
+            Ok(res.map(|body| GuardedBody::new(body, permit)))
+        })
+    }
+}

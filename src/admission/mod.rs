@@ -1,0 +1,18 @@
+//! Admission control: at most `max_inflight` requests at the upstream, a bounded
+//! priority queue for a bounded time, and an honest `503` + `Retry-After` for
+//! everything beyond.
+//!
+//! The slot a request takes is held until its response body has finished (or was
+//! dropped), not just until the headers arrive: a streaming response still
+//! occupies the upstream. A request whose predicted wait (its place in the queue
+//! over the recent completion rate) is already beyond the queue timeout is
+//! refused at once instead of waiting the timeout out.
+
+mod controller;
+mod layer;
+mod queue;
+pub mod retry_after;
+
+pub use controller::{AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit};
+pub use layer::{Admission, AdmissionLayer};
+pub use queue::Priority;
