@@ -189,6 +189,9 @@ impl Controller {
         let (id, mut rx) = {
             let mut state = self.lock();
             if state.queue.len() == 0 && state.inflight < self.settings.max_inflight {
+                if state.inflight == 0 {
+                    state.rate.resume(now);
+                }
                 state.inflight += 1;
                 self.publish(&state);
                 return Ok(Permit::new(self.clone()));

@@ -16,3 +16,6 @@ pub mod retry_after;
 pub use controller::{AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit};
 pub use layer::{Admission, AdmissionLayer};
 pub use queue::Priority;
+
+#[cfg(test)]
+mod tests;

@@ -47,6 +47,14 @@ impl CompletionRate {
         self.last = Some(now);
     }
 
+    /// The upstream became busy at `now` after an idle spell: the idle time says
+    /// nothing about its speed, so intervals are measured from here.
+    pub fn resume(&mut self, now: Instant) {
+        if self.last.is_some() {
+            self.last = Some(now);
+        }
+    }
+
     /// Completions per second at `now`, once two completions were seen.
     pub fn per_second(&self, now: Instant) -> Option<f64> {
         let mean = self.mean_interval?;
@@ -132,6 +140,20 @@ mod tests {
         // Nothing for 2 s: at most 0.5 per second.
         let r = rate.per_second(at(t0, 990 + 2000)).unwrap();
         assert!(r <= 0.5, "{r}");
+    }
+
+    #[test]
+    fn idle_time_is_not_a_stall() {
+        let t0 = Instant::now();
+        let mut rate = CompletionRate::new();
+        for i in 0..100 {
+            rate.record(at(t0, i * 10));
+        }
+        // Ten idle minutes, then work resumes: still about 100 per second.
+        let back = at(t0, 990 + 600_000);
+        rate.resume(back);
+        let r = rate.per_second(back + Duration::from_millis(5)).unwrap();
+        assert!((r - 100.0).abs() < 1.0, "{r}");
     }
 
     #[test]

@@ -104,7 +104,10 @@ pub struct RouteConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdmissionConfig {
     /// Requests at the upstream at once.
-    #[serde(deserialize_with = "values::max_inflight")]
+    #[serde(
+        default = "values::default_max_inflight",
+        deserialize_with = "values::max_inflight"
+    )]
     pub max_inflight: Limit,
     /// Requests that may wait beyond `max_inflight`; 0 = none wait.
     #[serde(default = "values::default_queue_capacity")]

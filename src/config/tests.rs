@@ -123,3 +123,65 @@ fn host_normalization() {
     assert_eq!(normalize_host("[::1]:80"), "[::1]");
     assert_eq!(normalize_host("::1"), "::1");
 }
+
+#[test]
+fn admission_section() {
+    let c = Config::parse(
+        "t.toml",
+        &format!("{ROUTE}[route.admission]\nmax_inflight = 16\npriority_header = \"X-Class\"\n"),
+    )
+    .unwrap();
+    let a = c.routes[0].admission.as_ref().unwrap();
+    assert_eq!(a.max_inflight.get(), 16);
+    assert_eq!(a.queue_capacity, 64);
+    assert_eq!(
+        a.queue_timeout_ms.get(),
+        std::time::Duration::from_millis(200)
+    );
+    assert_eq!(a.priority_header, "x-class");
+    let cases = [
+        (
+            "max_inflight = 0",
+            "route[0].admission.max_inflight",
+            "greater than 0",
+        ),
+        (
+            "max_inflight = \"adaptive\"",
+            "route[0].admission.max_inflight",
+            "not a number",
+        ),
+        (
+            "max_inflight = 4\nqueue_timeout_ms = 0",
+            "route[0].admission.queue_timeout_ms",
+            "greater than 0",
+        ),
+        (
+            "max_inflight = 4\nqueue_capacity = -1",
+            "route[0].admission.queue_capacity",
+            "invalid value",
+        ),
+        (
+            "max_inflight = 4\npriority_header = \"bad header\"",
+            "route[0].admission.priority_header",
+            "header name",
+        ),
+        (
+            "max_inflight = 4\nretry_after_min_s = 9\nretry_after_max_s = 3",
+            "route[0].admission.retry_after_min_s",
+            "must not exceed",
+        ),
+    ];
+    for (body, key, words) in cases {
+        let e = err(&format!("{ROUTE}[route.admission]\n{body}\n"));
+        assert_eq!(e.key(), Some(key), "{body}: {e}");
+        assert!(e.message().contains(words), "{body}: {e}");
+    }
+}
+
+#[test]
+fn an_empty_admission_section_turns_admission_on_with_defaults() {
+    let c = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
+    let a = c.routes[0].admission.as_ref().unwrap();
+    assert_eq!((a.max_inflight.get(), a.queue_capacity), (16, 64));
+    assert_eq!((a.retry_after_min_s, a.retry_after_max_s), (1, 60));
+}

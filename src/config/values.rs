@@ -236,6 +236,10 @@ pub(super) fn header_name<'de, D: Deserializer<'de>>(de: D) -> Result<http::Head
         .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a valid header name")))
 }
 
+pub(super) const fn default_max_inflight() -> Limit {
+    Limit::new(16)
+}
+
 pub(super) const fn default_queue_capacity() -> usize {
     64
 }

@@ -1,0 +1,156 @@
+//! Admission control through the real proxy, over HTTP (paused clock where
+//! time matters).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use sluicegate::sim::{self, SimOptions};
+use support::*;
+
+fn admission(max: usize, capacity: usize, timeout_ms: u64) -> String {
+    format!(
+        "[route.admission]\nmax_inflight = {max}\nqueue_capacity = {capacity}\n\
+         queue_timeout_ms = {timeout_ms}\nretry_after_min_s = 2\nretry_after_max_s = 30\n"
+    )
+}
+
+// Real clock: this is about concurrency, not time, and 500 real sockets leave the
+// runtime idle often enough for a paused clock to leap ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_never_sees_more_than_max_inflight_with_500_clients() {
+    // The simulator could serve 100 at once; admission must hold it to 8.
+    let options = SimOptions {
+        workers: 100,
+        service_time: Duration::from_millis(10),
+    };
+    let sim = sim::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), options)
+        .await
+        .unwrap();
+    let proxy = sluicegate::start(config(sim.addr(), "/", &admission(8, 600, 60_000)))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    let clients: Vec<_> = (0..500)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let (res, body) = get(&url).await;
+                (res.status(), body)
+            })
+        })
+        .collect();
+    for c in clients {
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.served, 500);
+    assert!(
+        stats.peak_concurrency <= 8,
+        "upstream peak {}",
+        stats.peak_concurrency
+    );
+    assert_eq!(stats.peak_concurrency, 8, "the limit was not used fully");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_answers_503_queue_full_at_once_with_retry_after() {
+    let (up, mut held) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &admission(1, 1, 60_000)))
+        .await
+        .unwrap();
+    let hold = format!("http://{}/hold", proxy.proxy_addr());
+    let (h1, h2) = (hold.clone(), hold.clone());
+    let first = tokio::spawn(async move { get(&h1).await });
+    held.recv().await.unwrap();
+    let queued = tokio::spawn(async move { get(&h2).await });
+    let status_url = format!("http://{}/status", proxy.admin_addr());
+    while json(&get(&status_url).await.1)["routes"][0]["admission"]["queued"] != 1 {
+        tokio::task::yield_now().await;
+    }
+
+    let start = tokio::time::Instant::now();
+    let (res, body) = get(&hold).await;
+    assert_eq!(start.elapsed(), Duration::ZERO, "the refusal waited");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (2..=30).contains(&retry),
+        "Retry-After {retry} outside the clamp"
+    );
+    let body = json(&body);
+    assert_eq!(body["reason"], "queue_full");
+    assert_eq!(body["retry_after_s"], retry);
+
+    // The held and the queued request still complete.
+    up.release.notify_waiters();
+    assert_eq!(first.await.unwrap().0.status(), StatusCode::OK);
+    held.recv().await.unwrap();
+    up.release.notify_waiters();
+    assert_eq!(queued.await.unwrap().0.status(), StatusCode::OK);
+
+    let (_, metrics) = get(&format!("http://{}/metrics", proxy.admin_addr())).await;
+    let text = String::from_utf8_lossy(&metrics);
+    let series = |s: &str| metric(&text, s);
+    assert_eq!(
+        series(r#"sluicegate_shed_total{route="test",reason="queue_full"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(r#"sluicegate_requests_total{route="test",outcome="queue_full"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(r#"sluicegate_concurrency_limit{route="test"}"#),
+        Some(1.0)
+    );
+    assert_eq!(series(r#"sluicegate_queue_depth{route="test"}"#), Some(0.0));
+    assert_eq!(series(r#"sluicegate_inflight{route="test"}"#), Some(0.0));
+    assert_eq!(
+        series(r#"sluicegate_queue_wait_seconds_count{route="test"}"#),
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waits_too_long_gets_503_queue_timeout() {
+    let (up, mut held) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &admission(1, 4, 250)))
+        .await
+        .unwrap();
+    let hold = format!("http://{}/hold", proxy.proxy_addr());
+    let h1 = hold.clone();
+    let first = tokio::spawn(async move { get(&h1).await });
+    held.recv().await.unwrap();
+
+    let start = tokio::time::Instant::now();
+    let (res, body) = get(&format!("http://{}/other", proxy.proxy_addr())).await;
+    let waited = start.elapsed();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&body)["reason"], "queue_timeout");
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(300),
+        "{waited:?}"
+    );
+    up.release.notify_waiters();
+    assert_eq!(first.await.unwrap().0.status(), StatusCode::OK);
+    let (_, status) = get(&format!("http://{}/status", proxy.admin_addr())).await;
+    let adm = &json(&status)["routes"][0]["admission"];
+    assert_eq!(adm["shed_queue_timeout"], 1);
+    assert_eq!(
+        (adm["inflight"].as_u64(), adm["queued"].as_u64()),
+        (Some(0), Some(0))
+    );
+    proxy.shutdown().await;
+}
