@@ -59,6 +59,7 @@ pub mod body;
 pub mod body_limit;
 pub mod config;
 pub mod demo;
+pub mod loadgen;
 pub mod metrics;
 pub mod observe;
 pub mod proxy;

@@ -45,7 +45,7 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         service_ms: u64,
     },
-    /// Run sluicegate in front of the simulator with the embedded config.
+    /// Show overload straight to the simulator and through sluicegate (about 50 s).
     Demo,
 }
 

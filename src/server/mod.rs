@@ -29,6 +29,7 @@ pub struct Running {
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<DrainReport>,
+    routes: Vec<stack::RouteInfo>,
 }
 
 /// How the drain went.
@@ -49,6 +50,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let draining = Arc::new(AtomicBool::new(false));
+    let routes = built.routes.clone();
     let admin_state = AdminState::new(
         registry.clone(),
         built.routes,
@@ -84,6 +86,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         admin_addr,
         stop,
         task,
+        routes,
     })
 }
 
@@ -125,6 +128,11 @@ impl Running {
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The routes with their live counters and admission state.
+    pub fn routes(&self) -> &[stack::RouteInfo] {
+        &self.routes
     }
 
     /// Drains: `/readyz` turns 503, the listener stops accepting, requests in flight
