@@ -1,0 +1,346 @@
+//! Overload benchmark (issue 3): an open-loop load at 0.5x, 1x, 2x and 4x the
+//! capacity of the upstream simulator (16 workers x 20 ms, about 800 req/s),
+//! sent straight to it, through sluicegate and through HAProxy configured alike
+//! (maxconn 16, maxqueue 32, timeout queue 100 ms).
+//!
+//! Run with `bash benches/overload.sh` (installs Debian's haproxy, builds the
+//! release binary). Everything listens on 127.0.0.1; each step is bounded in
+//! time. Writes a markdown table to stdout and `benches/results/overload.svg`.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
+
+const CAPACITY: f64 = 800.0;
+const STEPS: [f64; 4] = [0.5, 1.0, 2.0, 4.0];
+const SIM_PORT: u16 = 19100;
+const PROXY_PORT: u16 = 19101;
+const ADMIN_PORT: u16 = 19102;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluicegate").to_string()
+}
+
+fn spawn(cmd: &str, args: &[&str], port: u16) -> Proc {
+    let child = Command::new(cmd)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd}: {e}"));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..200 {
+        if TcpStream::connect(addr).is_ok() {
+            return Proc(child);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{cmd} did not listen on {port}");
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sim_queue(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = s.write_all(b"GET /_sim/stats HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split("\"queued\":")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct StepResult {
+    target: &'static str,
+    multiple: f64,
+    total: Second,
+    seconds: usize,
+    peak_rss_kb: u64,
+    peak_upstream_queue: u64,
+}
+
+fn write_configs(dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("sluicegate.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
+             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
+             [route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("haproxy.cfg"),
+        format!(
+            "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  \
+             timeout client 30s\n  timeout server 30s\n  timeout queue 100ms\n  option http-keep-alive\n\
+             frontend fe\n  bind 127.0.0.1:{PROXY_PORT}\n  default_backend be\nbackend be\n  \
+             server up 127.0.0.1:{SIM_PORT} maxconn 16 maxqueue 32\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would run this too.
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let step_seconds: usize = std::env::var("STEP_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let dir = std::env::temp_dir().join(format!("sluicegate-overload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_configs(&dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let haproxy = ["/usr/sbin/haproxy", "haproxy"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("-v").output().is_ok());
+    let mut results = Vec::new();
+    for target in ["direct", "sluicegate", "haproxy"] {
+        if target == "haproxy" && haproxy.is_none() {
+            eprintln!("haproxy not installed: skipped (benches/overload.sh installs it)");
+            continue;
+        }
+        for multiple in STEPS {
+            let sim = spawn(
+                &bin(),
+                &[
+                    "sim",
+                    "--listen",
+                    &format!("127.0.0.1:{SIM_PORT}"),
+                    "--workers",
+                    "16",
+                    "--service-ms",
+                    "20",
+                ],
+                SIM_PORT,
+            );
+            let proxy = match target {
+                "sluicegate" => Some(spawn(
+                    &bin(),
+                    &["-c", dir.join("sluicegate.toml").to_str().unwrap()],
+                    PROXY_PORT,
+                )),
+                "haproxy" => Some(spawn(
+                    haproxy.unwrap(),
+                    &["-f", dir.join("haproxy.cfg").to_str().unwrap(), "-db"],
+                    PROXY_PORT,
+                )),
+                _ => None,
+            };
+            let port = if proxy.is_some() {
+                PROXY_PORT
+            } else {
+                SIM_PORT
+            };
+            let plan = LoadPlan {
+                url: format!("http://127.0.0.1:{port}/ingest").parse().unwrap(),
+                rates: vec![multiple * CAPACITY; step_seconds],
+                max_outstanding: 4000,
+                client_timeout: Duration::from_secs(10),
+            };
+            let mut peak_queue = 0;
+            let seconds = rt.block_on(loadgen::run(plan, |_, _| {
+                peak_queue = peak_queue.max(sim_queue(SIM_PORT));
+            }));
+            let total = Second::total(&seconds);
+            let rss = proxy.as_ref().map_or(0, |p| peak_rss_kb(p.0.id()));
+            eprintln!(
+                "{target} {multiple}x: good {}/s, p99 ok {:?} ms",
+                total.good / step_seconds as u64,
+                quantile_ms(&total.ok_latency_us, 0.99)
+            );
+            results.push(StepResult {
+                target,
+                multiple,
+                total,
+                seconds: step_seconds,
+                peak_rss_kb: rss,
+                peak_upstream_queue: peak_queue,
+            });
+            drop(proxy);
+            drop(sim);
+        }
+    }
+    print_table(&results, step_seconds);
+    let svg = plot(&results);
+    let out = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results/overload.svg");
+    std::fs::create_dir_all(std::path::Path::new(out).parent().unwrap()).unwrap();
+    std::fs::write(out, svg).unwrap();
+    eprintln!("plot written to {out}");
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+fn print_table(results: &[StepResult], step_seconds: usize) {
+    println!(
+        "\n{} cores; open loop, {step_seconds} s per step; upstream 16 workers x 20 ms (~800 req/s)\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| target | load | goodput/s | admitted p50 / p99 ms | shed p50 / p99 ms | 503s | with Retry-After | errors | upstream queue peak | proxy peak RSS MB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let t = &r.total;
+        let share = if t.shed == 0 {
+            "-".into()
+        } else {
+            format!(
+                "{:.0} %",
+                100.0 * t.shed_with_retry_after as f64 / t.shed as f64
+            )
+        };
+        println!(
+            "| {} | {}x | {:.0} | {} / {} | {} / {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.multiple,
+            t.good as f64 / r.seconds as f64,
+            ms(quantile_ms(&t.ok_latency_us, 0.5)),
+            ms(quantile_ms(&t.ok_latency_us, 0.99)),
+            ms(quantile_ms(&t.shed_latency_us, 0.5)),
+            ms(quantile_ms(&t.shed_latency_us, 0.99)),
+            t.shed,
+            share,
+            t.errors + t.client_dropped,
+            r.peak_upstream_queue,
+            if r.peak_rss_kb == 0 {
+                "-".into()
+            } else {
+                format!("{:.1}", r.peak_rss_kb as f64 / 1024.0)
+            },
+        );
+    }
+}
+
+/// Two panels: goodput and admitted p99 against offered load, one line per target.
+fn plot(results: &[StepResult]) -> String {
+    let colors = [
+        ("direct", "#d62728"),
+        ("sluicegate", "#2ca02c"),
+        ("haproxy", "#1f77b4"),
+    ];
+    let (w, h, pad) = (420.0, 300.0, 50.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        2.0 * w,
+        h + 30.0
+    );
+    let panels: [(&str, Box<dyn Fn(&StepResult) -> f64>, f64); 2] = [
+        (
+            "goodput (2xx within 250 ms, req/s)",
+            Box::new(|r| r.total.good as f64 / r.seconds as f64),
+            900.0,
+        ),
+        (
+            "admitted p99 latency (ms, log scale)",
+            Box::new(|r| {
+                quantile_ms(&r.total.ok_latency_us, 0.99)
+                    .unwrap_or(1.0)
+                    .max(1.0)
+                    .log10()
+            }),
+            4.0,
+        ),
+    ];
+    for (i, (title, value, ymax)) in panels.iter().enumerate() {
+        let x0 = i as f64 * w;
+        let _ = write!(svg, r#"<text x="{}" y="18">{title}</text>"#, x0 + pad);
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="30" width="{}" height="{}" fill="none" stroke="gray"/>"#,
+            x0 + pad,
+            w - 1.5 * pad,
+            h - 60.0
+        );
+        let px = |m: f64| x0 + pad + (m.log2() + 1.0) / 3.0 * (w - 1.5 * pad);
+        let py = |v: f64| 30.0 + (h - 60.0) * (1.0 - (v / ymax).clamp(0.0, 1.0));
+        for m in STEPS {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="middle">{m}x</text>"#,
+                px(m),
+                h - 14.0
+            );
+        }
+        let ticks: Vec<(f64, String)> = if i == 0 {
+            (0..=3)
+                .map(|k| (k as f64 * 300.0, format!("{}", k * 300)))
+                .collect()
+        } else {
+            (0..=4)
+                .map(|k| (k as f64, format!("{}", 10u64.pow(k))))
+                .collect()
+        };
+        for (v, label) in ticks {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="end">{label}</text>"#,
+                x0 + pad - 4.0,
+                py(v) + 4.0
+            );
+        }
+        for (k, (target, color)) in colors.iter().enumerate() {
+            let points: Vec<String> = results
+                .iter()
+                .filter(|r| r.target == *target)
+                .map(|r| format!("{:.1},{:.1}", px(r.multiple), py(value(r))))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            let _ = write!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
+                points.join(" ")
+            );
+            if i == 0 {
+                let _ = write!(
+                    svg,
+                    r#"<text x="{}" y="{}" fill="{color}">{target}</text>"#,
+                    x0 + pad + 8.0,
+                    48.0 + 14.0 * k as f64
+                );
+            }
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
