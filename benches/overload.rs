@@ -34,17 +34,19 @@ fn bin() -> String {
 }
 
 fn spawn(cmd: &str, args: &[&str], port: u16) -> Proc {
-    let child = Command::new(cmd)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd}: {e}"));
+    let proc = Proc(
+        Command::new(cmd)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd}: {e}")),
+    );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..200 {
         if TcpStream::connect(addr).is_ok() {
-            return Proc(child);
+            return proc;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -248,6 +250,9 @@ fn print_table(results: &[StepResult], step_seconds: usize) {
     }
 }
 
+/// A chart panel: title, the value plotted, the top of its axis.
+type Panel = (&'static str, Box<dyn Fn(&StepResult) -> f64>, f64);
+
 /// Two panels: goodput and admitted p99 against offered load, one line per target.
 fn plot(results: &[StepResult]) -> String {
     let colors = [
@@ -263,7 +268,7 @@ fn plot(results: &[StepResult]) -> String {
         2.0 * w,
         h + 30.0
     );
-    let panels: [(&str, Box<dyn Fn(&StepResult) -> f64>, f64); 2] = [
+    let panels: [Panel; 2] = [
         (
             "goodput (2xx within 250 ms, req/s)",
             Box::new(|r| r.total.good as f64 / r.seconds as f64),
