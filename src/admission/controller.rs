@@ -1,6 +1,6 @@
 //! [`Controller`]: one route's in-flight limit, wait queue and completion rate.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -104,7 +104,7 @@ pub struct AdmissionSnapshot {
     pub limit: Option<usize>,
     /// Waiting capacity.
     pub queue_capacity: usize,
-    /// Estimated completions per second.
+    /// Estimated completions per second (routes with admission only).
     pub completion_rate: Option<f64>,
     /// Requests shed because the queue was full or the wait predicted too long.
     pub shed_queue_full: u64,
@@ -129,6 +129,9 @@ pub struct Controller {
     metrics: AdmissionMetrics,
     shed_full: AtomicU64,
     shed_timeout: AtomicU64,
+    /// In flight on an unlimited controller, which needs no lock: routes
+    /// without admission pay two atomic operations per request, nothing more.
+    unlimited_inflight: Option<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -163,6 +166,7 @@ impl Controller {
             metrics,
             shed_full: AtomicU64::new(0),
             shed_timeout: AtomicU64::new(0),
+            unlimited_inflight: (settings.max_inflight == usize::MAX).then(|| AtomicUsize::new(0)),
         })
     }
 
@@ -185,6 +189,11 @@ impl Controller {
     /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
     /// and never leaks a slot.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
+        if let Some(inflight) = &self.unlimited_inflight {
+            let now = inflight.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics.inflight.set(now as f64);
+            return Ok(Permit::new(self.clone()));
+        }
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = self.lock();
@@ -267,6 +276,11 @@ impl Controller {
 
     /// A permit ended: hand its slot to the next waiter, or free it.
     fn release(self: &Arc<Self>) {
+        if let Some(inflight) = &self.unlimited_inflight {
+            let now = inflight.fetch_sub(1, Ordering::Relaxed) - 1;
+            self.metrics.inflight.set(now as f64);
+            return;
+        }
         let now = Instant::now();
         let mut state = self.lock();
         state.rate.record(now);
@@ -298,8 +312,12 @@ impl Controller {
     pub fn snapshot(&self) -> AdmissionSnapshot {
         let state = self.lock();
         let limit = self.settings.max_inflight;
+        let inflight = match &self.unlimited_inflight {
+            Some(n) => n.load(Ordering::Relaxed),
+            None => state.inflight,
+        };
         AdmissionSnapshot {
-            inflight: state.inflight,
+            inflight,
             queued: state.queue.len(),
             limit: (limit != usize::MAX).then_some(limit),
             queue_capacity: self.settings.queue_capacity,

@@ -203,3 +203,21 @@ async fn the_slot_is_held_until_a_streaming_body_ends() {
     drop((res, body));
     assert_eq!((c.snapshot().inflight, c.snapshot().queued), (0, 0));
 }
+
+#[tokio::test]
+async fn unlimited_admits_everything_and_counts_it() {
+    let c = Controller::new(AdmissionSettings::UNLIMITED);
+    let permits: Vec<_> = acquire_many(&c, 1000).await;
+    assert_eq!(c.snapshot().inflight, 1000);
+    assert_eq!(c.snapshot().limit, None);
+    drop(permits);
+    assert_eq!(c.snapshot().inflight, 0);
+}
+
+async fn acquire_many(c: &Arc<Controller>, n: usize) -> Vec<Permit> {
+    let mut permits = Vec::with_capacity(n);
+    for _ in 0..n {
+        permits.push(c.acquire(Priority::Batch).await.unwrap());
+    }
+    permits
+}
