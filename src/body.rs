@@ -78,10 +78,11 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) {
-            // Done now, not when the connection gets around to dropping the body.
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+            // Done now (the last byte is read), not at the next poll or when the
+            // connection gets around to dropping the body.
             this.guard.take();
         }
         Poll::Ready(frame)

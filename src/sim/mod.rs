@@ -245,12 +245,13 @@ async fn work(State(sim): State<Arc<Sim>>, body: Body) -> Response {
             Mode::Ok => break,
         }
     }
+    let arrival = tokio::time::Instant::now();
     let (queued, _) = Gauge::enter(&sim.queued);
-    let busy = sim.workers.acquire().await;
+    let mut busy = sim.workers.acquire().await;
     drop(queued);
     let (in_service, now) = Gauge::enter(&sim.in_service);
     sim.peak.fetch_max(now, Ordering::Relaxed);
-    tokio::time::sleep(sim.service_time()).await;
+    busy.serve(arrival, sim.service_time()).await;
     drop(in_service);
     drop(busy);
     sim.served.fetch_add(1, Ordering::Relaxed);

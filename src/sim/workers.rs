@@ -1,9 +1,20 @@
 //! A worker pool whose size can change while requests wait for it.
+//!
+//! Each worker keeps its own clock: a request starts when both it and its worker
+//! are there, and ends one service time later. Timing from the *theoretical* end of
+//! the previous request, not from when the timer fired, keeps the timer's lag
+//! (tokio rounds every sleep up to the next millisecond) out of the capacity: 16
+//! workers × 20 ms serve 800 req/s when busy, as the numbers promise, not ~760.
+//! Sleeps also aim early by the timer's measured average lag, so that a single
+//! request's service time is its nominal length on average.
 
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// `size` workers; extra requests wait in the semaphore's FIFO queue, which is
 /// unbounded on purpose: that is how a naive app server behaves under overload.
@@ -11,6 +22,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub(super) struct Workers {
     slots: Arc<Semaphore>,
     state: Mutex<Size>,
+    /// How late the timer fires on average (µs, EWMA); sleeps aim that much early
+    /// so that a service time is its nominal length on average, not ~1 ms more.
+    timer_lag_us: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -18,6 +32,8 @@ struct Size {
     target: usize,
     /// Permits still to retire after a shrink, taken from workers as they finish.
     debt: usize,
+    /// When each idle worker finished its last request; at most `target` entries.
+    idle_since: Vec<Instant>,
 }
 
 /// A busy worker; returned to the pool (or retired) when dropped.
@@ -25,6 +41,10 @@ struct Size {
 pub(super) struct Busy<'a> {
     permit: Option<OwnedSemaphorePermit>,
     pool: &'a Workers,
+    /// When this worker became free (its previous request's end).
+    free_since: Instant,
+    /// When the current request ends, once started.
+    done: Option<Instant>,
 }
 
 impl Workers {
@@ -34,7 +54,9 @@ impl Workers {
             state: Mutex::new(Size {
                 target: size,
                 debt: 0,
+                idle_since: Vec::with_capacity(size),
             }),
+            timer_lag_us: AtomicU64::new(0),
         }
     }
 
@@ -51,9 +73,18 @@ impl Workers {
             .acquire_owned()
             .await
             .expect("never closed");
+        let free_since = {
+            let mut state = self.lock();
+            // The worker idle longest takes the request; a worker new from a grow
+            // has no entry and is free from now.
+            let earliest = (0..state.idle_since.len()).min_by_key(|&i| state.idle_since[i]);
+            earliest.map_or_else(Instant::now, |i| state.idle_since.swap_remove(i))
+        };
         Busy {
             permit: Some(permit),
             pool: self,
+            free_since,
+            done: None,
         }
     }
 
@@ -80,6 +111,25 @@ impl Workers {
     }
 }
 
+impl Busy<'_> {
+    /// Serves a request that arrived (joined the queue) at `arrival`: it starts
+    /// when both it and this worker were there and takes `service`.
+    pub(super) async fn serve(&mut self, arrival: Instant, service: Duration) {
+        let done = self.free_since.max(arrival) + service;
+        self.done = Some(done);
+        let lag = &self.pool.timer_lag_us;
+        let aim = done - Duration::from_micros(lag.load(Ordering::Relaxed));
+        if aim <= Instant::now() {
+            return; // catching up after a late start: no timer to measure
+        }
+        tokio::time::sleep_until(aim).await;
+        let late = (Instant::now() - aim).as_micros().min(10_000) as u64;
+        // EWMA with weight 1/16; a lost race between workers only blurs it.
+        let old = lag.load(Ordering::Relaxed);
+        lag.store(old - old / 16 + late / 16, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
@@ -88,6 +138,13 @@ impl Drop for Busy<'_> {
             if let Some(permit) = self.permit.take() {
                 permit.forget();
             }
+            return;
+        }
+        // A request cut short (client gone) frees the worker now, not at its end.
+        let now = Instant::now();
+        let free = self.done.map_or(now, |done| done.min(now));
+        if state.idle_since.len() < state.target {
+            state.idle_since.push(free);
         }
     }
 }
@@ -120,5 +177,28 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(pool.slots.available_permits(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_worker_keeps_its_rate_whatever_the_timer_lag() {
+        let pool = Workers::new(1);
+        let service = Duration::from_millis(20);
+        let arrival = Instant::now();
+        let mut first = pool.acquire().await;
+        first.serve(arrival, service).await;
+        // The timer fired late: the next request (queued since `arrival`) is taken
+        // 3 ms after the first one's theoretical end.
+        tokio::time::advance(Duration::from_millis(3)).await;
+        drop(first);
+        let mut second = pool.acquire().await;
+        second.serve(arrival, service).await;
+        assert_eq!(Instant::now() - arrival, Duration::from_millis(40));
+        drop(second);
+        // A request arriving at an idle worker starts on arrival.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let late = Instant::now();
+        let mut third = pool.acquire().await;
+        third.serve(late, service).await;
+        assert_eq!(Instant::now() - late, service);
     }
 }
