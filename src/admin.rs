@@ -118,6 +118,8 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
             {
                 route.extend(live);
                 route.insert("admission".into(), json!(r.admission.snapshot()));
+                let circuit = r.circuit.as_ref().map(|c| c.snapshot());
+                route.insert("circuit".into(), json!(circuit));
             }
             route
         })

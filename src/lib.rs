@@ -57,6 +57,7 @@ pub mod admin;
 pub mod admission;
 pub mod body;
 pub mod body_limit;
+pub mod circuit;
 pub mod config;
 pub mod demo;
 pub mod loadgen;

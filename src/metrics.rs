@@ -26,6 +26,10 @@ pub const CONCURRENCY_LIMIT: &str = "sluicegate_concurrency_limit";
 pub const SHED_TOTAL: &str = "sluicegate_shed_total";
 /// `sluicegate_queue_wait_seconds{route}`: time admitted requests waited.
 pub const QUEUE_WAIT: &str = "sluicegate_queue_wait_seconds";
+/// `sluicegate_circuit_state{route}`: 0 closed, 1 open, 2 half-open.
+pub const CIRCUIT_STATE: &str = "sluicegate_circuit_state";
+/// `sluicegate_circuit_transitions_total{route,from,to}`: state changes.
+pub const CIRCUIT_TRANSITIONS: &str = "sluicegate_circuit_transitions_total";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";

@@ -116,6 +116,19 @@ pub struct Rejection {
     reason: Reason,
     retry_after_s: Option<u64>,
     cause: Option<BoxError>,
+    fallback: Option<Arc<StaticAnswer>>,
+}
+
+/// A fixed answer served instead of a rejection (a circuit's `fallback`), for
+/// clients that cannot retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticAnswer {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its `Content-Type`.
+    pub content_type: HeaderValue,
+    /// Its body.
+    pub body: bytes::Bytes,
 }
 
 impl Rejection {
@@ -125,7 +138,14 @@ impl Rejection {
             reason,
             retry_after_s: None,
             cause: None,
+            fallback: None,
         }
+    }
+
+    /// Answers with `answer` instead of the rejection's own response.
+    pub fn with_fallback(mut self, answer: Arc<StaticAnswer>) -> Self {
+        self.fallback = Some(answer);
+        self
     }
 
     /// Adds a `Retry-After` (whole seconds).
@@ -147,6 +167,19 @@ impl Rejection {
 
     /// The response the client gets.
     pub fn to_response(&self) -> Response<ProxyBody> {
+        if let Some(answer) = &self.fallback {
+            let mut res = Response::new(full(answer.body.clone()));
+            *res.status_mut() = answer.status;
+            let headers = res.headers_mut();
+            headers.insert(header::CONTENT_TYPE, answer.content_type.clone());
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(
+                http::HeaderName::from_static("x-sluicegate-fallback"),
+                HeaderValue::from_static(self.reason.as_str()),
+            );
+            res.extensions_mut().insert(Rejected(self.reason));
+            return res;
+        }
         let mut body = format!(
             r#"{{"error":"{}","reason":"{}""#,
             self.reason.message(),

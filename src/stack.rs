@@ -1,16 +1,17 @@
 //! The one place where the layer order is decided (SPEC "The request path").
 //!
 //! Outermost first: request id → route match → per route: observe (counts, access
-//! log) → rescue (errors become responses) → body limit → admission (in-flight
-//! limit, queue) → upstream timeout → forward. The rate limit and the circuit
-//! breaker will go between the body limit and admission, in the SPEC's order:
-//! an open circuit must never queue. Layer order is
-//! semantics: read the SPEC before moving one.
+//! log) → rescue (errors become responses) → body limit → circuit breaker →
+//! admission (in-flight limit, queue) → upstream timeout → forward. The circuit
+//! sits before admission so that an open circuit never queues; the rate limit
+//! will go before the circuit, in the SPEC's order. Layer order is semantics:
+//! read the SPEC before moving one.
 
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
 use tower::timeout::{Timeout, TimeoutLayer};
+use tower::util::Either;
 use tower_http::request_id::{
     PropagateRequestId, PropagateRequestIdLayer, SetRequestId, SetRequestIdLayer,
 };
@@ -19,16 +20,24 @@ use crate::admission::{
     Admission, AdmissionLayer, AdmissionMetrics, AdmissionSettings, Controller,
 };
 use crate::body_limit::{BodyLimit, BodyLimitLayer};
+use crate::circuit::{
+    Circuit, CircuitBreaker, CircuitBreakerLayer, CircuitMetrics, CircuitSettings, FailurePolicy,
+    SlowStart,
+};
 use crate::config::{Config, RouteConfig, normalize_host};
 use crate::metrics::{Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
 use crate::proxy::Forward;
 use crate::request_id::SequentialIds;
-use crate::respond::{Rescue, RescueLayer};
+use crate::respond::{Rescue, RescueLayer, StaticAnswer};
 use crate::route::{Proxy, RouteEntry, RouteTable, Unmatched};
 
 /// One route's stack around an innermost service `S`.
-pub type RouteStack<S> = Observe<Rescue<BodyLimit<Admission<Timeout<S>>>>>;
+pub type RouteStack<S> =
+    Observe<Rescue<BodyLimit<Either<CircuitBreaker<Admitted<S>>, Admitted<S>>>>>;
+
+/// A route's stack from admission down.
+pub type Admitted<S> = Admission<Timeout<S>>;
 
 /// The whole proxy as one service, ready for the listener.
 pub type ProxyService = SetRequestId<PropagateRequestId<Proxy<RouteStack<Forward>>>, SequentialIds>;
@@ -37,6 +46,7 @@ pub type ProxyService = SetRequestId<PropagateRequestId<Proxy<RouteStack<Forward
 pub fn route_stack<S>(
     route: &RouteConfig,
     stats: Arc<RouteStats>,
+    circuit: Option<Arc<Circuit>>,
     admission: Arc<Controller>,
     inner: S,
 ) -> RouteStack<S> {
@@ -49,6 +59,7 @@ pub fn route_stack<S>(
         .layer(ObserveLayer::new(stats.clone()))
         .layer(RescueLayer::new(stats.name().clone()))
         .layer(BodyLimitLayer::new(route.max_body_bytes.get()))
+        .option_layer(circuit.map(CircuitBreakerLayer::with_circuit))
         .layer(AdmissionLayer::with_controller(admission).priority_header(priority_header))
         .layer(TimeoutLayer::new(route.timeout_ms.get()))
         .service(inner)
@@ -65,6 +76,34 @@ fn controller(route: &RouteConfig, registry: &Registry) -> Arc<Controller> {
     Controller::with_metrics(settings, metrics)
 }
 
+/// The route's circuit breaker, when configured.
+fn circuit(
+    route: &RouteConfig,
+    admission: &Arc<Controller>,
+    registry: &Registry,
+) -> Option<Arc<Circuit>> {
+    let config = route.circuit.as_ref()?;
+    let settings = CircuitSettings::from(config);
+    let name = route.display_name();
+    let probes = settings.half_open_max_probes as usize;
+    let mut circuit = Circuit::new(settings, FailurePolicy::from(config))
+        .with_metrics(name, CircuitMetrics::new(name, registry));
+    if let Some(f) = &config.fallback {
+        circuit = circuit.with_fallback(StaticAnswer {
+            // Validation checked both (status in 200..=599, a valid header value).
+            status: http::StatusCode::from_u16(f.status).unwrap_or(http::StatusCode::OK),
+            content_type: http::HeaderValue::from_str(&f.content_type)
+                .unwrap_or(http::HeaderValue::from_static("text/plain")),
+            body: bytes::Bytes::from(f.body.clone()),
+        });
+    }
+    if config.slow_start_ms > 0 {
+        let over = std::time::Duration::from_millis(config.slow_start_ms);
+        circuit = circuit.with_slow_start(SlowStart::new(admission.clone(), probes, over));
+    }
+    Some(Arc::new(circuit))
+}
+
 /// What the admin listener shows of a route.
 #[derive(Debug, Clone)]
 pub struct RouteInfo {
@@ -74,6 +113,8 @@ pub struct RouteInfo {
     pub stats: Arc<RouteStats>,
     /// Its admission state.
     pub admission: Arc<Controller>,
+    /// Its circuit breaker, when configured.
+    pub circuit: Option<Arc<Circuit>>,
 }
 
 /// The proxy built from a configuration, with handles on its live state.
@@ -98,16 +139,24 @@ pub fn build_with<S>(
     for route in &config.routes {
         let stats = Arc::new(RouteStats::new(route.display_name(), registry));
         let admission = controller(route, registry);
+        let circuit = circuit(route, &admission, registry);
         let inner = make_inner(route, &stats);
         entries.push(RouteEntry {
             path_prefix: route.path_prefix.as_str().to_string(),
             host: route.host.as_deref().map(normalize_host),
-            service: route_stack(route, stats.clone(), admission.clone(), inner),
+            service: route_stack(
+                route,
+                stats.clone(),
+                circuit.clone(),
+                admission.clone(),
+                inner,
+            ),
         });
         routes.push(RouteInfo {
             config: route.clone(),
             stats,
             admission,
+            circuit,
         });
     }
     let unmatched = Arc::new(Unmatched::new(registry.counter(UNMATCHED_TOTAL, &[])));

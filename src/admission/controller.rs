@@ -114,6 +114,8 @@ pub struct AdmissionSnapshot {
 
 struct State {
     inflight: usize,
+    /// The limit in force: `max_inflight`, or less while a slow start ramps up.
+    limit: usize,
     queue: WaitQueue<oneshot::Sender<Permit>>,
     rate: CompletionRate,
     next_id: u64,
@@ -159,6 +161,7 @@ impl Controller {
             settings,
             state: Mutex::new(State {
                 inflight: 0,
+                limit: settings.max_inflight,
                 queue: WaitQueue::default(),
                 rate: CompletionRate::new(),
                 next_id: 0,
@@ -197,7 +200,7 @@ impl Controller {
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = self.lock();
-            if state.queue.len() == 0 && state.inflight < self.settings.max_inflight {
+            if state.queue.len() == 0 && state.inflight < state.limit {
                 if state.inflight == 0 {
                     state.rate.resume(now);
                 }
@@ -285,7 +288,7 @@ impl Controller {
         let mut state = self.lock();
         state.rate.record(now);
         loop {
-            let next = if state.inflight > self.settings.max_inflight {
+            let next = if state.inflight > state.limit {
                 None
             } else {
                 state.queue.pop_next()
@@ -308,10 +311,47 @@ impl Controller {
         }
     }
 
+    /// Changes the limit in force (a slow start after the circuit closed; an
+    /// adaptive limit). Requests already in flight are never cut short: a lower
+    /// limit takes effect as they finish. A higher one admits waiters at once.
+    /// No effect on an unlimited controller.
+    pub fn set_limit(self: &Arc<Self>, limit: usize) {
+        if self.unlimited_inflight.is_some() {
+            return;
+        }
+        let limit = limit.max(1);
+        let mut state = self.lock();
+        if state.limit == limit {
+            return;
+        }
+        state.limit = limit;
+        self.metrics.limit.set(limit as f64);
+        while state.inflight < state.limit {
+            let Some((_, tx)) = state.queue.pop_next() else {
+                break;
+            };
+            state.inflight += 1;
+            if let Err(mut permit) = tx.send(Permit::new(self.clone())) {
+                // The waiter is gone; the slot stays free (the lock is held).
+                permit.armed = false;
+                state.inflight -= 1;
+            }
+        }
+        self.publish(&state);
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        match self.unlimited_inflight {
+            Some(_) => usize::MAX,
+            None => self.lock().limit,
+        }
+    }
+
     /// The live state.
     pub fn snapshot(&self) -> AdmissionSnapshot {
         let state = self.lock();
-        let limit = self.settings.max_inflight;
+        let limit = state.limit;
         let inflight = match &self.unlimited_inflight {
             Some(n) => n.load(Ordering::Relaxed),
             None => state.inflight,

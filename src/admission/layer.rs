@@ -92,6 +92,12 @@ impl<S> Layer<S> for AdmissionLayer {
     }
 }
 
+/// Response extension: how long the request waited for admission, so that outer
+/// layers can tell the upstream's time from the queue's (the circuit breaker's
+/// slow-call rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueWait(pub std::time::Duration);
+
 /// Service of [`AdmissionLayer`].
 #[derive(Debug, Clone)]
 pub struct Admission<S> {
@@ -124,8 +130,11 @@ where
         let controller = self.controller.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
+            let start = tokio::time::Instant::now();
             let permit = controller.acquire(priority).await?;
-            let res = inner.oneshot(req).await.map_err(Into::into)?;
+            let waited = QueueWait(start.elapsed());
+            let mut res = inner.oneshot(req).await.map_err(Into::into)?;
+            res.extensions_mut().insert(waited);
             Ok(res.map(|body| GuardedBody::new(body, permit)))
         })
     }

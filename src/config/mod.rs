@@ -6,6 +6,7 @@
 //! failure is a [`ConfigError`] that names the file, the key and the problem, so
 //! `sluicegate check-config` can answer like `nginx -t` does.
 
+mod circuit;
 mod error;
 mod values;
 
@@ -15,6 +16,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use circuit::{CircuitConfig, DEFAULT_MIN_CALLS, DEFAULT_WINDOW_MS, FallbackConfig};
 pub use error::ConfigError;
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
@@ -96,6 +98,9 @@ pub struct RouteConfig {
     /// Admission control (`[route.admission]`); absent: requests are only counted.
     #[serde(default)]
     pub admission: Option<AdmissionConfig>,
+    /// Circuit breaker (`[route.circuit]`); absent: off.
+    #[serde(default)]
+    pub circuit: Option<CircuitConfig>,
 }
 
 /// `[route.admission]`: how many requests may be at the upstream at once, and
@@ -197,6 +202,9 @@ impl Config {
                         a.retry_after_min_s, a.retry_after_max_s
                     ),
                 ));
+            }
+            if let Some(c) = &route.circuit {
+                c.validate(&format!("route[{i}].circuit"), route.admission.is_some())?;
             }
             if let Some(first) = places.insert((host, route.path_prefix.as_str()), i) {
                 return Err((

@@ -185,3 +185,70 @@ fn an_empty_admission_section_turns_admission_on_with_defaults() {
     assert_eq!((a.max_inflight.get(), a.queue_capacity), (16, 64));
     assert_eq!((a.retry_after_min_s, a.retry_after_max_s), (1, 60));
 }
+
+#[test]
+fn circuit_section_gets_defaults() {
+    let config = Config::parse("t.toml", &format!("{ROUTE}[route.circuit]\n")).unwrap();
+    let c = config.routes[0].circuit.as_ref().unwrap();
+    assert_eq!(c.failure_threshold.get(), 5);
+    assert_eq!(c.failure_statuses, [500, 502, 503, 504]);
+    assert_eq!(c.open_ms.get().as_millis(), 5000);
+    assert_eq!(c.success_threshold.get(), 3);
+    assert_eq!(c.min_half_open_ms, 1000);
+    assert!(config.routes[0].admission.is_none());
+}
+
+#[test]
+fn bad_circuit_values_name_their_key() {
+    let cases = [
+        (
+            "failure_rate_threshold = 150.0",
+            "failure_rate_threshold",
+            "percentage",
+        ),
+        (
+            "failure_rate_threshold = 0.0",
+            "failure_rate_threshold",
+            "percentage",
+        ),
+        (
+            "window_ms = 5000",
+            "window_ms",
+            "without failure_rate_threshold",
+        ),
+        (
+            "min_calls = 5",
+            "min_calls",
+            "without failure_rate_threshold",
+        ),
+        ("failure_statuses = []", "failure_statuses", "at least one"),
+        ("failure_statuses = [500, 700]", "failure_statuses", "700"),
+        (
+            "open_ms = 10000\nmax_open_ms = 5000",
+            "max_open_ms",
+            "below open_ms",
+        ),
+        ("slow_start_ms = 1000", "slow_start_ms", "[route.admission]"),
+        (
+            "success_threshold = 0",
+            "success_threshold",
+            "greater than 0",
+        ),
+        ("fallback = { status = 99 }", "fallback.status", "200..=599"),
+        (
+            "fallback = { status = 200, content_type = \"a\\nb\" }",
+            "fallback.content_type",
+            "header",
+        ),
+        ("failure_treshold = 3", "failure_treshold", "unknown"),
+    ];
+    for (line, key, problem) in cases {
+        let e = err(&format!("{ROUTE}[route.circuit]\n{line}\n"));
+        assert_eq!(
+            e.key(),
+            Some(format!("route[0].circuit.{key}").as_str()),
+            "{line}"
+        );
+        assert!(e.to_string().contains(problem), "{line}: {e}");
+    }
+}

@@ -66,7 +66,7 @@ pub struct Upstream {
 ///
 /// - `/hang`: never answers.
 /// - `/hold`: answers 200 once `release` is notified; each arrival is announced.
-/// - `/status/NNN`: answers NNN.
+/// - `/status/NNN`: answers NNN (`?retry_after=S` adds `Retry-After: S`).
 /// - anything else: streams the body through a checksum and answers 200 with a
 ///   JSON echo of method, path and query, headers, body length and checksum, and
 ///   hop-by-hop headers of its own (which the proxy must strip).
@@ -114,10 +114,15 @@ async fn handle(
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
-        return Ok(Response::builder()
-            .status(status)
-            .body(full("status"))
-            .unwrap());
+        let mut res = Response::builder().status(status);
+        if let Some(secs) = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("retry_after="))
+        {
+            res = res.header("retry-after", secs);
+        }
+        return Ok(res.body(full("status")).unwrap());
     }
     let method = req.method().to_string();
     let path_and_query = req.uri().path_and_query().map(|p| p.to_string());

@@ -1,0 +1,435 @@
+//! [`Breaker`]: the circuit breaker's state machine, with no I/O and no clock of
+//! its own (every method takes the instant), so that every transition can be
+//! tested in a table and replayed in a simulation.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::window::FailureWindow;
+use crate::config::{CircuitConfig, DEFAULT_MIN_CALLS, DEFAULT_WINDOW_MS};
+
+/// When to open, how long to stay open, what it takes to close.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitSettings {
+    /// Consecutive failures that open the circuit.
+    pub failure_threshold: u32,
+    /// Failure-rate rule, when set.
+    pub failure_rate: Option<FailureRate>,
+    /// First open duration.
+    pub open: Duration,
+    /// Cap of the doubling open duration and of an upstream's Retry-After.
+    pub max_open: Duration,
+    /// Probes at the upstream at once while half-open.
+    pub half_open_max_probes: u32,
+    /// Consecutive probe successes that close the circuit.
+    pub success_threshold: u32,
+    /// Shortest stay in half-open.
+    pub min_half_open: Duration,
+}
+
+/// Open when `threshold` (0..=1) of the calls over `window` failed, once at least
+/// `min_calls` calls were seen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureRate {
+    /// Share of failed calls, 0..=1.
+    pub threshold: f64,
+    /// The sliding window.
+    pub window: Duration,
+    /// Calls needed before the rate counts.
+    pub min_calls: u32,
+}
+
+impl Default for CircuitSettings {
+    /// The SPEC's defaults: 5 failures, 5 s open (up to 60 s), 1 probe, 3
+    /// successes, at least 1 s half-open.
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            failure_rate: None,
+            open: Duration::from_secs(5),
+            max_open: Duration::from_secs(60),
+            half_open_max_probes: 1,
+            success_threshold: 3,
+            min_half_open: Duration::from_secs(1),
+        }
+    }
+}
+
+fn count(limit: crate::config::Limit) -> u32 {
+    u32::try_from(limit.get()).unwrap_or(u32::MAX)
+}
+
+impl From<&CircuitConfig> for CircuitSettings {
+    fn from(c: &CircuitConfig) -> Self {
+        Self {
+            failure_threshold: count(c.failure_threshold),
+            failure_rate: c.failure_rate_threshold.map(|p| FailureRate {
+                threshold: p / 100.0,
+                window: c
+                    .window_ms
+                    .map_or(Duration::from_millis(DEFAULT_WINDOW_MS), |w| w.get()),
+                min_calls: c.min_calls.map_or(DEFAULT_MIN_CALLS as u32, count),
+            }),
+            open: c.open_ms.get(),
+            max_open: c.max_open_ms.get(),
+            half_open_max_probes: count(c.half_open_max_probes),
+            success_threshold: count(c.success_threshold),
+            min_half_open: Duration::from_millis(c.min_half_open_ms),
+        }
+    }
+}
+
+/// The state as metrics and `/status` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Traffic flows; failures are counted.
+    Closed,
+    /// Every request is refused at once.
+    Open,
+    /// A few probes go through; the rest are refused.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// The label used in metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+
+    /// The value of `sluicegate_circuit_state` (SPEC: 0 closed, 1 open, 2 half-open).
+    pub const fn gauge(self) -> f64 {
+        match self {
+            CircuitState::Closed => 0.0,
+            CircuitState::Open => 1.0,
+            CircuitState::HalfOpen => 2.0,
+        }
+    }
+
+    /// The transitions that exist, for pre-registering their counters.
+    pub const TRANSITIONS: [(CircuitState, CircuitState); 4] = [
+        (CircuitState::Closed, CircuitState::Open),
+        (CircuitState::Open, CircuitState::HalfOpen),
+        (CircuitState::HalfOpen, CircuitState::Open),
+        (CircuitState::HalfOpen, CircuitState::Closed),
+    ];
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a transition happened.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cause {
+    /// `n` failures in a row.
+    ConsecutiveFailures(u32),
+    /// `failures` of `calls` over the window.
+    FailureRate {
+        /// Failed calls in the window.
+        failures: u32,
+        /// All calls in the window.
+        calls: u32,
+    },
+    /// A half-open probe failed.
+    ProbeFailed,
+    /// The open duration ran out.
+    OpenElapsed,
+    /// `n` probes succeeded in a row (and the minimum half-open time passed).
+    ProbesSucceeded(u32),
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::ConsecutiveFailures(n) => write!(f, "{n} consecutive failures"),
+            Cause::FailureRate { failures, calls } => {
+                write!(f, "{failures} of {calls} calls failed in the window")
+            }
+            Cause::ProbeFailed => f.write_str("a half-open probe failed"),
+            Cause::OpenElapsed => f.write_str("open duration elapsed"),
+            Cause::ProbesSucceeded(n) => write!(f, "{n} consecutive probe successes"),
+        }
+    }
+}
+
+/// A change of state, for the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transition {
+    /// The state left.
+    pub from: CircuitState,
+    /// The state entered.
+    pub to: CircuitState,
+    /// Why.
+    pub cause: Cause,
+    /// For `to == Open`: how long it stays open.
+    pub open_for: Option<Duration>,
+}
+
+/// Permission to call the upstream, to be answered with [`Breaker::record`] or
+/// [`Breaker::cancel`]. Results of calls let through under an earlier state (the
+/// stragglers of a burst that opened the circuit) are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    generation: u64,
+    probe: bool,
+}
+
+impl Ticket {
+    /// Whether this call is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// It worked.
+    Success,
+    /// It failed; `retry_after` is the upstream's own backpressure hint, if any.
+    Failure {
+        /// The upstream's `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Closed {
+        failures: u32,
+        window: Option<FailureWindow>,
+    },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        probes: u32,
+        successes: u32,
+    },
+}
+
+/// The state machine: closed → open on failures; open → half-open when the open
+/// duration has passed; half-open → closed after `success_threshold` consecutive
+/// probe successes and `min_half_open`, → open again on any probe failure, with
+/// the open duration doubled (up to `max_open`).
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    settings: CircuitSettings,
+    inner: Inner,
+    /// Bumped on every transition; tickets of earlier generations are stale.
+    generation: u64,
+    /// The next open duration after a failed probe doubles it.
+    open_for: Duration,
+    since: Instant,
+    cause: Option<Cause>,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(settings: CircuitSettings, now: Instant) -> Self {
+        let open_for = settings.open;
+        Self {
+            inner: Self::closed(&settings, now),
+            settings,
+            generation: 0,
+            open_for,
+            since: now,
+            cause: None,
+        }
+    }
+
+    fn closed(settings: &CircuitSettings, now: Instant) -> Inner {
+        Inner::Closed {
+            failures: 0,
+            window: settings
+                .failure_rate
+                .map(|r| FailureWindow::new(r.window, now)),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &CircuitSettings {
+        &self.settings
+    }
+
+    /// The current state (an open circuit whose time is up still says open
+    /// until the next request makes it half-open).
+    pub fn state(&self) -> CircuitState {
+        match self.inner {
+            Inner::Closed { .. } => CircuitState::Closed,
+            Inner::Open { .. } => CircuitState::Open,
+            Inner::HalfOpen { .. } => CircuitState::HalfOpen,
+        }
+    }
+
+    /// When the current state began.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Why the last transition happened.
+    pub fn cause(&self) -> Option<Cause> {
+        self.cause
+    }
+
+    /// Consecutive failures while closed.
+    pub fn consecutive_failures(&self) -> u32 {
+        match self.inner {
+            Inner::Closed { failures, .. } => failures,
+            _ => 0,
+        }
+    }
+
+    /// Time left until an open circuit lets a probe through.
+    pub fn open_remaining(&self, now: Instant) -> Option<Duration> {
+        match self.inner {
+            Inner::Open { until } => Some(until.saturating_duration_since(now)),
+            _ => None,
+        }
+    }
+
+    fn enter(&mut self, to: Inner, cause: Cause, now: Instant) -> Transition {
+        let from = self.state();
+        self.inner = to;
+        self.generation += 1;
+        self.since = now;
+        self.cause = Some(cause);
+        Transition {
+            from,
+            to: self.state(),
+            cause,
+            open_for: self.open_remaining(now),
+        }
+    }
+
+    fn open(&mut self, cause: Cause, hint: Option<Duration>, now: Instant) -> Transition {
+        // An upstream that asked for a pause gets at least that, within the cap.
+        let hint = hint.unwrap_or_default().min(self.settings.max_open);
+        let until = now + self.open_for.max(hint);
+        self.enter(Inner::Open { until }, cause, now)
+    }
+
+    /// Asks to call the upstream. `Err` holds the time the client should wait:
+    /// until the half-open window while open, the rest of `min_half_open` when
+    /// every probe slot is taken.
+    pub fn try_acquire(&mut self, now: Instant) -> (Result<Ticket, Duration>, Option<Transition>) {
+        let mut transition = None;
+        if let Inner::Open { until } = self.inner {
+            if now < until {
+                return (Err(until - now), None);
+            }
+            let half_open = Inner::HalfOpen {
+                probes: 0,
+                successes: 0,
+            };
+            transition = Some(self.enter(half_open, Cause::OpenElapsed, now));
+        } else if let Some(closed) = self.close_if_due(now) {
+            // Probes succeeded before `min_half_open` was up; time has now come.
+            transition = Some(closed);
+        }
+        let generation = self.generation;
+        let result = match &mut self.inner {
+            Inner::Closed { .. } => Ok(Ticket {
+                generation,
+                probe: false,
+            }),
+            Inner::HalfOpen { probes, .. } if *probes < self.settings.half_open_max_probes => {
+                *probes += 1;
+                Ok(Ticket {
+                    generation,
+                    probe: true,
+                })
+            }
+            Inner::HalfOpen { .. } => {
+                let left = self.settings.min_half_open.saturating_sub(now - self.since);
+                Err(left)
+            }
+            Inner::Open { .. } => unreachable!("left above"),
+        };
+        (result, transition)
+    }
+
+    /// Records how a call ended.
+    pub fn record(
+        &mut self,
+        ticket: Ticket,
+        outcome: CallOutcome,
+        now: Instant,
+    ) -> Option<Transition> {
+        if ticket.generation != self.generation {
+            return None;
+        }
+        match (&mut self.inner, outcome) {
+            (Inner::Closed { failures, window }, outcome) => {
+                let failed = matches!(outcome, CallOutcome::Failure { .. });
+                *failures = if failed { *failures + 1 } else { 0 };
+                let consecutive = *failures;
+                let rate = window.as_mut().and_then(|w| {
+                    w.record(failed, now);
+                    let rule = self.settings.failure_rate?;
+                    let (f, c) = w.counts(now);
+                    (failed && c >= rule.min_calls && f64::from(f) >= rule.threshold * f64::from(c))
+                        .then_some(Cause::FailureRate {
+                            failures: f,
+                            calls: c,
+                        })
+                });
+                let CallOutcome::Failure { retry_after } = outcome else {
+                    return None;
+                };
+                if consecutive >= self.settings.failure_threshold {
+                    Some(self.open(Cause::ConsecutiveFailures(consecutive), retry_after, now))
+                } else {
+                    rate.map(|cause| self.open(cause, retry_after, now))
+                }
+            }
+            (Inner::HalfOpen { probes, successes }, CallOutcome::Success) => {
+                *probes = probes.saturating_sub(1);
+                *successes += 1;
+                self.close_if_due(now)
+            }
+            (Inner::HalfOpen { .. }, CallOutcome::Failure { retry_after }) => {
+                self.open_for = (self.open_for * 2).min(self.settings.max_open);
+                Some(self.open(Cause::ProbeFailed, retry_after, now))
+            }
+            (Inner::Open { .. }, _) => None,
+        }
+    }
+
+    /// Closes a half-open circuit whose probes have all succeeded once it has
+    /// been half-open long enough.
+    fn close_if_due(&mut self, now: Instant) -> Option<Transition> {
+        let Inner::HalfOpen { successes, .. } = self.inner else {
+            return None;
+        };
+        if successes < self.settings.success_threshold
+            || now - self.since < self.settings.min_half_open
+        {
+            return None;
+        }
+        self.open_for = self.settings.open;
+        let closed = Self::closed(&self.settings, now);
+        Some(self.enter(closed, Cause::ProbesSucceeded(successes), now))
+    }
+
+    /// A call that ended neither in success nor failure (the client went away,
+    /// or the proxy itself refused it further down): frees its probe slot.
+    pub fn cancel(&mut self, ticket: Ticket) {
+        if ticket.generation != self.generation || !ticket.probe {
+            return;
+        }
+        if let Inner::HalfOpen { probes, .. } = &mut self.inner {
+            *probes = probes.saturating_sub(1);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! [`FailurePolicy`]: which results of the services below count as failures.
+
+use std::time::Duration;
+
+use http::{HeaderMap, Response, StatusCode, header};
+
+use super::breaker::CallOutcome;
+use crate::admission::QueueWait;
+use crate::body::{BoxError, find_cause};
+use crate::body_limit::LengthLimitError;
+use crate::config::CircuitConfig;
+use crate::respond::{Reason, Rejection};
+
+/// Failure = connect error, timeout, a status in `statuses`, an upstream 429/503
+/// carrying `Retry-After` (explicit backpressure), or a call slower than
+/// `slow_call`. The proxy's own refusals further down (a full queue, a body too
+/// large) are neither success nor failure: they say nothing of the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailurePolicy {
+    /// Statuses that count as failures.
+    pub statuses: Vec<StatusCode>,
+    /// When set, a slower upstream call (queue wait excluded) is a failure.
+    pub slow_call: Option<Duration>,
+}
+
+impl Default for FailurePolicy {
+    /// 500, 502, 503 and 504; no slow-call rule.
+    fn default() -> Self {
+        Self {
+            statuses: [500, 502, 503, 504]
+                .into_iter()
+                .filter_map(|s| StatusCode::from_u16(s).ok())
+                .collect(),
+            slow_call: None,
+        }
+    }
+}
+
+impl From<&CircuitConfig> for FailurePolicy {
+    fn from(c: &CircuitConfig) -> Self {
+        Self {
+            // Validation kept them in 100..=599, which `from_u16` accepts.
+            statuses: c
+                .failure_statuses
+                .iter()
+                .filter_map(|s| StatusCode::from_u16(*s).ok())
+                .collect(),
+            slow_call: c.slow_call_ms.map(|m| m.get()),
+        }
+    }
+}
+
+impl FailurePolicy {
+    /// Classifies a response that took `elapsed` since the breaker let it through.
+    /// `None`: neither success nor failure.
+    pub fn classify<B>(&self, res: &Response<B>, elapsed: Duration) -> CallOutcome {
+        let status = res.status();
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                retry_after(res.headers())
+            }
+            _ => None,
+        };
+        if retry_after.is_some() || self.statuses.contains(&status) {
+            return CallOutcome::Failure { retry_after };
+        }
+        if let Some(slow) = self.slow_call {
+            let waited = res
+                .extensions()
+                .get::<QueueWait>()
+                .map_or(Duration::ZERO, |w| w.0);
+            if elapsed.saturating_sub(waited) > slow {
+                return CallOutcome::Failure { retry_after: None };
+            }
+        }
+        CallOutcome::Success
+    }
+
+    /// Classifies an error of the services below. `None`: neither.
+    pub fn classify_error(&self, err: &BoxError) -> Option<CallOutcome> {
+        let err: &(dyn std::error::Error + 'static) = err.as_ref();
+        if find_cause::<LengthLimitError>(err).is_some() {
+            return None; // the client's body, not the upstream
+        }
+        if let Some(rejection) = find_cause::<Rejection>(err) {
+            return match rejection.reason() {
+                Reason::UpstreamTimeout | Reason::UpstreamUnavailable => {
+                    Some(CallOutcome::Failure { retry_after: None })
+                }
+                _ => None, // the proxy's own refusal (queue full, ...)
+            };
+        }
+        // A timeout, a connect error, or any other failure of the service below.
+        Some(CallOutcome::Failure { retry_after: None })
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(status: u16, retry_after: Option<&str>) -> Response<()> {
+        let mut r = Response::builder().status(status);
+        if let Some(v) = retry_after {
+            r = r.header(header::RETRY_AFTER, v);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn statuses_and_backpressure() {
+        let p = FailurePolicy::default();
+        let fast = Duration::from_millis(1);
+        assert_eq!(p.classify(&res(200, None), fast), CallOutcome::Success);
+        assert_eq!(p.classify(&res(404, None), fast), CallOutcome::Success);
+        assert_eq!(p.classify(&res(429, None), fast), CallOutcome::Success);
+        assert_eq!(
+            p.classify(&res(500, None), fast),
+            CallOutcome::Failure { retry_after: None }
+        );
+        assert_eq!(
+            p.classify(&res(429, Some("7")), fast),
+            CallOutcome::Failure {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        let CallOutcome::Failure {
+            retry_after: Some(d),
+        } = p.classify(&res(503, Some(&date)), fast)
+        else {
+            panic!("503 with a date is a failure with a hint");
+        };
+        assert!(d > Duration::from_secs(28) && d <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn slow_calls_exclude_the_queue_wait() {
+        let p = FailurePolicy {
+            slow_call: Some(Duration::from_millis(100)),
+            ..FailurePolicy::default()
+        };
+        let mut r = res(200, None);
+        assert_eq!(
+            p.classify(&r, Duration::from_millis(150)),
+            CallOutcome::Failure { retry_after: None }
+        );
+        r.extensions_mut()
+            .insert(QueueWait(Duration::from_millis(80)));
+        assert_eq!(
+            p.classify(&r, Duration::from_millis(150)),
+            CallOutcome::Success
+        );
+    }
+
+    #[test]
+    fn own_refusals_are_neither() {
+        let p = FailurePolicy::default();
+        let full: BoxError = Rejection::new(Reason::QueueFull).into();
+        assert_eq!(p.classify_error(&full), None);
+        let down: BoxError = Rejection::new(Reason::UpstreamUnavailable).into();
+        assert!(p.classify_error(&down).is_some());
+        let elapsed: BoxError = tower::timeout::error::Elapsed::new().into();
+        assert!(p.classify_error(&elapsed).is_some());
+    }
+}

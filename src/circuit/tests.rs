@@ -1,0 +1,321 @@
+//! The state machine, table-driven, and the flapping simulation.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Ask to call; expect a normal call, a probe, or a refusal with this wait (ms).
+    Call,
+    Probe,
+    Refused(u64),
+    /// Answer the n-th ticket handed out.
+    Pass(usize),
+    Fail(usize),
+    /// A failure carrying the upstream's Retry-After (ms).
+    FailHint(usize, u64),
+    Cancel(usize),
+}
+use CircuitState::{Closed, HalfOpen, Open};
+use Step::*;
+
+fn settings() -> CircuitSettings {
+    CircuitSettings {
+        failure_threshold: 3,
+        failure_rate: None,
+        open: Duration::from_millis(5_000),
+        max_open: Duration::from_millis(30_000),
+        half_open_max_probes: 1,
+        success_threshold: 3,
+        min_half_open: Duration::from_millis(1_000),
+    }
+}
+
+/// Runs `(at ms, step, state after)` rows and checks each.
+fn run(name: &str, settings: CircuitSettings, rows: &[(u64, Step, CircuitState)]) {
+    let t0 = Instant::now();
+    let mut breaker = Breaker::new(settings, t0);
+    let mut tickets = Vec::new();
+    for (row, &(at, step, expect)) in rows.iter().enumerate() {
+        let now = t0 + Duration::from_millis(at);
+        let ctx = format!("{name}, row {row} ({step:?} at {at} ms)");
+        match step {
+            Call | Probe | Refused(_) => match (breaker.try_acquire(now).0, step) {
+                (Ok(t), Call) if !t.is_probe() => tickets.push(t),
+                (Ok(t), Probe) if t.is_probe() => tickets.push(t),
+                (Err(wait), Refused(ms)) => {
+                    assert_eq!(wait, Duration::from_millis(ms), "{ctx}: wait")
+                }
+                (got, _) => panic!("{ctx}: got {got:?}"),
+            },
+            Pass(i) => {
+                let _ = breaker.record(tickets[i], CallOutcome::Success, now);
+            }
+            Fail(i) => {
+                let _ = breaker.record(tickets[i], CallOutcome::Failure { retry_after: None }, now);
+            }
+            FailHint(i, ms) => {
+                let hint = Some(Duration::from_millis(ms));
+                {
+                    let _ =
+                        breaker.record(tickets[i], CallOutcome::Failure { retry_after: hint }, now);
+                }
+            }
+            Cancel(i) => breaker.cancel(tickets[i]),
+        }
+        assert_eq!(breaker.state(), expect, "{ctx}: state");
+    }
+}
+
+#[test]
+#[rustfmt::skip]
+fn closed_opens_on_consecutive_failures_only() {
+    run("consecutive", settings(), &[
+        (0, Call, Closed), (0, Fail(0), Closed),
+        (0, Call, Closed), (0, Fail(1), Closed),
+        (0, Call, Closed), (0, Pass(2), Closed), // a success resets the count
+        (0, Call, Closed), (0, Fail(3), Closed),
+        (0, Call, Closed), (0, Fail(4), Closed),
+        (0, Call, Closed), (0, Fail(5), Open),
+        (2_000, Refused(3_000), Open),
+        (4_999, Refused(1), Open),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn open_becomes_half_open_and_admits_only_the_probes() {
+    let two_probes = CircuitSettings { half_open_max_probes: 2, ..settings() };
+    run("half-open", two_probes, &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (5_000, Probe, HalfOpen),
+        (5_000, Probe, HalfOpen),
+        (5_200, Refused(800), HalfOpen), // both probe slots taken
+        (5_300, Cancel(3), HalfOpen),    // a cancelled probe frees its slot...
+        (5_300, Probe, HalfOpen),        // ...without counting either way
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn closes_after_consecutive_successes_and_min_half_open() {
+    run("close", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (5_000, Probe, HalfOpen), (5_010, Pass(3), HalfOpen),
+        (5_020, Probe, HalfOpen), (5_030, Pass(4), HalfOpen),
+        (5_040, Probe, HalfOpen), (5_050, Pass(5), HalfOpen), // 3 successes, only 50 ms in
+        (5_060, Probe, HalfOpen), (5_900, Pass(6), HalfOpen),
+        (6_000, Call, Closed), // min_half_open is up: the next request closes it
+        // The open duration was reset: failing again opens for 5 s, not 10.
+        (6_000, Call, Closed), (6_000, Call, Closed),
+        (6_000, Fail(7), Closed), (6_000, Fail(8), Closed), (6_000, Fail(9), Open),
+        (6_000, Refused(5_000), Open),
+    ]);
+    run("close on a success", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (5_000, Probe, HalfOpen), (5_400, Pass(3), HalfOpen),
+        (5_500, Probe, HalfOpen), (5_800, Pass(4), HalfOpen),
+        (5_900, Probe, HalfOpen), (6_100, Pass(5), Closed),
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn any_probe_failure_reopens_with_a_doubled_capped_duration() {
+    run("backoff", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (5_000, Probe, HalfOpen), (5_000, Pass(3), HalfOpen),
+        (5_000, Probe, HalfOpen), (5_000, Fail(4), Open), // successes do not protect
+        (14_999, Refused(1), Open),                      // 10 s
+        (15_000, Probe, HalfOpen), (15_000, Fail(5), Open),
+        (35_000, Probe, HalfOpen), (35_000, Fail(6), Open), // 20 s
+        (64_999, Refused(1), Open),                      // 40 s capped at 30 s
+        (65_000, Probe, HalfOpen), (65_000, Fail(7), Open),
+        (94_999, Refused(1), Open),                      // still 30 s
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn upstream_retry_after_keeps_it_open_longer_within_the_cap() {
+    run("hint", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, FailHint(2, 12_000), Open),
+        (1_000, Refused(11_000), Open),
+        (12_000, Probe, HalfOpen), (12_000, FailHint(3, 600_000), Open),
+        (12_000, Refused(30_000), Open), // capped at max_open
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn results_of_calls_from_an_earlier_state_are_ignored() {
+    run("stale", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (100, Fail(3), Open), (100, Pass(4), Open), // stragglers of the burst
+        (5_000, Probe, HalfOpen),
+        (5_001, Fail(3), HalfOpen), // a closed-era failure does not re-open it
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn failure_rate_over_the_window() {
+    let rate = CircuitSettings {
+        failure_threshold: 100,
+        failure_rate: Some(FailureRate {
+            threshold: 0.5,
+            window: Duration::from_secs(10),
+            min_calls: 4,
+        }),
+        ..settings()
+    };
+    run("rate", rate.clone(), &[
+        (0, Call, Closed), (0, Fail(0), Closed),
+        (0, Call, Closed), (0, Pass(1), Closed),
+        (0, Call, Closed), (0, Fail(2), Closed), // 2 of 3: below min_calls
+        (0, Call, Closed), (0, Pass(3), Closed),   // 2 of 4, but a success never opens
+        (0, Call, Closed), (0, Fail(4), Open),   // 3 of 5
+    ]);
+    run("rate, old calls forgotten", rate, &[
+        (0, Call, Closed), (0, Fail(0), Closed),
+        (0, Call, Closed), (0, Fail(1), Closed),
+        (11_000, Call, Closed), (11_000, Pass(2), Closed),
+        (11_000, Call, Closed), (11_000, Pass(3), Closed),
+        (11_000, Call, Closed), (11_000, Pass(4), Closed),
+        (11_000, Call, Closed), (11_000, Fail(5), Closed), // 1 of 4 in the window
+    ]);
+}
+
+/// An upstream that has "recovered" but cannot take the load: it answers a
+/// request that finds it rested (nothing received for `REST`), and fails every
+/// request that comes sooner after another.
+struct Struggling {
+    last: Option<Instant>,
+}
+
+const REST: Duration = Duration::from_millis(500);
+
+impl Struggling {
+    fn call(&mut self, now: Instant) -> CallOutcome {
+        let rested = self.last.is_none_or(|last| now - last >= REST);
+        self.last = Some(now);
+        if rested {
+            CallOutcome::Success
+        } else {
+            CallOutcome::Failure { retry_after: None }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Minute {
+    closes: u32,
+    opens: u32,
+    failed_calls: u32,
+}
+
+/// A simulated minute at 100 requests/s, each taking 5 ms at the upstream.
+fn simulate(settings: CircuitSettings) -> Minute {
+    let t0 = Instant::now();
+    let mut breaker = Breaker::new(settings, t0);
+    let mut upstream = Struggling { last: None };
+    let mut minute = Minute::default();
+    let count = |t: Option<Transition>, m: &mut Minute| match t.map(|t| t.to) {
+        Some(Closed) => m.closes += 1,
+        Some(Open) => m.opens += 1,
+        _ => {}
+    };
+    for i in 0..6_000u64 {
+        let now = t0 + Duration::from_millis(i * 10);
+        let (ticket, t) = breaker.try_acquire(now);
+        count(t, &mut minute);
+        let Ok(ticket) = ticket else { continue };
+        let outcome = upstream.call(now);
+        if outcome != CallOutcome::Success {
+            minute.failed_calls += 1;
+        }
+        let t = breaker.record(ticket, outcome, now + Duration::from_millis(5));
+        count(t, &mut minute);
+    }
+    minute
+}
+
+#[test]
+fn consecutive_successes_stop_the_flapping_a_single_success_causes() {
+    let spec = CircuitSettings {
+        failure_threshold: 5,
+        open: Duration::from_secs(5),
+        max_open: Duration::from_secs(60),
+        ..settings()
+    };
+    let single = CircuitSettings {
+        success_threshold: 1,
+        min_half_open: Duration::ZERO,
+        ..spec.clone()
+    };
+    let careful = simulate(spec);
+    let naive = simulate(single);
+    // Consecutive rule: the first probe succeeds, the second fails, the open
+    // duration doubles (5, 10, 20, 40 s): it never closes on the struggler.
+    assert_eq!(careful.closes, 0, "{careful:?}");
+    assert!(careful.opens <= 5, "{careful:?}");
+    // One success closes it, full load fails it, and the open duration resets
+    // each time: a cycle every ~5 s, each letting a burst of failures through.
+    assert!(naive.closes >= 10, "{naive:?}");
+    assert!(
+        naive.failed_calls >= 5 * careful.failed_calls,
+        "{naive:?} vs {careful:?}"
+    );
+    eprintln!("consecutive rule: {careful:?}; single success: {naive:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_the_client_abandons_frees_its_slot_and_counts_neither_way() {
+    use http::{Request, Response};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use crate::body::BoxError;
+
+    let layer = CircuitBreakerLayer::new(CircuitSettings {
+        failure_threshold: 1,
+        ..settings()
+    });
+    let circuit = layer.circuit().clone();
+    let failing = layer.layer(service_fn(|_: Request<()>| async {
+        Err::<Response<()>, BoxError>("connection refused".into())
+    }));
+    assert!(failing.oneshot(Request::new(())).await.is_err());
+    assert_eq!(circuit.state(), Open);
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let hanging = layer.layer(service_fn(|_: Request<()>| {
+        std::future::pending::<Result<Response<()>, BoxError>>()
+    }));
+    let abandoned = hanging.clone().oneshot(Request::new(()));
+    // The client gives up while the probe is at the upstream.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), abandoned)
+            .await
+            .is_err()
+    );
+    assert_eq!(circuit.state(), HalfOpen);
+    // Its slot is free again: the next request is a probe, not a refusal.
+    let next = hanging.oneshot(Request::new(()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), next)
+            .await
+            .is_err()
+    );
+    assert_eq!(circuit.state(), HalfOpen, "a cancelled probe is no failure");
+    assert_eq!(circuit.snapshot().state, HalfOpen);
+}

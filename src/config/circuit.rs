@@ -1,0 +1,177 @@
+//! `[route.circuit]`: when the circuit breaker opens, how long it stays open, and
+//! what it takes to close again (SPEC "Circuit breaker").
+
+use serde::Deserialize;
+
+use super::values::{Limit, Millis};
+
+/// `[route.circuit]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive failures that open the circuit.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: Limit,
+    /// Also open when this share of calls (percent, 0 < p ≤ 100) failed over
+    /// `window_ms`, once at least `min_calls` were seen. Absent: off.
+    #[serde(default)]
+    pub failure_rate_threshold: Option<f64>,
+    /// The failure-rate window.
+    #[serde(default)]
+    pub window_ms: Option<Millis>,
+    /// Calls in the window before the failure rate counts.
+    #[serde(default)]
+    pub min_calls: Option<Limit>,
+    /// Upstream statuses that count as failures.
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u16>,
+    /// When set, a call whose upstream took longer counts as a failure.
+    #[serde(default)]
+    pub slow_call_ms: Option<Millis>,
+    /// First open duration; doubles each time a half-open probe fails.
+    #[serde(default = "default_open")]
+    pub open_ms: Millis,
+    /// Cap of the growing open duration (and of an upstream's Retry-After).
+    #[serde(default = "default_max_open")]
+    pub max_open_ms: Millis,
+    /// Probes at the upstream at once while half-open.
+    #[serde(default = "default_probes")]
+    pub half_open_max_probes: Limit,
+    /// Consecutive probe successes that close the circuit.
+    #[serde(default = "default_success_threshold")]
+    pub success_threshold: Limit,
+    /// Shortest stay in half-open, whatever the successes.
+    #[serde(default = "default_min_half_open")]
+    pub min_half_open_ms: u64,
+    /// After closing, the admission limit ramps up over this long; 0 = off.
+    #[serde(default)]
+    pub slow_start_ms: u64,
+    /// A static answer served instead of the 503 while open.
+    #[serde(default)]
+    pub fallback: Option<FallbackConfig>,
+}
+
+/// `[route.circuit.fallback]`: for clients that cannot retry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// The status, 200..=599.
+    pub status: u16,
+    /// The body, sent as is.
+    #[serde(default)]
+    pub body: String,
+    /// Its `Content-Type`.
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+/// Window and minimum calls when `failure_rate_threshold` is set without them.
+pub const DEFAULT_WINDOW_MS: u64 = 10_000;
+/// See [`DEFAULT_WINDOW_MS`].
+pub const DEFAULT_MIN_CALLS: u64 = 20;
+
+const fn default_failure_threshold() -> Limit {
+    Limit::new(5)
+}
+fn default_failure_statuses() -> Vec<u16> {
+    vec![500, 502, 503, 504]
+}
+const fn default_open() -> Millis {
+    Millis::from_ms(5_000)
+}
+const fn default_max_open() -> Millis {
+    Millis::from_ms(60_000)
+}
+const fn default_probes() -> Limit {
+    Limit::new(1)
+}
+const fn default_success_threshold() -> Limit {
+    Limit::new(3)
+}
+const fn default_min_half_open() -> u64 {
+    1_000
+}
+fn default_content_type() -> String {
+    "application/json".into()
+}
+
+impl CircuitConfig {
+    /// Checks what spans several keys; `at` is the section's key path.
+    pub(super) fn validate(
+        &self,
+        at: &str,
+        has_static_admission: bool,
+    ) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("{at}.{k}");
+        if let Some(p) = self.failure_rate_threshold
+            && !(p > 0.0 && p <= 100.0)
+        {
+            return Err((
+                key("failure_rate_threshold"),
+                format!("must be a percentage above 0 and at most 100 (got {p})"),
+            ));
+        }
+        if self.failure_rate_threshold.is_none() {
+            for (name, set) in [
+                ("window_ms", self.window_ms.is_some()),
+                ("min_calls", self.min_calls.is_some()),
+            ] {
+                if set {
+                    return Err((
+                        key(name),
+                        "has no effect without failure_rate_threshold; set both or neither".into(),
+                    ));
+                }
+            }
+        }
+        if self.failure_statuses.is_empty() {
+            return Err((
+                key("failure_statuses"),
+                "must list at least one status (e.g. [500, 502, 503, 504])".into(),
+            ));
+        }
+        if let Some(s) = self
+            .failure_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            return Err((
+                key("failure_statuses"),
+                format!("{s} is not an HTTP status (100..=599)"),
+            ));
+        }
+        if self.max_open_ms.get() < self.open_ms.get() {
+            return Err((
+                key("max_open_ms"),
+                format!(
+                    "must not be below open_ms ({} < {})",
+                    self.max_open_ms.get().as_millis(),
+                    self.open_ms.get().as_millis()
+                ),
+            ));
+        }
+        if self.slow_start_ms > 0 && !has_static_admission {
+            return Err((
+                key("slow_start_ms"),
+                "ramps the admission limit, so the route needs [route.admission] with a \
+                 numeric max_inflight"
+                    .into(),
+            ));
+        }
+        if let Some(f) = &self.fallback {
+            if !(200..=599).contains(&f.status) {
+                return Err((
+                    key("fallback.status"),
+                    format!("{} is not a final HTTP status (200..=599)", f.status),
+                ));
+            }
+            if http::HeaderValue::from_str(&f.content_type).is_err() {
+                return Err((
+                    key("fallback.content_type"),
+                    format!("`{}` is not a valid header value", f.content_type),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
