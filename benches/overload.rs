@@ -8,9 +8,11 @@
 //! time. Writes a markdown table to stdout and `benches/results/overload.svg`.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
+
+mod common;
+use common::{bin, peak_rss_kb, spawn};
 
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
@@ -20,62 +22,12 @@ const SIM_PORT: u16 = 19100;
 const PROXY_PORT: u16 = 19101;
 const ADMIN_PORT: u16 = 19102;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluicegate").to_string()
-}
-
-fn spawn(cmd: &str, args: &[&str], port: u16) -> Proc {
-    let proc = Proc(
-        Command::new(cmd)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd}: {e}")),
-    );
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    for _ in 0..200 {
-        if TcpStream::connect(addr).is_ok() {
-            return proc;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{cmd} did not listen on {port}");
-}
-
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn sim_queue(port: u16) -> u64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return 0;
-    };
-    let _ = s.write_all(b"GET /_sim/stats HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split("\"queued\":")
-        .nth(1)
-        .and_then(|r| r.split([',', '}']).next())
-        .and_then(|n| n.trim().parse().ok())
+    common::http_get(port, "/_sim/stats")
+        .and_then(|body| {
+            let stats: serde_json::Value = serde_json::from_str(&body).ok()?;
+            stats["queued"].as_u64()
+        })
         .unwrap_or(0)
 }
 
