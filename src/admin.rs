@@ -117,9 +117,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
             if let (Some(route), Value::Object(live)) = (route.as_object_mut(), r.stats.snapshot())
             {
                 route.extend(live);
-                route.insert("admission".into(), json!(r.admission.snapshot()));
-                let circuit = r.circuit.as_ref().map(|c| c.snapshot());
+                let p = &r.protections;
+                route.insert("admission".into(), json!(p.admission.snapshot()));
+                let circuit = p.circuit.as_ref().map(|c| c.snapshot());
                 route.insert("circuit".into(), json!(circuit));
+                let rate_limit = p.rate_limit.as_ref().map(|l| l.snapshot());
+                route.insert("rate_limit".into(), json!(rate_limit));
             }
             route
         })

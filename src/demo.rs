@@ -122,7 +122,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
     config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.server.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let proxy = server::start(config).await?;
-    let controller = proxy.routes()[0].admission.clone();
+    let controller = proxy.routes()[0].protections.admission.clone();
     header(&format!(
         "2/2  through sluicegate (max_inflight 16, queue 64, queue timeout 200 ms; admin http://{})",
         proxy.admin_addr()

@@ -64,6 +64,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod observe;
 pub mod proxy;
+pub mod rate_limit;
 pub mod request_id;
 pub mod respond;
 pub mod route;

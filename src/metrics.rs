@@ -30,6 +30,13 @@ pub const QUEUE_WAIT: &str = "sluicegate_queue_wait_seconds";
 pub const CIRCUIT_STATE: &str = "sluicegate_circuit_state";
 /// `sluicegate_circuit_transitions_total{route,from,to}`: state changes.
 pub const CIRCUIT_TRANSITIONS: &str = "sluicegate_circuit_transitions_total";
+/// `sluicegate_rate_limited_total{route}`: requests refused with 429.
+pub const RATE_LIMITED_TOTAL: &str = "sluicegate_rate_limited_total";
+/// `sluicegate_rate_limit_keys{route}`: clients tracked by the rate limit.
+pub const RATE_LIMIT_KEYS: &str = "sluicegate_rate_limit_keys";
+/// `sluicegate_rate_limit_overflow_total{route}`: requests of clients beyond
+/// `max_keys`, limited together in the shared overflow bucket.
+pub const RATE_LIMIT_OVERFLOW_TOTAL: &str = "sluicegate_rate_limit_overflow_total";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";

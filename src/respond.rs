@@ -117,6 +117,7 @@ pub struct Rejection {
     retry_after_s: Option<u64>,
     cause: Option<BoxError>,
     fallback: Option<Arc<StaticAnswer>>,
+    headers: Option<Box<http::HeaderMap>>,
 }
 
 /// A fixed answer served instead of a rejection (a circuit's `fallback`), for
@@ -139,7 +140,17 @@ impl Rejection {
             retry_after_s: None,
             cause: None,
             fallback: None,
+            headers: None,
         }
+    }
+
+    /// Adds header fields to the response (the rate limit's `RateLimit`).
+    pub fn with_headers(mut self, headers: http::HeaderMap) -> Self {
+        match &mut self.headers {
+            Some(all) => all.extend(headers),
+            None => self.headers = Some(Box::new(headers)),
+        }
+        self
     }
 
     /// Answers with `answer` instead of the rejection's own response.
@@ -167,6 +178,14 @@ impl Rejection {
 
     /// The response the client gets.
     pub fn to_response(&self) -> Response<ProxyBody> {
+        let mut res = self.bare_response();
+        if let Some(extra) = &self.headers {
+            res.headers_mut().extend(extra.as_ref().clone());
+        }
+        res
+    }
+
+    fn bare_response(&self) -> Response<ProxyBody> {
         if let Some(answer) = &self.fallback {
             let mut res = Response::new(full(answer.body.clone()));
             *res.status_mut() = answer.status;

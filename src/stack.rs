@@ -2,10 +2,11 @@
 //!
 //! Outermost first: request id → route match → per route: observe (counts, access
 //! log) → rescue (errors become responses) → body limit → circuit breaker →
-//! admission (in-flight limit, queue) → upstream timeout → forward. The circuit
-//! sits before admission so that an open circuit never queues; the rate limit
-//! will go before the circuit, in the SPEC's order. Layer order is semantics:
-//! read the SPEC before moving one.
+//! admission (in-flight limit, queue) → upstream timeout → forward, with the
+//! per-client rate limit just before the circuit breaker (SPEC order). A client
+//! over its rate is refused before it can count as an upstream call, and an
+//! open circuit never queues. Layer order is semantics: read the SPEC before
+//! moving one.
 
 use std::sync::Arc;
 
@@ -28,13 +29,16 @@ use crate::config::{Config, RouteConfig, normalize_host};
 use crate::metrics::{Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
 use crate::proxy::Forward;
+use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter};
 use crate::request_id::SequentialIds;
 use crate::respond::{Rescue, RescueLayer, StaticAnswer};
 use crate::route::{Proxy, RouteEntry, RouteTable, Unmatched};
 
 /// One route's stack around an innermost service `S`.
-pub type RouteStack<S> =
-    Observe<Rescue<BodyLimit<Either<CircuitBreaker<Admitted<S>>, Admitted<S>>>>>;
+pub type RouteStack<S> = Observe<Rescue<BodyLimit<Either<RateLimit<Guarded<S>>, Guarded<S>>>>>;
+
+/// A route's stack from the circuit breaker down.
+pub type Guarded<S> = Either<CircuitBreaker<Admitted<S>>, Admitted<S>>;
 
 /// A route's stack from admission down.
 pub type Admitted<S> = Admission<Timeout<S>>;
@@ -46,8 +50,7 @@ pub type ProxyService = SetRequestId<PropagateRequestId<Proxy<RouteStack<Forward
 pub fn route_stack<S>(
     route: &RouteConfig,
     stats: Arc<RouteStats>,
-    circuit: Option<Arc<Circuit>>,
-    admission: Arc<Controller>,
+    protections: &Protections,
     inner: S,
 ) -> RouteStack<S> {
     let priority_header = route
@@ -59,8 +62,22 @@ pub fn route_stack<S>(
         .layer(ObserveLayer::new(stats.clone()))
         .layer(RescueLayer::new(stats.name().clone()))
         .layer(BodyLimitLayer::new(route.max_body_bytes.get()))
-        .option_layer(circuit.map(CircuitBreakerLayer::with_circuit))
-        .layer(AdmissionLayer::with_controller(admission).priority_header(priority_header))
+        .option_layer(
+            protections
+                .rate_limit
+                .clone()
+                .map(RateLimitLayer::with_limiter),
+        )
+        .option_layer(
+            protections
+                .circuit
+                .clone()
+                .map(CircuitBreakerLayer::with_circuit),
+        )
+        .layer(
+            AdmissionLayer::with_controller(protections.admission.clone())
+                .priority_header(priority_header),
+        )
         .layer(TimeoutLayer::new(route.timeout_ms.get()))
         .service(inner)
 }
@@ -104,6 +121,33 @@ fn circuit(
     Some(Arc::new(circuit))
 }
 
+/// A route's protections, shared between its stack and the admin listener.
+#[derive(Debug, Clone)]
+pub struct Protections {
+    /// Per-client rate limit, when configured.
+    pub rate_limit: Option<Arc<RateLimiter>>,
+    /// Circuit breaker, when configured.
+    pub circuit: Option<Arc<Circuit>>,
+    /// Admission (unlimited when not configured: it still measures in-flight).
+    pub admission: Arc<Controller>,
+}
+
+impl Protections {
+    /// The protections `route` configures, registered in `registry`.
+    pub fn new(route: &RouteConfig, registry: &Registry) -> Self {
+        let admission = controller(route, registry);
+        let rate_limit = route.rate_limit.as_ref().map(|config| {
+            let metrics = RateLimitMetrics::new(route.display_name(), registry);
+            Arc::new(RateLimiter::from_config(config, metrics))
+        });
+        Self {
+            rate_limit,
+            circuit: circuit(route, &admission, registry),
+            admission,
+        }
+    }
+}
+
 /// What the admin listener shows of a route.
 #[derive(Debug, Clone)]
 pub struct RouteInfo {
@@ -111,10 +155,8 @@ pub struct RouteInfo {
     pub config: RouteConfig,
     /// Its live counters.
     pub stats: Arc<RouteStats>,
-    /// Its admission state.
-    pub admission: Arc<Controller>,
-    /// Its circuit breaker, when configured.
-    pub circuit: Option<Arc<Circuit>>,
+    /// Its protections' live state.
+    pub protections: Protections,
 }
 
 /// The proxy built from a configuration, with handles on its live state.
@@ -138,25 +180,17 @@ pub fn build_with<S>(
     let mut entries = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
         let stats = Arc::new(RouteStats::new(route.display_name(), registry));
-        let admission = controller(route, registry);
-        let circuit = circuit(route, &admission, registry);
+        let protections = Protections::new(route, registry);
         let inner = make_inner(route, &stats);
         entries.push(RouteEntry {
             path_prefix: route.path_prefix.as_str().to_string(),
             host: route.host.as_deref().map(normalize_host),
-            service: route_stack(
-                route,
-                stats.clone(),
-                circuit.clone(),
-                admission.clone(),
-                inner,
-            ),
+            service: route_stack(route, stats.clone(), &protections, inner),
         });
         routes.push(RouteInfo {
             config: route.clone(),
             stats,
-            admission,
-            circuit,
+            protections,
         });
     }
     let unmatched = Arc::new(Unmatched::new(registry.counter(UNMATCHED_TOTAL, &[])));

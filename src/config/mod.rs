@@ -8,6 +8,7 @@
 
 mod circuit;
 mod error;
+mod rate_limit;
 mod values;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 
 pub use circuit::{CircuitConfig, DEFAULT_MIN_CALLS, DEFAULT_WINDOW_MS, FallbackConfig};
 pub use error::ConfigError;
+pub use rate_limit::{KeySource, RateLimitConfig, TierConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
 /// The configuration that sluicegate runs with when no `--config` is given.
@@ -101,6 +103,9 @@ pub struct RouteConfig {
     /// Circuit breaker (`[route.circuit]`); absent: off.
     #[serde(default)]
     pub circuit: Option<CircuitConfig>,
+    /// Per-client rate limit (`[route.rate_limit]`); absent: off.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// `[route.admission]`: how many requests may be at the upstream at once, and
@@ -202,6 +207,9 @@ impl Config {
                         a.retry_after_min_s, a.retry_after_max_s
                     ),
                 ));
+            }
+            if let Some(r) = &route.rate_limit {
+                r.validate(&format!("route[{i}].rate_limit"))?;
             }
             if let Some(c) = &route.circuit {
                 c.validate(&format!("route[{i}].circuit"), route.admission.is_some())?;

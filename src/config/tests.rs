@@ -252,3 +252,62 @@ fn bad_circuit_values_name_their_key() {
         assert!(e.to_string().contains(problem), "{line}: {e}");
     }
 }
+
+#[test]
+fn bad_rate_limit_values_name_their_key() {
+    let cases = [
+        ("per_second = 0", "per_second", "above 0"),
+        ("per_second = -1", "per_second", "above 0"),
+        ("per_second = 10\nkey = \"cookie\"", "key", "header:<name>"),
+        (
+            "per_second = 10\nkey = \"header:bad header\"",
+            "key",
+            "not a header name",
+        ),
+        ("per_second = 10\nburst = 0", "burst", "greater than 0"),
+        (
+            "per_second = 10\nmax_keys = 0",
+            "max_keys",
+            "greater than 0",
+        ),
+        (
+            "per_second = 10\ntrusted_proxies = [\"10.0.0.0/33\"]",
+            "trusted_proxies",
+            "CIDR",
+        ),
+        ("per_second = 10\nper_minute = 5", "per_minute", "unknown"),
+        (
+            "per_second = 10\n[[route.rate_limit.tier]]\nkeys = [\"nope\"]\nper_second = 5",
+            "tier[0].keys",
+            "not an IP address",
+        ),
+        (
+            "per_second = 10\nkey = \"header:x-k\"\n[[route.rate_limit.tier]]\nkeys = [\"a\"]\n\
+             per_second = 5\n[[route.rate_limit.tier]]\nkeys = [\"a\"]\nper_second = 50",
+            "tier[1].keys",
+            "already in tier[0]",
+        ),
+    ];
+    for (lines, key, problem) in cases {
+        let e = err(&format!("{ROUTE}[route.rate_limit]\n{lines}\n"));
+        assert_eq!(
+            e.key(),
+            Some(format!("route[0].rate_limit.{key}").as_str()),
+            "{lines}"
+        );
+        assert!(e.to_string().contains(problem), "{lines}: {e}");
+    }
+    let e = err(&format!("{ROUTE}[route.rate_limit]\nkey = \"ip\"\n"));
+    assert!(e.to_string().contains("per_second"), "{e}");
+}
+
+#[test]
+fn rate_limit_accepts_plain_addresses_as_trusted_proxies() {
+    let text = format!(
+        "{ROUTE}[route.rate_limit]\nper_second = 0.5\ntrusted_proxies = [\"10.0.0.1\", \"fd00::/8\"]\n"
+    );
+    let config = Config::parse("t.toml", &text).unwrap();
+    let r = config.routes[0].rate_limit.as_ref().unwrap();
+    assert_eq!(r.trusted_proxies[0].to_string(), "10.0.0.1/32");
+    assert_eq!(r.max_keys, 100_000);
+}

@@ -41,10 +41,18 @@ pub enum DrainReport {
     TimedOut,
 }
 
+/// How often rate limits forget clients whose bucket has refilled.
+const RATE_LIMIT_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Binds both listeners and starts serving.
 pub async fn start(config: Config) -> io::Result<Running> {
     let registry = Arc::new(Registry::new());
     let built = stack::build(&config, &registry);
+    for route in &built.routes {
+        if let Some(limiter) = &route.protections.rate_limit {
+            limiter.spawn_pruner(RATE_LIMIT_PRUNE_INTERVAL);
+        }
+    }
     let listener = bind(config.server.listen, "server.listen").await?;
     let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
     let proxy_addr = listener.local_addr()?;

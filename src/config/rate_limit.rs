@@ -1,0 +1,153 @@
+//! `[route.rate_limit]`: how fast each client may send (SPEC step 5).
+
+use serde::{Deserialize, Deserializer};
+
+/// `[route.rate_limit]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// What identifies a client: its address, or a request header.
+    #[serde(default, deserialize_with = "client_key")]
+    pub key: KeySource,
+    /// Sustained requests per second per client (fractions allowed: 0.5 = one
+    /// every 2 s).
+    pub per_second: f64,
+    /// Requests a client may send at once after being idle; default: one
+    /// second's worth (at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Load balancers whose `X-Forwarded-For` is believed (CIDRs). Without
+    /// them the socket address is the client, whatever the headers say.
+    #[serde(default, deserialize_with = "cidrs")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Most clients tracked at once; past it new clients share one bucket.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+    /// Per-key overrides (`[[route.rate_limit.tier]]`), for API-key plans.
+    #[serde(default, rename = "tier")]
+    pub tiers: Vec<TierConfig>,
+}
+
+/// `[[route.rate_limit.tier]]`: these keys get their own rate.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Name used in the `RateLimit-Policy` header; default `tier<N>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The keys (header values, or client addresses for `key = "ip"`).
+    pub keys: Vec<String>,
+    /// Their rate.
+    pub per_second: f64,
+    /// Their burst; default one second's worth.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Where a client's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KeySource {
+    /// The client address (see `trusted_proxies`).
+    #[default]
+    Ip,
+    /// A request header (an API key); requests without it fall back to the
+    /// client address.
+    Header(http::HeaderName),
+}
+
+fn client_key<'de, D: Deserializer<'de>>(de: D) -> Result<KeySource, D::Error> {
+    let s = String::deserialize(de)?;
+    if s == "ip" {
+        return Ok(KeySource::Ip);
+    }
+    let hint = "expected \"ip\" or \"header:<name>\", e.g. \"header:x-api-key\"";
+    let Some(name) = s.strip_prefix("header:") else {
+        return Err(serde::de::Error::custom(format!("`{s}`: {hint}")));
+    };
+    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+        .map(KeySource::Header)
+        .map_err(|_| serde::de::Error::custom(format!("`{name}` is not a header name; {hint}")))
+}
+
+/// CIDRs, or plain addresses (a single host).
+fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(de)?
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{s}` is not a CIDR or an IP address (e.g. \"10.0.0.0/8\", \"fd00::/8\")"
+                    ))
+                })
+        })
+        .collect()
+}
+
+const fn default_max_keys() -> usize {
+    100_000
+}
+
+/// Largest rate accepted: beyond a million per second per client, a limit
+/// means nothing.
+const MAX_RATE: f64 = 1_000_000.0;
+
+fn check_rate(key: String, rate: f64) -> Result<(), (String, String)> {
+    if !(rate.is_finite() && rate > 0.0 && rate <= MAX_RATE) {
+        return Err((
+            key,
+            format!("must be above 0 and at most {MAX_RATE} requests per second (got {rate})"),
+        ));
+    }
+    if 1.0 / rate > 86_400.0 {
+        return Err((key, format!("{rate} per second is less than one a day")));
+    }
+    Ok(())
+}
+
+fn check_burst(key: String, burst: Option<u32>) -> Result<(), (String, String)> {
+    match burst {
+        Some(0) => Err((key, "must be greater than 0 (got 0)".into())),
+        _ => Ok(()),
+    }
+}
+
+impl RateLimitConfig {
+    /// Checks what spans several keys; `at` is the section's key path.
+    pub(super) fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        check_rate(format!("{at}.per_second"), self.per_second)?;
+        check_burst(format!("{at}.burst"), self.burst)?;
+        if self.max_keys == 0 {
+            return Err((
+                format!("{at}.max_keys"),
+                "must be greater than 0 (got 0)".into(),
+            ));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (i, tier) in self.tiers.iter().enumerate() {
+            let at = format!("{at}.tier[{i}]");
+            check_rate(format!("{at}.per_second"), tier.per_second)?;
+            check_burst(format!("{at}.burst"), tier.burst)?;
+            if tier.keys.is_empty() {
+                return Err((format!("{at}.keys"), "must list at least one key".into()));
+            }
+            for key in &tier.keys {
+                if self.key == KeySource::Ip && key.parse::<std::net::IpAddr>().is_err() {
+                    return Err((
+                        format!("{at}.keys"),
+                        format!("`{key}` is not an IP address (the route's key is \"ip\")"),
+                    ));
+                }
+                if let Some(first) = seen.insert(key.as_str(), i) {
+                    return Err((
+                        format!("{at}.keys"),
+                        format!("`{key}` is already in tier[{first}]"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

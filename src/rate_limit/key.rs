@@ -1,0 +1,149 @@
+//! [`ClientKey`] and [`KeyExtractor`]: who a request counts against.
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, Ipv4Addr};
+
+use http::{HeaderMap, HeaderName, header::HeaderValue};
+
+use crate::config::KeySource;
+use crate::proxy::ClientAddr;
+
+/// Header values longer than this are kept as a 64-bit digest, so that a key
+/// costs the store a bounded number of bytes whatever clients send.
+const MAX_KEY_BYTES: usize = 64;
+
+/// What a client's requests are counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// A client address.
+    Ip(IpAddr),
+    /// A header value (an API key).
+    Value(Box<[u8]>),
+    /// A long header value, as a keyed digest.
+    Digest(u64),
+}
+
+impl ClientKey {
+    /// The key a tier lists (`keys = [...]`), as requests will produce it.
+    pub fn listed(source: &KeySource, text: &str, hasher: &RandomState) -> Self {
+        match (source, text.parse::<IpAddr>()) {
+            (KeySource::Ip, Ok(ip)) => ClientKey::Ip(ip),
+            _ => Self::value(text.as_bytes(), hasher),
+        }
+    }
+
+    fn value(bytes: &[u8], hasher: &RandomState) -> Self {
+        if bytes.len() <= MAX_KEY_BYTES {
+            ClientKey::Value(bytes.into())
+        } else {
+            ClientKey::Digest(hasher.hash_one(bytes))
+        }
+    }
+}
+
+/// Finds a request's client key: a header when configured and present, else
+/// the client address — the socket peer, or, when the peer is a trusted proxy,
+/// the right-most untrusted address of `X-Forwarded-For` (as nginx's
+/// `real_ip_recursive` does). An untrusted peer cannot choose its key by
+/// sending headers.
+#[derive(Debug, Clone)]
+pub struct KeyExtractor {
+    header: Option<HeaderName>,
+    trusted: Vec<ipnet::IpNet>,
+    hasher: RandomState,
+}
+
+impl KeyExtractor {
+    /// Keys from `source`, believing `X-Forwarded-For` from `trusted` peers.
+    pub fn new(source: &KeySource, trusted: Vec<ipnet::IpNet>) -> Self {
+        Self {
+            header: match source {
+                KeySource::Ip => None,
+                KeySource::Header(name) => Some(name.clone()),
+            },
+            trusted,
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The hasher for long keys (tiers must hash their keys the same way).
+    pub fn hasher(&self) -> &RandomState {
+        &self.hasher
+    }
+
+    /// The key of a request with these headers and extensions.
+    pub fn key(&self, headers: &HeaderMap, extensions: &http::Extensions) -> ClientKey {
+        if let Some(value) = self
+            .header
+            .as_ref()
+            .and_then(|name| headers.get(name))
+            .filter(|v| !v.is_empty())
+        {
+            return ClientKey::value(value.as_bytes(), &self.hasher);
+        }
+        // Without a peer address (a service not behind our listener) every
+        // request shares one key.
+        let peer = extensions
+            .get::<ClientAddr>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        ClientKey::Ip(self.client_ip(
+            peer,
+            headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")),
+        ))
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    fn client_ip<'a>(
+        &self,
+        peer: IpAddr,
+        forwarded: http::header::GetAll<'a, HeaderValue>,
+    ) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return canonical(peer);
+        }
+        let mut client = canonical(peer);
+        // Right to left over every X-Forwarded-For line and entry.
+        let lines: Vec<&HeaderValue> = forwarded.iter().collect();
+        for line in lines.into_iter().rev() {
+            let Ok(line) = line.to_str() else {
+                return client;
+            };
+            for entry in line.rsplit(',') {
+                let Some(ip) = parse_entry(entry.trim()) else {
+                    // Garbage from a trusted hop: go no further than what we trust.
+                    return client;
+                };
+                client = ip;
+                if !self.is_trusted(ip) {
+                    return ip;
+                }
+            }
+        }
+        client
+    }
+}
+
+/// An address as `X-Forwarded-For` carries it: `1.2.3.4`, `1.2.3.4:5678`,
+/// `2001:db8::1` or `[2001:db8::1]:5678`.
+fn parse_entry(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    entry
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|s| canonical(s.ip()))
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`, from dual-stack sockets) are
+/// the IPv4 client they carry.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,148 @@
+//! [`RateLimitLayer`] and its service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderName, Request, Response};
+use tower::{Layer, Service, ServiceExt};
+
+use super::limiter::{RateLimiter, Verdict};
+use crate::body::BoxError;
+use crate::respond::{Reason, Rejection};
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Per-client rate limiting for any `Service<http::Request<B>>`.
+///
+/// Over the limit a request is refused at once with a `rate_limited`
+/// [`Rejection`] error (`429` + `Retry-After` once a
+/// [`RescueLayer`](crate::respond::RescueLayer) above turns it into a
+/// response); every response, admitted or refused, carries the `RateLimit-Policy`
+/// and `RateLimit` fields so that clients can pace themselves.
+///
+/// ```
+/// use http::{Request, Response, StatusCode};
+/// use sluicegate::body::{BoxError, full};
+/// use sluicegate::rate_limit::{Rate, RateLimitLayer, RateLimiter};
+/// use sluicegate::respond::RescueLayer;
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let limiter = RateLimiter::new(Rate { per_second: 10.0, burst: Some(2) }, 100_000);
+/// let app = ServiceBuilder::new()
+///     .layer(RescueLayer::new("ingest")) // refusals -> 429 + Retry-After + JSON
+///     .layer(RateLimitLayer::new(limiter))
+///     .service_fn(|_req: Request<String>| async {
+///         Ok::<_, BoxError>(Response::new(full("stored")))
+///     });
+///
+/// for _ in 0..2 {
+///     let res = app.clone().oneshot(Request::new(String::new())).await.unwrap();
+///     assert_eq!(res.status(), StatusCode::OK);
+///     assert!(res.headers().contains_key("ratelimit"));
+/// }
+/// let res = app.oneshot(Request::new(String::new())).await.unwrap();
+/// assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+/// assert_eq!(res.headers()["retry-after"], "1");
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<RateLimiter>,
+}
+
+impl RateLimitLayer {
+    /// A layer over `limiter`.
+    pub fn new(limiter: RateLimiter) -> Self {
+        Self::with_limiter(Arc::new(limiter))
+    }
+
+    /// A layer over a shared limiter.
+    pub fn with_limiter(limiter: Arc<RateLimiter>) -> Self {
+        Self { limiter }
+    }
+
+    /// The limiter, for its live state and pruning.
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+/// Service of [`RateLimitLayer`].
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<RateLimiter>,
+}
+
+fn fields(verdict: &Verdict) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(2);
+    headers.insert(RATELIMIT_POLICY, verdict.policy.clone());
+    headers.insert(RATELIMIT, verdict.state.clone());
+    headers
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = BoxError;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Decided per request: the key is in the request.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let key = self
+            .limiter
+            .extractor()
+            .key(req.headers(), req.extensions());
+        let verdict = self.limiter.check(&key);
+        if let Some(secs) = verdict.retry_after_s {
+            let refusal = Rejection::new(Reason::RateLimited)
+                .with_retry_after(secs)
+                .with_headers(fields(&verdict));
+            return Box::pin(std::future::ready(Err(refusal.into())));
+        }
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.oneshot(req).await.map_err(Into::into) {
+                Ok(mut res) => {
+                    res.headers_mut().extend(fields(&verdict));
+                    Ok(res)
+                }
+                // A refusal further down (a full queue, an open circuit) still
+                // tells the client where it stands with its rate.
+                Err(err) => match err.downcast::<Rejection>() {
+                    Ok(rejection) => Err(rejection.with_headers(fields(&verdict)).into()),
+                    Err(err) => Err(err),
+                },
+            }
+        })
+    }
+}

@@ -1,0 +1,299 @@
+//! [`RateLimiter`]: one route's per-client GCRA buckets (governor), their
+//! tiers, and the `RateLimit` header fields that tell clients where they stand.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::{Quota, RateLimiter as Governor};
+use http::HeaderValue;
+use metrics::{Counter, Gauge};
+use serde::Serialize;
+
+use super::key::{ClientKey, KeyExtractor};
+use super::store::CappedStore;
+use crate::config::{KeySource, RateLimitConfig};
+use crate::metrics::{RATE_LIMIT_KEYS, RATE_LIMIT_OVERFLOW_TOTAL, RATE_LIMITED_TOTAL, Registry};
+
+/// governor's clock, read from tokio's, so that rate limits run on the paused
+/// clock in tests like every other timer of the proxy.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    origin: tokio::time::Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+type Keyed = Governor<ClientKey, CappedStore<ClientKey>, TokioClock, StateInformationMiddleware>;
+
+/// A rate: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Requests per second (fractions allowed).
+    pub per_second: f64,
+    /// Requests at once after an idle spell; `None`: one second's worth.
+    pub burst: Option<u32>,
+}
+
+impl Rate {
+    fn burst(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+            .max(1)
+    }
+
+    fn quota(&self) -> Quota {
+        let period = Duration::from_secs_f64(1.0 / self.per_second).max(Duration::from_nanos(1));
+        let burst = NonZeroU32::new(self.burst()).unwrap_or(NonZeroU32::MIN);
+        // `with_period` refuses only a zero period, ruled out just above.
+        Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst)
+    }
+}
+
+/// One policy: a rate, its buckets, and its `RateLimit-Policy` field.
+#[derive(Debug)]
+struct Bucket {
+    name: String,
+    rate: Rate,
+    governor: Keyed,
+    policy: HeaderValue,
+}
+
+impl Bucket {
+    fn new(name: String, rate: Rate, max_keys: usize, overflowed: Counter, keys: Gauge) -> Self {
+        let burst = rate.burst();
+        let window = (f64::from(burst) / rate.per_second).ceil().max(1.0) as u64;
+        // Validated names are plain; quote what a client would need escaped.
+        let quoted = name.replace(['"', '\\'], "");
+        let policy = HeaderValue::from_str(&format!("\"{quoted}\";q={burst};w={window}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"default\""));
+        let store = CappedStore::new(max_keys, overflowed, keys);
+        let governor: Keyed = Governor::new(rate.quota(), store, TokioClock::default());
+        Self {
+            name: quoted,
+            rate,
+            governor,
+            policy,
+        }
+    }
+
+    /// Seconds until `remaining` (of the burst) is back to the full burst.
+    fn reset_after(&self, remaining: u32) -> u64 {
+        let missing = f64::from(self.rate.burst().saturating_sub(remaining));
+        (missing / self.rate.per_second).ceil() as u64
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// `None`: allowed. `Some(s)`: refused; come back in `s` seconds.
+    pub retry_after_s: Option<u64>,
+    /// `RateLimit-Policy` field value.
+    pub policy: HeaderValue,
+    /// `RateLimit` field value.
+    pub state: HeaderValue,
+}
+
+/// Prometheus handles of one route's rate limit.
+#[derive(Debug, Clone)]
+pub struct RateLimitMetrics {
+    limited: Counter,
+    keys: Gauge,
+    overflowed: Counter,
+}
+
+impl RateLimitMetrics {
+    /// Registers the route's rate-limit metrics.
+    pub fn new(route: &str, registry: &Registry) -> Self {
+        let r = [("route", route)];
+        Self {
+            limited: registry.counter(RATE_LIMITED_TOTAL, &r),
+            keys: registry.gauge(RATE_LIMIT_KEYS, &r),
+            overflowed: registry.counter(RATE_LIMIT_OVERFLOW_TOTAL, &r),
+        }
+    }
+
+    fn noop() -> Self {
+        Self {
+            limited: Counter::noop(),
+            keys: Gauge::noop(),
+            overflowed: Counter::noop(),
+        }
+    }
+}
+
+/// What `/status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RateLimitSnapshot {
+    /// Clients tracked by the default policy.
+    pub keys: usize,
+    /// The cap.
+    pub max_keys: usize,
+    /// Default rate.
+    pub per_second: f64,
+    /// Default burst.
+    pub burst: u32,
+}
+
+/// Per-client rate limiting for one route.
+#[derive(Debug)]
+pub struct RateLimiter {
+    extractor: KeyExtractor,
+    default: Bucket,
+    tiers: Vec<Bucket>,
+    tier_of: HashMap<ClientKey, usize>,
+    max_keys: usize,
+    metrics: RateLimitMetrics,
+}
+
+impl RateLimiter {
+    /// A limiter of `rate` per client address, at most `max_keys` clients
+    /// tracked, no metrics (for embedding; see [`RateLimiter::from_config`]).
+    pub fn new(rate: Rate, max_keys: usize) -> Self {
+        let extractor = KeyExtractor::new(&KeySource::Ip, Vec::new());
+        Self::build(extractor, rate, max_keys, RateLimitMetrics::noop())
+    }
+
+    fn build(
+        extractor: KeyExtractor,
+        rate: Rate,
+        max_keys: usize,
+        metrics: RateLimitMetrics,
+    ) -> Self {
+        let default = Bucket::new(
+            "default".into(),
+            rate,
+            max_keys,
+            metrics.overflowed.clone(),
+            metrics.keys.clone(),
+        );
+        Self {
+            extractor,
+            default,
+            tiers: Vec::new(),
+            tier_of: HashMap::new(),
+            max_keys,
+            metrics,
+        }
+    }
+
+    /// The limiter a `[route.rate_limit]` section describes.
+    pub fn from_config(config: &RateLimitConfig, metrics: RateLimitMetrics) -> Self {
+        let extractor = KeyExtractor::new(&config.key, config.trusted_proxies.clone());
+        let rate = Rate {
+            per_second: config.per_second,
+            burst: config.burst,
+        };
+        let mut limiter = Self::build(extractor, rate, config.max_keys, metrics);
+        for (i, tier) in config.tiers.iter().enumerate() {
+            let name = tier.name.clone().unwrap_or_else(|| format!("tier{i}"));
+            let rate = Rate {
+                per_second: tier.per_second,
+                burst: tier.burst,
+            };
+            // A tier holds only its listed keys: its store never overflows.
+            let bucket = Bucket::new(name, rate, tier.keys.len(), Counter::noop(), Gauge::noop());
+            for key in &tier.keys {
+                let key = ClientKey::listed(&config.key, key, limiter.extractor.hasher());
+                limiter.tier_of.insert(key, limiter.tiers.len());
+            }
+            limiter.tiers.push(bucket);
+        }
+        limiter
+    }
+
+    /// The key extractor.
+    pub fn extractor(&self) -> &KeyExtractor {
+        &self.extractor
+    }
+
+    /// Counts one request of `key` and says whether it may go on.
+    pub fn check(&self, key: &ClientKey) -> Verdict {
+        let bucket = self
+            .tier_of
+            .get(key)
+            .map_or(&self.default, |&i| &self.tiers[i]);
+        let (retry_after_s, remaining) = match bucket.governor.check_key(key) {
+            Ok(snapshot) => (None, snapshot.remaining_burst_capacity()),
+            Err(not_until) => {
+                self.metrics.limited.increment(1);
+                let wait = not_until.wait_time_from(bucket.governor.clock().now());
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                (Some(secs), 0)
+            }
+        };
+        let reset = match retry_after_s {
+            // Until a token is back, then the rest of the burst.
+            Some(s) => s + bucket.reset_after(1),
+            None => bucket.reset_after(remaining),
+        };
+        let state = format!("\"{}\";r={remaining};t={reset}", bucket.name);
+        Verdict {
+            retry_after_s,
+            policy: bucket.policy.clone(),
+            state: HeaderValue::from_str(&state).unwrap_or_else(|_| HeaderValue::from_static("")),
+        }
+    }
+
+    /// Forgets clients whose bucket has refilled (forgetting them changes
+    /// nothing). Run it on a timer: [`RateLimiter::spawn_pruner`].
+    pub fn prune(&self) {
+        self.default.governor.retain_recent();
+        self.default.governor.shrink_to_fit();
+        for tier in &self.tiers {
+            tier.governor.retain_recent();
+        }
+    }
+
+    /// Prunes every `interval` on the current tokio runtime, until the
+    /// limiter is dropped.
+    pub fn spawn_pruner(self: &Arc<Self>, interval: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(limiter) = weak.upgrade() else {
+                    return;
+                };
+                limiter.prune();
+            }
+        });
+    }
+
+    /// Clients tracked by the default policy.
+    pub fn keys(&self) -> usize {
+        self.default.governor.len()
+    }
+
+    /// The live state.
+    pub fn snapshot(&self) -> RateLimitSnapshot {
+        RateLimitSnapshot {
+            keys: self.keys(),
+            max_keys: self.max_keys,
+            per_second: self.default.rate.per_second,
+            burst: self.default.rate.burst(),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Per-client rate limiting: a GCRA token bucket per client (the `governor`
+//! crate), keyed by client address or by a header (an API key), with optional
+//! per-key tiers, `429` + `Retry-After`, and the IETF `RateLimit` fields on
+//! every response.
+//!
+//! Memory is bounded: at most `max_keys` clients are tracked (past that, new
+//! ones share one overflow bucket), and clients whose bucket has refilled are
+//! forgotten on a timer.
+
+mod key;
+mod layer;
+mod limiter;
+mod store;
+
+pub use key::{ClientKey, KeyExtractor};
+pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
+pub use limiter::{Rate, RateLimitMetrics, RateLimitSnapshot, RateLimiter, TokioClock, Verdict};
+pub use store::CappedStore;
+
+#[cfg(test)]
+mod tests;
