@@ -133,7 +133,9 @@ where
         Box::pin(async move {
             match inner.oneshot(req).await.map_err(Into::into) {
                 Ok(mut res) => {
-                    res.headers_mut().extend(fields(&verdict));
+                    let headers = res.headers_mut();
+                    headers.insert(RATELIMIT_POLICY, verdict.policy);
+                    headers.insert(RATELIMIT, verdict.state);
                     Ok(res)
                 }
                 // A refusal further down (a full queue, an open circuit) still

@@ -1,0 +1,159 @@
+//! Proxy memory after a million distinct clients (issue 5): the release proxy
+//! with a rate limit keyed by `x-api-key` in front of the upstream simulator;
+//! one million requests, each with a new key, from 64 concurrent keep-alive
+//! connections on 127.0.0.1. Run once with the default `max_keys = 100000` and,
+//! as the baseline in the same run, with the cap above the key count (every key
+//! kept). Reports the proxy's RSS before, along the way and at the end.
+//!
+//! Run with `bash benches/rate_limit.sh` (or `cargo bench --bench keys_rss`
+//! after `cargo build --release`); KEYS=200000 shortens it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+mod common;
+use common::{bin, http_get, spawn};
+
+const SIM_PORT: u16 = 19120;
+const PROXY_PORT: u16 = 19121;
+const ADMIN_PORT: u16 = 19122;
+const CONNECTIONS: usize = 64;
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn keys_tracked() -> u64 {
+    http_get(ADMIN_PORT, "/status")
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["routes"][0]["rate_limit"]["keys"].as_u64())
+        .unwrap_or(0)
+}
+
+fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, keys: usize, max_keys: usize) {
+    let path = dir.join(format!("cap{max_keys}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
+             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
+             [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 10\nmax_keys = {max_keys}\n"
+        ),
+    )
+    .unwrap();
+    let sim = spawn(
+        &bin(),
+        &[
+            "sim",
+            "--listen",
+            &format!("127.0.0.1:{SIM_PORT}"),
+            "--workers",
+            "256",
+            "--service-ms",
+            "0",
+        ],
+        SIM_PORT,
+    );
+    let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
+    let pid = proxy.0.id();
+    let start_rss = rss_kb(pid, "VmRSS:");
+    let next = Arc::new(AtomicUsize::new(0));
+    let began = Instant::now();
+    let mut marks = Vec::new();
+    rt.block_on(async {
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(CONNECTIONS)
+            .build_http();
+        let workers: Vec<_> = (0..CONNECTIONS)
+            .map(|_| {
+                let (client, next) = (client.clone(), next.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= keys {
+                            return;
+                        }
+                        let req = Request::get(format!("http://127.0.0.1:{PROXY_PORT}/ingest"))
+                            .header("x-api-key", format!("client-{i:08}"))
+                            .body(Empty::new())
+                            .unwrap();
+                        if let Ok(res) = client.request(req).await {
+                            let _ = res.into_body().collect().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut mark = keys / 10;
+        while next.load(Ordering::Relaxed) < keys {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if next.load(Ordering::Relaxed) >= mark {
+                marks.push((mark, rss_kb(pid, "VmRSS:"), keys_tracked()));
+                mark += keys / 10;
+            }
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+    });
+    let secs = began.elapsed().as_secs_f64();
+    let end_rss = rss_kb(pid, "VmRSS:");
+    let peak = rss_kb(pid, "VmHWM:");
+    let tracked = keys_tracked();
+    println!(
+        "| {max_keys} | {keys} | {:.0} s | {:.1} | {:.1} | {:.1} | {tracked} |",
+        secs,
+        start_rss as f64 / 1024.0,
+        end_rss as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    for (n, rss, tracked) in marks {
+        eprintln!(
+            "  max_keys {max_keys}: after {n} keys RSS {:.1} MB, {tracked} tracked",
+            rss as f64 / 1024.0
+        );
+    }
+    drop(proxy);
+    drop(sim);
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let keys: usize = std::env::var("KEYS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = std::env::temp_dir().join(format!("sluicegate-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "\n{} cores; {keys} requests, each with a new x-api-key, {CONNECTIONS} connections\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| max_keys | distinct keys sent | time | RSS before MB | RSS after MB | peak RSS MB | keys tracked at the end |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    run(&rt, &dir, keys, 100_000);
+    run(&rt, &dir, keys, keys + 1);
+}
