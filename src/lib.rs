@@ -53,6 +53,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod adaptive;
 pub mod admin;
 pub mod admission;
 pub mod body;

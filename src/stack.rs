@@ -90,7 +90,10 @@ fn controller(route: &RouteConfig, registry: &Registry) -> Arc<Controller> {
         .as_ref()
         .map_or(AdmissionSettings::UNLIMITED, AdmissionSettings::from);
     let metrics = AdmissionMetrics::new(route.display_name(), registry);
-    Controller::with_metrics(settings, metrics)
+    match route.admission.as_ref().and_then(|a| a.adaptive_settings()) {
+        Some(adaptive) => Controller::adaptive(settings, adaptive, metrics),
+        None => Controller::with_metrics(settings, metrics),
+    }
 }
 
 /// The route's circuit breaker, when configured.

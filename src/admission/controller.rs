@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use super::queue::{Priority, WaitQueue};
 use super::retry_after::{CompletionRate, jitter, retry_after_secs};
-use crate::config::AdmissionConfig;
+use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
+use crate::config::{AdmissionConfig, MaxInflight};
 use crate::metrics::{CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_WAIT, Registry, SHED_TOTAL};
 use crate::respond::{Reason, Rejection};
 
@@ -44,7 +45,13 @@ impl AdmissionSettings {
 impl From<&AdmissionConfig> for AdmissionSettings {
     fn from(c: &AdmissionConfig) -> Self {
         Self {
-            max_inflight: c.max_inflight.as_usize(),
+            // Adaptive: the algorithm moves the limit below its upper bound.
+            max_inflight: match c.max_inflight {
+                MaxInflight::Fixed(limit) => limit.as_usize(),
+                MaxInflight::Adaptive => {
+                    c.adaptive_settings().map_or(usize::MAX, |a| a.bounds().max)
+                }
+            },
             queue_capacity: c.queue_capacity,
             queue_timeout: c.queue_timeout_ms.get(),
             retry_after_min_s: c.retry_after_min_s,
@@ -94,7 +101,7 @@ impl AdmissionMetrics {
 }
 
 /// The live state, as `/status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdmissionSnapshot {
     /// Requests admitted and not finished (response body included).
     pub inflight: usize,
@@ -110,6 +117,8 @@ pub struct AdmissionSnapshot {
     pub shed_queue_full: u64,
     /// Requests shed after waiting `queue_timeout`.
     pub shed_queue_timeout: u64,
+    /// The adaptive limit's algorithm, when `max_inflight = "adaptive"`.
+    pub adaptive: Option<AlgorithmSnapshot>,
 }
 
 struct State {
@@ -119,6 +128,8 @@ struct State {
     queue: WaitQueue<oneshot::Sender<Permit>>,
     rate: CompletionRate,
     next_id: u64,
+    /// Moves `limit` from the samples of answered requests (adaptive mode).
+    algorithm: Option<Box<dyn LimitAlgorithm>>,
 }
 
 /// One route's admission: at most `max_inflight` requests hold a [`Permit`];
@@ -152,8 +163,34 @@ impl Controller {
 
     /// A controller that exports to `metrics`.
     pub fn with_metrics(settings: AdmissionSettings, metrics: AdmissionMetrics) -> Arc<Self> {
-        if settings.max_inflight != usize::MAX {
-            metrics.limit.set(settings.max_inflight as f64);
+        Self::build(settings, metrics, None)
+    }
+
+    /// A controller whose limit `adaptive` moves, between its bounds (its upper
+    /// bound replaces `settings.max_inflight`).
+    pub fn adaptive(
+        settings: AdmissionSettings,
+        adaptive: AdaptiveSettings,
+        metrics: AdmissionMetrics,
+    ) -> Arc<Self> {
+        let settings = AdmissionSettings {
+            max_inflight: adaptive.bounds().max,
+            ..settings
+        };
+        Self::build(settings, metrics, Some(adaptive))
+    }
+
+    fn build(
+        settings: AdmissionSettings,
+        metrics: AdmissionMetrics,
+        adaptive: Option<AdaptiveSettings>,
+    ) -> Arc<Self> {
+        let algorithm = adaptive.map(|a| a.build(Instant::now()));
+        let limit = algorithm
+            .as_ref()
+            .map_or(settings.max_inflight, |a| a.limit());
+        if limit != usize::MAX {
+            metrics.limit.set(limit as f64);
         }
         metrics.inflight.set(0.0);
         metrics.queue_depth.set(0.0);
@@ -161,10 +198,11 @@ impl Controller {
             settings,
             state: Mutex::new(State {
                 inflight: 0,
-                limit: settings.max_inflight,
+                limit,
                 queue: WaitQueue::default(),
                 rate: CompletionRate::new(),
                 next_id: 0,
+                algorithm,
             }),
             metrics,
             shed_full: AtomicU64::new(0),
@@ -277,8 +315,9 @@ impl Controller {
         Rejection::new(reason).with_retry_after(secs)
     }
 
-    /// A permit ended: hand its slot to the next waiter, or free it.
-    fn release(self: &Arc<Self>) {
+    /// A permit ended: feed its sample to the algorithm, then hand its slot
+    /// (and any the limit gained) to the next waiters, or free it.
+    fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>) {
         if let Some(inflight) = &self.unlimited_inflight {
             let now = inflight.fetch_sub(1, Ordering::Relaxed) - 1;
             self.metrics.inflight.set(now as f64);
@@ -287,26 +326,35 @@ impl Controller {
         let now = Instant::now();
         let mut state = self.lock();
         state.rate.record(now);
-        loop {
-            let next = if state.inflight > state.limit {
-                None
-            } else {
-                state.queue.pop_next()
+        let inflight = state.inflight;
+        if let (Some(algorithm), Some((rtt, dropped))) = (state.algorithm.as_mut(), sample) {
+            let sample = Sample {
+                rtt,
+                inflight,
+                dropped,
             };
-            let Some((_, tx)) = next else {
-                state.inflight -= 1;
-                self.publish(&state);
+            if let Some(limit) = algorithm.sample(sample, now) {
+                state.limit = limit;
+                self.metrics.limit.set(limit as f64);
+            }
+        }
+        state.inflight -= 1;
+        self.fill(&mut state);
+        self.publish(&state);
+    }
+
+    /// Grants waiters slots while the limit allows.
+    fn fill(self: &Arc<Self>, state: &mut State) {
+        while state.inflight < state.limit {
+            let Some((_, tx)) = state.queue.pop_next() else {
                 return;
             };
-            // The slot passes straight to the waiter: `inflight` is unchanged.
-            match tx.send(Permit::new(self.clone())) {
-                Ok(()) => {
-                    self.publish(&state);
-                    return;
-                }
-                // The waiter is gone and the permit came back. It must not release
-                // (the lock is held, and the slot is still ours): try the next.
-                Err(mut permit) => permit.armed = false,
+            state.inflight += 1;
+            if let Err(mut permit) = tx.send(Permit::new(self.clone())) {
+                // The waiter is gone and the permit came back. It must not
+                // release (the lock is held): the slot is simply still free.
+                permit.armed = false;
+                state.inflight -= 1;
             }
         }
     }
@@ -326,17 +374,7 @@ impl Controller {
         }
         state.limit = limit;
         self.metrics.limit.set(limit as f64);
-        while state.inflight < state.limit {
-            let Some((_, tx)) = state.queue.pop_next() else {
-                break;
-            };
-            state.inflight += 1;
-            if let Err(mut permit) = tx.send(Permit::new(self.clone())) {
-                // The waiter is gone; the slot stays free (the lock is held).
-                permit.armed = false;
-                state.inflight -= 1;
-            }
-        }
+        self.fill(&mut state);
         self.publish(&state);
     }
 
@@ -364,6 +402,7 @@ impl Controller {
             completion_rate: state.rate.per_second(Instant::now()),
             shed_queue_full: self.shed_full.load(Ordering::Relaxed),
             shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
+            adaptive: state.algorithm.as_ref().map(|a| a.snapshot()),
         }
     }
 }
@@ -396,6 +435,7 @@ impl Drop for QueuePlace {
 pub struct Permit {
     controller: Arc<Controller>,
     armed: bool,
+    sample: Option<(Duration, bool)>,
 }
 
 impl Permit {
@@ -403,14 +443,23 @@ impl Permit {
         Self {
             controller,
             armed: true,
+            sample: None,
         }
+    }
+
+    /// Records how the upstream answered: after `rtt`, and whether that was an
+    /// overload signal (a timeout, a failure, a 5xx). An adaptive limit learns
+    /// from it when the permit is released; a permit without one (the client
+    /// went away) teaches nothing.
+    pub fn record(&mut self, rtt: Duration, overloaded: bool) {
+        self.sample = Some((rtt, overloaded));
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
-            self.controller.release();
+            self.controller.release(self.sample.take());
         }
     }
 }

@@ -9,7 +9,8 @@ use http::{HeaderName, Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{AdmissionSettings, Controller, Permit, Priority};
-use crate::body::{BoxError, GuardedBody};
+use crate::body::{BoxError, GuardedBody, find_cause};
+use crate::body_limit::LengthLimitError;
 
 /// Admission control for any `Service<http::Request<B>>`.
 ///
@@ -131,11 +132,23 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let start = tokio::time::Instant::now();
-            let permit = controller.acquire(priority).await?;
-            let waited = QueueWait(start.elapsed());
-            let mut res = inner.oneshot(req).await.map_err(Into::into)?;
-            res.extensions_mut().insert(waited);
-            Ok(res.map(|body| GuardedBody::new(body, permit)))
+            let mut permit = controller.acquire(priority).await?;
+            let admitted = tokio::time::Instant::now();
+            let waited = QueueWait(admitted - start);
+            match inner.oneshot(req).await.map_err(Into::into) {
+                Ok(mut res) => {
+                    permit.record(admitted.elapsed(), res.status().is_server_error());
+                    res.extensions_mut().insert(waited);
+                    Ok(res.map(|body| GuardedBody::new(body, permit)))
+                }
+                Err(err) => {
+                    // A body cut at its limit is the client's doing, not load.
+                    if find_cause::<LengthLimitError>(err.as_ref()).is_none() {
+                        permit.record(admitted.elapsed(), true);
+                    }
+                    Err(err)
+                }
+            }
         })
     }
 }

@@ -221,3 +221,64 @@ async fn acquire_many(c: &Arc<Controller>, n: usize) -> Vec<Permit> {
     }
     permits
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shrinking_limit_cancels_nothing_and_a_growing_one_admits_waiters() {
+    let c = controller(4, 8, 10_000);
+    let held = acquire_many(&c, 4).await;
+    c.set_limit(2);
+    assert_eq!(
+        c.snapshot().inflight,
+        4,
+        "requests in flight keep their slot"
+    );
+    let queued = waiter(&c, Priority::Normal).await;
+    let mut held = held.into_iter();
+    drop(held.next());
+    drop(held.next());
+    assert_eq!(c.snapshot().inflight, 2);
+    assert_eq!(c.snapshot().queued, 1, "still over the new limit");
+    c.set_limit(3);
+    let permit = queued.await.unwrap().unwrap();
+    assert_eq!(c.snapshot().inflight, 3);
+    drop(permit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adaptive_limit_learns_from_recorded_samples_only() {
+    use crate::adaptive::{AdaptiveSettings, AimdSettings, Bounds};
+    let bounds = Bounds {
+        min: 1,
+        max: 50,
+        initial: 4,
+    };
+    let aimd = AimdSettings {
+        min_samples: 4,
+        ..AimdSettings::default()
+    };
+    let c = Controller::adaptive(
+        AdmissionSettings::UNLIMITED,
+        AdaptiveSettings::Aimd(bounds, aimd),
+        AdmissionMetrics::new("t", &crate::metrics::Registry::new()),
+    );
+    assert_eq!(c.snapshot().limit, Some(4));
+    tokio::time::advance(Duration::from_millis(300)).await;
+    // Four requests the client abandoned: no samples, no change.
+    drop(acquire_many(&c, 4).await);
+    assert_eq!(c.snapshot().limit, Some(4));
+    // Four answered in time: a window without overload, one more slot.
+    tokio::time::advance(Duration::from_millis(300)).await;
+    for mut p in acquire_many(&c, 4).await {
+        p.record(Duration::from_millis(20), false);
+    }
+    assert_eq!(c.snapshot().limit, Some(5));
+    assert_eq!(c.snapshot().adaptive.unwrap().algorithm, "aimd");
+    // Two windows of timeouts: back off, 5 × 0.9 × 0.9 = 4.05.
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_millis(300)).await;
+        for mut p in acquire_many(&c, 4).await {
+            p.record(Duration::from_secs(30), true);
+        }
+    }
+    assert_eq!(c.snapshot().limit, Some(4));
+}

@@ -6,6 +6,7 @@
 //! failure is a [`ConfigError`] that names the file, the key and the problem, so
 //! `sluicegate check-config` can answer like `nginx -t` does.
 
+mod adaptive;
 mod circuit;
 mod error;
 mod rate_limit;
@@ -17,6 +18,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, DEFAULT_MIN_CALLS, DEFAULT_WINDOW_MS, FallbackConfig};
 pub use error::ConfigError;
 pub use rate_limit::{KeySource, RateLimitConfig, TierConfig};
@@ -118,7 +120,7 @@ pub struct AdmissionConfig {
         default = "values::default_max_inflight",
         deserialize_with = "values::max_inflight"
     )]
-    pub max_inflight: Limit,
+    pub max_inflight: MaxInflight,
     /// Requests that may wait beyond `max_inflight`; 0 = none wait.
     #[serde(default = "values::default_queue_capacity")]
     pub queue_capacity: usize,
@@ -137,6 +139,20 @@ pub struct AdmissionConfig {
     /// Largest `Retry-After` (seconds) sent with a 503.
     #[serde(default = "values::default_retry_after_max")]
     pub retry_after_max_s: u64,
+    /// How an adaptive `max_inflight` moves (`[route.admission.adaptive]`).
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+impl AdmissionConfig {
+    /// The adaptive settings when `max_inflight = "adaptive"` (the section's
+    /// values, or its defaults when it is absent).
+    pub fn adaptive_settings(&self) -> Option<crate::adaptive::AdaptiveSettings> {
+        match self.max_inflight {
+            MaxInflight::Fixed(_) => None,
+            MaxInflight::Adaptive => Some(self.adaptive.clone().unwrap_or_default().settings()),
+        }
+    }
 }
 
 impl RouteConfig {
@@ -197,6 +213,20 @@ impl Config {
                     format!("`{h}` is not a host name"),
                 ));
             }
+            if let Some(a) = &route.admission {
+                match (&a.adaptive, a.max_inflight) {
+                    (Some(_), MaxInflight::Fixed(_)) => {
+                        return Err((
+                            format!("route[{i}].admission.adaptive"),
+                            "only applies with max_inflight = \"adaptive\"".into(),
+                        ));
+                    }
+                    (Some(adaptive), MaxInflight::Adaptive) => {
+                        adaptive.validate(&format!("route[{i}].admission.adaptive"))?
+                    }
+                    _ => {}
+                }
+            }
             if let Some(a) = &route.admission
                 && a.retry_after_min_s > a.retry_after_max_s
             {
@@ -212,7 +242,11 @@ impl Config {
                 r.validate(&format!("route[{i}].rate_limit"))?;
             }
             if let Some(c) = &route.circuit {
-                c.validate(&format!("route[{i}].circuit"), route.admission.is_some())?;
+                let fixed = route
+                    .admission
+                    .as_ref()
+                    .is_some_and(|a| a.max_inflight.fixed().is_some());
+                c.validate(&format!("route[{i}].circuit"), fixed)?;
             }
             if let Some(first) = places.insert((host, route.path_prefix.as_str()), i) {
                 return Err((

@@ -132,7 +132,7 @@ fn admission_section() {
     )
     .unwrap();
     let a = c.routes[0].admission.as_ref().unwrap();
-    assert_eq!(a.max_inflight.get(), 16);
+    assert_eq!(a.max_inflight.fixed().map(|l| l.get()), Some(16));
     assert_eq!(a.queue_capacity, 64);
     assert_eq!(
         a.queue_timeout_ms.get(),
@@ -146,9 +146,14 @@ fn admission_section() {
             "greater than 0",
         ),
         (
-            "max_inflight = \"adaptive\"",
+            "max_inflight = \"auto\"",
             "route[0].admission.max_inflight",
-            "not a number",
+            "neither a number nor \"adaptive\"",
+        ),
+        (
+            "max_inflight = 4\n[route.admission.adaptive]",
+            "route[0].admission.adaptive",
+            "only applies",
         ),
         (
             "max_inflight = 4\nqueue_timeout_ms = 0",
@@ -182,7 +187,10 @@ fn admission_section() {
 fn an_empty_admission_section_turns_admission_on_with_defaults() {
     let c = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
     let a = c.routes[0].admission.as_ref().unwrap();
-    assert_eq!((a.max_inflight.get(), a.queue_capacity), (16, 64));
+    assert_eq!(
+        (a.max_inflight.fixed().map(|l| l.get()), a.queue_capacity),
+        (Some(16), 64)
+    );
     assert_eq!((a.retry_after_min_s, a.retry_after_max_s), (1, 60));
 }
 
@@ -310,4 +318,66 @@ fn rate_limit_accepts_plain_addresses_as_trusted_proxies() {
     let r = config.routes[0].rate_limit.as_ref().unwrap();
     assert_eq!(r.trusted_proxies[0].to_string(), "10.0.0.1/32");
     assert_eq!(r.max_keys, 100_000);
+}
+
+#[test]
+fn adaptive_max_inflight_with_and_without_its_section() {
+    use crate::adaptive::AdaptiveSettings;
+    let c = Config::parse(
+        "t.toml",
+        &format!("{ROUTE}[route.admission]\nmax_inflight = \"adaptive\"\n"),
+    )
+    .unwrap();
+    let a = c.routes[0].admission.as_ref().unwrap();
+    let Some(AdaptiveSettings::Gradient(bounds, _)) = a.adaptive_settings() else {
+        panic!("gradient by default");
+    };
+    assert_eq!((bounds.min, bounds.initial, bounds.max), (1, 10, 1000));
+    let text = format!(
+        "{ROUTE}[route.admission]\nmax_inflight = \"adaptive\"\n[route.admission.adaptive]\n\
+         algorithm = \"aimd\"\nmin_limit = 2\nmax_limit = 64\ninitial_limit = 4\nincrease = 2\n"
+    );
+    let c = Config::parse("t.toml", &text).unwrap();
+    let a = c.routes[0].admission.as_ref().unwrap();
+    let Some(AdaptiveSettings::Aimd(bounds, s)) = a.adaptive_settings() else {
+        panic!("aimd");
+    };
+    assert_eq!(
+        (bounds.min, bounds.initial, bounds.max, s.increase),
+        (2, 4, 64, 2.0)
+    );
+}
+
+#[test]
+fn bad_adaptive_values_name_their_key() {
+    let cases = [
+        (
+            "min_limit = 10\nmax_limit = 5",
+            "min_limit",
+            "must not exceed",
+        ),
+        ("initial_limit = 2000", "initial_limit", "within"),
+        ("backoff = 1.5", "backoff", "below 1"),
+        ("algorithm = \"vegas\"", "algorithm", "unknown variant"),
+        ("increase = 2", "increase", "algorithm = \"aimd\""),
+        (
+            "algorithm = \"aimd\"\ntolerance = 2",
+            "tolerance",
+            "algorithm = \"gradient\"",
+        ),
+        ("tolerance = 0.5", "tolerance", "1.0..=10.0"),
+        ("smoothing = 0", "smoothing", "above 0"),
+        ("window = 5", "window", "unknown field"),
+    ];
+    for (lines, key, problem) in cases {
+        let e = err(&format!(
+            "{ROUTE}[route.admission]\nmax_inflight = \"adaptive\"\n[route.admission.adaptive]\n{lines}\n"
+        ));
+        assert_eq!(
+            e.key(),
+            Some(format!("route[0].admission.adaptive.{key}").as_str()),
+            "{lines}: {e}"
+        );
+        assert!(e.to_string().contains(problem), "{lines}: {e}");
+    }
 }

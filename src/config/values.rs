@@ -211,9 +211,10 @@ pub(super) const fn default_max_body() -> ByteSize {
     ByteSize(10 * 1024 * 1024)
 }
 
-/// `max_inflight`: a positive number. (`"adaptive"` is a planned mode; until it
-/// exists the word is refused with a clear message rather than ignored.)
-pub(super) fn max_inflight<'de, D: Deserializer<'de>>(de: D) -> Result<Limit, D::Error> {
+/// `max_inflight`: a positive number, or `"adaptive"`.
+pub(super) fn max_inflight<'de, D: Deserializer<'de>>(
+    de: D,
+) -> Result<super::MaxInflight, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -221,10 +222,13 @@ pub(super) fn max_inflight<'de, D: Deserializer<'de>>(de: D) -> Result<Limit, D:
         Word(String),
     }
     match Raw::deserialize(de)? {
-        Raw::Number(n) => Limit::try_from(n).map_err(serde::de::Error::custom),
+        Raw::Number(n) => Limit::try_from(n)
+            .map(super::MaxInflight::Fixed)
+            .map_err(serde::de::Error::custom),
+        Raw::Word(w) if w == "adaptive" => Ok(super::MaxInflight::Adaptive),
         Raw::Word(w) => Err(serde::de::Error::custom(format!(
-            "`{w}` is not a number; give the most requests at the upstream at once \
-             (adaptive limits are not available in this version)"
+            "`{w}` is neither a number nor \"adaptive\"; give the most requests at the \
+             upstream at once, or \"adaptive\" to discover it from the upstream's latency"
         ))),
     }
 }
@@ -236,8 +240,8 @@ pub(super) fn header_name<'de, D: Deserializer<'de>>(de: D) -> Result<http::Head
         .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a valid header name")))
 }
 
-pub(super) const fn default_max_inflight() -> Limit {
-    Limit::new(16)
+pub(super) const fn default_max_inflight() -> super::MaxInflight {
+    super::MaxInflight::Fixed(Limit::new(16))
 }
 
 pub(super) const fn default_queue_capacity() -> usize {

@@ -1,0 +1,142 @@
+//! Adaptive concurrency: limit algorithms that discover the upstream's capacity
+//! from the latency they measure, instead of a guessed `max_inflight` (as
+//! Netflix's concurrency-limits, Envoy's adaptive_concurrency filter and
+//! Vector's Adaptive Request Concurrency do).
+//!
+//! An algorithm is pure logic behind [`LimitAlgorithm`]: it is fed one
+//! [`Sample`] per answered request and returns the new limit. The admission
+//! [`Controller`](crate::admission::Controller) applies it; its queue, priority,
+//! timeout and Retry-After rules work unchanged on top of the moving limit.
+
+mod aimd;
+mod gradient;
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+pub use aimd::{Aimd, AimdSettings};
+pub use gradient::{Gradient, GradientSettings};
+
+/// One answered request, as an algorithm sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Time from admission to the upstream's response headers.
+    pub rtt: Duration,
+    /// Requests in flight when it finished (itself included).
+    pub inflight: usize,
+    /// An overload signal: a timeout, a connection failure or a 5xx.
+    pub dropped: bool,
+}
+
+/// What `/status` shows of an algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AlgorithmSnapshot {
+    /// `gradient` or `aimd`.
+    pub algorithm: &'static str,
+    /// The limit now.
+    pub limit: usize,
+    /// The no-load latency the limit is measured against (gradient), ms.
+    pub baseline_ms: Option<f64>,
+    /// The latency of the last window, ms.
+    pub current_ms: Option<f64>,
+}
+
+/// A limit algorithm: fed a sample per answered request, it says the limit.
+pub trait LimitAlgorithm: Send + std::fmt::Debug {
+    /// Takes one sample; returns the new limit when it changed.
+    fn sample(&mut self, sample: Sample, now: Instant) -> Option<usize>;
+    /// The limit now.
+    fn limit(&self) -> usize;
+    /// Its live state.
+    fn snapshot(&self) -> AlgorithmSnapshot;
+}
+
+/// Bounds shared by every algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The limit never goes below this.
+    pub min: usize,
+    /// Nor above this.
+    pub max: usize,
+    /// Where it starts.
+    pub initial: usize,
+}
+
+impl Bounds {
+    fn clamp(&self, limit: f64) -> f64 {
+        limit.clamp(self.min as f64, self.max as f64)
+    }
+}
+
+/// Which algorithm, with its settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdaptiveSettings {
+    /// Latency gradient with a periodically re-measured baseline.
+    Gradient(Bounds, GradientSettings),
+    /// Additive increase, multiplicative decrease on overload signals.
+    Aimd(Bounds, AimdSettings),
+}
+
+impl AdaptiveSettings {
+    /// A fresh algorithm.
+    pub fn build(&self, now: Instant) -> Box<dyn LimitAlgorithm> {
+        match *self {
+            AdaptiveSettings::Gradient(bounds, s) => Box::new(Gradient::new(bounds, s, now)),
+            AdaptiveSettings::Aimd(bounds, s) => Box::new(Aimd::new(bounds, s, now)),
+        }
+    }
+
+    /// The bounds.
+    pub fn bounds(&self) -> Bounds {
+        match *self {
+            AdaptiveSettings::Gradient(b, _) | AdaptiveSettings::Aimd(b, _) => b,
+        }
+    }
+}
+
+/// Samples gathered over one window: at least `min_samples` and `length`.
+#[derive(Debug, Clone)]
+struct Window {
+    started: Instant,
+    count: u32,
+    rtt_sum: Duration,
+    dropped: u32,
+    max_inflight: usize,
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            count: 0,
+            rtt_sum: Duration::ZERO,
+            dropped: 0,
+            max_inflight: 0,
+        }
+    }
+
+    fn add(&mut self, s: &Sample) {
+        self.count += 1;
+        self.max_inflight = self.max_inflight.max(s.inflight);
+        if s.dropped {
+            self.dropped += 1;
+        } else {
+            self.rtt_sum += s.rtt;
+        }
+    }
+
+    fn done(&self, length: Duration, min_samples: u32, now: Instant) -> bool {
+        self.count >= min_samples && now - self.started >= length
+    }
+
+    /// Mean latency of the answered (not dropped) samples.
+    fn mean(&self) -> Option<Duration> {
+        let ok = self.count - self.dropped;
+        (ok > 0).then(|| self.rtt_sum / ok)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! Deterministic convergence tests: a simulated upstream whose latency rises
+//! once concurrency passes its capacity (`workers` busy, the rest queue), kept
+//! fully loaded (there are always more requests than the limit admits).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+
+const SERVICE: Duration = Duration::from_millis(20);
+
+/// Runs `algorithm` against an upstream of `workers(t)` workers for `length`;
+/// `demand` caps the requests available (None: always more than the limit).
+/// Returns the limit after each round of requests, with the time.
+fn drive(
+    algorithm: &mut dyn LimitAlgorithm,
+    start: Instant,
+    length: Duration,
+    workers: impl Fn(Duration) -> usize,
+    demand: Option<usize>,
+) -> Vec<(Duration, usize)> {
+    let mut now = start;
+    let mut trace = Vec::new();
+    while now - start < length {
+        let limit = algorithm.limit();
+        let inflight = demand.map_or(limit, |d| d.min(limit)).max(1);
+        let w = workers(now - start);
+        let rtt = SERVICE.mul_f64((inflight as f64 / w as f64).max(1.0));
+        let step = rtt / inflight as u32;
+        for _ in 0..inflight {
+            now += step;
+            let sample = Sample {
+                rtt,
+                inflight,
+                dropped: false,
+            };
+            algorithm.sample(sample, now);
+        }
+        trace.push((now - start, algorithm.limit()));
+    }
+    trace
+}
+
+fn gradient(initial: usize) -> Gradient {
+    let bounds = Bounds {
+        min: 1,
+        max: 1000,
+        initial,
+    };
+    Gradient::new(bounds, GradientSettings::default(), Instant::now())
+}
+
+/// The limit over the last `tail` of the trace, min and max.
+fn settled(trace: &[(Duration, usize)], after: Duration) -> (usize, usize) {
+    let tail = trace.iter().filter(|(t, _)| *t >= after).map(|(_, l)| *l);
+    let (min, max) = tail.fold((usize::MAX, 0), |(a, b), l| (a.min(l), b.max(l)));
+    (min, max)
+}
+
+#[test]
+fn gradient_converges_near_capacity_from_below_and_above() {
+    for initial in [1, 200] {
+        let mut g = gradient(initial);
+        let trace = drive(
+            &mut g,
+            Instant::now(),
+            Duration::from_secs(40),
+            |_| 16,
+            None,
+        );
+        // Settled: at least the 16 workers busy, and an upstream queue of no
+        // more than about the square-root allowance (latency ≤ ~1.5× no-load).
+        let (min, max) = settled(&trace, Duration::from_secs(20));
+        eprintln!("from {initial}: settled in {min}..={max}");
+        assert!(
+            min >= 16 && max <= 26,
+            "from {initial}: settled in {min}..={max}"
+        );
+        let snap = g.snapshot();
+        assert!(
+            (19.0..=21.0).contains(&snap.baseline_ms.unwrap()),
+            "{snap:?}"
+        );
+    }
+}
+
+#[test]
+fn gradient_follows_a_drop_and_a_rise_of_capacity_within_a_few_windows() {
+    let mut g = gradient(10);
+    // 16 workers, then 8 from 30 s, then 16 again from 60 s.
+    let workers = |t: Duration| {
+        if t >= Duration::from_secs(30) && t < Duration::from_secs(60) {
+            8
+        } else {
+            16
+        }
+    };
+    let trace = drive(
+        &mut g,
+        Instant::now(),
+        Duration::from_secs(90),
+        workers,
+        None,
+    );
+    let window = GradientSettings::default().window;
+    let first_at = |from: Duration, ok: &dyn Fn(usize) -> bool| {
+        trace
+            .iter()
+            .find(|(t, l)| *t >= from && ok(*l))
+            .map(|(t, _)| *t - from)
+    };
+    let fell = first_at(Duration::from_secs(30), &|l| l <= 13).expect("never followed the drop");
+    assert!(fell <= window * 16, "took {fell:?} to follow the drop");
+    eprintln!("drop followed in {fell:?}");
+    let during: Vec<usize> = trace
+        .iter()
+        .filter(|(t, _)| *t >= Duration::from_secs(45) && *t < Duration::from_secs(60))
+        .map(|(_, l)| *l)
+        .collect();
+    assert!(
+        during.iter().all(|&l| (8..=14).contains(&l) || l == 1),
+        "at 8 workers: {during:?}"
+    );
+    let rose = first_at(Duration::from_secs(60), &|l| l >= 16).expect("never followed the rise");
+    eprintln!("rise followed in {rose:?}");
+    assert!(rose <= window * 40, "took {rose:?} to follow the rise");
+}
+
+#[test]
+fn gradient_remeasures_a_baseline_that_went_stale() {
+    let mut g = gradient(16);
+    let start = Instant::now();
+    drive(&mut g, start, Duration::from_secs(10), |_| 16, None);
+    assert!((19.0..=21.0).contains(&g.snapshot().baseline_ms.unwrap()));
+    // The upstream becomes twice as slow per request at the same capacity:
+    // no-load latency 40 ms. Without a new baseline the limit would halve.
+    let mut now = start + Duration::from_secs(10);
+    let mut slow_trace = Vec::new();
+    while now - start < Duration::from_secs(150) {
+        let limit = g.limit();
+        let rtt = (SERVICE * 2).mul_f64((limit as f64 / 16.0).max(1.0));
+        for _ in 0..limit {
+            now += rtt / limit as u32;
+            g.sample(
+                Sample {
+                    rtt,
+                    inflight: limit,
+                    dropped: false,
+                },
+                now,
+            );
+        }
+        slow_trace.push((now - start, g.limit()));
+    }
+    let baseline = g.snapshot().baseline_ms.unwrap();
+    assert!((39.0..=41.0).contains(&baseline), "baseline {baseline}");
+    let (min, max) = settled(&slow_trace, Duration::from_secs(130));
+    eprintln!("after re-measuring: {min}..={max}, baseline {baseline}");
+    assert!(
+        min >= 14 || min == 1,
+        "limit {min} after the re-measurement"
+    );
+}
+
+#[test]
+fn demand_below_half_the_limit_does_not_grow_it() {
+    let mut g = gradient(40);
+    let trace = drive(
+        &mut g,
+        Instant::now(),
+        Duration::from_secs(20),
+        |_| 64,
+        Some(5),
+    );
+    let (_, max) = settled(&trace, Duration::from_secs(1));
+    assert!(max <= 40, "grew to {max} with 5 requests of demand");
+}
+
+#[test]
+fn aimd_backs_off_on_overload_signals_and_creeps_up_without() {
+    let bounds = Bounds {
+        min: 2,
+        max: 100,
+        initial: 20,
+    };
+    let mut a = Aimd::new(bounds, AimdSettings::default(), Instant::now());
+    let mut now = Instant::now();
+    let mut feed = |a: &mut Aimd, dropped: bool, rtt: Duration| {
+        for _ in 0..20 {
+            now += Duration::from_millis(15);
+            let inflight = a.limit();
+            a.sample(
+                Sample {
+                    rtt,
+                    inflight,
+                    dropped,
+                },
+                now,
+            );
+        }
+    };
+    feed(&mut a, false, Duration::from_millis(20));
+    assert_eq!(a.limit(), 21);
+    feed(&mut a, true, Duration::from_millis(20));
+    assert_eq!(a.limit(), 19); // 21 × 0.9
+    feed(&mut a, false, Duration::from_secs(2)); // slower than latency_threshold
+    assert_eq!(a.limit(), 17);
+    for _ in 0..100 {
+        feed(&mut a, true, Duration::from_millis(20));
+    }
+    assert_eq!(a.limit(), 2, "never below min_limit");
+}
