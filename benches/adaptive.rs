@@ -1,0 +1,303 @@
+//! Adaptive concurrency scenario (issue 6): open-loop load at 1.5x the
+//! simulator's starting capacity (16 workers x 20 ms, 800 req/s) for 60 s; at
+//! 30 s the simulator loses half its workers. Through sluicegate with
+//! `max_inflight = "adaptive"` (not told the workers) and, as the baseline in the
+//! same run, with the static `max_inflight = 16` that was right before the
+//! drop. Both with `queue_capacity = 32`, `queue_timeout_ms = 100`.
+//!
+//! Run with `bash benches/adaptive.sh`; only 127.0.0.1, about 2.5 minutes.
+//! Writes a markdown table and `benches/results/adaptive.svg` (limit, in
+//! flight, p99 latency over time).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
+
+mod common;
+use common::{bin, http_get, http_post, spawn};
+
+const RATE: f64 = 1200.0;
+const SECONDS: usize = 60;
+const HALVED_AT: usize = 30;
+const SIM_PORT: u16 = 19130;
+const PROXY_PORT: u16 = 19131;
+const ADMIN_PORT: u16 = 19132;
+
+struct Run {
+    label: &'static str,
+    seconds: Vec<Second>,
+    /// `(seconds since start, limit, in flight)` every 100 ms.
+    samples: Vec<(f64, u64, u64)>,
+    halved_at: f64,
+}
+
+impl Run {
+    /// Seconds from the halving until the limit was at most `bound`.
+    fn followed_after(&self, bound: u64) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|(t, l, _)| *t >= self.halved_at && *l <= bound)
+            .map(|(t, _, _)| t - self.halved_at)
+    }
+
+    fn goodput(&self, from: usize, to: usize) -> f64 {
+        let s = &self.seconds[from..to];
+        Second::total(s).good as f64 / s.len() as f64
+    }
+
+    fn p99(&self, from: usize, to: usize) -> Option<f64> {
+        quantile_ms(&Second::total(&self.seconds[from..to]).ok_latency_us, 0.99)
+    }
+}
+
+fn admission_state() -> Option<(u64, u64)> {
+    let body = http_get(ADMIN_PORT, "/status")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let a = &v["routes"][0]["admission"];
+    Some((a["limit"].as_u64()?, a["inflight"].as_u64()?))
+}
+
+fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str) -> Run {
+    let limit = if label == "adaptive" {
+        "\"adaptive\""
+    } else {
+        "16"
+    };
+    let path = dir.join(format!("{label}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
+             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
+             [route.admission]\nmax_inflight = {limit}\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    let sim = spawn(
+        &bin(),
+        &[
+            "sim",
+            "--listen",
+            &format!("127.0.0.1:{SIM_PORT}"),
+            "--workers",
+            "16",
+            "--service-ms",
+            "20",
+        ],
+        SIM_PORT,
+    );
+    let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let (stop, samples) = (stop.clone(), samples.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some((limit, inflight)) = admission_state() {
+                    let t = start.elapsed().as_secs_f64();
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((t, limit, inflight));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let plan = LoadPlan {
+        url: format!("http://127.0.0.1:{PROXY_PORT}/ingest")
+            .parse()
+            .unwrap(),
+        rates: vec![RATE; SECONDS],
+        max_outstanding: 4000,
+        client_timeout: Duration::from_secs(10),
+    };
+    let mut halved_at = 0.0;
+    let seconds = rt.block_on(loadgen::run(plan, |i, _| {
+        if i + 1 == HALVED_AT {
+            http_post(SIM_PORT, "/_sim/config", r#"{"workers":8}"#);
+            halved_at = start.elapsed().as_secs_f64();
+        }
+    }));
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    drop(proxy);
+    drop(sim);
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    Run {
+        label,
+        seconds,
+        samples,
+        halved_at,
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sluicegate-adaptive-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs: Vec<Run> = ["adaptive", "static 16"]
+        .into_iter()
+        .map(|label| {
+            let r = run(&rt, &dir, label);
+            eprintln!("{label}: done");
+            r
+        })
+        .collect();
+    println!(
+        "\n{} cores; open loop {RATE} req/s; simulator 16 workers x 20 ms, 8 from {HALVED_AT} s\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| target | limit before (median 20-30 s) | limit after (median 45-60 s) | limit ≤ 13 after halving | goodput/s 20-30 s | goodput/s 30-40 s | goodput/s 45-60 s | admitted p99 ms 20-30 s | 30-40 s | 45-60 s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &runs {
+        let median = |from: f64, to: f64| {
+            let mut v: Vec<u64> = r
+                .samples
+                .iter()
+                .filter(|(t, _, _)| *t >= from && *t < to)
+                .map(|(_, l, _)| *l)
+                .collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            r.label,
+            median(20.0, 30.0),
+            median(45.0, 60.0),
+            r.followed_after(13)
+                .map_or("never".into(), |s| format!("{s:.1} s")),
+            r.goodput(20, 30),
+            r.goodput(30, 40),
+            r.goodput(45, 60),
+            ms(r.p99(20, 30)),
+            ms(r.p99(30, 40)),
+            ms(r.p99(45, 60)),
+        );
+    }
+    let out = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results/adaptive.svg");
+    std::fs::create_dir_all(std::path::Path::new(out).parent().unwrap()).unwrap();
+    std::fs::write(out, plot(&runs)).unwrap();
+    eprintln!("plot written to {out}");
+}
+
+/// Per run: limit and in-flight (left axis) and admitted p99 per second (right
+/// axis, ms), the halving marked.
+fn plot(runs: &[Run]) -> String {
+    let (w, h, pad, gap) = (860.0, 220.0, 50.0, 40.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
+        runs.len() as f64 * (h + gap) + 10.0
+    );
+    let (count_max, ms_max) = (40.0, 200.0);
+    for (k, r) in runs.iter().enumerate() {
+        let y0 = k as f64 * (h + gap) + 20.0;
+        let px = |t: f64| pad + t / SECONDS as f64 * (w - 2.0 * pad);
+        let py = |v: f64, max: f64| y0 + h * (1.0 - (v / max).clamp(0.0, 1.0));
+        let _ = write!(
+            svg,
+            r#"<text x="{pad}" y="{}">{}</text>"#,
+            y0 - 6.0,
+            r.label
+        );
+        let _ = write!(
+            svg,
+            r#"<rect x="{pad}" y="{y0}" width="{}" height="{h}" fill="none" stroke="gray"/>"#,
+            w - 2.0 * pad
+        );
+        let _ = write!(
+            svg,
+            r##"<line x1="{0:.1}" y1="{y0}" x2="{0:.1}" y2="{1}" stroke="#999" stroke-dasharray="3 3"/><text x="{2:.1}" y="{3}" fill="#666">workers 16 → 8</text>"##,
+            px(r.halved_at),
+            y0 + h,
+            px(r.halved_at) + 4.0,
+            y0 + 14.0
+        );
+        for v in [0.0, 10.0, 20.0, 30.0, 40.0] {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="end">{v}</text>"#,
+                pad - 4.0,
+                py(v, count_max) + 4.0
+            );
+        }
+        for v in [0.0, 50.0, 100.0, 150.0, 200.0] {
+            let _ = write!(
+                svg,
+                r##"<text x="{}" y="{}" fill="#d62728">{v} ms</text>"##,
+                w - pad + 4.0,
+                py(v, ms_max) + 4.0
+            );
+        }
+        for t in (0..=SECONDS).step_by(10) {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t}s</text>"#,
+                px(t as f64),
+                y0 + h + 14.0
+            );
+        }
+        let line = |points: Vec<String>, color: &str| {
+            format!(
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
+                points.join(" ")
+            )
+        };
+        let limit: Vec<String> = r
+            .samples
+            .iter()
+            .map(|(t, l, _)| format!("{:.1},{:.1}", px(*t), py(*l as f64, count_max)))
+            .collect();
+        let inflight: Vec<String> = r
+            .samples
+            .iter()
+            .map(|(t, _, i)| format!("{:.1},{:.1}", px(*t), py(*i as f64, count_max)))
+            .collect();
+        let p99: Vec<String> = r
+            .seconds
+            .iter()
+            .enumerate()
+            .filter_map(|(t, s)| {
+                let v = quantile_ms(&s.ok_latency_us, 0.99)?;
+                Some(format!("{:.1},{:.1}", px(t as f64 + 0.5), py(v, ms_max)))
+            })
+            .collect();
+        svg.push_str(&line(inflight, "#aec7e8"));
+        svg.push_str(&line(limit, "#1f77b4"));
+        svg.push_str(&line(p99, "#d62728"));
+        for (i, (name, color)) in [
+            ("limit", "#1f77b4"),
+            ("in flight", "#aec7e8"),
+            ("admitted p99 (ms, right)", "#d62728"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+                pad + 8.0,
+                y0 + 16.0 + 14.0 * i as f64
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
