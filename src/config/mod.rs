@@ -93,6 +93,10 @@ pub struct RouteConfig {
     /// Deadline for the upstream's response headers; past it the client gets 504.
     #[serde(default = "values::default_timeout")]
     pub timeout_ms: Millis,
+    /// Longest pause between two reads of the upstream's response body; past
+    /// it the body is cut off (the headers are already sent).
+    #[serde(default = "values::default_read_timeout")]
+    pub read_timeout_ms: Millis,
     /// Deadline for opening a TCP connection to the upstream; past it, 502.
     #[serde(default = "values::default_connect_timeout")]
     pub connect_timeout_ms: Millis,

@@ -203,6 +203,10 @@ pub(super) const fn default_timeout() -> Millis {
     Millis::from_ms(30_000)
 }
 
+pub(super) const fn default_read_timeout() -> Millis {
+    Millis::from_ms(60_000)
+}
+
 pub(super) const fn default_connect_timeout() -> Millis {
     Millis::from_ms(5_000)
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::headers;
+use super::read_timeout::ReadTimeout;
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::config::RouteConfig;
 use crate::observe::RouteStats;
@@ -65,6 +66,7 @@ pub struct Forward {
 
 struct Inner {
     client: UpstreamClient,
+    read_timeout: Duration,
     scheme: Scheme,
     authority: Authority,
     stats: Arc<RouteStats>,
@@ -84,6 +86,7 @@ impl Forward {
         Self {
             inner: Arc::new(Inner {
                 client: client(route.connect_timeout_ms.get()),
+                read_timeout: route.read_timeout_ms.get(),
                 scheme: route.upstream.scheme().clone(),
                 authority: route.upstream.authority().clone(),
                 stats,
@@ -109,9 +112,9 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<ReadTimeout<Incoming>>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The pool opens connections on demand; readiness is admission's job.
@@ -140,7 +143,8 @@ where
             inner.stats.record_upstream_duration(start.elapsed());
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
-            Ok(res)
+            let read_timeout = inner.read_timeout;
+            Ok(res.map(|body| ReadTimeout::new(body, read_timeout)))
         })
     }
 }

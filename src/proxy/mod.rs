@@ -2,5 +2,7 @@
 
 mod forward;
 pub mod headers;
+mod read_timeout;
 
 pub use forward::{ClientAddr, Forward, UpstreamClient};
+pub use read_timeout::{ReadTimedOut, ReadTimeout};
