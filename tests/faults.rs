@@ -43,7 +43,7 @@ async fn misbehave(mut stream: TcpStream) {
     match path.as_str() {
         "/reset" => {
             // Linger 0: close with a TCP reset.
-            let _ = stream.set_linger(Some(Duration::ZERO));
+            let _ = stream.set_zero_linger();
             drop(stream);
         }
         "/garbage" => {
