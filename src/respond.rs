@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 
 use crate::body::{BoxError, ProxyBody, boxed, find_cause, full};
 use crate::body_limit::LengthLimitError;
+use crate::proxy::{ReadTimedOut, Side};
 
 /// Why the proxy answered a request itself. The `as_str` codes are a contract
 /// (SPEC "Rejections") used in bodies and metric labels.
@@ -42,11 +43,13 @@ pub enum Reason {
     Draining,
     /// No route matches the request.
     NoRoute,
+    /// The client paused sending its request body too long.
+    RequestTimeout,
 }
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::CircuitOpen,
@@ -56,6 +59,7 @@ impl Reason {
         Reason::UpstreamUnavailable,
         Reason::Draining,
         Reason::NoRoute,
+        Reason::RequestTimeout,
     ];
 
     /// The reason code, as in bodies and metric labels.
@@ -70,6 +74,7 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::Draining => "draining",
             Reason::NoRoute => "no_route",
+            Reason::RequestTimeout => "request_timeout",
         }
     }
 
@@ -81,6 +86,7 @@ impl Reason {
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::QueueFull | Reason::QueueTimeout | Reason::CircuitOpen | Reason::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -99,6 +105,7 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream unavailable",
             Reason::Draining => "shutting down",
             Reason::NoRoute => "no route for this request",
+            Reason::RequestTimeout => "request body not received in time",
         }
     }
 }
@@ -241,12 +248,22 @@ impl std::error::Error for Rejection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejected(pub Reason);
 
+/// The client's own doing, found anywhere in an error's chain (the upstream
+/// client wraps a failing request body in its own error): a body over its
+/// limit, or one the client stopped sending. Not an upstream failure.
+pub fn client_fault(err: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    if find_cause::<LengthLimitError>(err).is_some() {
+        return Some(Reason::BodyTooLarge);
+    }
+    find_cause::<ReadTimedOut>(err)
+        .filter(|t| t.side == Side::Client)
+        .map(|_| Reason::RequestTimeout)
+}
+
 /// Turns a stack error into the client's response, logging the cause.
 pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
-    // A body cut off at its limit may surface wrapped in any error of the layers
-    // below (the upstream client's, a handler's): it is the client's fault.
-    if find_cause::<LengthLimitError>(err.as_ref()).is_some() {
-        return Rejection::new(Reason::BodyTooLarge).to_response();
+    if let Some(reason) = client_fault(err.as_ref()) {
+        return Rejection::new(reason).to_response();
     }
     let rejection = match err.downcast::<Rejection>() {
         Ok(rejection) => *rejection,

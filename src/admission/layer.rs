@@ -9,8 +9,8 @@ use http::{HeaderName, Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{AdmissionSettings, Controller, Permit, Priority};
-use crate::body::{BoxError, GuardedBody, find_cause};
-use crate::body_limit::LengthLimitError;
+use crate::body::{BoxError, GuardedBody};
+use crate::respond::client_fault;
 
 /// Admission control for any `Service<http::Request<B>>`.
 ///
@@ -142,8 +142,8 @@ where
                     Ok(res.map(|body| GuardedBody::new(body, permit)))
                 }
                 Err(err) => {
-                    // A body cut at its limit is the client's doing, not load.
-                    if find_cause::<LengthLimitError>(err.as_ref()).is_none() {
+                    // A body over its limit or stalled is the client's doing, not load.
+                    if client_fault(err.as_ref()).is_none() {
                         permit.record(admitted.elapsed(), true);
                     }
                     Err(err)

@@ -7,9 +7,8 @@ use http::{HeaderMap, Response, StatusCode, header};
 use super::breaker::CallOutcome;
 use crate::admission::QueueWait;
 use crate::body::{BoxError, find_cause};
-use crate::body_limit::LengthLimitError;
 use crate::config::CircuitConfig;
-use crate::respond::{Reason, Rejection};
+use crate::respond::{Reason, Rejection, client_fault};
 
 /// Failure = connect error, timeout, a status in `statuses`, an upstream 429/503
 /// carrying `Retry-After` (explicit backpressure), or a call slower than
@@ -79,7 +78,7 @@ impl FailurePolicy {
     /// Classifies an error of the services below. `None`: neither.
     pub fn classify_error(&self, err: &BoxError) -> Option<CallOutcome> {
         let err: &(dyn std::error::Error + 'static) = err.as_ref();
-        if find_cause::<LengthLimitError>(err).is_some() {
+        if client_fault(err).is_some() {
             return None; // the client's body, not the upstream
         }
         if let Some(rejection) = find_cause::<Rejection>(err) {

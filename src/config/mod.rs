@@ -60,6 +60,13 @@ pub struct ServerConfig {
     pub max_connections: Limit,
     /// Longest time a client may take to send a request's headers.
     pub header_read_timeout_ms: Millis,
+    /// Longest pause between two reads of a client's request body; past it
+    /// the client gets 408 and its slot is freed.
+    pub body_read_timeout_ms: Millis,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_bytes: Limit,
+    /// Concurrent streams per HTTP/2 connection.
+    pub http2_max_concurrent_streams: Limit,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +78,9 @@ impl Default for ServerConfig {
             worker_threads: 0,
             max_connections: Limit::new(10_000),
             header_read_timeout_ms: Millis::from_ms(10_000),
+            body_read_timeout_ms: Millis::from_ms(60_000),
+            max_header_bytes: Limit::new(64 * 1024),
+            http2_max_concurrent_streams: Limit::new(128),
         }
     }
 }
@@ -262,6 +272,15 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.server.max_header_bytes.get() < 8192 {
+            return Err((
+                "server.max_header_bytes".into(),
+                format!(
+                    "must be at least 8192 (got {}): smaller would refuse ordinary browsers and SDKs",
+                    self.server.max_header_bytes.get()
+                ),
+            ));
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return Err((

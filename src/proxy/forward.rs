@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::headers;
-use super::read_timeout::ReadTimeout;
+use super::read_timeout::{ReadTimeout, Side};
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::config::RouteConfig;
 use crate::observe::RouteStats;
@@ -144,7 +144,7 @@ where
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
             let read_timeout = inner.read_timeout;
-            Ok(res.map(|body| ReadTimeout::new(body, read_timeout)))
+            Ok(res.map(|body| ReadTimeout::new(body, read_timeout, Side::Upstream)))
         })
     }
 }

@@ -5,4 +5,4 @@ pub mod headers;
 mod read_timeout;
 
 pub use forward::{ClientAddr, Forward, UpstreamClient};
-pub use read_timeout::{ReadTimedOut, ReadTimeout};
+pub use read_timeout::{ReadTimedOut, ReadTimeout, Side};

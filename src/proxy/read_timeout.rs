@@ -3,7 +3,9 @@
 //! `timeout_ms` bounds the wait for the upstream's response headers; once they
 //! are in, an upstream that hangs mid-body would otherwise hold the client, the
 //! in-flight slot and a connection for as long as the client waits. Like
-//! nginx's `proxy_read_timeout`, this bounds the pause between two reads.
+//! nginx's `proxy_read_timeout`, this bounds the pause between two reads. The
+//! same holds the other way (nginx's `client_body_timeout`): a client that
+//! trickles its request body must not hold an admission slot.
 
 use std::fmt;
 use std::pin::Pin;
@@ -16,16 +18,34 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 
-/// The upstream paused longer than the read timeout mid-body.
+/// Whose body stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request body (`[server] body_read_timeout_ms`): 408.
+    Client,
+    /// The upstream's response body (`read_timeout_ms`): cut off.
+    Upstream,
+}
+
+/// A body paused longer than its read timeout.
 #[derive(Debug)]
-pub struct ReadTimedOut(pub Duration);
+pub struct ReadTimedOut {
+    /// Whose body.
+    pub side: Side,
+    /// The timeout.
+    pub after: Duration,
+}
 
 impl fmt::Display for ReadTimedOut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = match self.side {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        };
         write!(
             f,
-            "upstream sent no body data for {} ms",
-            self.0.as_millis()
+            "{who} sent no body data for {} ms",
+            self.after.as_millis()
         )
     }
 }
@@ -40,16 +60,18 @@ pin_project! {
         #[pin]
         sleep: Sleep,
         timeout: Duration,
+        side: Side,
     }
 }
 
 impl<B> ReadTimeout<B> {
-    /// Wraps `inner`; the clock starts now.
-    pub fn new(inner: B, timeout: Duration) -> Self {
+    /// Wraps `side`'s body `inner`; the clock starts now.
+    pub fn new(inner: B, timeout: Duration, side: Side) -> Self {
         Self {
             inner,
             sleep: tokio::time::sleep(timeout),
             timeout,
+            side,
         }
     }
 }
@@ -72,7 +94,11 @@ where
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         ready!(this.sleep.poll(cx));
-        Poll::Ready(Some(Err(ReadTimedOut(*this.timeout).into())))
+        let err = ReadTimedOut {
+            side: *this.side,
+            after: *this.timeout,
+        };
+        Poll::Ready(Some(Err(err.into())))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -14,7 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
-use crate::proxy::ClientAddr;
+use crate::proxy::{ClientAddr, ReadTimeout, Side};
 use crate::stack::ProxyService;
 
 /// The most permits a tokio semaphore can hold.
@@ -23,12 +23,26 @@ const MAX_PERMITS: usize = Semaphore::MAX_PERMITS;
 /// The HTTP/1.1 + h2c connection builder for the proxy listener.
 pub(super) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let max_header = server.max_header_bytes.as_usize();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout_ms.get())
+        .max_buf_size(max_header)
         .writev(false);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(
+            u32::try_from(server.http2_max_concurrent_streams.get()).unwrap_or(u32::MAX),
+        )
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        // A stream's unacknowledged data, and a connection's: bounded buffers.
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_send_buf_size(256 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     builder
 }
 
@@ -74,8 +88,10 @@ pub(super) async fn accept_loop(
             tracing::debug!(error = %e, "set TCP_NODELAY failed");
         }
         let service = service.clone();
+        let body_timeout = server.body_read_timeout_ms.get();
         let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ClientAddr(peer));
+            let req = req.map(|body| ReadTimeout::new(body, body_timeout, Side::Client));
             service.clone().oneshot(req)
         });
         let conn = builder
