@@ -1,49 +1,108 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /reload`.
 //!
 //! It runs on its own address (loopback by default) so that scraping and probing
 //! never compete with proxied traffic for connections, and it keeps answering
 //! while the proxy drains, so that Kubernetes sees `/readyz` turn 503.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::ServerConfig;
 use crate::metrics::Registry;
 use crate::route::Unmatched;
+use crate::server::Reloader;
 use crate::stack::RouteInfo;
+
+/// Who may read `/status` and call `/reload`: anyone on a loopback listener;
+/// elsewhere only a client presenting `admin_token` as a bearer token.
+/// `/metrics`, `/healthz` and `/readyz` stay open for scrapers and probes.
+#[derive(Debug, Clone)]
+pub struct Access {
+    loopback: bool,
+    token: Option<String>,
+}
+
+impl Access {
+    /// The rule for an admin listener bound to `addr`.
+    pub fn new(server: &ServerConfig, addr: SocketAddr) -> Self {
+        Self {
+            loopback: addr.ip().is_loopback(),
+            token: server.admin_token.clone(),
+        }
+    }
+
+    /// `None`: allowed. `Some`: the refusal to send.
+    fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        if self.loopback {
+            return None;
+        }
+        let Some(token) = &self.token else {
+            let msg = "the admin listener is not on loopback: set server.admin_token to use this";
+            return Some((StatusCode::FORBIDDEN, Json(json!({"error": msg}))).into_response());
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+            return None;
+        }
+        let res = (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({"error": "bearer token required"})),
+        );
+        Some(res.into_response())
+    }
+}
+
+/// Compares without returning early, so that timing does not reveal how much
+/// of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
     registry: Arc<Registry>,
-    routes: Vec<RouteInfo>,
+    routes: Arc<RwLock<Vec<RouteInfo>>>,
     unmatched: Arc<Unmatched>,
     draining: Arc<AtomicBool>,
+    reloader: Arc<Reloader>,
+    access: Access,
     started: Instant,
 }
 
 impl AdminState {
-    /// State over a proxy's registry, routes and drain flag.
+    /// State over a proxy's registry, routes, drain flag and reloader.
     pub fn new(
         registry: Arc<Registry>,
-        routes: Vec<RouteInfo>,
+        routes: Arc<RwLock<Vec<RouteInfo>>>,
         unmatched: Arc<Unmatched>,
         draining: Arc<AtomicBool>,
+        reloader: Arc<Reloader>,
+        access: Access,
     ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             routes,
             unmatched,
             draining,
+            reloader,
+            access,
             started: Instant::now(),
         })
     }
@@ -51,12 +110,38 @@ impl AdminState {
 
 /// The admin router, for serving or for `oneshot` in tests.
 pub fn router(state: Arc<AdminState>) -> Router {
+    let guarded = Router::new()
+        .route("/status", get(status))
+        .route("/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/status", get(status))
+        .merge(guarded)
         .with_state(state)
+}
+
+async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    match state.access.refusal(req.headers()) {
+        None => next.run(req).await,
+        Some(refusal) => refusal,
+    }
+}
+
+async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+    let reloader = state.reloader.clone();
+    // Reading and building are quick but blocking (file I/O, locks).
+    let result = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    match result {
+        Ok(Ok(changes)) => Json(json!({"status": "reloaded", "routes": changes})).into_response(),
+        Ok(Err(error)) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"status": "refused", "error": error})),
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// Serves the admin router until `stop` turns true.
@@ -102,8 +187,12 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Value
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
-    let routes: Vec<Value> = state
+    let routes = state
         .routes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let routes: Vec<Value> = routes
         .iter()
         .map(|r| {
             let mut route = json!({

@@ -90,8 +90,11 @@ fn run_proxy(file: Option<PathBuf>) -> ExitCode {
         }
     };
     block_on(config.server.worker_threads, async move {
-        let running = server::start(config).await?;
-        server::shutdown_signal().await;
+        let running = server::start_from(config, file).await?;
+        tokio::select! {
+            () = server::shutdown_signal() => {}
+            () = server::reload_on_sighup(&running) => {}
+        }
         running.shutdown().await;
         Ok(())
     })

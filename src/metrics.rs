@@ -37,6 +37,8 @@ pub const RATE_LIMIT_KEYS: &str = "sluicegate_rate_limit_keys";
 /// `sluicegate_rate_limit_overflow_total{route}`: requests of clients beyond
 /// `max_keys`, limited together in the shared overflow bucket.
 pub const RATE_LIMIT_OVERFLOW_TOTAL: &str = "sluicegate_rate_limit_overflow_total";
+/// `sluicegate_config_reload_total{result}`: reloads, `ok` or `error`.
+pub const CONFIG_RELOAD_TOTAL: &str = "sluicegate_config_reload_total";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";

@@ -4,8 +4,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response, header};
@@ -20,6 +20,8 @@ use crate::respond::{Reason, Rejection};
 /// One route of the table: what it matches and the service that answers.
 #[derive(Debug, Clone)]
 pub struct RouteEntry<S> {
+    /// The route's name (a reload finds unchanged routes by it).
+    pub name: String,
     /// Requests whose path starts with this match.
     pub path_prefix: String,
     /// When set, only requests for this host (lower case, no port) match.
@@ -81,7 +83,9 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 /// The proxy's top service: routes each request to its route's stack.
 #[derive(Debug)]
 pub struct Proxy<S> {
-    table: Arc<RouteTable<S>>,
+    /// Swapped whole by a reload; each request takes the table current when it
+    /// arrives, so requests in flight finish on the routes they started on.
+    table: Arc<RwLock<Arc<RouteTable<S>>>>,
     unmatched: Arc<Unmatched>,
 }
 
@@ -120,14 +124,22 @@ impl<S> Proxy<S> {
     /// A proxy over `table`, counting misses in `unmatched`.
     pub fn new(table: RouteTable<S>, unmatched: Arc<Unmatched>) -> Self {
         Self {
-            table: Arc::new(table),
+            table: Arc::new(RwLock::new(Arc::new(table))),
             unmatched,
         }
     }
 
-    /// The routing table.
-    pub fn table(&self) -> &RouteTable<S> {
-        &self.table
+    /// The table in force.
+    pub fn table(&self) -> Arc<RouteTable<S>> {
+        // Only an Arc is ever written under this lock; a poisoned one still
+        // holds a whole table.
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `table` in force for the requests that arrive from now on;
+    /// requests in flight finish on the routes they started on.
+    pub fn swap(&self, table: RouteTable<S>) {
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
 }
 
@@ -145,7 +157,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        match self.table.find(request_host(&req), req.uri().path()) {
+        let table = self.table();
+        match table.find(request_host(&req), req.uri().path()) {
             Some(route) => ProxyFuture::Route {
                 inner: route.service.clone().oneshot(req),
             },
@@ -200,6 +213,7 @@ mod tests {
 
     fn table() -> RouteTable<&'static str> {
         let e = |prefix: &str, host: Option<&str>, service| RouteEntry {
+            name: prefix.to_string(),
             path_prefix: prefix.into(),
             host: host.map(Into::into),
             service,
@@ -237,6 +251,7 @@ mod tests {
     #[test]
     fn no_match() {
         let t = RouteTable::new(vec![RouteEntry {
+            name: "r".into(),
             path_prefix: "/api".into(),
             host: None,
             service: (),

@@ -43,8 +43,11 @@ pub type Guarded<S> = Either<CircuitBreaker<Admitted<S>>, Admitted<S>>;
 /// A route's stack from admission down.
 pub type Admitted<S> = Admission<Timeout<S>>;
 
+/// The whole proxy as one service around innermost services `S`.
+pub type ProxyOf<S> = SetRequestId<PropagateRequestId<Proxy<RouteStack<S>>>, SequentialIds>;
+
 /// The whole proxy as one service, ready for the listener.
-pub type ProxyService = SetRequestId<PropagateRequestId<Proxy<RouteStack<Forward>>>, SequentialIds>;
+pub type ProxyService = ProxyOf<Forward>;
 
 /// Wraps `inner` (the forwarder, or a stand-in in benches) in a route's layers.
 pub fn route_stack<S>(
@@ -164,13 +167,38 @@ pub struct RouteInfo {
 
 /// The proxy built from a configuration, with handles on its live state.
 #[derive(Debug)]
-pub struct Built<S> {
+pub struct Built<S, R> {
     /// The service to serve.
     pub service: S,
     /// The routes, in configuration order.
     pub routes: Vec<RouteInfo>,
     /// Requests no route matched.
     pub unmatched: Arc<Unmatched>,
+    /// The routing layer, to swap its table on a reload.
+    pub proxy: Proxy<R>,
+}
+
+/// One route's stack entry and live state.
+fn route_parts<S>(
+    route: &RouteConfig,
+    registry: &Registry,
+    make_inner: &mut impl FnMut(&RouteConfig, &Arc<RouteStats>) -> S,
+) -> (RouteEntry<RouteStack<S>>, RouteInfo) {
+    let stats = Arc::new(RouteStats::new(route.display_name(), registry));
+    let protections = Protections::new(route, registry);
+    let inner = make_inner(route, &stats);
+    let entry = RouteEntry {
+        name: route.display_name().to_string(),
+        path_prefix: route.path_prefix.as_str().to_string(),
+        host: route.host.as_deref().map(normalize_host),
+        service: route_stack(route, stats.clone(), &protections, inner),
+    };
+    let info = RouteInfo {
+        config: route.clone(),
+        stats,
+        protections,
+    };
+    (entry, info)
 }
 
 /// Builds the proxy, with `make_inner` giving each route's innermost service.
@@ -178,40 +206,102 @@ pub fn build_with<S>(
     config: &Config,
     registry: &Registry,
     mut make_inner: impl FnMut(&RouteConfig, &Arc<RouteStats>) -> S,
-) -> Built<SetRequestId<PropagateRequestId<Proxy<RouteStack<S>>>, SequentialIds>> {
-    let mut routes = Vec::with_capacity(config.routes.len());
-    let mut entries = Vec::with_capacity(config.routes.len());
-    for route in &config.routes {
-        let stats = Arc::new(RouteStats::new(route.display_name(), registry));
-        let protections = Protections::new(route, registry);
-        let inner = make_inner(route, &stats);
-        entries.push(RouteEntry {
-            path_prefix: route.path_prefix.as_str().to_string(),
-            host: route.host.as_deref().map(normalize_host),
-            service: route_stack(route, stats.clone(), &protections, inner),
-        });
-        routes.push(RouteInfo {
-            config: route.clone(),
-            stats,
-            protections,
-        });
-    }
+) -> Built<ProxyOf<S>, RouteStack<S>> {
+    let (entries, routes): (Vec<_>, Vec<_>) = config
+        .routes
+        .iter()
+        .map(|route| route_parts(route, registry, &mut make_inner))
+        .unzip();
     let unmatched = Arc::new(Unmatched::new(registry.counter(UNMATCHED_TOTAL, &[])));
     let proxy = Proxy::new(RouteTable::new(entries), unmatched.clone());
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(SequentialIds::default()))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .service(proxy);
+        .service(proxy.clone());
     Built {
         service,
         routes,
         unmatched,
+        proxy,
     }
 }
 
+/// What a reload changed, by route name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteChanges {
+    /// Identical routes: they keep their counters, circuit and adaptive limit.
+    pub kept: Vec<String>,
+    /// New names.
+    pub added: Vec<String>,
+    /// Same name, new settings: rebuilt (fresh state).
+    pub changed: Vec<String>,
+    /// Gone.
+    pub removed: Vec<String>,
+}
+
+/// The routes of `config`, reusing the stack and state of every route whose
+/// configuration did not change, and the table to swap in.
+pub fn rebuild_with<S: Clone>(
+    config: &Config,
+    registry: &Registry,
+    current: &[RouteInfo],
+    table: &RouteTable<RouteStack<S>>,
+    mut make_inner: impl FnMut(&RouteConfig, &Arc<RouteStats>) -> S,
+) -> (RouteTable<RouteStack<S>>, Vec<RouteInfo>, RouteChanges) {
+    let mut changes = RouteChanges::default();
+    let mut entries = Vec::with_capacity(config.routes.len());
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        let name = route.display_name();
+        let old = current.iter().find(|r| r.config.display_name() == name);
+        let old_entry = table.entries().iter().find(|e| e.name == name);
+        match (old, old_entry) {
+            (Some(info), Some(entry)) if info.config == *route => {
+                changes.kept.push(name.to_string());
+                entries.push(entry.clone());
+                routes.push(info.clone());
+            }
+            (old, _) => {
+                let list = if old.is_some() {
+                    &mut changes.changed
+                } else {
+                    &mut changes.added
+                };
+                list.push(name.to_string());
+                let (entry, info) = route_parts(route, registry, &mut make_inner);
+                entries.push(entry);
+                routes.push(info);
+            }
+        }
+    }
+    for old in current {
+        let name = old.config.display_name();
+        if !config.routes.iter().any(|r| r.display_name() == name) {
+            changes.removed.push(name.to_string());
+        }
+    }
+    (RouteTable::new(entries), routes, changes)
+}
+
 /// Builds the proxy forwarding to the configured upstreams.
-pub fn build(config: &Config, registry: &Registry) -> Built<ProxyService> {
+pub fn build(config: &Config, registry: &Registry) -> Built<ProxyService, RouteStack<Forward>> {
     build_with(config, registry, |route, stats| {
+        Forward::new(route, stats.clone())
+    })
+}
+
+/// [`rebuild_with`] for the proxy's own forwarders.
+pub fn rebuild(
+    config: &Config,
+    registry: &Registry,
+    current: &[RouteInfo],
+    table: &RouteTable<RouteStack<Forward>>,
+) -> (
+    RouteTable<RouteStack<Forward>>,
+    Vec<RouteInfo>,
+    RouteChanges,
+) {
+    rebuild_with(config, registry, current, table, |route, stats| {
         Forward::new(route, stats.clone())
     })
 }

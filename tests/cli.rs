@@ -137,6 +137,7 @@ struct Proc {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
+    path: std::path::PathBuf,
 }
 
 impl Proc {
@@ -173,6 +174,7 @@ impl Proc {
             proxy: addr("proxy_addr"),
             admin: addr("admin_addr"),
             child,
+            path,
         }
     }
 
@@ -296,4 +298,47 @@ async fn upload_of_20_mb_streams_without_growing_memory_by_its_size() {
         grown < (SIZE / 4) as u64,
         "peak RSS grew by {grown} bytes for a {SIZE}-byte upload"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_refuses_a_broken_one() {
+    let (up, _) = spawn_upstream().await;
+    let upstream = up.addr.unwrap();
+    let proc = Proc::start(&proc_config(upstream, ""));
+    let url = |path: &str| format!("http://{}{path}", proc.proxy);
+    assert_eq!(get(&url("/x")).await.0.status(), StatusCode::OK);
+
+    // Same listeners, the route moved to /v2.
+    let moved = proc_config(upstream, "path_prefix = \"/v2\"");
+    std::fs::write(&proc.path, moved).unwrap();
+    proc.signal("HUP");
+    let mut tries = 0;
+    while get(&url("/x")).await.0.status() != StatusCode::NOT_FOUND {
+        tries += 1;
+        assert!(tries < 500, "the reload never took effect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get(&url("/v2/x")).await.0.status(), StatusCode::OK);
+
+    // A broken file is refused; the running config keeps serving.
+    std::fs::write(&proc.path, "[[route]]\nupstream = 42\n").unwrap();
+    proc.signal("HUP");
+    let metrics = format!("http://{}/metrics", proc.admin);
+    let series = "sluicegate_config_reload_total{result=\"error\"}";
+    let mut tries = 0;
+    loop {
+        let text = get(&metrics).await.1;
+        if metric(&String::from_utf8_lossy(&text), series) == Some(1.0) {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 500, "the broken reload was not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get(&url("/v2/x")).await.0.status(), StatusCode::OK);
+    proc.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || proc.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }

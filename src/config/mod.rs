@@ -43,7 +43,7 @@ pub struct Config {
 }
 
 /// `[server]`: how the proxy listens and shuts down.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address of the proxy listener.
@@ -67,6 +67,9 @@ pub struct ServerConfig {
     pub max_header_bytes: Limit,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_concurrent_streams: Limit,
+    /// Bearer token for `/status` and `/reload` when the admin listener is not
+    /// on loopback.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -81,12 +84,13 @@ impl Default for ServerConfig {
             body_read_timeout_ms: Millis::from_ms(60_000),
             max_header_bytes: Limit::new(64 * 1024),
             http2_max_concurrent_streams: Limit::new(128),
+            admin_token: None,
         }
     }
 }
 
 /// `[[route]]`: where requests with a path prefix (and optionally a host) go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Name used in metrics, logs and `/status`; defaults to the path prefix.
@@ -272,6 +276,14 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Some(token) = &self.server.admin_token
+            && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err((
+                "server.admin_token".into(),
+                "must be at least 16 characters, without spaces or control characters".into(),
+            ));
         }
         if self.server.max_header_bytes.get() < 8192 {
             return Err((

@@ -2,11 +2,15 @@
 //! graceful drain.
 
 mod listener;
+mod reload;
+
+pub use reload::Reloader;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulShutdown;
@@ -29,7 +33,8 @@ pub struct Running {
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<DrainReport>,
-    routes: Vec<stack::RouteInfo>,
+    routes: Arc<RwLock<Vec<stack::RouteInfo>>>,
+    reloader: Arc<Reloader>,
 }
 
 /// How the drain went.
@@ -44,8 +49,15 @@ pub enum DrainReport {
 /// How often rate limits forget clients whose bucket has refilled.
 const RATE_LIMIT_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Binds both listeners and starts serving.
+/// Binds both listeners and starts serving `config`, which cannot be reloaded
+/// (there is no file behind it).
 pub async fn start(config: Config) -> io::Result<Running> {
+    start_from(config, None).await
+}
+
+/// Binds both listeners and starts serving `config`, read from `path`: SIGHUP
+/// (in the binary) and `POST /reload` read it again.
+pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Running> {
     let registry = Arc::new(Registry::new());
     let built = stack::build(&config, &registry);
     for route in &built.routes {
@@ -58,12 +70,21 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let draining = Arc::new(AtomicBool::new(false));
-    let routes = built.routes.clone();
+    let routes = Arc::new(RwLock::new(built.routes));
+    let reloader = Arc::new(Reloader::new(
+        path,
+        config.clone(),
+        registry.clone(),
+        built.proxy,
+        routes.clone(),
+    ));
     let admin_state = AdminState::new(
         registry.clone(),
-        built.routes,
+        routes.clone(),
         built.unmatched,
         draining.clone(),
+        reloader.clone(),
+        admin::Access::new(&config.server, admin_addr),
     );
     let (stop, stop_rx) = watch::channel(false);
     let server = config.server.clone();
@@ -95,6 +116,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         stop,
         task,
         routes,
+        reloader,
     })
 }
 
@@ -138,9 +160,17 @@ impl Running {
         self.admin_addr
     }
 
-    /// The routes with their live counters and admission state.
-    pub fn routes(&self) -> &[stack::RouteInfo] {
-        &self.routes
+    /// The routes in force, with their live counters and protections.
+    pub fn routes(&self) -> Vec<stack::RouteInfo> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reloads the config file (what SIGHUP and `POST /reload` do).
+    pub fn reload(&self) -> Result<stack::RouteChanges, String> {
+        self.reloader.reload()
     }
 
     /// Drains: `/readyz` turns 503, the listener stops accepting, requests in flight
@@ -149,6 +179,27 @@ impl Running {
         // The receiver lives in the serving task; if it is gone, so is the server.
         let _ = self.stop.send(true);
         self.task.await.unwrap_or(DrainReport::TimedOut)
+    }
+}
+
+/// Reloads `running` on every SIGHUP until the future is dropped.
+pub async fn reload_on_sighup(running: &Running) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
+            return std::future::pending().await;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the config");
+            let _ = running.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = running;
+        std::future::pending::<()>().await
     }
 }
 
