@@ -126,3 +126,29 @@ async fn every_fault_gets_an_answer_and_frees_its_slot() {
     assert_eq!(gauges(proxy.admin_addr()).await, (0.0, 0.0));
     proxy.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_cut_after_good_headers_counts_against_the_circuit() {
+    let upstream = faulty_upstream().await;
+    let route = "read_timeout_ms = 1000\n[route.circuit]\nfailure_threshold = 2\n";
+    let proxy = sluicegate::start(config(upstream, "/", route))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    for path in ["/cut", "/stall"] {
+        let res = client()
+            .request(
+                http::Request::get(format!("{base}{path}"))
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.into_body().collect().await.is_err());
+    }
+    let (res, body) = get(&format!("{base}/fine")).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&body)["reason"], "circuit_open");
+    proxy.shutdown().await;
+}

@@ -3,16 +3,18 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::breaker::{CircuitSettings, Ticket};
+use super::breaker::{CallOutcome, CircuitSettings, Ticket};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
 use crate::body::BoxError;
+use crate::proxy::{BodyFailureHook, BodyObserver};
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
 ///
@@ -112,6 +114,67 @@ impl Drop for Pending {
     }
 }
 
+/// Decides a call's outcome at the end of its response body.
+struct BodyWatch {
+    circuit: Arc<Circuit>,
+    ticket: Ticket,
+    state: AtomicU8,
+}
+
+const FRESH: u8 = 0;
+const ATTACHED: u8 = 1;
+const DONE: u8 = 2;
+
+impl BodyWatch {
+    fn new(circuit: Arc<Circuit>, ticket: Ticket) -> Self {
+        Self {
+            circuit,
+            ticket,
+            state: AtomicU8::new(FRESH),
+        }
+    }
+
+    fn attached(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ATTACHED
+    }
+
+    /// The outcome was decided at the headers; the body has no say.
+    fn disarm(&self) {
+        self.state.store(DONE, Ordering::Release);
+    }
+}
+
+impl BodyObserver for BodyWatch {
+    fn attach(&self) {
+        let _ = self
+            .state
+            .compare_exchange(FRESH, ATTACHED, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn finished(&self, ok: bool) {
+        if self.state.swap(DONE, Ordering::AcqRel) != ATTACHED {
+            return;
+        }
+        let outcome = if ok {
+            CallOutcome::Success
+        } else {
+            CallOutcome::Failure { retry_after: None }
+        };
+        self.circuit
+            .finish(self.ticket, Some(outcome), Instant::now());
+    }
+}
+
+impl Drop for BodyWatch {
+    fn drop(&mut self) {
+        // The body was dropped unfinished (the client went away): neither,
+        // but a probe slot must not leak.
+        if *self.state.get_mut() == ATTACHED {
+            self.circuit.finish(self.ticket, None, Instant::now());
+        }
+    }
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
 impl<S, B, ResB> Service<Request<B>> for CircuitBreaker<S>
@@ -131,12 +194,16 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let circuit = self.circuit.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
             let start = Instant::now();
             let ticket = circuit.acquire(start)?;
+            // A call succeeds only once its body has: a forwarder that reports
+            // the body's end decides the outcome of a good response.
+            let watch = Arc::new(BodyWatch::new(circuit.clone(), ticket));
+            req.extensions_mut().insert(BodyFailureHook(watch.clone()));
             let mut pending = Pending {
                 circuit: circuit.clone(),
                 ticket: Some(ticket),
@@ -147,6 +214,10 @@ where
                 Err(err) => circuit.policy().classify_error(err),
             };
             pending.ticket = None;
+            if outcome == Some(CallOutcome::Success) && watch.attached() {
+                return result; // the body will tell
+            }
+            watch.disarm();
             circuit.finish(ticket, outcome, Instant::now());
             result
         })

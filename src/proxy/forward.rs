@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::headers;
-use super::read_timeout::{ReadTimeout, Side};
+use super::read_timeout::{BodyFailureHook, ReadTimeout, Side};
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::config::RouteConfig;
 use crate::observe::RouteStats;
@@ -124,6 +124,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let client_ip = parts.extensions.get::<ClientAddr>().map(|c| c.0.ip());
+        let on_failure = parts.extensions.remove::<BodyFailureHook>();
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client_ip);
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
@@ -144,7 +145,9 @@ where
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
             let read_timeout = inner.read_timeout;
-            Ok(res.map(|body| ReadTimeout::new(body, read_timeout, Side::Upstream)))
+            Ok(res.map(|body| {
+                ReadTimeout::new(body, read_timeout, Side::Upstream).on_failure(on_failure)
+            }))
         })
     }
 }

@@ -52,6 +52,27 @@ impl fmt::Display for ReadTimedOut {
 
 impl std::error::Error for ReadTimedOut {}
 
+/// Told how an upstream response body ended, for outcomes the headers cannot
+/// show (a body cut off, reset or stalled after a `200`).
+pub trait BodyObserver: Send + Sync {
+    /// The forwarder will report this call's body.
+    fn attach(&self);
+    /// The body ended: whole (`true`) or failed (`false`). Called at most once;
+    /// never when the client went away first.
+    fn finished(&self, ok: bool);
+}
+
+/// Request extension carrying a [`BodyObserver`] to the forwarder (the circuit
+/// breaker puts it there).
+#[derive(Clone)]
+pub struct BodyFailureHook(pub std::sync::Arc<dyn BodyObserver>);
+
+impl fmt::Debug for BodyFailureHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BodyFailureHook")
+    }
+}
+
 pin_project! {
     /// A body whose every frame must come within `timeout` of the previous one.
     pub struct ReadTimeout<B> {
@@ -61,6 +82,7 @@ pin_project! {
         sleep: Sleep,
         timeout: Duration,
         side: Side,
+        on_failure: Option<BodyFailureHook>,
     }
 }
 
@@ -72,7 +94,17 @@ impl<B> ReadTimeout<B> {
             sleep: tokio::time::sleep(timeout),
             timeout,
             side,
+            on_failure: None,
         }
+    }
+
+    /// Reports the body's end to `hook`.
+    pub fn on_failure(mut self, hook: Option<BodyFailureHook>) -> Self {
+        if let Some(h) = &hook {
+            h.0.attach();
+        }
+        self.on_failure = hook;
+        self
     }
 }
 
@@ -89,11 +121,24 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let mut this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+        if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             this.sleep.as_mut().reset(Instant::now() + *this.timeout);
+            let ended = match &frame {
+                Some(Err(_)) => Some(false),
+                None => Some(true),
+                Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
+            };
+            if let Some(ok) = ended
+                && let Some(hook) = this.on_failure.take()
+            {
+                hook.0.finished(ok);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         ready!(this.sleep.poll(cx));
+        if let Some(hook) = this.on_failure.take() {
+            hook.0.finished(false);
+        }
         let err = ReadTimedOut {
             side: *this.side,
             after: *this.timeout,
