@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
 mod common;
-use common::{bin, http_get, http_post, spawn};
+use common::{bin, http_get, http_post, proxy_config, spawn, spawn_sim};
 
 const RATE: f64 = 1200.0;
 const SECONDS: usize = 60;
@@ -69,26 +69,10 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
     let path = dir.join(format!("{label}.toml"));
     std::fs::write(
         &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
-             [route.admission]\nmax_inflight = {limit}\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
-        ),
+        proxy_config(PROXY_PORT, ADMIN_PORT, SIM_PORT, &format!("[route.admission]\nmax_inflight = {limit}\nqueue_capacity = 32\nqueue_timeout_ms = 100\n")),
     )
     .unwrap();
-    let sim = spawn(
-        &bin(),
-        &[
-            "sim",
-            "--listen",
-            &format!("127.0.0.1:{SIM_PORT}"),
-            "--workers",
-            "16",
-            "--service-ms",
-            "20",
-        ],
-        SIM_PORT,
-    );
+    let sim = spawn_sim(SIM_PORT, 16, 20);
     let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));

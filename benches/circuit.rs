@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
 mod common;
-use common::{bin, http_get, http_post, spawn};
+use common::{bin, http_get, http_post, proxy_config, spawn, spawn_sim};
 
 const RATE: f64 = 400.0;
 const BEFORE: usize = 5;
@@ -55,10 +55,11 @@ impl Run {
 }
 
 fn config(circuit: bool) -> String {
-    let mut c = format!(
-        "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-         worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
-         [route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+    let mut c = proxy_config(
+        PROXY_PORT,
+        ADMIN_PORT,
+        SIM_PORT,
+        "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n",
     );
     if circuit {
         // The SPEC's defaults, spelled out.
@@ -94,19 +95,7 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
         .unwrap_or(60);
     let path = dir.join(format!("{label}.toml"));
     std::fs::write(&path, config(label == "circuit")).unwrap();
-    let sim = spawn(
-        &bin(),
-        &[
-            "sim",
-            "--listen",
-            &format!("127.0.0.1:{SIM_PORT}"),
-            "--workers",
-            "16",
-            "--service-ms",
-            "20",
-        ],
-        SIM_PORT,
-    );
+    let sim = spawn_sim(SIM_PORT, 16, 20);
     let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));

@@ -19,23 +19,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 mod common;
-use common::{bin, http_get, spawn};
+use common::{bin, http_get, proxy_config, spawn, spawn_sim, status_kb};
 
 const SIM_PORT: u16 = 19120;
 const PROXY_PORT: u16 = 19121;
 const ADMIN_PORT: u16 = 19122;
 const CONNECTIONS: usize = 64;
-
-fn rss_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn keys_tracked() -> u64 {
     http_get(ADMIN_PORT, "/status")
@@ -48,29 +37,13 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, keys: usize, max_key
     let path = dir.join(format!("cap{max_keys}.toml"));
     std::fs::write(
         &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
-             [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 10\nmax_keys = {max_keys}\n"
-        ),
+        proxy_config(PROXY_PORT, ADMIN_PORT, SIM_PORT, &format!("[route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 10\nmax_keys = {max_keys}\n")),
     )
     .unwrap();
-    let sim = spawn(
-        &bin(),
-        &[
-            "sim",
-            "--listen",
-            &format!("127.0.0.1:{SIM_PORT}"),
-            "--workers",
-            "256",
-            "--service-ms",
-            "0",
-        ],
-        SIM_PORT,
-    );
+    let sim = spawn_sim(SIM_PORT, 256, 0);
     let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
     let pid = proxy.0.id();
-    let start_rss = rss_kb(pid, "VmRSS:");
+    let start_rss = status_kb(pid, "VmRSS:");
     let next = Arc::new(AtomicUsize::new(0));
     let began = Instant::now();
     let mut marks = Vec::new();
@@ -102,7 +75,7 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, keys: usize, max_key
         while next.load(Ordering::Relaxed) < keys {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             if next.load(Ordering::Relaxed) >= mark {
-                marks.push((mark, rss_kb(pid, "VmRSS:"), keys_tracked()));
+                marks.push((mark, status_kb(pid, "VmRSS:"), keys_tracked()));
                 mark += keys / 10;
             }
         }
@@ -111,8 +84,8 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, keys: usize, max_key
         }
     });
     let secs = began.elapsed().as_secs_f64();
-    let end_rss = rss_kb(pid, "VmRSS:");
-    let peak = rss_kb(pid, "VmHWM:");
+    let end_rss = status_kb(pid, "VmRSS:");
+    let peak = status_kb(pid, "VmHWM:");
     let tracked = keys_tracked();
     println!(
         "| {max_keys} | {keys} | {:.0} s | {:.1} | {:.1} | {:.1} | {tracked} |",

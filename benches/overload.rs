@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{bin, peak_rss_kb, spawn};
+use common::{bin, peak_rss_kb, proxy_config, spawn, spawn_sim};
 
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
@@ -45,21 +45,18 @@ struct StepResult {
 fn write_configs(dir: &std::path::Path) {
     std::fs::write(
         dir.join("sluicegate.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
-             [route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+        proxy_config(
+            PROXY_PORT,
+            ADMIN_PORT,
+            SIM_PORT,
+            "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n",
         ),
     )
     .unwrap();
     // Not told the 16 workers: the limit is discovered (issue 6).
     std::fs::write(
         dir.join("adaptive.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{PROXY_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-             worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{SIM_PORT}\"\n\
-             [route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
-        ),
+        proxy_config(PROXY_PORT, ADMIN_PORT, SIM_PORT, "[route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"),
     )
     .unwrap();
     std::fs::write(
@@ -106,19 +103,7 @@ fn main() {
             continue;
         }
         for multiple in STEPS {
-            let sim = spawn(
-                &bin(),
-                &[
-                    "sim",
-                    "--listen",
-                    &format!("127.0.0.1:{SIM_PORT}"),
-                    "--workers",
-                    "16",
-                    "--service-ms",
-                    "20",
-                ],
-                SIM_PORT,
-            );
+            let sim = spawn_sim(SIM_PORT, 16, 20);
             let proxy = match target {
                 "sluicegate" | "adaptive" => Some(spawn(
                     &bin(),

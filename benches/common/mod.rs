@@ -45,16 +45,46 @@ pub fn spawn(cmd: &str, args: &[&str], port: u16) -> Proc {
     panic!("{cmd} did not listen on {port}");
 }
 
-/// The process's peak resident set (VmHWM), in KiB.
-pub fn peak_rss_kb(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`), or 0.
+pub fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The process's peak resident set (VmHWM), in KiB.
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmHWM:")
+}
+
+/// Starts `sluicegate sim` on 127.0.0.1:`port`.
+pub fn spawn_sim(port: u16, workers: usize, service_ms: u64) -> Proc {
+    let listen = format!("127.0.0.1:{port}");
+    let (workers, service_ms) = (workers.to_string(), service_ms.to_string());
+    let args = [
+        "sim",
+        "--listen",
+        &listen,
+        "--workers",
+        &workers,
+        "--service-ms",
+        &service_ms,
+    ];
+    spawn(&bin(), &args, port)
+}
+
+/// A proxy config on the given ports with one route `bench` to the simulator,
+/// one worker thread, and `route` appended inside the route.
+pub fn proxy_config(proxy: u16, admin: u16, sim: u16, route: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{proxy}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         worker_threads = 1\n[[route]]\nname = \"bench\"\nupstream = \"http://127.0.0.1:{sim}\"\n{route}"
+    )
 }
 
 /// `GET path` on 127.0.0.1:`port`; the body, or `None`.
