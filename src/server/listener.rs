@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
+use super::framing::FramingGuard;
 use crate::config::ServerConfig;
 use crate::proxy::{ClientAddr, ReadTimeout, Side};
 use crate::stack::ProxyService;
@@ -95,7 +96,7 @@ pub(super) async fn accept_loop(
             service.clone().oneshot(req)
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), hyper_service)
+            .serve_connection(TokioIo::new(FramingGuard::new(stream)), hyper_service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

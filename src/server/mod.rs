@@ -1,6 +1,7 @@
 //! Starting and stopping a proxy: the proxy listener, the admin listener and the
 //! graceful drain.
 
+mod framing;
 mod listener;
 mod reload;
 
