@@ -123,8 +123,15 @@ where
         let mut this = self.project();
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             this.sleep.as_mut().reset(Instant::now() + *this.timeout);
+            let frame: Option<Result<Frame<B::Data>, BoxError>> =
+                frame.map(|f| f.map_err(Into::into));
             let ended = match &frame {
-                Some(Err(_)) => Some(false),
+                Some(Err(e)) => {
+                    if *this.side == Side::Upstream {
+                        tracing::warn!(error = %e, "upstream response body failed; cut off");
+                    }
+                    Some(false)
+                }
                 None => Some(true),
                 Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
             };
@@ -133,9 +140,10 @@ where
             {
                 hook.0.finished(ok);
             }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(frame);
         }
         ready!(this.sleep.poll(cx));
+        tracing::warn!(side = ?this.side, after_ms = this.timeout.as_millis() as u64, "body stalled; cut off");
         if let Some(hook) = this.on_failure.take() {
             hook.0.finished(false);
         }
