@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /reload`.
+//! The admin listener: `/` (a live dashboard), `/metrics`, `/healthz`,
+//! `/readyz`, `/status`, `POST /reload`.
 //!
 //! It runs on its own address (loopback by default) so that scraping and probing
 //! never compete with proxied traffic for connections, and it keeps answering
@@ -115,11 +116,24 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(guarded)
         .with_state(state)
+}
+
+/// A page that polls `/status` every second. It holds no data itself, so it is
+/// served without the token; its requests to `/status` carry one when needed.
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("dashboard.html"),
+    )
 }
 
 async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {

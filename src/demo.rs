@@ -124,7 +124,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let proxy = server::start(config).await?;
     let controller = proxy.routes()[0].protections.admission.clone();
     header(&format!(
-        "2/2  through sluicegate (max_inflight 16, queue 64, queue timeout 200 ms; admin http://{})",
+        "2/2  through sluicegate (max_inflight 16, queue 64, queue timeout 200 ms; dashboard http://{}/)",
         proxy.admin_addr()
     ));
     let gated = loadgen::run(

@@ -458,3 +458,32 @@ async fn slow_headers_are_cut_off_at_the_header_read_timeout() {
     assert_eq!(up.requests.load(Ordering::SeqCst), 0);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_admin_listener_serves_a_live_dashboard() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", ""))
+        .await
+        .unwrap();
+    let (res, body) = get(&format!("http://{}/", proxy.admin_addr())).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = String::from_utf8_lossy(&body);
+    // It renders what /status says, polling it.
+    assert!(page.contains("fetch(\"/status\""), "{page}");
+    for field in [
+        "inflight",
+        "queue_capacity",
+        "shed_queue_full",
+        "circuit",
+        "rate_limit",
+    ] {
+        assert!(page.contains(field), "the page does not show {field}");
+    }
+    proxy.shutdown().await;
+}
