@@ -39,6 +39,9 @@ pub const RATE_LIMIT_KEYS: &str = "sluicegate_rate_limit_keys";
 pub const RATE_LIMIT_OVERFLOW_TOTAL: &str = "sluicegate_rate_limit_overflow_total";
 /// `sluicegate_config_reload_total{result}`: reloads, `ok` or `error`.
 pub const CONFIG_RELOAD_TOTAL: &str = "sluicegate_config_reload_total";
+/// `sluicegate_framing_refused_total`: request heads refused with 400 by the
+/// framing guard (Content-Length with Transfer-Encoding, bare-LF line ends).
+pub const FRAMING_REFUSED_TOTAL: &str = "sluicegate_framing_refused_total";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";

@@ -20,6 +20,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What hyper reads instead of the LF that would end a refused head: a NUL
@@ -72,9 +73,9 @@ enum State {
 }
 
 /// An I/O wrapper that follows HTTP/1 request framing and refuses ambiguous heads.
-#[derive(Debug)]
 pub(super) struct FramingGuard<T> {
     inner: T,
+    refused: Counter,
     state: State,
     /// Bytes cleared for hyper, from `ready_at` on.
     ready: Vec<u8>,
@@ -83,9 +84,10 @@ pub(super) struct FramingGuard<T> {
 
 impl<T> FramingGuard<T> {
     /// Guards the client connection `inner`.
-    pub(super) fn new(inner: T) -> Self {
+    pub(super) fn new(inner: T, refused: Counter) -> Self {
         Self {
             inner,
+            refused,
             state: State::Head(Head::default()),
             ready: Vec::new(),
             ready_at: 0,
@@ -121,6 +123,7 @@ impl<T> FramingGuard<T> {
                 self.ready.push(bytes[i]);
             } else {
                 tracing::warn!("refused an ambiguous request head (400, connection closed)");
+                self.refused.increment(1);
                 self.ready.extend_from_slice(POISON);
                 self.state = State::Refused;
                 return;
@@ -317,7 +320,7 @@ mod tests {
 
     /// What hyper would read, fed in `chunks`; and whether a head was refused.
     fn through(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
-        let mut guard = FramingGuard::new(());
+        let mut guard = FramingGuard::new((), Counter::noop());
         for c in chunks {
             guard.follow(c);
         }

@@ -58,6 +58,7 @@ pub(super) async fn accept_loop(
     server: &ServerConfig,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
+    refused: metrics::Counter,
 ) {
     let builder = Arc::new(http_builder(server));
     let slots = Arc::new(Semaphore::new(
@@ -96,7 +97,10 @@ pub(super) async fn accept_loop(
             service.clone().oneshot(req)
         });
         let conn = builder
-            .serve_connection(TokioIo::new(FramingGuard::new(stream)), hyper_service)
+            .serve_connection(
+                TokioIo::new(FramingGuard::new(stream, refused.clone())),
+                hyper_service,
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

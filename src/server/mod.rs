@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::metrics::Registry;
+use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry};
 use crate::stack;
 
 /// How often histogram samples are folded into buckets.
@@ -87,6 +87,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         reloader.clone(),
         admin::Access::new(&config.server, admin_addr),
     );
+    let framing_refused = registry.counter(FRAMING_REFUSED_TOTAL, &[]);
     let (stop, stop_rx) = watch::channel(false);
     let server = config.server.clone();
     let task = tokio::spawn(async move {
@@ -95,7 +96,15 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         let admin = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop_rx));
         let upkeep = tokio::spawn(upkeep(registry));
         let graceful = GracefulShutdown::new();
-        listener::accept_loop(listener, built.service, &server, &graceful, stop_rx).await;
+        listener::accept_loop(
+            listener,
+            built.service,
+            &server,
+            &graceful,
+            stop_rx,
+            framing_refused,
+        )
+        .await;
         draining.store(true, Ordering::SeqCst);
         let report = drain(graceful, Duration::from_millis(server.drain_timeout_ms)).await;
         upkeep.abort();
