@@ -10,14 +10,12 @@
 //! flight, p99 latency over time).
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
 mod common;
-use common::{bin, http_get, http_post, proxy_config, spawn, spawn_sim};
+use common::*;
 
 const RATE: f64 = 1200.0;
 const SECONDS: usize = 60;
@@ -66,32 +64,13 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
     } else {
         "16"
     };
-    let path = dir.join(format!("{label}.toml"));
-    std::fs::write(
-        &path,
-        proxy_config(PROXY_PORT, ADMIN_PORT, SIM_PORT, &format!("[route.admission]\nmax_inflight = {limit}\nqueue_capacity = 32\nqueue_timeout_ms = 100\n")),
-    )
-    .unwrap();
+    let route = format!(
+        "[route.admission]\nmax_inflight = {limit}\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+    );
     let sim = spawn_sim(SIM_PORT, 16, 20);
-    let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
+    let proxy = start_proxy(dir, label, &route, (PROXY_PORT, ADMIN_PORT, SIM_PORT));
     let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = {
-        let (stop, samples) = (stop.clone(), samples.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some((limit, inflight)) = admission_state() {
-                    let t = start.elapsed().as_secs_f64();
-                    samples
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((t, limit, inflight));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let sampler = Sampler::start(start, Duration::from_millis(100), admission_state);
     let plan = LoadPlan {
         url: format!("http://127.0.0.1:{PROXY_PORT}/ingest")
             .parse()
@@ -107,11 +86,13 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
             halved_at = start.elapsed().as_secs_f64();
         }
     }));
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
+    let samples = sampler
+        .finish()
+        .into_iter()
+        .map(|(t, (limit, inflight))| (t, limit, inflight))
+        .collect();
     drop(proxy);
     drop(sim);
-    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
     Run {
         label,
         seconds,
@@ -121,16 +102,11 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    if only_listing() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sluicegate-adaptive-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let dir = work_dir("adaptive");
+    let rt = runtime();
     let runs: Vec<Run> = ["adaptive", "static 16"]
         .into_iter()
         .map(|label| {
@@ -141,7 +117,7 @@ fn main() {
         .collect();
     println!(
         "\n{} cores; open loop {RATE} req/s; simulator 16 workers x 20 ms, 8 from {HALVED_AT} s\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cores()
     );
     println!(
         "| target | limit before (median 20-30 s) | limit after (median 45-60 s) | limit ≤ 13 after halving | goodput/s 20-30 s | goodput/s 30-40 s | goodput/s 45-60 s | admitted p99 ms 20-30 s | 30-40 s | 45-60 s |"
@@ -174,10 +150,7 @@ fn main() {
             ms(r.p99(45, 60)),
         );
     }
-    let out = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results/adaptive.svg");
-    std::fs::create_dir_all(std::path::Path::new(out).parent().unwrap()).unwrap();
-    std::fs::write(out, plot(&runs)).unwrap();
-    eprintln!("plot written to {out}");
+    write_result("adaptive.svg", &plot(&runs));
 }
 
 /// Per run: limit and in-flight (left axis) and admitted p99 per second (right

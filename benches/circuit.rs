@@ -9,14 +9,12 @@
 //! Writes a markdown table to stdout and `benches/results/circuit.svg`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
 mod common;
-use common::{bin, http_get, http_post, proxy_config, spawn, spawn_sim};
+use common::*;
 
 const RATE: f64 = 400.0;
 const BEFORE: usize = 5;
@@ -54,11 +52,9 @@ impl Run {
     }
 }
 
+/// The route's protections: admission, and the circuit when `circuit`.
 fn config(circuit: bool) -> String {
-    let mut c = proxy_config(
-        PROXY_PORT,
-        ADMIN_PORT,
-        SIM_PORT,
+    let mut c = String::from(
         "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n",
     );
     if circuit {
@@ -93,28 +89,11 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let path = dir.join(format!("{label}.toml"));
-    std::fs::write(&path, config(label == "circuit")).unwrap();
     let sim = spawn_sim(SIM_PORT, 16, 20);
-    let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
+    let route = config(label == "circuit");
+    let proxy = start_proxy(dir, label, &route, (PROXY_PORT, ADMIN_PORT, SIM_PORT));
     let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let states = Arc::new(Mutex::new(Vec::new()));
-    let sampler = {
-        let (stop, states) = (stop.clone(), states.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(s) = circuit_state() {
-                    let t = start.elapsed().as_secs_f64();
-                    states
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((t, s));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = Sampler::start(start, Duration::from_millis(20), circuit_state);
     let plan = LoadPlan {
         url: format!("http://127.0.0.1:{PROXY_PORT}/ingest")
             .parse()
@@ -138,12 +117,10 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
             recovered_at = start.elapsed().as_secs_f64();
         }
     }));
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
+    let states = sampler.finish();
     let failed_at_upstream = sim_counter("failed");
     drop(proxy);
     drop(sim);
-    let states = std::mem::take(&mut *states.lock().unwrap_or_else(|e| e.into_inner()));
     Run {
         label,
         seconds,
@@ -155,16 +132,11 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    if only_listing() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sluicegate-circuit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let dir = work_dir("circuit");
+    let rt = runtime();
     let runs: Vec<Run> = ["circuit", "no circuit"]
         .into_iter()
         .map(|label| {
@@ -174,17 +146,14 @@ fn main() {
         })
         .collect();
     print_table(&runs);
-    let out = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results/circuit.svg");
-    std::fs::create_dir_all(std::path::Path::new(out).parent().unwrap()).unwrap();
-    std::fs::write(out, plot(&runs)).unwrap();
-    eprintln!("plot written to {out}");
+    write_result("circuit.svg", &plot(&runs));
 }
 
 fn print_table(runs: &[Run]) {
     println!(
         "\n{} cores; open loop {RATE} req/s (half the simulator's 800); simulator fails \
          from {BEFORE} s to {} s\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores(),
         BEFORE + FAILING
     );
     println!(

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 mod common;
-use common::{bin, http_get, proxy_config, spawn, spawn_sim, status_kb};
+use common::*;
 
 const SIM_PORT: u16 = 19120;
 const PROXY_PORT: u16 = 19121;
@@ -34,14 +34,12 @@ fn keys_tracked() -> u64 {
 }
 
 fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, keys: usize, max_keys: usize) {
-    let path = dir.join(format!("cap{max_keys}.toml"));
-    std::fs::write(
-        &path,
-        proxy_config(PROXY_PORT, ADMIN_PORT, SIM_PORT, &format!("[route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 10\nmax_keys = {max_keys}\n")),
-    )
-    .unwrap();
+    let route = format!(
+        "[route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 10\nmax_keys = {max_keys}\n"
+    );
     let sim = spawn_sim(SIM_PORT, 256, 0);
-    let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
+    let name = format!("cap{max_keys}");
+    let proxy = start_proxy(dir, &name, &route, (PROXY_PORT, ADMIN_PORT, SIM_PORT));
     let pid = proxy.0.id();
     let start_rss = status_kb(pid, "VmRSS:");
     let next = Arc::new(AtomicUsize::new(0));
@@ -105,23 +103,18 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, keys: usize, max_key
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    if only_listing() {
         return;
     }
     let keys: usize = std::env::var("KEYS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let dir = std::env::temp_dir().join(format!("sluicegate-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let dir = work_dir("keys");
+    let rt = runtime();
     println!(
         "\n{} cores; {keys} requests, each with a new x-api-key, {CONNECTIONS} connections\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cores()
     );
     println!(
         "| max_keys | distinct keys sent | time | RSS before MB | RSS after MB | peak RSS MB | keys tracked at the end |"

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{bin, peak_rss_kb, proxy_config, spawn, spawn_sim};
+use common::*;
 
 use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 
@@ -42,23 +42,18 @@ struct StepResult {
     limit: Option<u64>,
 }
 
+/// The admission section of each sluicegate target: the issue's static limit,
+/// and the adaptive one that is not told the 16 workers (issue 6).
+fn route_of(target: &str) -> &'static str {
+    match target {
+        "adaptive" => {
+            "[route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+        }
+        _ => "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n",
+    }
+}
+
 fn write_configs(dir: &std::path::Path) {
-    std::fs::write(
-        dir.join("sluicegate.toml"),
-        proxy_config(
-            PROXY_PORT,
-            ADMIN_PORT,
-            SIM_PORT,
-            "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n",
-        ),
-    )
-    .unwrap();
-    // Not told the 16 workers: the limit is discovered (issue 6).
-    std::fs::write(
-        dir.join("adaptive.toml"),
-        proxy_config(PROXY_PORT, ADMIN_PORT, SIM_PORT, "[route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"),
-    )
-    .unwrap();
     std::fs::write(
         dir.join("haproxy.cfg"),
         format!(
@@ -73,21 +68,16 @@ fn write_configs(dir: &std::path::Path) {
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would run this too.
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    if only_listing() {
         return;
     }
     let step_seconds: usize = std::env::var("STEP_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
-    let dir = std::env::temp_dir().join(format!("sluicegate-overload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = work_dir("overload");
     write_configs(&dir);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let haproxy = ["/usr/sbin/haproxy", "haproxy"]
         .into_iter()
         .find(|p| Command::new(p).arg("-v").output().is_ok());
@@ -105,10 +95,11 @@ fn main() {
         for multiple in STEPS {
             let sim = spawn_sim(SIM_PORT, 16, 20);
             let proxy = match target {
-                "sluicegate" | "adaptive" => Some(spawn(
-                    &bin(),
-                    &["-c", dir.join(format!("{target}.toml")).to_str().unwrap()],
-                    PROXY_PORT,
+                "sluicegate" | "adaptive" => Some(start_proxy(
+                    &dir,
+                    target,
+                    route_of(target),
+                    (PROXY_PORT, ADMIN_PORT, SIM_PORT),
                 )),
                 "haproxy" => Some(spawn(
                     haproxy.unwrap(),
@@ -157,10 +148,7 @@ fn main() {
     }
     print_table(&results, step_seconds);
     let svg = plot(&results);
-    let out = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results/overload.svg");
-    std::fs::create_dir_all(std::path::Path::new(out).parent().unwrap()).unwrap();
-    std::fs::write(out, svg).unwrap();
-    eprintln!("plot written to {out}");
+    write_result("overload.svg", &svg);
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -170,7 +158,7 @@ fn ms(v: Option<f64>) -> String {
 fn print_table(results: &[StepResult], step_seconds: usize) {
     println!(
         "\n{} cores; open loop, {step_seconds} s per step; upstream 16 workers x 20 ms (~800 req/s)\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cores()
     );
     println!(
         "| target | load | goodput/s | admitted p50 / p99 ms | shed p50 / p99 ms | 503s | with Retry-After | errors | upstream queue peak | proxy peak RSS MB | limit at end |"

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 mod common;
-use common::{bin, http_get, http_post, proxy_config, spawn, spawn_sim, status_kb};
+use common::*;
 
 const SIM_PORT: u16 = 19140;
 const PROXY_PORT: u16 = 19141;
@@ -62,37 +62,22 @@ fn mood(t: u64) -> &'static str {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
+    if only_listing() {
         return;
     }
     let seconds: u64 = std::env::var("SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
-    let dir = std::env::temp_dir().join(format!("sluicegate-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("soak.toml");
-    std::fs::write(
-        &path,
-        proxy_config(
-            PROXY_PORT,
-            ADMIN_PORT,
-            SIM_PORT,
-            "timeout_ms = 1000\nread_timeout_ms = 2000\n\
+    let dir = work_dir("soak");
+    let route = "timeout_ms = 1000\nread_timeout_ms = 2000\n\
              [route.admission]\nmax_inflight = 16\nqueue_capacity = 64\nqueue_timeout_ms = 200\n\
              [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 100\nburst = 100\n\
-             [route.circuit]\nfailure_threshold = 5\nopen_ms = 2000\nmax_open_ms = 8000\n",
-        ),
-    )
-    .unwrap();
+             [route.circuit]\nfailure_threshold = 5\nopen_ms = 2000\nmax_open_ms = 8000\n";
     let sim = spawn_sim(SIM_PORT, 16, 20);
-    let proxy = spawn(&bin(), &["-c", path.to_str().unwrap()], PROXY_PORT);
+    let proxy = start_proxy(&dir, "soak", route, (PROXY_PORT, ADMIN_PORT, SIM_PORT));
     let pid = proxy.0.id();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let tally = Arc::new(Tally::default());
     let start = Instant::now();
     let mut rss = Vec::new();
@@ -202,7 +187,7 @@ fn main() {
     let answered: u64 = by_status.values().sum();
     println!(
         "\n{} cores; {seconds} s; 600 req/s with 1 600 req/s bursts; simulator cycling ok / fail / hang / slow every 60 s\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cores()
     );
     println!("| sent | answered | abandoned by the client | lost | still open at the end |");
     println!("|---:|---:|---:|---:|---:|");

@@ -34,6 +34,11 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// The future of the protection layers' services (admission, circuit, rate
+/// limit): boxed, because each awaits its inner service between its own steps.
+pub type BoxFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, BoxError>> + Send>>;
+
 /// Walks an error's `source()` chain looking for a `T`.
 pub(crate) fn find_cause<'a, T: std::error::Error + 'static>(
     err: &'a (dyn std::error::Error + 'static),

@@ -184,10 +184,10 @@ impl Rejection {
     }
 
     /// The response the client gets.
-    pub fn to_response(&self) -> Response<ProxyBody> {
+    pub fn into_response(self) -> Response<ProxyBody> {
         let mut res = self.bare_response();
-        if let Some(extra) = &self.headers {
-            res.headers_mut().extend(extra.as_ref().clone());
+        if let Some(extra) = self.headers {
+            res.headers_mut().extend(*extra);
         }
         res
     }
@@ -263,7 +263,7 @@ pub fn client_fault(err: &(dyn std::error::Error + 'static)) -> Option<Reason> {
 /// Turns a stack error into the client's response, logging the cause.
 pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
     if let Some(reason) = client_fault(err.as_ref()) {
-        return Rejection::new(reason).to_response();
+        return Rejection::new(reason).into_response();
     }
     let rejection = match err.downcast::<Rejection>() {
         Ok(rejection) => *rejection,
@@ -280,7 +280,7 @@ pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
             "request failed"
         );
     }
-    rejection.to_response()
+    rejection.into_response()
 }
 
 /// Displays an error and its sources, `a: b: c`.
@@ -418,7 +418,7 @@ mod tests {
     async fn rejection_body_and_headers() {
         let res = Rejection::new(Reason::QueueFull)
             .with_retry_after(3)
-            .to_response();
+            .into_response();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[header::RETRY_AFTER], "3");
         assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");

@@ -166,7 +166,7 @@ where
                 self.unmatched.count.fetch_add(1, Ordering::Relaxed);
                 self.unmatched.counter.increment(1);
                 ProxyFuture::Ready {
-                    response: Some(Rejection::new(Reason::NoRoute).to_response()),
+                    response: Some(Rejection::new(Reason::NoRoute).into_response()),
                 }
             }
         }

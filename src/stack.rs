@@ -113,10 +113,8 @@ fn circuit(
         .with_metrics(name, CircuitMetrics::new(name, registry));
     if let Some(f) = &config.fallback {
         circuit = circuit.with_fallback(StaticAnswer {
-            // Validation checked both (status in 200..=599, a valid header value).
-            status: http::StatusCode::from_u16(f.status).unwrap_or(http::StatusCode::OK),
-            content_type: http::HeaderValue::from_str(&f.content_type)
-                .unwrap_or(http::HeaderValue::from_static("text/plain")),
+            status: f.status,
+            content_type: f.content_type.clone(),
             body: bytes::Bytes::from(f.body.clone()),
         });
     }

@@ -110,3 +110,86 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }
+
+/// `cargo test --benches` and `cargo bench -- --list` run bench binaries too;
+/// the scenario benches do nothing then.
+pub fn only_listing() -> bool {
+    std::env::args().any(|a| a == "--list" || a == "--test")
+}
+
+/// A fresh scratch folder for one run's config files.
+pub fn work_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluicegate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The load generator's runtime: one worker, leaving the other core to the
+/// processes under test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The machine's core count, for the report.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Writes [`proxy_config`] with `route` to `dir/<name>.toml` and starts the
+/// release proxy on it.
+pub fn start_proxy(dir: &std::path::Path, name: &str, route: &str, ports: (u16, u16, u16)) -> Proc {
+    let (proxy, admin, sim) = ports;
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, proxy_config(proxy, admin, sim, route)).unwrap();
+    spawn(&bin(), &["-c", path.to_str().unwrap()], proxy)
+}
+
+/// Writes `benches/results/<name>` and says where.
+pub fn write_result(name: &str, content: &str) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/results");
+    std::fs::create_dir_all(dir).unwrap();
+    let out = format!("{dir}/{name}");
+    std::fs::write(&out, content).unwrap();
+    eprintln!("plot written to {out}");
+}
+
+/// Polls `sample` every `every` on a thread of its own, stamping each value
+/// with the seconds since `start`, until [`Sampler::finish`].
+pub struct Sampler<T> {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(f64, T)>>,
+}
+
+impl<T: Send + 'static> Sampler<T> {
+    /// Starts polling.
+    pub fn start(
+        start: std::time::Instant,
+        every: Duration,
+        mut sample: impl FnMut() -> Option<T> + Send + 'static,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(v) = sample() {
+                    samples.push((start.elapsed().as_secs_f64(), v));
+                }
+                std::thread::sleep(every);
+            }
+            samples
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops polling; the samples taken.
+    pub fn finish(self) -> Vec<(f64, T)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}

@@ -1,7 +1,5 @@
 //! [`AdmissionLayer`] and its service.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,7 +7,7 @@ use http::{HeaderName, Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{AdmissionSettings, Controller, Permit, Priority};
-use crate::body::{BoxError, GuardedBody};
+use crate::body::{BoxError, BoxFuture, GuardedBody};
 use crate::respond::client_fault;
 
 /// Admission control for any `Service<http::Request<B>>`.
@@ -106,8 +104,6 @@ pub struct Admission<S> {
     controller: Arc<Controller>,
     priority_header: HeaderName,
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
 impl<S, B, ResB> Service<Request<B>> for Admission<S>
 where

@@ -122,7 +122,7 @@ async fn a_predicted_wait_beyond_the_timeout_is_refused_at_once() {
         "it waited instead of refusing"
     );
     // Retry-After: (queued 0 + in flight 1) at ~1/s, jittered ±20 %, rounded up.
-    let res = err.to_response();
+    let res = err.into_response();
     let secs: u64 = res.headers()["retry-after"]
         .to_str()
         .unwrap()

@@ -1,7 +1,5 @@
 //! [`CircuitBreakerLayer`] and its service.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
@@ -13,8 +11,8 @@ use tower::{Layer, Service, ServiceExt};
 use super::breaker::{CallOutcome, CircuitSettings, Ticket};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
-use crate::body::BoxError;
-use crate::proxy::{BodyFailureHook, BodyObserver};
+use crate::body::{BoxError, BoxFuture};
+use crate::proxy::{BodyObserver, BodyOutcomeHook};
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
 ///
@@ -99,22 +97,10 @@ pub struct CircuitBreaker<S> {
     circuit: Arc<Circuit>,
 }
 
-/// Answers a ticket when the call is dropped unanswered (the client went away):
-/// neither success nor failure, but a probe slot must not leak.
-struct Pending {
-    circuit: Arc<Circuit>,
-    ticket: Option<Ticket>,
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            self.circuit.finish(ticket, None, Instant::now());
-        }
-    }
-}
-
-/// Decides a call's outcome at the end of its response body.
+/// Holds a call's ticket until its outcome is known: at the headers, or at the
+/// end of the response body when a forwarder reports it. Dropped undecided
+/// (the client went away, before or during the body) it answers "neither",
+/// so that a probe slot never leaks.
 struct BodyWatch {
     circuit: Arc<Circuit>,
     ticket: Ticket,
@@ -138,9 +124,11 @@ impl BodyWatch {
         self.state.load(Ordering::Acquire) == ATTACHED
     }
 
-    /// The outcome was decided at the headers; the body has no say.
-    fn disarm(&self) {
-        self.state.store(DONE, Ordering::Release);
+    /// Decides the outcome now, at the headers; the body has no say.
+    fn decide(&self, outcome: Option<CallOutcome>) {
+        if self.state.swap(DONE, Ordering::AcqRel) != DONE {
+            self.circuit.finish(self.ticket, outcome, Instant::now());
+        }
     }
 }
 
@@ -167,15 +155,11 @@ impl BodyObserver for BodyWatch {
 
 impl Drop for BodyWatch {
     fn drop(&mut self) {
-        // The body was dropped unfinished (the client went away): neither,
-        // but a probe slot must not leak.
-        if *self.state.get_mut() == ATTACHED {
+        if *self.state.get_mut() != DONE {
             self.circuit.finish(self.ticket, None, Instant::now());
         }
     }
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
 impl<S, B, ResB> Service<Request<B>> for CircuitBreaker<S>
 where
@@ -203,22 +187,15 @@ where
             // A call succeeds only once its body has: a forwarder that reports
             // the body's end decides the outcome of a good response.
             let watch = Arc::new(BodyWatch::new(circuit.clone(), ticket));
-            req.extensions_mut().insert(BodyFailureHook(watch.clone()));
-            let mut pending = Pending {
-                circuit: circuit.clone(),
-                ticket: Some(ticket),
-            };
+            req.extensions_mut().insert(BodyOutcomeHook(watch.clone()));
             let result = inner.oneshot(req).await.map_err(Into::into);
             let outcome = match &result {
                 Ok(res) => Some(circuit.policy().classify(res, start.elapsed())),
                 Err(err) => circuit.policy().classify_error(err),
             };
-            pending.ticket = None;
-            if outcome == Some(CallOutcome::Success) && watch.attached() {
-                return result; // the body will tell
-            }
-            watch.disarm();
-            circuit.finish(ticket, outcome, Instant::now());
+            if outcome != Some(CallOutcome::Success) || !watch.attached() {
+                watch.decide(outcome);
+            } // else the body will tell
             result
         })
     }

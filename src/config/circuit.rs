@@ -56,13 +56,30 @@ pub struct CircuitConfig {
 #[serde(deny_unknown_fields)]
 pub struct FallbackConfig {
     /// The status, 200..=599.
-    pub status: u16,
+    #[serde(deserialize_with = "final_status")]
+    pub status: http::StatusCode,
     /// The body, sent as is.
     #[serde(default)]
     pub body: String,
     /// Its `Content-Type`.
-    #[serde(default = "default_content_type")]
-    pub content_type: String,
+    #[serde(default = "default_content_type", deserialize_with = "header_value")]
+    pub content_type: http::HeaderValue,
+}
+
+fn final_status<'de, D: serde::Deserializer<'de>>(de: D) -> Result<http::StatusCode, D::Error> {
+    let n = u16::deserialize(de)?;
+    http::StatusCode::from_u16(n)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("{n} is not a final HTTP status (200..=599)"))
+        })
+}
+
+fn header_value<'de, D: serde::Deserializer<'de>>(de: D) -> Result<http::HeaderValue, D::Error> {
+    let s = String::deserialize(de)?;
+    http::HeaderValue::from_str(&s)
+        .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a valid header value")))
 }
 
 /// Window and minimum calls when `failure_rate_threshold` is set without them.
@@ -91,8 +108,8 @@ const fn default_success_threshold() -> Limit {
 const fn default_min_half_open() -> u64 {
     1_000
 }
-fn default_content_type() -> String {
-    "application/json".into()
+fn default_content_type() -> http::HeaderValue {
+    http::HeaderValue::from_static("application/json")
 }
 
 impl CircuitConfig {
@@ -157,20 +174,6 @@ impl CircuitConfig {
                  numeric max_inflight"
                     .into(),
             ));
-        }
-        if let Some(f) = &self.fallback {
-            if !(200..=599).contains(&f.status) {
-                return Err((
-                    key("fallback.status"),
-                    format!("{} is not a final HTTP status (200..=599)", f.status),
-                ));
-            }
-            if http::HeaderValue::from_str(&f.content_type).is_err() {
-                return Err((
-                    key("fallback.content_type"),
-                    format!("`{}` is not a valid header value", f.content_type),
-                ));
-            }
         }
         Ok(())
     }

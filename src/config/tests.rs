@@ -6,6 +6,17 @@ fn err(text: &str) -> ConfigError {
 
 const ROUTE: &str = "[[route]]\nupstream = \"http://127.0.0.1:9000\"\n";
 
+/// Each `(lines, key, problem)`: `head` + `lines` is refused at `section.key`
+/// with `problem` in the message.
+fn assert_refused(head: &str, section: &str, cases: &[(&str, &str, &str)]) {
+    for (lines, key, problem) in cases {
+        let e = err(&format!("{head}{lines}\n"));
+        let want = format!("{section}.{key}");
+        assert_eq!(e.key(), Some(want.as_str()), "{lines}: {e}");
+        assert!(e.to_string().contains(problem), "{lines}: {e}");
+    }
+}
+
 #[test]
 fn embedded_default_is_valid() {
     let config = Config::embedded_default().unwrap();
@@ -250,15 +261,11 @@ fn bad_circuit_values_name_their_key() {
         ),
         ("failure_treshold = 3", "failure_treshold", "unknown"),
     ];
-    for (line, key, problem) in cases {
-        let e = err(&format!("{ROUTE}[route.circuit]\n{line}\n"));
-        assert_eq!(
-            e.key(),
-            Some(format!("route[0].circuit.{key}").as_str()),
-            "{line}"
-        );
-        assert!(e.to_string().contains(problem), "{line}: {e}");
-    }
+    assert_refused(
+        &format!("{ROUTE}[route.circuit]\n"),
+        "route[0].circuit",
+        &cases,
+    );
 }
 
 #[test]
@@ -296,15 +303,11 @@ fn bad_rate_limit_values_name_their_key() {
             "already in tier[0]",
         ),
     ];
-    for (lines, key, problem) in cases {
-        let e = err(&format!("{ROUTE}[route.rate_limit]\n{lines}\n"));
-        assert_eq!(
-            e.key(),
-            Some(format!("route[0].rate_limit.{key}").as_str()),
-            "{lines}"
-        );
-        assert!(e.to_string().contains(problem), "{lines}: {e}");
-    }
+    assert_refused(
+        &format!("{ROUTE}[route.rate_limit]\n"),
+        "route[0].rate_limit",
+        &cases,
+    );
     let e = err(&format!("{ROUTE}[route.rate_limit]\nkey = \"ip\"\n"));
     assert!(e.to_string().contains("per_second"), "{e}");
 }
@@ -369,15 +372,8 @@ fn bad_adaptive_values_name_their_key() {
         ("smoothing = 0", "smoothing", "above 0"),
         ("window = 5", "window", "unknown field"),
     ];
-    for (lines, key, problem) in cases {
-        let e = err(&format!(
-            "{ROUTE}[route.admission]\nmax_inflight = \"adaptive\"\n[route.admission.adaptive]\n{lines}\n"
-        ));
-        assert_eq!(
-            e.key(),
-            Some(format!("route[0].admission.adaptive.{key}").as_str()),
-            "{lines}: {e}"
-        );
-        assert!(e.to_string().contains(problem), "{lines}: {e}");
-    }
+    let head = format!(
+        "{ROUTE}[route.admission]\nmax_inflight = \"adaptive\"\n[route.admission.adaptive]\n"
+    );
+    assert_refused(&head, "route[0].admission.adaptive", &cases);
 }

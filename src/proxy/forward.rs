@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::headers;
-use super::read_timeout::{BodyFailureHook, ReadTimeout, Side};
+use super::read_timeout::{BodyOutcomeHook, ReadTimeout, Side};
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::config::RouteConfig;
 use crate::observe::RouteStats;
@@ -124,7 +124,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let client_ip = parts.extensions.get::<ClientAddr>().map(|c| c.0.ip());
-        let on_failure = parts.extensions.remove::<BodyFailureHook>();
+        let observer = parts.extensions.remove::<BodyOutcomeHook>();
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client_ip);
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
@@ -146,7 +146,7 @@ where
             headers::prepare_response(res.headers_mut(), version);
             let read_timeout = inner.read_timeout;
             Ok(res.map(|body| {
-                ReadTimeout::new(body, read_timeout, Side::Upstream).on_failure(on_failure)
+                ReadTimeout::new(body, read_timeout, Side::Upstream).observed_by(observer)
             }))
         })
     }

@@ -5,4 +5,4 @@ pub mod headers;
 mod read_timeout;
 
 pub use forward::{ClientAddr, Forward, UpstreamClient};
-pub use read_timeout::{BodyFailureHook, BodyObserver, ReadTimedOut, ReadTimeout, Side};
+pub use read_timeout::{BodyObserver, BodyOutcomeHook, ReadTimedOut, ReadTimeout, Side};

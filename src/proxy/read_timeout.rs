@@ -65,11 +65,11 @@ pub trait BodyObserver: Send + Sync {
 /// Request extension carrying a [`BodyObserver`] to the forwarder (the circuit
 /// breaker puts it there).
 #[derive(Clone)]
-pub struct BodyFailureHook(pub std::sync::Arc<dyn BodyObserver>);
+pub struct BodyOutcomeHook(pub std::sync::Arc<dyn BodyObserver>);
 
-impl fmt::Debug for BodyFailureHook {
+impl fmt::Debug for BodyOutcomeHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("BodyFailureHook")
+        f.write_str("BodyOutcomeHook")
     }
 }
 
@@ -78,11 +78,15 @@ pin_project! {
     pub struct ReadTimeout<B> {
         #[pin]
         inner: B,
+        // Re-armed lazily: a frame only records `last`, and the sleep, when it
+        // fires early, is pushed to `last + timeout`. A reset per frame would
+        // touch the timer wheel for every chunk of every body.
         #[pin]
         sleep: Sleep,
+        last: Instant,
         timeout: Duration,
         side: Side,
-        on_failure: Option<BodyFailureHook>,
+        observer: Option<BodyOutcomeHook>,
     }
 }
 
@@ -92,18 +96,19 @@ impl<B> ReadTimeout<B> {
         Self {
             inner,
             sleep: tokio::time::sleep(timeout),
+            last: Instant::now(),
             timeout,
             side,
-            on_failure: None,
+            observer: None,
         }
     }
 
     /// Reports the body's end to `hook`.
-    pub fn on_failure(mut self, hook: Option<BodyFailureHook>) -> Self {
+    pub fn observed_by(mut self, hook: Option<BodyOutcomeHook>) -> Self {
         if let Some(h) = &hook {
             h.0.attach();
         }
-        self.on_failure = hook;
+        self.observer = hook;
         self
     }
 }
@@ -122,7 +127,7 @@ where
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let mut this = self.project();
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
-            this.sleep.as_mut().reset(Instant::now() + *this.timeout);
+            *this.last = Instant::now();
             let frame: Option<Result<Frame<B::Data>, BoxError>> =
                 frame.map(|f| f.map_err(Into::into));
             let ended = match &frame {
@@ -136,15 +141,22 @@ where
                 Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
             };
             if let Some(ok) = ended
-                && let Some(hook) = this.on_failure.take()
+                && let Some(hook) = this.observer.take()
             {
                 hook.0.finished(ok);
             }
             return Poll::Ready(frame);
         }
-        ready!(this.sleep.poll(cx));
+        loop {
+            ready!(this.sleep.as_mut().poll(cx));
+            let deadline = *this.last + *this.timeout;
+            if Instant::now() >= deadline {
+                break;
+            }
+            this.sleep.as_mut().reset(deadline);
+        }
         tracing::warn!(side = ?this.side, after_ms = this.timeout.as_millis() as u64, "body stalled; cut off");
-        if let Some(hook) = this.on_failure.take() {
+        if let Some(hook) = this.observer.take() {
             hook.0.finished(false);
         }
         let err = ReadTimedOut {

@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderName, header::HeaderValue};
 
 use crate::config::KeySource;
 use crate::proxy::ClientAddr;
+use crate::proxy::headers::X_FORWARDED_FOR;
 
 /// Header values longer than this are kept as a 64-bit digest, so that a key
 /// costs the store a bounded number of bytes whatever clients send.
@@ -86,10 +87,7 @@ impl KeyExtractor {
         let peer = extensions
             .get::<ClientAddr>()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-        ClientKey::Ip(self.client_ip(
-            peer,
-            headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")),
-        ))
+        ClientKey::Ip(self.client_ip(peer, headers.get_all(&X_FORWARDED_FOR)))
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -107,8 +105,7 @@ impl KeyExtractor {
         }
         let mut client = canonical(peer);
         // Right to left over every X-Forwarded-For line and entry.
-        let lines: Vec<&HeaderValue> = forwarded.iter().collect();
-        for line in lines.into_iter().rev() {
+        for line in forwarded.iter().rev() {
             let Ok(line) = line.to_str() else {
                 return client;
             };

@@ -1,7 +1,5 @@
 //! [`RateLimitLayer`] and its service.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,7 +7,7 @@ use http::{HeaderMap, HeaderName, Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
 use super::limiter::{RateLimiter, Verdict};
-use crate::body::BoxError;
+use crate::body::{BoxError, BoxFuture};
 use crate::respond::{Reason, Rejection};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
@@ -97,8 +95,6 @@ fn fields(verdict: &Verdict) -> HeaderMap {
     headers.insert(RATELIMIT, verdict.state.clone());
     headers
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
 impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
 where

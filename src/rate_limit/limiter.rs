@@ -250,7 +250,9 @@ impl RateLimiter {
         Verdict {
             retry_after_s,
             policy: bucket.policy.clone(),
-            state: HeaderValue::from_str(&state).unwrap_or_else(|_| HeaderValue::from_static("")),
+            // The name was stripped of quotes and checked as a header value with
+            // the policy; digits cannot make it invalid. Moved, not copied.
+            state: HeaderValue::try_from(state).unwrap_or_else(|_| HeaderValue::from_static("")),
         }
     }
 

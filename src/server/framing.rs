@@ -77,9 +77,8 @@ pub(super) struct FramingGuard<T> {
     inner: T,
     refused: Counter,
     state: State,
-    /// Bytes cleared for hyper, from `ready_at` on.
-    ready: Vec<u8>,
-    ready_at: usize,
+    /// What is left of the poison when the caller's buffer could not hold it.
+    poison_left: &'static [u8],
 }
 
 impl<T> FramingGuard<T> {
@@ -89,25 +88,20 @@ impl<T> FramingGuard<T> {
             inner,
             refused,
             state: State::Head(Head::default()),
-            ready: Vec::new(),
-            ready_at: 0,
+            poison_left: &[],
         }
     }
 
-    /// Feeds bytes the client sent, moving what may go on into `ready`.
-    fn follow(&mut self, bytes: &[u8]) {
+    /// Follows bytes the client sent; returns the offset of the LF that
+    /// completes a refused head (it and everything after are not for hyper).
+    fn follow(&mut self, bytes: &[u8]) -> Option<usize> {
         let mut i = 0;
         while i < bytes.len() {
             match &mut self.state {
-                State::Refused => return,
-                State::Pass => {
-                    self.ready.extend_from_slice(&bytes[i..]);
-                    return;
-                }
+                State::Refused | State::Pass => return None,
                 State::Body(n) | State::ChunkData(n) => {
                     let take = (*n).min((bytes.len() - i) as u64);
                     *n -= take;
-                    self.ready.extend_from_slice(&bytes[i..i + take as usize]);
                     i += take as usize;
                     if *n == 0 {
                         self.state = match self.state {
@@ -119,17 +113,15 @@ impl<T> FramingGuard<T> {
                 }
                 _ => {}
             }
-            if self.byte(bytes[i]) {
-                self.ready.push(bytes[i]);
-            } else {
+            if !self.byte(bytes[i]) {
                 tracing::warn!("refused an ambiguous request head (400, connection closed)");
                 self.refused.increment(1);
-                self.ready.extend_from_slice(POISON);
                 self.state = State::Refused;
-                return;
+                return Some(i);
             }
             i += 1;
         }
+        None
     }
 
     /// Takes one byte outside bodies; `false` refuses the head.
@@ -260,27 +252,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingGuard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        loop {
-            if this.ready_at < this.ready.len() {
-                let n = (this.ready.len() - this.ready_at).min(buf.remaining());
-                buf.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
-                this.ready_at += n;
-                if this.ready_at == this.ready.len() {
-                    this.ready.clear();
-                    this.ready_at = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            let mut scratch = [0u8; 8192];
-            let mut read = ReadBuf::new(&mut scratch);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            if read.filled().is_empty() {
-                return Poll::Ready(Ok(())); // end of input
-            }
-            // After a refusal, what follows is dropped; keep reading so that a
-            // client hanging up is still seen.
-            this.follow(read.filled());
+        if !this.poison_left.is_empty() {
+            let n = this.poison_left.len().min(buf.remaining());
+            buf.put_slice(&this.poison_left[..n]);
+            this.poison_left = &this.poison_left[n..];
+            return Poll::Ready(Ok(()));
         }
+        if this.state == State::Refused {
+            // What follows a refused head is dropped; keep reading so that a
+            // client hanging up is still seen.
+            let mut scratch = [0u8; 4096];
+            loop {
+                let mut discard = ReadBuf::new(&mut scratch);
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut discard))?;
+                if discard.filled().is_empty() {
+                    return Poll::Ready(Ok(())); // end of input
+                }
+            }
+        }
+        // Read straight into hyper's buffer and follow what arrived there.
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(at) = this.follow(&buf.filled()[before..]) {
+            buf.set_filled(before + at);
+            let n = POISON.len().min(buf.remaining());
+            buf.put_slice(&POISON[..n]);
+            this.poison_left = &POISON[n..];
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -321,11 +320,17 @@ mod tests {
     /// What hyper would read, fed in `chunks`; and whether a head was refused.
     fn through(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
         let mut guard = FramingGuard::new((), Counter::noop());
+        let mut out = Vec::new();
         for c in chunks {
-            guard.follow(c);
+            if guard.state == State::Refused {
+                break;
+            }
+            match guard.follow(c) {
+                Some(at) => out.extend_from_slice(&[&c[..at], POISON].concat()),
+                None => out.extend_from_slice(c),
+            }
         }
-        let refused = guard.state == State::Refused;
-        (guard.ready, refused)
+        (out, guard.state == State::Refused)
     }
 
     #[test]
