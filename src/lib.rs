@@ -60,6 +60,7 @@ pub mod body;
 pub mod body_limit;
 pub mod circuit;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod loadgen;
 pub mod metrics;
@@ -73,6 +74,7 @@ pub mod server;
 pub mod sim;
 pub mod stack;
 pub mod telemetry;
+pub mod upstream_timeout;
 
 pub use config::Config;
 pub use server::{Running, start};

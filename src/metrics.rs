@@ -42,6 +42,9 @@ pub const CONFIG_RELOAD_TOTAL: &str = "sluicegate_config_reload_total";
 /// `sluicegate_framing_refused_total`: request heads refused with 400 by the
 /// framing guard (Content-Length with Transfer-Encoding, bare-LF line ends).
 pub const FRAMING_REFUSED_TOTAL: &str = "sluicegate_framing_refused_total";
+/// `sluicegate_send_timeout_total`: client connections closed because the
+/// client took no response bytes for `send_timeout_ms`.
+pub const SEND_TIMEOUT_TOTAL: &str = "sluicegate_send_timeout_total";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";

@@ -19,7 +19,7 @@ use tower::{Layer, Service};
 
 use crate::body::{BoxError, ProxyBody, boxed, find_cause, full};
 use crate::body_limit::LengthLimitError;
-use crate::proxy::{ReadTimedOut, Side};
+use crate::proxy::{ClientBodyError, ReadTimedOut, Side};
 
 /// Why the proxy answered a request itself. The `as_str` codes are a contract
 /// (SPEC "Rejections") used in bodies and metric labels.
@@ -45,11 +45,15 @@ pub enum Reason {
     NoRoute,
     /// The client paused sending its request body too long.
     RequestTimeout,
+    /// The request is malformed: its body's framing, its path, its host.
+    BadRequest,
+    /// The client went away before its request was whole (nginx's 499).
+    ClientClosed,
 }
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 12] = [
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::CircuitOpen,
@@ -60,6 +64,8 @@ impl Reason {
         Reason::Draining,
         Reason::NoRoute,
         Reason::RequestTimeout,
+        Reason::BadRequest,
+        Reason::ClientClosed,
     ];
 
     /// The reason code, as in bodies and metric labels.
@@ -75,6 +81,8 @@ impl Reason {
             Reason::Draining => "draining",
             Reason::NoRoute => "no_route",
             Reason::RequestTimeout => "request_timeout",
+            Reason::BadRequest => "bad_request",
+            Reason::ClientClosed => "client_closed",
         }
     }
 
@@ -87,6 +95,8 @@ impl Reason {
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            // Seldom read by anyone: the client is gone.
+            Reason::BadRequest | Reason::ClientClosed => StatusCode::BAD_REQUEST,
             Reason::QueueFull | Reason::QueueTimeout | Reason::CircuitOpen | Reason::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -106,6 +116,8 @@ impl Reason {
             Reason::Draining => "shutting down",
             Reason::NoRoute => "no route for this request",
             Reason::RequestTimeout => "request body not received in time",
+            Reason::BadRequest => "malformed request",
+            Reason::ClientClosed => "client closed the request",
         }
     }
 }
@@ -250,10 +262,23 @@ pub struct Rejected(pub Reason);
 
 /// The client's own doing, found anywhere in an error's chain (the upstream
 /// client wraps a failing request body in its own error): a body over its
-/// limit, or one the client stopped sending. Not an upstream failure.
+/// limit, one the client stopped sending, cut short or malformed, or a client
+/// gone while its request waited. Not an upstream failure, nor an overload.
 pub fn client_fault(err: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     if find_cause::<LengthLimitError>(err).is_some() {
         return Some(Reason::BodyTooLarge);
+    }
+    if let Some(body) = find_cause::<ClientBodyError>(err) {
+        return Some(if body.malformed() {
+            Reason::BadRequest
+        } else {
+            Reason::ClientClosed
+        });
+    }
+    if let Some(rejection) = find_cause::<Rejection>(err)
+        && rejection.reason == Reason::ClientClosed
+    {
+        return Some(Reason::ClientClosed);
     }
     find_cause::<ReadTimedOut>(err)
         .filter(|t| t.side == Side::Client)
@@ -263,6 +288,13 @@ pub fn client_fault(err: &(dyn std::error::Error + 'static)) -> Option<Reason> {
 /// Turns a stack error into the client's response, logging the cause.
 pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
     if let Some(reason) = client_fault(err.as_ref()) {
+        // The client's doing: worth a line when debugging, not a warning.
+        tracing::debug!(
+            route,
+            reason = reason.as_str(),
+            cause = %ErrorChain(err.as_ref()),
+            "request refused: the client's fault"
+        );
         return Rejection::new(reason).into_response();
     }
     let rejection = match err.downcast::<Rejection>() {

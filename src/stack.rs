@@ -11,7 +11,6 @@
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
-use tower::timeout::{Timeout, TimeoutLayer};
 use tower::util::Either;
 use tower_http::request_id::{
     PropagateRequestId, PropagateRequestIdLayer, SetRequestId, SetRequestIdLayer,
@@ -33,15 +32,17 @@ use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter
 use crate::request_id::SequentialIds;
 use crate::respond::{Rescue, RescueLayer, StaticAnswer};
 use crate::route::{Proxy, RouteEntry, RouteTable, Unmatched};
+use crate::upstream_timeout::{UpstreamTimeout, UpstreamTimeoutLayer};
 
 /// One route's stack around an innermost service `S`.
 pub type RouteStack<S> = Observe<Rescue<BodyLimit<Either<RateLimit<Guarded<S>>, Guarded<S>>>>>;
 
-/// A route's stack from the circuit breaker down.
-pub type Guarded<S> = Either<CircuitBreaker<Admitted<S>>, Admitted<S>>;
+/// A route's stack from the circuit breaker down (a pass-through breaker on
+/// routes without one).
+pub type Guarded<S> = CircuitBreaker<Admitted<S>>;
 
 /// A route's stack from admission down.
-pub type Admitted<S> = Admission<Timeout<S>>;
+pub type Admitted<S> = Admission<UpstreamTimeout<S>>;
 
 /// The whole proxy as one service around innermost services `S`.
 pub type ProxyOf<S> = SetRequestId<PropagateRequestId<Proxy<RouteStack<S>>>, SequentialIds>;
@@ -71,17 +72,12 @@ pub fn route_stack<S>(
                 .clone()
                 .map(RateLimitLayer::with_limiter),
         )
-        .option_layer(
-            protections
-                .circuit
-                .clone()
-                .map(CircuitBreakerLayer::with_circuit),
-        )
+        .layer(CircuitBreakerLayer::optional(protections.circuit.clone()))
         .layer(
             AdmissionLayer::with_controller(protections.admission.clone())
                 .priority_header(priority_header),
         )
-        .layer(TimeoutLayer::new(route.timeout_ms.get()))
+        .layer(UpstreamTimeoutLayer::new(route.timeout_ms.get()))
         .service(inner)
 }
 
@@ -180,11 +176,11 @@ pub struct Built<S, R> {
 fn route_parts<S>(
     route: &RouteConfig,
     registry: &Registry,
-    make_inner: &mut impl FnMut(&RouteConfig, &Arc<RouteStats>) -> S,
+    make_inner: &mut impl FnMut(&RouteConfig) -> S,
 ) -> (RouteEntry<RouteStack<S>>, RouteInfo) {
     let stats = Arc::new(RouteStats::new(route.display_name(), registry));
     let protections = Protections::new(route, registry);
-    let inner = make_inner(route, &stats);
+    let inner = make_inner(route);
     let entry = RouteEntry {
         name: route.display_name().to_string(),
         path_prefix: route.path_prefix.as_str().to_string(),
@@ -203,7 +199,7 @@ fn route_parts<S>(
 pub fn build_with<S>(
     config: &Config,
     registry: &Registry,
-    mut make_inner: impl FnMut(&RouteConfig, &Arc<RouteStats>) -> S,
+    mut make_inner: impl FnMut(&RouteConfig) -> S,
 ) -> Built<ProxyOf<S>, RouteStack<S>> {
     let (entries, routes): (Vec<_>, Vec<_>) = config
         .routes
@@ -244,7 +240,7 @@ pub fn rebuild_with<S: Clone>(
     registry: &Registry,
     current: &[RouteInfo],
     table: &RouteTable<RouteStack<S>>,
-    mut make_inner: impl FnMut(&RouteConfig, &Arc<RouteStats>) -> S,
+    mut make_inner: impl FnMut(&RouteConfig) -> S,
 ) -> (RouteTable<RouteStack<S>>, Vec<RouteInfo>, RouteChanges) {
     let mut changes = RouteChanges::default();
     let mut entries = Vec::with_capacity(config.routes.len());
@@ -283,9 +279,7 @@ pub fn rebuild_with<S: Clone>(
 
 /// Builds the proxy forwarding to the configured upstreams.
 pub fn build(config: &Config, registry: &Registry) -> Built<ProxyService, RouteStack<Forward>> {
-    build_with(config, registry, |route, stats| {
-        Forward::new(route, stats.clone())
-    })
+    build_with(config, registry, Forward::new)
 }
 
 /// [`rebuild_with`] for the proxy's own forwarders.
@@ -299,7 +293,5 @@ pub fn rebuild(
     Vec<RouteInfo>,
     RouteChanges,
 ) {
-    rebuild_with(config, registry, current, table, |route, stats| {
-        Forward::new(route, stats.clone())
-    })
+    rebuild_with(config, registry, current, table, Forward::new)
 }

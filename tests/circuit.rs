@@ -160,7 +160,8 @@ async fn upstream_backpressure_keeps_the_circuit_open_as_long_as_asked() {
         .await
         .unwrap();
     let base = format!("http://{}", proxy.proxy_addr());
-    // A 429 is not a failure status, but with Retry-After it is backpressure.
+    // An upstream 429 is one client's quota: by default not the upstream's
+    // health, even with a Retry-After.
     let (code, retry_after, _) = status(&format!("{base}/status/429?retry_after=40")).await;
     assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
@@ -168,8 +169,14 @@ async fn upstream_backpressure_keeps_the_circuit_open_as_long_as_asked() {
         Some(40),
         "the upstream's answer passes through"
     );
-    let (code, retry_after, _) = status(&format!("{base}/x")).await;
+    assert_eq!(status(&format!("{base}/x")).await.0, StatusCode::OK);
+    // A 503 with Retry-After is route-wide backpressure.
+    let (code, retry_after, _) = status(&format!("{base}/status/503?retry_after=40")).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(retry_after, Some(40));
+    let (code, retry_after, body) = status(&format!("{base}/x")).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["reason"], "circuit_open");
     assert!((40..=48).contains(&retry_after.unwrap()), "{retry_after:?}");
     advance(Duration::from_secs(39)).await;
     assert_eq!(
@@ -178,6 +185,23 @@ async fn upstream_backpressure_keeps_the_circuit_open_as_long_as_asked() {
     );
     advance(Duration::from_secs(1)).await;
     assert_eq!(status(&format!("{base}/x")).await.0, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backpressure_statuses_are_configurable() {
+    let (up, _) = spawn_upstream().await;
+    let extra = format!("{CIRCUIT}backpressure_statuses = [429]\nfailure_threshold = 1\n")
+        .replace("failure_threshold = 3\n", "");
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &extra))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    let (code, _, _) = status(&format!("{base}/status/429?retry_after=40")).await;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
+    let (code, retry_after, _) = status(&format!("{base}/x")).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!((40..=48).contains(&retry_after.unwrap()), "{retry_after:?}");
     proxy.shutdown().await;
 }
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, Version};
 use proptest::prelude::*;
 use sluicegate::config::{Config, KeySource};
-use sluicegate::proxy::ClientAddr;
+use sluicegate::conn::ClientAddr;
 use sluicegate::proxy::headers::{prepare_request, prepare_response};
 use sluicegate::rate_limit::{ClientKey, KeyExtractor};
 

@@ -8,7 +8,9 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::{AdmissionSettings, Controller, Permit, Priority};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
-use crate::respond::client_fault;
+use crate::conn::PeerClosed;
+use crate::respond::{Reason, Rejection, client_fault};
+use crate::upstream_timeout::UpstreamLatency;
 
 /// Admission control for any `Service<http::Request<B>>`.
 ///
@@ -124,21 +126,41 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let priority = Priority::from_header(req.headers().get(&self.priority_header));
+        let peer = req.extensions().get::<PeerClosed>().cloned();
         let controller = self.controller.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
             let start = tokio::time::Instant::now();
-            let mut permit = controller.acquire(priority).await?;
+            let mut permit = match peer {
+                // Only polled when the request has to wait.
+                Some(peer) => tokio::select! {
+                    biased;
+                    permit = controller.acquire(priority) => permit?,
+                    () = peer.closed() => {
+                        // Dropping the acquire future left the queue.
+                        return Err(Rejection::new(Reason::ClientClosed)
+                            .with_cause("client closed its connection while queued")
+                            .into());
+                    }
+                },
+                None => controller.acquire(priority).await?,
+            };
             let admitted = tokio::time::Instant::now();
             let waited = QueueWait(admitted - start);
             match inner.oneshot(req).await.map_err(Into::into) {
                 Ok(mut res) => {
-                    permit.record(admitted.elapsed(), res.status().is_server_error());
+                    // The upstream's own time when measured (uploads excluded).
+                    let rtt = res
+                        .extensions()
+                        .get::<UpstreamLatency>()
+                        .map_or_else(|| admitted.elapsed(), |l| l.0);
+                    permit.record(rtt, res.status().is_server_error());
                     res.extensions_mut().insert(waited);
                     Ok(res.map(|body| GuardedBody::new(body, permit)))
                 }
                 Err(err) => {
-                    // A body over its limit or stalled is the client's doing, not load.
+                    // A body over its limit, stalled, cut short or malformed is
+                    // the client's doing, not load: no sample.
                     if client_fault(err.as_ref()).is_none() {
                         permit.record(admitted.elapsed(), true);
                     }

@@ -1,18 +1,21 @@
 //! [`CircuitBreakerLayer`] and its service.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
-use super::breaker::{CallOutcome, CircuitSettings, Ticket};
+use super::body::{CircuitBody, Undecided};
+use super::breaker::{CallOutcome, CircuitSettings};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
-use crate::body::{BoxError, BoxFuture};
-use crate::proxy::{BodyObserver, BodyOutcomeHook};
+use crate::body::BoxError;
+use crate::respond::Rejection;
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
 ///
@@ -36,7 +39,7 @@ use crate::proxy::{BodyObserver, BodyOutcomeHook};
 ///     open: Duration::from_secs(5),
 ///     ..CircuitSettings::default()
 /// });
-/// let circuit = breaker.circuit().clone();
+/// let circuit = breaker.circuit().unwrap().clone();
 /// let app = ServiceBuilder::new()
 ///     .layer(RescueLayer::new("ingest")) // refusals -> 503 + Retry-After + JSON
 ///     .layer(breaker)
@@ -58,7 +61,7 @@ use crate::proxy::{BodyObserver, BodyOutcomeHook};
 /// ```
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerLayer {
-    circuit: Arc<Circuit>,
+    circuit: Option<Arc<Circuit>>,
 }
 
 impl CircuitBreakerLayer {
@@ -71,12 +74,20 @@ impl CircuitBreakerLayer {
     /// A layer over an existing circuit (shared, with metrics, a fallback, or a
     /// slow start).
     pub fn with_circuit(circuit: Arc<Circuit>) -> Self {
+        Self {
+            circuit: Some(circuit),
+        }
+    }
+
+    /// A layer over `circuit` when there is one, and a pass-through when not,
+    /// so that a stack has one type whether or not a route has a breaker.
+    pub fn optional(circuit: Option<Arc<Circuit>>) -> Self {
         Self { circuit }
     }
 
     /// The circuit, for its live state.
-    pub fn circuit(&self) -> &Arc<Circuit> {
-        &self.circuit
+    pub fn circuit(&self) -> Option<&Arc<Circuit>> {
+        self.circuit.as_ref()
     }
 }
 
@@ -94,109 +105,113 @@ impl<S> Layer<S> for CircuitBreakerLayer {
 #[derive(Debug, Clone)]
 pub struct CircuitBreaker<S> {
     inner: S,
-    circuit: Arc<Circuit>,
-}
-
-/// Holds a call's ticket until its outcome is known: at the headers, or at the
-/// end of the response body when a forwarder reports it. Dropped undecided
-/// (the client went away, before or during the body) it answers "neither",
-/// so that a probe slot never leaks.
-struct BodyWatch {
-    circuit: Arc<Circuit>,
-    ticket: Ticket,
-    state: AtomicU8,
-}
-
-const FRESH: u8 = 0;
-const ATTACHED: u8 = 1;
-const DONE: u8 = 2;
-
-impl BodyWatch {
-    fn new(circuit: Arc<Circuit>, ticket: Ticket) -> Self {
-        Self {
-            circuit,
-            ticket,
-            state: AtomicU8::new(FRESH),
-        }
-    }
-
-    fn attached(&self) -> bool {
-        self.state.load(Ordering::Acquire) == ATTACHED
-    }
-
-    /// Decides the outcome now, at the headers; the body has no say.
-    fn decide(&self, outcome: Option<CallOutcome>) {
-        if self.state.swap(DONE, Ordering::AcqRel) != DONE {
-            self.circuit.finish(self.ticket, outcome, Instant::now());
-        }
-    }
-}
-
-impl BodyObserver for BodyWatch {
-    fn attach(&self) {
-        let _ = self
-            .state
-            .compare_exchange(FRESH, ATTACHED, Ordering::AcqRel, Ordering::Acquire);
-    }
-
-    fn finished(&self, ok: bool) {
-        if self.state.swap(DONE, Ordering::AcqRel) != ATTACHED {
-            return;
-        }
-        let outcome = if ok {
-            CallOutcome::Success
-        } else {
-            CallOutcome::Failure { retry_after: None }
-        };
-        self.circuit
-            .finish(self.ticket, Some(outcome), Instant::now());
-    }
-}
-
-impl Drop for BodyWatch {
-    fn drop(&mut self) {
-        if *self.state.get_mut() != DONE {
-            self.circuit.finish(self.ticket, None, Instant::now());
-        }
-    }
+    circuit: Option<Arc<Circuit>>,
 }
 
 impl<S, B, ResB> Service<Request<B>> for CircuitBreaker<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    B: Send + 'static,
+    ResB: http_body::Body,
 {
-    type Response = Response<ResB>;
+    type Response = Response<CircuitBody<ResB>>;
     type Error = BoxError;
-    type Future = BoxFuture<Self::Response>;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Decided per request in `call`: readiness must not depend on a state
-        // that changes with time, or an open circuit would stall the connection.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The circuit decides per request in `call`: readiness must not depend
+        // on a state that changes with time, or an open circuit would stall
+        // the connection.
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let circuit = self.circuit.clone();
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let start = Instant::now();
-            let ticket = circuit.acquire(start)?;
-            // A call succeeds only once its body has: a forwarder that reports
-            // the body's end decides the outcome of a good response.
-            let watch = Arc::new(BodyWatch::new(circuit.clone(), ticket));
-            req.extensions_mut().insert(BodyOutcomeHook(watch.clone()));
-            let result = inner.oneshot(req).await.map_err(Into::into);
-            let outcome = match &result {
-                Ok(res) => Some(circuit.policy().classify(res, start.elapsed())),
-                Err(err) => circuit.policy().classify_error(err),
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(circuit) = &self.circuit else {
+            return ResponseFuture::Passthrough {
+                inner: self.inner.call(req),
             };
-            if outcome != Some(CallOutcome::Success) || !watch.attached() {
-                watch.decide(outcome);
-            } // else the body will tell
-            result
-        })
+        };
+        let start = Instant::now();
+        match circuit.acquire(start) {
+            Ok(ticket) => ResponseFuture::Called {
+                inner: self.inner.call(req),
+                pending: Some(Undecided::new(circuit.clone(), ticket)),
+                start,
+            },
+            Err(rejection) => ResponseFuture::Refused {
+                rejection: Some(rejection),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`CircuitBreaker`].
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = ResponseProj]
+    pub enum ResponseFuture<F> {
+        /// No circuit on this route.
+        Passthrough {
+            #[pin]
+            inner: F,
+        },
+        /// Let through: the outcome is decided from the answer, or its body.
+        Called {
+            #[pin]
+            inner: F,
+            pending: Option<Undecided>,
+            start: Instant,
+        },
+        /// Refused: the circuit is open (or every probe slot is taken).
+        Refused {
+            rejection: Option<Rejection>,
+        },
+    }
+}
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+    ResB: http_body::Body,
+{
+    type Output = Result<Response<CircuitBody<ResB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseProj::Passthrough { inner } => {
+                let res = ready!(inner.poll(cx)).map_err(Into::into)?;
+                Poll::Ready(Ok(res.map(CircuitBody::passthrough)))
+            }
+            ResponseProj::Called {
+                inner,
+                pending,
+                start,
+            } => {
+                let result = ready!(inner.poll(cx)).map_err(Into::into);
+                let pending = pending.take().expect("polled after completion");
+                Poll::Ready(match result {
+                    Ok(res) => match pending.policy().classify(&res, start.elapsed()) {
+                        // A success is only one once its body has arrived.
+                        CallOutcome::Success => {
+                            Ok(res.map(|body| CircuitBody::watch(body, pending)))
+                        }
+                        failure => {
+                            pending.decide(Some(failure));
+                            Ok(res.map(CircuitBody::passthrough))
+                        }
+                    },
+                    Err(err) => {
+                        let outcome = pending.policy().classify_error(&err);
+                        pending.decide(outcome);
+                        Err(err)
+                    }
+                })
+            }
+            ResponseProj::Refused { rejection } => Poll::Ready(Err(rejection
+                .take()
+                .expect("polled after completion")
+                .into())),
+        }
     }
 }

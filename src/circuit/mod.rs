@@ -6,16 +6,18 @@
 //! of the admission limit; [`CircuitBreakerLayer`] puts it in front of any
 //! service. In the proxy it sits before admission: an open circuit never queues.
 
+mod body;
 mod breaker;
 mod layer;
 mod policy;
 mod shared;
 mod window;
 
+pub use body::CircuitBody;
 pub use breaker::{
     Breaker, CallOutcome, Cause, CircuitSettings, CircuitState, FailureRate, Ticket, Transition,
 };
-pub use layer::{CircuitBreaker, CircuitBreakerLayer};
+pub use layer::{CircuitBreaker, CircuitBreakerLayer, ResponseFuture};
 pub use policy::FailurePolicy;
 pub use shared::{Circuit, CircuitMetrics, CircuitSnapshot, SlowStart};
 pub use window::FailureWindow;

@@ -9,41 +9,51 @@ use crate::admission::QueueWait;
 use crate::body::{BoxError, find_cause};
 use crate::config::CircuitConfig;
 use crate::respond::{Reason, Rejection, client_fault};
+use crate::upstream_timeout::UpstreamLatency;
 
-/// Failure = connect error, timeout, a status in `statuses`, an upstream 429/503
-/// carrying `Retry-After` (explicit backpressure), or a call slower than
-/// `slow_call`. The proxy's own refusals further down (a full queue, a body too
-/// large) are neither success nor failure: they say nothing of the upstream.
+/// Failure = connect error, timeout, a status in `statuses`, a status in
+/// `backpressure` carrying `Retry-After` (explicit, route-wide backpressure),
+/// or a call slower than `slow_call`. The proxy's own refusals further down (a
+/// full queue, a body too large) and the client's faults (an upload cut short
+/// or malformed) are neither success nor failure: they say nothing of the
+/// upstream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailurePolicy {
     /// Statuses that count as failures.
     pub statuses: Vec<StatusCode>,
-    /// When set, a slower upstream call (queue wait excluded) is a failure.
+    /// Statuses that, with a `Retry-After`, are backpressure: a failure that
+    /// holds an open circuit open at least that long.
+    pub backpressure: Vec<StatusCode>,
+    /// When set, a slower upstream call (queue wait and upload excluded) is a
+    /// failure.
     pub slow_call: Option<Duration>,
 }
 
 impl Default for FailurePolicy {
-    /// 500, 502, 503 and 504; no slow-call rule.
+    /// 500, 502, 503 and 504; 503 with `Retry-After` is backpressure; no
+    /// slow-call rule.
     fn default() -> Self {
         Self {
-            statuses: [500, 502, 503, 504]
-                .into_iter()
-                .filter_map(|s| StatusCode::from_u16(s).ok())
-                .collect(),
+            statuses: statuses(&[500, 502, 503, 504]),
+            backpressure: statuses(&[503]),
             slow_call: None,
         }
     }
 }
 
+/// Validation kept them in 100..=599, which `from_u16` accepts.
+fn statuses(codes: &[u16]) -> Vec<StatusCode> {
+    codes
+        .iter()
+        .filter_map(|s| StatusCode::from_u16(*s).ok())
+        .collect()
+}
+
 impl From<&CircuitConfig> for FailurePolicy {
     fn from(c: &CircuitConfig) -> Self {
         Self {
-            // Validation kept them in 100..=599, which `from_u16` accepts.
-            statuses: c
-                .failure_statuses
-                .iter()
-                .filter_map(|s| StatusCode::from_u16(*s).ok())
-                .collect(),
+            statuses: statuses(&c.failure_statuses),
+            backpressure: statuses(&c.backpressure_statuses),
             slow_call: c.slow_call_ms.map(|m| m.get()),
         }
     }
@@ -51,26 +61,20 @@ impl From<&CircuitConfig> for FailurePolicy {
 
 impl FailurePolicy {
     /// Classifies a response that took `elapsed` since the breaker let it through.
-    /// `None`: neither success nor failure.
     pub fn classify<B>(&self, res: &Response<B>, elapsed: Duration) -> CallOutcome {
         let status = res.status();
-        let retry_after = match status {
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                retry_after(res.headers())
-            }
-            _ => None,
+        let retry_after = if self.backpressure.contains(&status) {
+            retry_after(res.headers())
+        } else {
+            None
         };
         if retry_after.is_some() || self.statuses.contains(&status) {
             return CallOutcome::Failure { retry_after };
         }
-        if let Some(slow) = self.slow_call {
-            let waited = res
-                .extensions()
-                .get::<QueueWait>()
-                .map_or(Duration::ZERO, |w| w.0);
-            if elapsed.saturating_sub(waited) > slow {
-                return CallOutcome::Failure { retry_after: None };
-            }
+        if let Some(slow) = self.slow_call
+            && upstream_time(res, elapsed) > slow
+        {
+            return CallOutcome::Failure { retry_after: None };
         }
         CallOutcome::Success
     }
@@ -91,6 +95,17 @@ impl FailurePolicy {
         }
         // A timeout, a connect error, or any other failure of the service below.
         Some(CallOutcome::Failure { retry_after: None })
+    }
+}
+
+/// The upstream's own time: from the end of the request body to the response
+/// headers when the upstream timeout measured it, else the time since the
+/// breaker let the call through less the admission queue wait.
+fn upstream_time<B>(res: &Response<B>, elapsed: Duration) -> Duration {
+    let ext = res.extensions();
+    match ext.get::<UpstreamLatency>() {
+        Some(latency) => latency.0,
+        None => elapsed.saturating_sub(ext.get::<QueueWait>().map_or(Duration::ZERO, |w| w.0)),
     }
 }
 
@@ -126,12 +141,25 @@ mod tests {
         assert_eq!(p.classify(&res(200, None), fast), CallOutcome::Success);
         assert_eq!(p.classify(&res(404, None), fast), CallOutcome::Success);
         assert_eq!(p.classify(&res(429, None), fast), CallOutcome::Success);
+        // An upstream 429 is one client's quota, not the upstream's health.
+        assert_eq!(p.classify(&res(429, Some("7")), fast), CallOutcome::Success);
         assert_eq!(
             p.classify(&res(500, None), fast),
             CallOutcome::Failure { retry_after: None }
         );
         assert_eq!(
-            p.classify(&res(429, Some("7")), fast),
+            p.classify(&res(503, Some("7")), fast),
+            CallOutcome::Failure {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        // Configured as backpressure, it is.
+        let with_429 = FailurePolicy {
+            backpressure: statuses(&[429, 503]),
+            ..FailurePolicy::default()
+        };
+        assert_eq!(
+            with_429.classify(&res(429, Some("7")), fast),
             CallOutcome::Failure {
                 retry_after: Some(Duration::from_secs(7))
             }
@@ -161,6 +189,19 @@ mod tests {
             .insert(QueueWait(Duration::from_millis(80)));
         assert_eq!(
             p.classify(&r, Duration::from_millis(150)),
+            CallOutcome::Success
+        );
+        // The upstream's own time, when measured, wins: uploads excluded too.
+        r.extensions_mut()
+            .insert(UpstreamLatency(Duration::from_millis(120)));
+        assert_eq!(
+            p.classify(&r, Duration::from_millis(150)),
+            CallOutcome::Failure { retry_after: None }
+        );
+        r.extensions_mut()
+            .insert(UpstreamLatency(Duration::from_millis(20)));
+        assert_eq!(
+            p.classify(&r, Duration::from_millis(5000)),
             CallOutcome::Success
         );
     }

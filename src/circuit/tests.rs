@@ -290,16 +290,16 @@ async fn a_probe_the_client_abandons_frees_its_slot_and_counts_neither_way() {
         failure_threshold: 1,
         ..settings()
     });
-    let circuit = layer.circuit().clone();
+    let circuit = layer.circuit().unwrap().clone();
     let failing = layer.layer(service_fn(|_: Request<()>| async {
-        Err::<Response<()>, BoxError>("connection refused".into())
+        Err::<Response<String>, BoxError>("connection refused".into())
     }));
     assert!(failing.oneshot(Request::new(())).await.is_err());
     assert_eq!(circuit.state(), Open);
 
     tokio::time::advance(Duration::from_secs(5)).await;
     let hanging = layer.layer(service_fn(|_: Request<()>| {
-        std::future::pending::<Result<Response<()>, BoxError>>()
+        std::future::pending::<Result<Response<String>, BoxError>>()
     }));
     let abandoned = hanging.clone().oneshot(Request::new(()));
     // The client gives up while the probe is at the upstream.
@@ -318,4 +318,149 @@ async fn a_probe_the_client_abandons_frees_its_slot_and_counts_neither_way() {
     );
     assert_eq!(circuit.state(), HalfOpen, "a cancelled probe is no failure");
     assert_eq!(circuit.snapshot().state, HalfOpen);
+}
+
+/// Half-open with `success_threshold` 2, then one call per `answer`.
+async fn probes_with(
+    answers: Vec<http::Response<ProbeBody>>,
+) -> std::sync::Arc<crate::circuit::Circuit> {
+    use http::{Request, Response};
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use crate::body::BoxError;
+
+    let layer = CircuitBreakerLayer::new(CircuitSettings {
+        failure_threshold: 1,
+        success_threshold: 2,
+        min_half_open: Duration::ZERO,
+        ..settings()
+    });
+    let circuit = layer.circuit().unwrap().clone();
+    let failing = layer.layer(service_fn(|_: Request<()>| async {
+        Err::<Response<ProbeBody>, BoxError>("connection refused".into())
+    }));
+    assert!(failing.oneshot(Request::new(())).await.is_err());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    for answer in answers {
+        let answer = std::sync::Mutex::new(Some(answer));
+        let svc = layer.layer(service_fn(move |_: Request<()>| {
+            let res = answer.lock().unwrap().take().unwrap();
+            async move { Ok::<_, BoxError>(res) }
+        }));
+        let res = svc.oneshot(Request::new(())).await.unwrap();
+        let body = res.into_body();
+        if !http_body::Body::is_end_stream(&body) {
+            // As hyper does: read frames until the end, or drop it unpolled.
+            let _ = body.collect().await;
+        }
+    }
+    circuit
+}
+
+type ProbeBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, crate::body::BoxError>;
+
+fn answer(status: u16, body: ProbeBody) -> http::Response<ProbeBody> {
+    let mut res = http::Response::new(body);
+    *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    res
+}
+
+fn empty() -> ProbeBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// One data frame, then trailers, as a chunked upstream body ends.
+fn with_trailers() -> ProbeBody {
+    use http_body_util::BodyExt;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+    Frames(
+        [
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(b"ok"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]
+        .into(),
+    )
+    .boxed_unsync()
+}
+
+/// A body the upstream cuts off after a first frame.
+fn cut_off() -> ProbeBody {
+    use http_body_util::BodyExt;
+    Frames(
+        [
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(b"par"))),
+            Err("upstream reset".into()),
+        ]
+        .into(),
+    )
+    .boxed_unsync()
+}
+
+type FrameResult = Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>;
+
+/// A fixed list of frames; at its end once the list is empty.
+struct Frames(std::collections::VecDeque<FrameResult>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<FrameResult>> {
+        std::task::Poll::Ready(self.0.pop_front())
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodyless_successes_close_a_half_open_circuit() {
+    // 204, 304 and a HEAD answer: hyper never polls such a body.
+    let circuit = probes_with(vec![answer(204, empty()), answer(304, empty())]).await;
+    assert_eq!(circuit.state(), Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_ending_in_trailers_is_a_success() {
+    let circuit = probes_with(vec![
+        answer(200, with_trailers()),
+        answer(200, with_trailers()),
+    ])
+    .await;
+    assert_eq!(circuit.state(), Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_cut_off_after_a_200_reopens_the_circuit() {
+    let circuit = probes_with(vec![answer(200, cut_off())]).await;
+    assert_eq!(circuit.state(), Open);
+}
+
+#[tokio::test]
+async fn bodyless_successes_reset_the_consecutive_failures() {
+    use http::Request;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use crate::body::BoxError;
+
+    let layer = CircuitBreakerLayer::new(CircuitSettings {
+        failure_threshold: 3,
+        ..settings()
+    });
+    let circuit = layer.circuit().unwrap().clone();
+    for status in [500, 500, 202, 500, 500, 204, 500, 500] {
+        let svc = layer.layer(service_fn(move |_: Request<()>| async move {
+            Ok::<_, BoxError>(answer(status, empty()))
+        }));
+        drop(svc.oneshot(Request::new(())).await.unwrap());
+    }
+    assert_eq!(circuit.state(), Closed, "{:?}", circuit.snapshot());
+    assert_eq!(circuit.snapshot().consecutive_failures, 2);
 }

@@ -25,6 +25,11 @@ pub struct CircuitConfig {
     /// Upstream statuses that count as failures.
     #[serde(default = "default_failure_statuses")]
     pub failure_statuses: Vec<u16>,
+    /// Upstream statuses that, with a `Retry-After`, are route-wide
+    /// backpressure: a failure that holds an open circuit open that long. An
+    /// upstream `429` is usually one client's quota, so the default is `[503]`.
+    #[serde(default = "default_backpressure_statuses")]
+    pub backpressure_statuses: Vec<u16>,
     /// When set, a call whose upstream took longer counts as a failure.
     #[serde(default)]
     pub slow_call_ms: Option<Millis>,
@@ -93,6 +98,9 @@ const fn default_failure_threshold() -> Limit {
 fn default_failure_statuses() -> Vec<u16> {
     vec![500, 502, 503, 504]
 }
+fn default_backpressure_statuses() -> Vec<u16> {
+    vec![503]
+}
 const fn default_open() -> Millis {
     Millis::from_ms(5_000)
 }
@@ -147,15 +155,13 @@ impl CircuitConfig {
                 "must list at least one status (e.g. [500, 502, 503, 504])".into(),
             ));
         }
-        if let Some(s) = self
-            .failure_statuses
-            .iter()
-            .find(|s| !(100..=599).contains(*s))
-        {
-            return Err((
-                key("failure_statuses"),
-                format!("{s} is not an HTTP status (100..=599)"),
-            ));
+        for (name, statuses) in [
+            ("failure_statuses", &self.failure_statuses),
+            ("backpressure_statuses", &self.backpressure_statuses),
+        ] {
+            if let Some(s) = statuses.iter().find(|s| !(100..=599).contains(*s)) {
+                return Err((key(name), format!("{s} is not an HTTP status (100..=599)")));
+            }
         }
         if self.max_open_ms.get() < self.open_ms.get() {
             return Err((

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// Longest pause between two reads of a client's request body; past it
     /// the client gets 408 and its slot is freed.
     pub body_read_timeout_ms: Millis,
+    /// Longest wait for a client to accept more response bytes; past it the
+    /// connection is closed and its slot freed (nginx's `send_timeout`).
+    pub send_timeout_ms: Millis,
     /// Largest request head (request line and headers); larger gets 431.
     pub max_header_bytes: Limit,
     /// Concurrent streams per HTTP/2 connection.
@@ -82,6 +85,7 @@ impl Default for ServerConfig {
             max_connections: Limit::new(10_000),
             header_read_timeout_ms: Millis::from_ms(10_000),
             body_read_timeout_ms: Millis::from_ms(60_000),
+            send_timeout_ms: Millis::from_ms(60_000),
             max_header_bytes: Limit::new(64 * 1024),
             http2_max_concurrent_streams: Limit::new(128),
             admin_token: None,

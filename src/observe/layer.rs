@@ -12,6 +12,7 @@ use tower::{Layer, Service};
 
 use super::{Outcome, RouteStats};
 use crate::respond::Rejected;
+use crate::upstream_timeout::UpstreamLatency;
 
 /// Counts a route's requests by outcome, and writes the access log
 /// line (at debug level, target `sluicegate::access`).
@@ -157,6 +158,9 @@ where
                     None => Outcome::of_status(res.status()),
                 };
                 let stats = pending.finish(outcome);
+                if let Some(latency) = res.extensions().get::<UpstreamLatency>() {
+                    stats.record_upstream_duration(latency.0);
+                }
                 if let Some(log) = this.log {
                     log.write(stats.name(), Some(res.status()), outcome);
                 }

@@ -116,7 +116,8 @@ impl RouteStats {
         self.outcomes[outcome.index()].count.load(Ordering::Relaxed)
     }
 
-    /// Records the time the upstream took to answer with headers.
+    /// Records the upstream's own time to its response headers (from the end
+    /// of the request body).
     pub fn record_upstream_duration(&self, elapsed: std::time::Duration) {
         self.upstream_duration.record(elapsed.as_secs_f64());
     }

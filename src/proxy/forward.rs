@@ -2,30 +2,24 @@
 //! client and streams both bodies.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::time::Instant;
 use tower::Service;
 
 use super::headers;
-use super::read_timeout::{BodyOutcomeHook, ReadTimeout, Side};
+use super::read_timeout::{ReadTimeout, Side};
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::config::RouteConfig;
-use crate::observe::RouteStats;
+use crate::conn::ClientAddr;
 use crate::respond::{Reason, Rejection};
-
-/// Request extension: the address of the client connection, set by the listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
 
 /// Idle upstream connections kept per route; a bound on the pool's memory and on
 /// the file descriptors it holds.
@@ -69,7 +63,6 @@ struct Inner {
     read_timeout: Duration,
     scheme: Scheme,
     authority: Authority,
-    stats: Arc<RouteStats>,
 }
 
 impl std::fmt::Debug for Forward {
@@ -81,15 +74,14 @@ impl std::fmt::Debug for Forward {
 }
 
 impl Forward {
-    /// A forwarder to the route's upstream, timing into `stats`.
-    pub fn new(route: &RouteConfig, stats: Arc<RouteStats>) -> Self {
+    /// A forwarder to the route's upstream.
+    pub fn new(route: &RouteConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 client: client(route.connect_timeout_ms.get()),
                 read_timeout: route.read_timeout_ms.get(),
                 scheme: route.upstream.scheme().clone(),
                 authority: route.upstream.authority().clone(),
-                stats,
             }),
         }
     }
@@ -124,7 +116,6 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let client_ip = parts.extensions.get::<ClientAddr>().map(|c| c.0.ip());
-        let observer = parts.extensions.remove::<BodyOutcomeHook>();
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client_ip);
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
@@ -137,17 +128,20 @@ where
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, boxed(body));
         let response = self.inner.client.request(request);
-        let inner = self.inner.clone();
+        let read_timeout = self.inner.read_timeout;
         Box::pin(async move {
-            let start = Instant::now();
             let mut res = response.await.map_err(classify)?;
-            inner.stats.record_upstream_duration(start.elapsed());
+            if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // Upgrade is stripped from requests, so the upstream was never
+                // asked to switch; passing a 101 on would turn the client's
+                // connection into an opaque tunnel.
+                let err = Rejection::new(Reason::UpstreamUnavailable)
+                    .with_cause("upstream answered 101 Switching Protocols unasked");
+                return Err(err.into());
+            }
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
-            let read_timeout = inner.read_timeout;
-            Ok(res.map(|body| {
-                ReadTimeout::new(body, read_timeout, Side::Upstream).observed_by(observer)
-            }))
+            Ok(res.map(|body| ReadTimeout::new(body, read_timeout, Side::Upstream)))
         })
     }
 }

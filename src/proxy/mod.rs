@@ -4,5 +4,5 @@ mod forward;
 pub mod headers;
 mod read_timeout;
 
-pub use forward::{ClientAddr, Forward, UpstreamClient};
-pub use read_timeout::{BodyObserver, BodyOutcomeHook, ReadTimedOut, ReadTimeout, Side};
+pub use forward::{Forward, UpstreamClient};
+pub use read_timeout::{ClientBodyError, ReadTimedOut, ReadTimeout, Side};

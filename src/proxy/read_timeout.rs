@@ -52,24 +52,50 @@ impl fmt::Display for ReadTimedOut {
 
 impl std::error::Error for ReadTimedOut {}
 
-/// Told how an upstream response body ended, for outcomes the headers cannot
-/// show (a body cut off, reset or stalled after a `200`).
-pub trait BodyObserver: Send + Sync {
-    /// The forwarder will report this call's body.
-    fn attach(&self);
-    /// The body ended: whole (`true`) or failed (`false`). Called at most once;
-    /// never when the client went away first.
-    fn finished(&self, ok: bool);
+/// A client's request body failed on the client's side: its framing was
+/// malformed (a bad chunk size line, extensions over hyper's limit), or the
+/// client went away mid-upload (FIN or RST before the body's end). Neither
+/// says anything of the upstream.
+#[derive(Debug)]
+pub struct ClientBodyError {
+    malformed: bool,
+    cause: BoxError,
 }
 
-/// Request extension carrying a [`BodyObserver`] to the forwarder (the circuit
-/// breaker puts it there).
-#[derive(Clone)]
-pub struct BodyOutcomeHook(pub std::sync::Arc<dyn BodyObserver>);
+impl ClientBodyError {
+    /// Classifies a failure of the client's body as hyper reports it.
+    fn new(cause: BoxError) -> Self {
+        // hyper reports framing it cannot parse as InvalidInput/InvalidData,
+        // a body that ended early as UnexpectedEof, a reset as ConnectionReset.
+        let malformed =
+            crate::body::find_cause::<std::io::Error>(cause.as_ref()).is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+                )
+            });
+        Self { malformed, cause }
+    }
 
-impl fmt::Debug for BodyOutcomeHook {
+    /// Whether the framing was malformed (else the client went away).
+    pub fn malformed(&self) -> bool {
+        self.malformed
+    }
+}
+
+impl fmt::Display for ClientBodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("BodyOutcomeHook")
+        if self.malformed {
+            f.write_str("malformed request body")
+        } else {
+            f.write_str("client went away during its request body")
+        }
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.cause.as_ref())
     }
 }
 
@@ -86,7 +112,6 @@ pin_project! {
         last: Instant,
         timeout: Duration,
         side: Side,
-        observer: Option<BodyOutcomeHook>,
     }
 }
 
@@ -99,17 +124,7 @@ impl<B> ReadTimeout<B> {
             last: Instant::now(),
             timeout,
             side,
-            observer: None,
         }
-    }
-
-    /// Reports the body's end to `hook`.
-    pub fn observed_by(mut self, hook: Option<BodyOutcomeHook>) -> Self {
-        if let Some(h) = &hook {
-            h.0.attach();
-        }
-        self.observer = hook;
-        self
     }
 }
 
@@ -128,23 +143,17 @@ where
         let mut this = self.project();
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             *this.last = Instant::now();
-            let frame: Option<Result<Frame<B::Data>, BoxError>> =
-                frame.map(|f| f.map_err(Into::into));
-            let ended = match &frame {
-                Some(Err(e)) => {
-                    if *this.side == Side::Upstream {
+            let side = *this.side;
+            let frame = frame.map(|f| {
+                f.map_err(|e| match side {
+                    Side::Client => ClientBodyError::new(e.into()).into(),
+                    Side::Upstream => {
+                        let e: BoxError = e.into();
                         tracing::warn!(error = %e, "upstream response body failed; cut off");
+                        e
                     }
-                    Some(false)
-                }
-                None => Some(true),
-                Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
-            };
-            if let Some(ok) = ended
-                && let Some(hook) = this.observer.take()
-            {
-                hook.0.finished(ok);
-            }
+                })
+            });
             return Poll::Ready(frame);
         }
         loop {
@@ -155,9 +164,15 @@ where
             }
             this.sleep.as_mut().reset(deadline);
         }
-        tracing::warn!(side = ?this.side, after_ms = this.timeout.as_millis() as u64, "body stalled; cut off");
-        if let Some(hook) = this.observer.take() {
-            hook.0.finished(false);
+        match this.side {
+            Side::Upstream => tracing::warn!(
+                after_ms = this.timeout.as_millis() as u64,
+                "upstream response body stalled; cut off"
+            ),
+            Side::Client => tracing::debug!(
+                after_ms = this.timeout.as_millis() as u64,
+                "client request body stalled; refused with 408"
+            ),
         }
         let err = ReadTimedOut {
             side: *this.side,

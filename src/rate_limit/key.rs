@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use http::{HeaderMap, HeaderName, header::HeaderValue};
 
 use crate::config::KeySource;
-use crate::proxy::ClientAddr;
+use crate::conn::ClientAddr;
 use crate::proxy::headers::X_FORWARDED_FOR;
 
 /// Header values longer than this are kept as a 64-bit digest, so that a key

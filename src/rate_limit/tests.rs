@@ -9,7 +9,7 @@ use metrics::{Counter, Gauge};
 
 use super::*;
 use crate::config::{KeySource, RateLimitConfig};
-use crate::proxy::ClientAddr;
+use crate::conn::ClientAddr;
 
 fn request(peer: &str, headers: &[(&str, &str)]) -> (HeaderMap, http::Extensions) {
     let mut map = HeaderMap::new();

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -13,9 +14,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
+use super::client_io::ClientIo;
 use super::framing::FramingGuard;
 use crate::config::ServerConfig;
-use crate::proxy::{ClientAddr, ReadTimeout, Side};
+use crate::conn::{ClientAddr, PeerClosed};
+use crate::proxy::{ReadTimeout, Side};
 use crate::stack::ProxyService;
 
 /// The most permits a tokio semaphore can hold.
@@ -47,6 +50,14 @@ pub(super) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor
     builder
 }
 
+/// What the listener counts.
+pub(super) struct Counters {
+    /// Heads the framing guard refused.
+    pub(super) framing_refused: metrics::Counter,
+    /// Connections closed past `send_timeout_ms`.
+    pub(super) send_timeouts: metrics::Counter,
+}
+
 /// Accepts connections until `stop` turns true, serving each with `service`.
 ///
 /// At `max_connections` open connections the loop stops accepting (new
@@ -58,7 +69,7 @@ pub(super) async fn accept_loop(
     server: &ServerConfig,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
-    refused: metrics::Counter,
+    counters: Counters,
 ) {
     let builder = Arc::new(http_builder(server));
     let slots = Arc::new(Semaphore::new(
@@ -89,16 +100,29 @@ pub(super) async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set TCP_NODELAY failed");
         }
+        let stream = Arc::new(stream);
+        let peer_closed = PeerClosed::new(Arc::downgrade(&stream));
         let service = service.clone();
         let body_timeout = server.body_read_timeout_ms.get();
         let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(ClientAddr(peer));
+            let ext = req.extensions_mut();
+            ext.insert(ClientAddr(peer));
+            // HTTP/2 streams are watched by hyper itself (it reads the
+            // connection throughout); HTTP/1 bodies waiting to be read are not.
+            if req.version() < Version::HTTP_2 && !req.body().is_end_stream() {
+                req.extensions_mut().insert(peer_closed.clone());
+            }
             let req = req.map(|body| ReadTimeout::new(body, body_timeout, Side::Client));
             service.clone().oneshot(req)
         });
+        let io = ClientIo::new(
+            stream,
+            server.send_timeout_ms.get(),
+            counters.send_timeouts.clone(),
+        );
         let conn = builder
             .serve_connection(
-                TokioIo::new(FramingGuard::new(stream, refused.clone())),
+                TokioIo::new(FramingGuard::new(io, counters.framing_refused.clone())),
                 hyper_service,
             )
             .into_owned();

@@ -1,6 +1,7 @@
 //! Starting and stopping a proxy: the proxy listener, the admin listener and the
 //! graceful drain.
 
+mod client_io;
 mod framing;
 mod listener;
 mod reload;
@@ -21,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry};
+use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL};
 use crate::stack;
 
 /// How often histogram samples are folded into buckets.
@@ -87,7 +88,10 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         reloader.clone(),
         admin::Access::new(&config.server, admin_addr),
     );
-    let framing_refused = registry.counter(FRAMING_REFUSED_TOTAL, &[]);
+    let counters = listener::Counters {
+        framing_refused: registry.counter(FRAMING_REFUSED_TOTAL, &[]),
+        send_timeouts: registry.counter(SEND_TIMEOUT_TOTAL, &[]),
+    };
     let (stop, stop_rx) = watch::channel(false);
     let server = config.server.clone();
     let task = tokio::spawn(async move {
@@ -102,7 +106,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             &server,
             &graceful,
             stop_rx,
-            framing_refused,
+            counters,
         )
         .await;
         draining.store(true, Ordering::SeqCst);

@@ -133,6 +133,7 @@ fn server_change(old: &ServerConfig, new: &ServerConfig) -> Option<&'static str>
         max_connections,
         header_read_timeout_ms,
         body_read_timeout_ms,
+        send_timeout_ms,
         max_header_bytes,
         http2_max_concurrent_streams,
         admin_token,

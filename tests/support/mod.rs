@@ -67,6 +67,8 @@ pub struct Upstream {
 /// - `/hang`: never answers.
 /// - `/hold`: answers 200 once `release` is notified; each arrival is announced.
 /// - `/status/NNN`: answers NNN (`?retry_after=S` adds `Retry-After: S`).
+/// - `/empty/NNN`: answers NNN with an empty body (`Content-Length: 0`).
+/// - `/big/N`: answers 200 with N bytes, streamed in 64 KiB frames.
 /// - anything else: streams the body through a checksum and answers 200 with a
 ///   JSON echo of method, path and query, headers, body length and checksum, and
 ///   hop-by-hop headers of its own (which the proxy must strip).
@@ -123,6 +125,16 @@ async fn handle(
             res = res.header("retry-after", secs);
         }
         return Ok(res.body(full("status")).unwrap());
+    }
+    if let Some(code) = path.strip_prefix("/empty/") {
+        let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        return Ok(Response::builder().status(status).body(full("")).unwrap());
+    }
+    if let Some(n) = path.strip_prefix("/big/") {
+        let body = Zeros {
+            remaining: n.parse().unwrap(),
+        };
+        return Ok(Response::new(BodyExt::boxed(body)));
     }
     let method = req.method().to_string();
     let path_and_query = req.uri().path_and_query().map(|p| p.to_string());
@@ -216,6 +228,25 @@ impl Generated {
     }
 }
 
+/// `remaining` zero bytes in 64 KiB frames, never all in memory.
+struct Zeros {
+    remaining: usize,
+}
+
+impl http_body::Body for Zeros {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        static CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
+        let n = self.remaining.min(CHUNK.len());
+        self.remaining -= n;
+        std::task::Poll::Ready((n > 0).then(|| Ok(Frame::data(Bytes::from_static(&CHUNK[..n])))))
+    }
+}
+
 impl http_body::Body for Generated {
     type Data = Bytes;
     type Error = Infallible;
@@ -245,6 +276,61 @@ upstream = "http://{upstream}"
 "#
     );
     Config::parse("test.toml", &text).unwrap()
+}
+
+/// Like [`config`], with `server` appended to the `[server]` section.
+pub fn config_with(upstream: SocketAddr, server: &str, route: &str) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+drain_timeout_ms = 5000
+{server}
+
+[[route]]
+name = "test"
+path_prefix = "/"
+upstream = "http://{upstream}"
+{route}
+"#
+    );
+    Config::parse("test.toml", &text).unwrap()
+}
+
+/// `chunks` one-byte frames, one every `every` (on tokio's clock): a slow
+/// uplink. Sent chunked.
+pub fn trickle(chunks: u32, every: std::time::Duration) -> TestBody {
+    BodyExt::boxed(Trickle {
+        chunks,
+        every,
+        sleep: Box::pin(tokio::time::sleep(every)),
+    })
+}
+
+struct Trickle {
+    chunks: u32,
+    every: std::time::Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Trickle {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        use std::future::Future;
+        if self.chunks == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        self.chunks -= 1;
+        let next = tokio::time::Instant::now() + self.every;
+        self.sleep.as_mut().reset(next);
+        std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+    }
 }
 
 /// An HTTP/1.1 client.

@@ -1,0 +1,144 @@
+//! [`ClientIo`]: a client connection's socket as hyper reads and writes it,
+//! shared with the [`PeerClosed`](crate::conn::PeerClosed) watcher, and with a
+//! bound on how long the client may keep the proxy waiting to take bytes.
+//!
+//! A client that asks for a large response and stops reading would otherwise
+//! hold its admission slot (or the only half-open probe slot) for as long as
+//! its TCP connection lives. Like nginx's `send_timeout`, `send_timeout_ms`
+//! bounds each wait for the client to accept more response bytes; past it the
+//! connection is closed, the response body dropped (so the slot is freed and
+//! the circuit counts the call as neither success nor failure: the client's
+//! doing, not the upstream's).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// The socket of one client connection.
+pub(super) struct ClientIo {
+    stream: Arc<TcpStream>,
+    send_timeout: Duration,
+    /// Armed when a write would block, from that moment; made on the first
+    /// wait and reused.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// Whether the last write attempt would block (the stall clock runs).
+    blocked: bool,
+    timed_out: Counter,
+}
+
+impl ClientIo {
+    pub(super) fn new(stream: Arc<TcpStream>, send_timeout: Duration, timed_out: Counter) -> Self {
+        Self {
+            stream,
+            send_timeout,
+            stall: None,
+            blocked: false,
+            timed_out,
+        }
+    }
+
+    /// The client takes no bytes: starts the clock on the first wait, and
+    /// fails the write once it has run `send_timeout`.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let deadline = Instant::now() + self.send_timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.blocked {
+            self.blocked = true;
+            stall.as_mut().reset(deadline);
+        }
+        ready!(stall.as_mut().poll(cx));
+        self.timed_out.increment(1);
+        tracing::debug!(
+            after_ms = self.send_timeout.as_millis() as u64,
+            "client took no response bytes; connection closed"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client accepted no response bytes within send_timeout_ms",
+        )))
+    }
+
+    fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => match write(&self.stream) {
+                    Ok(n) => {
+                        self.blocked = false;
+                        return Poll::Ready(Ok(n));
+                    }
+                    // Readiness was stale; it is cleared now: ask again.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.poll_stalled(cx),
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_write_with(cx, |stream| stream.try_write(data))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_write_with(cx, |stream| stream.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TCP has nothing of its own to flush.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
+    }
+}
