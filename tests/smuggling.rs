@@ -125,3 +125,56 @@ async fn a_good_request_before_an_ambiguous_one_is_answered_then_the_connection_
     assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer:?}");
     proxy.shutdown().await;
 }
+
+/// The guard bypasses found on main: after each, a Content-Length +
+/// Transfer-Encoding head reached the upstream. Now every such head is
+/// refused, whatever came before it on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_before_an_ambiguous_head_switches_the_guard_off() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", ""))
+        .await
+        .unwrap();
+    let smuggled = "POST /smuggled HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\
+                    transfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    let cases = [
+        (
+            "an Upgrade answered without a 101",
+            format!("GET /a HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\r\n{smuggled}"),
+            1,
+        ),
+        (
+            "a CONNECT",
+            format!("CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n{smuggled}"),
+            0,
+        ),
+        (
+            "a Content-Length longer than the guard's line buffer",
+            format!(
+                "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: {}5\r\n\r\nhello{smuggled}",
+                "0".repeat(20_000)
+            ),
+            0,
+        ),
+        (
+            "a bare LF inside chunked trailers",
+            format!(
+                "POST /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+                 0\r\nx-t: 1\n\nPOST /cover HTTP/1.1\r\ncontent-length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+            1,
+        ),
+    ];
+    for (what, raw, reached) in cases {
+        let before = up.requests.load(Ordering::SeqCst);
+        let answer = exchange(proxy.proxy_addr(), raw.as_bytes()).await;
+        assert!(answer.contains("HTTP/1.1 400"), "{what}: {answer:?}");
+        assert_eq!(
+            up.requests.load(Ordering::SeqCst) - before,
+            reached,
+            "{what}: the smuggled head reached the upstream"
+        );
+    }
+    proxy.shutdown().await;
+}
