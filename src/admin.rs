@@ -235,6 +235,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
         "uptime_s": state.started.elapsed().as_secs(),
         "draining": state.draining.load(Ordering::SeqCst),
         "unmatched_requests": state.unmatched.get(),
+        "invalid_requests": state.unmatched.invalid(),
         "routes": routes,
     }))
 }

@@ -64,6 +64,7 @@ pub mod conn;
 pub mod demo;
 pub mod loadgen;
 pub mod metrics;
+pub mod normalize;
 pub mod observe;
 pub mod proxy;
 pub mod rate_limit;

@@ -15,6 +15,9 @@ use metrics_exporter_prometheus::{
 pub const REQUESTS_TOTAL: &str = "sluicegate_requests_total";
 /// `sluicegate_unmatched_requests_total`: requests no route matched (404).
 pub const UNMATCHED_TOTAL: &str = "sluicegate_unmatched_requests_total";
+/// `sluicegate_invalid_requests_total`: requests refused with 400 before
+/// routing (no one valid Host, a path above the root).
+pub const INVALID_TOTAL: &str = "sluicegate_invalid_requests_total";
 /// `sluicegate_inflight{route}`: requests being answered, until their response
 /// body has finished streaming.
 pub const INFLIGHT: &str = "sluicegate_inflight";

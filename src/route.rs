@@ -1,5 +1,7 @@
-//! Routing: picks the route for a request (longest path prefix, then a matching
-//! host over any host) and calls that route's stack; 404 when none matches.
+//! Routing: puts the request's host and path in normal form (see
+//! [`normalize`]; 400 when it has no one host or its path climbs above the
+//! root), picks the route (longest path prefix, then a matching host over any
+//! host) and calls that route's stack; 404 when none matches.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,6 +17,7 @@ use tower::Service;
 use tower::util::{Oneshot, ServiceExt};
 
 use crate::body::ProxyBody;
+use crate::normalize;
 use crate::respond::{Reason, Rejection};
 
 /// One route of the table: what it matches and the service that answers.
@@ -70,14 +73,12 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// The host a request is for: the URI's authority (HTTP/2, absolute-form) or the
-/// `Host` header.
+/// The host a request is for: its `Host`, where [`normalize`] put the one
+/// host of the request (an absolute-form or HTTP/2 authority included).
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.uri().host().or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
 }
 
 /// The proxy's top service: routes each request to its route's stack.
@@ -98,25 +99,36 @@ impl<S> Clone for Proxy<S> {
     }
 }
 
-/// Count of requests no route matched.
+/// Counts of requests answered before any route: no route matched (404), or
+/// refused as invalid (400: host or path).
 #[derive(Debug)]
 pub struct Unmatched {
     count: AtomicU64,
     counter: Counter,
+    invalid_count: AtomicU64,
+    invalid: Counter,
 }
 
 impl Unmatched {
-    /// Counts into `counter` (and an atomic, for `/status`).
-    pub fn new(counter: Counter) -> Self {
+    /// Counts 404s into `no_route` and 400s into `invalid` (and atomics, for
+    /// `/status`).
+    pub fn new(no_route: Counter, invalid: Counter) -> Self {
         Self {
             count: AtomicU64::new(0),
-            counter,
+            counter: no_route,
+            invalid_count: AtomicU64::new(0),
+            invalid,
         }
     }
 
     /// Requests answered 404 so far.
     pub fn get(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused as invalid (400) so far.
+    pub fn invalid(&self) -> u64 {
+        self.invalid_count.load(Ordering::Relaxed)
     }
 }
 
@@ -156,7 +168,15 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Err(why) = normalize::request(&mut req) {
+            tracing::debug!(why, uri = %req.uri(), "refused an invalid request (400)");
+            self.unmatched.invalid_count.fetch_add(1, Ordering::Relaxed);
+            self.unmatched.invalid.increment(1);
+            return ProxyFuture::Ready {
+                response: Some(Rejection::new(Reason::BadRequest).into_response()),
+            };
+        }
         let table = self.table();
         match table.find(request_host(&req), req.uri().path()) {
             Some(route) => ProxyFuture::Route {

@@ -25,7 +25,7 @@ use crate::circuit::{
     SlowStart,
 };
 use crate::config::{Config, RouteConfig, normalize_host};
-use crate::metrics::{Registry, UNMATCHED_TOTAL};
+use crate::metrics::{INVALID_TOTAL, Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
 use crate::proxy::Forward;
 use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter};
@@ -206,7 +206,10 @@ pub fn build_with<S>(
         .iter()
         .map(|route| route_parts(route, registry, &mut make_inner))
         .unzip();
-    let unmatched = Arc::new(Unmatched::new(registry.counter(UNMATCHED_TOTAL, &[])));
+    let unmatched = Arc::new(Unmatched::new(
+        registry.counter(UNMATCHED_TOTAL, &[]),
+        registry.counter(INVALID_TOTAL, &[]),
+    ));
     let proxy = Proxy::new(RouteTable::new(entries), unmatched.clone());
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(SequentialIds::default()))

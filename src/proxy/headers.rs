@@ -28,7 +28,8 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes hop-by-hop headers, including every header the `Connection` header
-/// names.
+/// names, except `Host`: a client must not be able to make the upstream see a
+/// request without the host it was routed by.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names is cheaper than nine
     // hashed removals.
@@ -41,6 +42,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| name != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -140,7 +142,8 @@ mod tests {
     #[test]
     fn removes_fixed_and_connection_named_headers() {
         let mut h = map(&[
-            ("connection", "close, X-Custom-Hop"),
+            ("connection", "close, X-Custom-Hop, Host"),
+            ("host", "kept.example"),
             ("x-custom-hop", "1"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
@@ -153,8 +156,9 @@ mod tests {
             ("x-end-to-end", "kept"),
         ]);
         remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
+        assert_eq!(h["host"], "kept.example");
     }
 
     #[test]
