@@ -15,10 +15,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tower::ServiceExt;
 
 use crate::config::ServerConfig;
 use crate::metrics::Registry;
@@ -56,7 +61,7 @@ impl Access {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer);
         if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
             return None;
         }
@@ -67,6 +72,13 @@ impl Access {
         );
         Some(res.into_response())
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares without returning early, so that timing does not reveal how much
@@ -143,7 +155,28 @@ async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -
     }
 }
 
-async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+/// `POST /reload` takes effect only when sent as a JSON request: a browser
+/// sends one cross-site only after a CORS preflight this listener never
+/// grants, so a web page a local user visits cannot reload the proxy (a plain
+/// form post or `fetch` without custom headers is a "simple" request).
+fn non_simple(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if !non_simple(&headers) {
+        let error = "send POST /reload with `Content-Type: application/json` \
+                     (a plain form post from a web page cannot reload the proxy)";
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"status": "refused", "error": error})),
+        )
+            .into_response();
+    }
     let reloader = state.reloader.clone();
     // Reading and building are quick but blocking (file I/O, locks).
     let result = tokio::task::spawn_blocking(move || reloader.reload()).await;
@@ -158,21 +191,67 @@ async fn reload(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
-/// Serves the admin router until `stop` turns true.
+/// Connections the admin listener serves at once: scrapers, probes and an
+/// operator or two. Beyond it the accept loop pauses (the kernel backlog
+/// holds the rest), so nobody can exhaust the process's descriptors here.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Largest admin request head; admin requests are small.
+const ADMIN_MAX_HEAD: usize = 16 * 1024;
+
+/// Serves the admin router until `stop` turns true: HTTP/1.1, at most
+/// [`ADMIN_MAX_CONNECTIONS`] connections, and `header_timeout` for a request's
+/// head (and an idle keep-alive connection), as on the proxy listener.
 pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
+    header_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let shutdown = async move {
-        let _ = stop.wait_for(|stop| *stop).await;
-    };
-    if let Err(e) = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::warn!(error = %e, "admin listener failed");
+    let router = router(state);
+    let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(ADMIN_MAX_HEAD);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |req: Request<Incoming>| router.clone().oneshot(req));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+            drop(permit);
+        });
     }
+    graceful.shutdown().await;
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -32,6 +32,7 @@ fn routes(upstream: SocketAddr, b_timeout: u64, extra: &str) -> String {
 
 async fn reload(admin: SocketAddr) -> (StatusCode, serde_json::Value) {
     let req = Request::post(format!("http://{admin}/reload"))
+        .header("content-type", "application/json")
         .body(full(""))
         .unwrap();
     let (res, body) = send(&client(), req).await;

@@ -97,7 +97,12 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
     let task = tokio::spawn(async move {
         // The admin listener outlives the drain, so that probes see /readyz 503.
         let (admin_stop, admin_stop_rx) = watch::channel(false);
-        let admin = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop_rx));
+        let admin = tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            server.header_read_timeout_ms.get(),
+            admin_stop_rx,
+        ));
         let upkeep = tokio::spawn(upkeep(registry));
         let graceful = GracefulShutdown::new();
         listener::accept_loop(
