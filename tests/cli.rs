@@ -342,3 +342,39 @@ async fn sighup_reloads_the_config_file_and_refuses_a_broken_one() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let (up, _) = spawn_upstream().await;
+    let path = write_config(
+        &format!("plain-{}.toml", rand_name()),
+        &proc_config(up.addr.unwrap(), ""),
+    );
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("sluicegate listening"))
+    })
+    .await
+    .unwrap()
+    .expect("sluicegate did not log its addresses");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        !line.contains('\x1b'),
+        "escape codes in a piped log: {line:?}"
+    );
+    assert!(line.contains("INFO"), "{line:?}");
+}

@@ -111,7 +111,8 @@ pub struct AdmissionSnapshot {
     pub limit: Option<usize>,
     /// Waiting capacity.
     pub queue_capacity: usize,
-    /// Estimated completions per second (routes with admission only).
+    /// Estimated completions per second while saturated: the drain rate
+    /// (routes with admission only).
     pub completion_rate: Option<f64>,
     /// Requests shed because the queue was full or the wait predicted too long.
     pub shed_queue_full: u64,
@@ -231,21 +232,25 @@ impl Controller {
     /// and never leaks a slot.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
         if let Some(inflight) = &self.unlimited_inflight {
-            let now = inflight.fetch_add(1, Ordering::Relaxed) + 1;
-            self.metrics.inflight.set(now as f64);
+            // Increments, not a set from the count: two requests setting the
+            // gauge from their own reads race, and an idle route could keep
+            // showing one in flight.
+            inflight.fetch_add(1, Ordering::Relaxed);
+            self.metrics.inflight.increment(1.0);
             return Ok(Permit::new(self.clone()));
         }
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = self.lock();
             if state.queue.len() == 0 && state.inflight < state.limit {
-                if state.inflight == 0 {
-                    state.rate.resume(now);
-                }
                 state.inflight += 1;
+                if state.inflight >= state.limit {
+                    state.rate.saturated(now);
+                }
                 self.publish(&state);
                 return Ok(Permit::new(self.clone()));
             }
+            state.rate.saturated(now);
             if self.settings.queue_capacity == 0 {
                 return Err(self.shed(&state, Reason::QueueFull, now));
             }
@@ -319,13 +324,13 @@ impl Controller {
     /// (and any the limit gained) to the next waiters, or free it.
     fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>) {
         if let Some(inflight) = &self.unlimited_inflight {
-            let now = inflight.fetch_sub(1, Ordering::Relaxed) - 1;
-            self.metrics.inflight.set(now as f64);
+            inflight.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.inflight.decrement(1.0);
             return;
         }
         let now = Instant::now();
         let mut state = self.lock();
-        state.rate.record(now);
+        let saturated = state.inflight >= state.limit || state.queue.len() > 0;
         let inflight = state.inflight;
         if let (Some(algorithm), Some((rtt, dropped))) = (state.algorithm.as_mut(), sample) {
             let sample = Sample {
@@ -340,6 +345,8 @@ impl Controller {
         }
         state.inflight -= 1;
         self.fill(&mut state);
+        let still = state.inflight >= state.limit || state.queue.len() > 0;
+        state.rate.record(now, saturated, still);
         self.publish(&state);
     }
 
@@ -461,5 +468,71 @@ impl Drop for Permit {
         if self.armed {
             self.controller.release(self.sample.take());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use metrics::GaugeFn;
+
+    use super::*;
+
+    /// A gauge whose next update, once held, waits for a go.
+    #[derive(Default)]
+    struct HeldGauge {
+        value: Mutex<f64>,
+        hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    }
+
+    impl HeldGauge {
+        fn update(&self, f: impl FnOnce(&mut f64)) {
+            let hold = self.hold.lock().unwrap().take();
+            if let Some((held, go)) = hold {
+                held.send(()).unwrap();
+                go.recv().unwrap();
+            }
+            f(&mut self.value.lock().unwrap());
+        }
+    }
+
+    impl GaugeFn for HeldGauge {
+        fn increment(&self, v: f64) {
+            self.update(|x| *x += v);
+        }
+        fn decrement(&self, v: f64) {
+            self.update(|x| *x -= v);
+        }
+        fn set(&self, v: f64) {
+            self.update(|x| *x = v);
+        }
+    }
+
+    /// Two requests on a route without admission finish at once, and the
+    /// first one's gauge update lands last: the gauge must still say 0.
+    #[test]
+    fn an_idle_route_without_admission_shows_nothing_in_flight() {
+        let gauge = Arc::new(HeldGauge::default());
+        let metrics = AdmissionMetrics {
+            inflight: Gauge::from_arc(gauge.clone()),
+            ..AdmissionMetrics::noop()
+        };
+        let c = Controller::with_metrics(AdmissionSettings::UNLIMITED, metrics);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let a = rt.block_on(c.acquire(Priority::Normal)).unwrap();
+        let b = rt.block_on(c.acquire(Priority::Normal)).unwrap();
+        let (held, is_held) = mpsc::channel();
+        let (go, release) = mpsc::channel();
+        *gauge.hold.lock().unwrap() = Some((held, release));
+        let first = std::thread::spawn(move || drop(a));
+        is_held.recv().unwrap(); // a's update is on its way, not applied
+        drop(b);
+        go.send(()).unwrap();
+        first.join().unwrap();
+        assert_eq!(c.snapshot().inflight, 0);
+        assert_eq!(*gauge.value.lock().unwrap(), 0.0);
     }
 }

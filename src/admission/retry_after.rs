@@ -8,16 +8,25 @@ use tokio::time::Instant;
 /// Weight of the newest inter-completion interval in the moving average.
 const ALPHA: f64 = 0.05;
 
-/// Completions per second, estimated as the inverse of an exponentially weighted
-/// moving average of the time between two completions (of any slot).
+/// Completions per second while the route is saturated (every slot taken, or
+/// requests waiting): its drain rate, the one thing a full queue's wait and a
+/// shed client's `Retry-After` depend on. Estimated as the inverse of an
+/// exponentially weighted moving average of the time between two completions.
 ///
-/// It is conservative when completions stop: the interval since the last
-/// completion counts as a lower bound of the current interval, so a stalled
-/// upstream is not credited with its old speed.
+/// Only intervals spent saturated count. Below the limit, completions come as
+/// fast as requests arrive, not as fast as the upstream can serve: a lull
+/// spanned by one slow request would otherwise read as a collapse of the
+/// upstream, and `Retry-After` would jump towards its maximum for the next
+/// hundred completions. The estimate is conservative when completions stop
+/// under saturation: the time since the last one counts as a lower bound of
+/// the current interval, so a stalled upstream is not credited with its old
+/// speed.
 #[derive(Debug, Clone)]
 pub struct CompletionRate {
     mean_interval: Option<f64>,
-    last: Option<Instant>,
+    /// Start of the interval being measured: the last completion while
+    /// saturated, or the moment saturation began. `None` below the limit.
+    since: Option<Instant>,
 }
 
 impl Default for CompletionRate {
@@ -31,37 +40,37 @@ impl CompletionRate {
     pub const fn new() -> Self {
         Self {
             mean_interval: None,
-            last: None,
+            since: None,
         }
     }
 
-    /// Records a completion at `now`.
-    pub fn record(&mut self, now: Instant) {
-        if let Some(last) = self.last {
-            let dt = now.saturating_duration_since(last).as_secs_f64();
+    /// The route is saturated at `now` (its last slot was just taken, or a
+    /// request joined the queue); intervals count from here.
+    pub fn saturated(&mut self, now: Instant) {
+        self.since.get_or_insert(now);
+    }
+
+    /// A completion at `now`: `saturated` says whether the route was saturated
+    /// as it completed, `still` whether it is once the slot found its next
+    /// taker (a waiter, or nobody).
+    pub fn record(&mut self, now: Instant, saturated: bool, still: bool) {
+        if saturated && let Some(since) = self.since {
+            let dt = now.saturating_duration_since(since).as_secs_f64();
             self.mean_interval = Some(match self.mean_interval {
                 None => dt,
                 Some(mean) => mean + ALPHA * (dt - mean),
             });
         }
-        self.last = Some(now);
+        self.since = still.then_some(now);
     }
 
-    /// The upstream became busy at `now` after an idle spell: the idle time says
-    /// nothing about its speed, so intervals are measured from here.
-    pub fn resume(&mut self, now: Instant) {
-        if self.last.is_some() {
-            self.last = Some(now);
-        }
-    }
-
-    /// Completions per second at `now`, once two completions were seen.
+    /// Completions per second at `now`, once one saturated interval was seen.
     pub fn per_second(&self, now: Instant) -> Option<f64> {
         let mean = self.mean_interval?;
-        let since = self
-            .last
-            .map_or(0.0, |l| now.saturating_duration_since(l).as_secs_f64());
-        let interval = mean.max(since).max(1e-6);
+        let stalled = self
+            .since
+            .map_or(0.0, |s| now.saturating_duration_since(s).as_secs_f64());
+        let interval = mean.max(stalled).max(1e-6);
         Some(1.0 / interval)
     }
 
@@ -111,34 +120,35 @@ mod tests {
         start + Duration::from_millis(ms)
     }
 
+    /// `n` completions `every` ms apart from `start_ms`, saturated throughout.
+    fn busy(rate: &mut CompletionRate, t0: Instant, start_ms: u64, n: u64, every: u64) {
+        rate.saturated(at(t0, start_ms));
+        for i in 1..=n {
+            rate.record(at(t0, start_ms + i * every), true, true);
+        }
+    }
+
     #[test]
     fn rate_follows_the_completion_interval() {
         let t0 = Instant::now();
         let mut rate = CompletionRate::new();
         assert_eq!(rate.per_second(t0), None);
-        // 100 completions per second.
-        for i in 0..200 {
-            rate.record(at(t0, i * 10));
-        }
-        let r = rate.per_second(at(t0, 1990)).unwrap();
+        busy(&mut rate, t0, 0, 200, 10); // 100 per second
+        let r = rate.per_second(at(t0, 2000)).unwrap();
         assert!((r - 100.0).abs() < 1.0, "{r}");
         // The upstream slows to 20 per second: the estimate follows.
-        for i in 0..200 {
-            rate.record(at(t0, 1990 + (i + 1) * 50));
-        }
-        let r = rate.per_second(at(t0, 1990 + 200 * 50)).unwrap();
+        busy(&mut rate, t0, 2000, 200, 50);
+        let r = rate.per_second(at(t0, 12_000)).unwrap();
         assert!((r - 20.0).abs() < 1.0, "{r}");
     }
 
     #[test]
-    fn a_stall_lowers_the_rate() {
+    fn a_stall_under_saturation_lowers_the_rate() {
         let t0 = Instant::now();
         let mut rate = CompletionRate::new();
-        for i in 0..100 {
-            rate.record(at(t0, i * 10));
-        }
-        // Nothing for 2 s: at most 0.5 per second.
-        let r = rate.per_second(at(t0, 990 + 2000)).unwrap();
+        busy(&mut rate, t0, 0, 100, 10);
+        // Saturated, and nothing completes for 2 s: at most 0.5 per second.
+        let r = rate.per_second(at(t0, 1000 + 2000)).unwrap();
         assert!(r <= 0.5, "{r}");
     }
 
@@ -146,24 +156,36 @@ mod tests {
     fn idle_time_is_not_a_stall() {
         let t0 = Instant::now();
         let mut rate = CompletionRate::new();
-        for i in 0..100 {
-            rate.record(at(t0, i * 10));
-        }
-        // Ten idle minutes, then work resumes: still about 100 per second.
-        let back = at(t0, 990 + 600_000);
-        rate.resume(back);
-        let r = rate.per_second(back + Duration::from_millis(5)).unwrap();
-        assert!((r - 100.0).abs() < 1.0, "{r}");
+        busy(&mut rate, t0, 0, 100, 10);
+        // The queue empties; ten idle minutes; work resumes.
+        rate.record(at(t0, 1010), true, false);
+        let back = at(t0, 601_010);
+        let r = rate.per_second(back).unwrap();
+        assert!((r - 100.0).abs() < 2.0, "{r}");
+    }
+
+    #[test]
+    fn a_lull_spanned_by_one_slow_request_is_not_a_slow_drain() {
+        let t0 = Instant::now();
+        let mut rate = CompletionRate::new();
+        busy(&mut rate, t0, 0, 100, 10);
+        rate.record(at(t0, 1010), true, false);
+        // One request, alone below the limit, takes 30 s.
+        rate.record(at(t0, 31_010), false, false);
+        // Saturated again: the drain rate is what it was, not one per 30 s.
+        rate.saturated(at(t0, 31_020));
+        let r = rate.per_second(at(t0, 31_021)).unwrap();
+        assert!((r - 100.0).abs() < 2.0, "{r}");
+        let wait = rate.time_for(32, at(t0, 31_021)).unwrap();
+        assert_eq!(retry_after_secs(Some(wait), 1.0, 1, 60), 1);
     }
 
     #[test]
     fn drain_time_and_retry_after() {
         let t0 = Instant::now();
         let mut rate = CompletionRate::new();
-        for i in 0..100 {
-            rate.record(at(t0, i * 10)); // 100/s
-        }
-        let drain = rate.time_for(250, at(t0, 990)).unwrap();
+        busy(&mut rate, t0, 0, 100, 10); // 100/s
+        let drain = rate.time_for(250, at(t0, 1000)).unwrap();
         assert!((drain.as_secs_f64() - 2.5).abs() < 0.05, "{drain:?}");
         assert_eq!(retry_after_secs(Some(drain), 1.0, 1, 60), 3);
         assert_eq!(retry_after_secs(Some(drain), 1.0, 5, 60), 5);

@@ -282,3 +282,38 @@ async fn an_adaptive_limit_learns_from_recorded_samples_only() {
     }
     assert_eq!(c.snapshot().limit, Some(4));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lull_spanned_by_one_slow_request_leaves_retry_after_honest() {
+    let c = controller(2, 2, 60_000);
+    // Saturated at 100 completions per second: two slots, one freed and
+    // retaken every 10 ms.
+    let mut slots = vec![
+        c.acquire(Priority::Normal).await.unwrap(),
+        c.acquire(Priority::Normal).await.unwrap(),
+    ];
+    for _ in 0..200 {
+        tokio::time::advance(Duration::from_millis(10)).await;
+        slots.remove(0);
+        slots.push(c.acquire(Priority::Normal).await.unwrap());
+    }
+    slots.clear();
+    // A lull: one request, alone below the limit, takes 30 s.
+    let slow = c.acquire(Priority::Normal).await.unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    drop(slow);
+    // Saturated again, queue full: four requests ahead at 100/s drain in
+    // 40 ms, so Retry-After is the minimum, not a minute.
+    let _held = [
+        c.acquire(Priority::Normal).await.unwrap(),
+        c.acquire(Priority::Normal).await.unwrap(),
+    ];
+    let _queued = [
+        waiter(&c, Priority::Normal).await,
+        waiter(&c, Priority::Normal).await,
+    ];
+    let refused = c.acquire(Priority::Normal).await.unwrap_err();
+    assert_eq!(refused.reason(), Reason::QueueFull);
+    let res = refused.into_response();
+    assert_eq!(res.headers()["retry-after"], "1");
+}

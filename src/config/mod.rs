@@ -118,6 +118,11 @@ pub struct RouteConfig {
     /// Deadline for opening a TCP connection to the upstream; past it, 502.
     #[serde(default = "values::default_connect_timeout")]
     pub connect_timeout_ms: Millis,
+    /// How long an idle upstream connection stays in the pool. Below the
+    /// application server's own idle timeout, so that the proxy, not the
+    /// server, closes idle connections.
+    #[serde(default = "values::default_pool_idle_timeout")]
+    pub pool_idle_timeout_ms: Millis,
     /// Largest request body accepted; larger ones get 413.
     #[serde(default = "values::default_max_body")]
     pub max_body_bytes: ByteSize,

@@ -107,9 +107,21 @@ fn check_rate(key: String, rate: f64) -> Result<(), (String, String)> {
     Ok(())
 }
 
-fn check_burst(key: String, burst: Option<u32>) -> Result<(), (String, String)> {
+/// Longest time a full burst may take to refill: beyond a year a limit means
+/// nothing, and governor's nanosecond arithmetic (period × burst) would
+/// overflow long before its `u64` does at the largest bursts.
+const MAX_REFILL_S: f64 = 365.0 * 86_400.0;
+
+fn check_burst(key: String, burst: Option<u32>, rate: f64) -> Result<(), (String, String)> {
     match burst {
         Some(0) => Err((key, "must be greater than 0 (got 0)".into())),
+        Some(b) if f64::from(b) / rate > MAX_REFILL_S => Err((
+            key,
+            format!(
+                "{b} at {rate} per second takes {:.0} days to refill; at most 365",
+                f64::from(b) / rate / 86_400.0
+            ),
+        )),
         _ => Ok(()),
     }
 }
@@ -118,7 +130,7 @@ impl RateLimitConfig {
     /// Checks what spans several keys; `at` is the section's key path.
     pub(super) fn validate(&self, at: &str) -> Result<(), (String, String)> {
         check_rate(format!("{at}.per_second"), self.per_second)?;
-        check_burst(format!("{at}.burst"), self.burst)?;
+        check_burst(format!("{at}.burst"), self.burst, self.per_second)?;
         if self.max_keys == 0 {
             return Err((
                 format!("{at}.max_keys"),
@@ -129,7 +141,7 @@ impl RateLimitConfig {
         for (i, tier) in self.tiers.iter().enumerate() {
             let at = format!("{at}.tier[{i}]");
             check_rate(format!("{at}.per_second"), tier.per_second)?;
-            check_burst(format!("{at}.burst"), tier.burst)?;
+            check_burst(format!("{at}.burst"), tier.burst, tier.per_second)?;
             if tier.keys.is_empty() {
                 return Err((format!("{at}.keys"), "must list at least one key".into()));
             }

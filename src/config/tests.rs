@@ -280,6 +280,18 @@ fn bad_rate_limit_values_name_their_key() {
             "not a header name",
         ),
         ("per_second = 10\nburst = 0", "burst", "greater than 0"),
+        // governor's period × burst, in nanoseconds, would overflow.
+        (
+            "per_second = 0.1\nburst = 2000000000",
+            "burst",
+            "days to refill",
+        ),
+        (
+            "per_second = 10\n[[route.rate_limit.tier]]\nkeys = [\"10.0.0.1\"]\n\
+             per_second = 0.1\nburst = 4000000000",
+            "tier[0].burst",
+            "days to refill",
+        ),
         (
             "per_second = 10\nmax_keys = 0",
             "max_keys",

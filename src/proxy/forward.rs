@@ -14,9 +14,11 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
+use super::connector::Connector;
 use super::headers;
 use super::read_timeout::{ReadTimeout, Side};
-use crate::body::{BoxError, ProxyBody, boxed};
+use super::retry::{self, Reclaim};
+use crate::body::{BoxError, boxed};
 use crate::config::RouteConfig;
 use crate::conn::ClientAddr;
 use crate::respond::{Reason, Rejection};
@@ -24,25 +26,25 @@ use crate::respond::{Reason, Rejection};
 /// Idle upstream connections kept per route; a bound on the pool's memory and on
 /// the file descriptors it holds.
 const POOL_MAX_IDLE: usize = 1024;
-/// How long an idle upstream connection is kept before it is closed.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A pooled HTTP/1.1 keep-alive client to one upstream.
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+pub type UpstreamClient = Client<Connector, Reclaim>;
 
 /// Builds the client for one route.
-fn client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
+fn client(route: &RouteConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(route.connect_timeout_ms.get()));
+    http.set_keepalive(Some(Duration::from_secs(60)));
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        // Shorter than the application server's own idle timeout, so that the
+        // proxy, not the server, closes an idle connection.
+        .pool_idle_timeout(route.pool_idle_timeout_ms.get())
         .pool_max_idle_per_host(POOL_MAX_IDLE)
         .http1_writev(false)
-        .build(connector)
+        .build(Connector::new(http))
 }
 
 /// The innermost service of a route: rewrites the request for the upstream, sends
@@ -78,7 +80,7 @@ impl Forward {
     pub fn new(route: &RouteConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                client: client(route.connect_timeout_ms.get()),
+                client: client(route),
                 read_timeout: route.read_timeout_ms.get(),
                 scheme: route.upstream.scheme().clone(),
                 authority: route.upstream.authority().clone(),
@@ -126,11 +128,39 @@ where
         };
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, boxed(body));
+        // Kept to send the request again if it loses the race with the
+        // upstream closing an idle connection (see `retry`).
+        let again = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        let (body, reclaim) = Reclaim::new(boxed(body));
+        let request = Request::from_parts(parts, body);
         let response = self.inner.client.request(request);
-        let read_timeout = self.inner.read_timeout;
+        let inner = self.inner.clone();
         Box::pin(async move {
-            let mut res = response.await.map_err(classify)?;
+            let mut res = match response.await {
+                Ok(res) => res,
+                Err(err) if retry::lost_the_idle_race(&err) => {
+                    let body = match reclaim {
+                        None => Reclaim::empty(),
+                        // Gone when too much was sent, or the body failed.
+                        Some(back) => Reclaim::replay(back.await.map_err(|_| classify(err))?),
+                    };
+                    tracing::debug!(
+                        "the upstream closed a reused connection before answering; \
+                         sending the request again on a new one"
+                    );
+                    let (method, uri, headers) = again;
+                    let mut request = Request::new(body);
+                    *request.method_mut() = method;
+                    *request.uri_mut() = uri;
+                    *request.headers_mut() = headers;
+                    inner.client.request(request).await.map_err(classify)?
+                }
+                Err(err) => return Err(classify(err)),
+            };
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 // Upgrade is stripped from requests, so the upstream was never
                 // asked to switch; passing a 101 on would turn the client's
@@ -141,6 +171,7 @@ where
             }
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
+            let read_timeout = inner.read_timeout;
             Ok(res.map(|body| ReadTimeout::new(body, read_timeout, Side::Upstream)))
         })
     }

@@ -1,8 +1,12 @@
 //! Forwarding to the upstream: the innermost service of every route.
 
+mod connector;
 mod forward;
 pub mod headers;
 mod read_timeout;
+mod retry;
 
+pub use connector::{Connector, TrackedStream};
 pub use forward::{Forward, UpstreamClient};
 pub use read_timeout::{ClientBodyError, ReadTimedOut, ReadTimeout, Side};
+pub use retry::Reclaim;

@@ -206,3 +206,17 @@ fn the_store_counts_what_it_holds() {
     store.retain_recent(7u64.into());
     assert_eq!(store.len(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_largest_accepted_buckets_keep_governors_arithmetic_in_range() {
+    // At the bound check-config enforces (a year to refill the burst), and at
+    // the largest burst at the largest rate: no overflow, sane verdicts.
+    for (per_second, burst) in [(0.1, 3_153_600), (1_000_000.0, u32::MAX)] {
+        let limiter = limiter(per_second, burst);
+        let a = ip("192.0.2.1");
+        let verdict = limiter.check(&a);
+        assert_eq!(verdict.retry_after_s, None, "{per_second} {burst}");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(limiter.check(&a).retry_after_s, None);
+    }
+}

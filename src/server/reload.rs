@@ -8,7 +8,7 @@
 //! `[server]` settings (listeners, timeouts, limits of the listener) need a
 //! restart: a reload that changes them is refused, naming the key.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use metrics::Counter;
@@ -61,7 +61,15 @@ impl Reloader {
     /// Reloads the file; on success says what changed, on failure why (and the
     /// running config stays). Logged and counted either way.
     pub fn reload(&self) -> Result<RouteChanges, String> {
-        let result = self.try_reload();
+        self.reload_with(|path| Config::load(path).map_err(|e| e.to_string()))
+    }
+
+    /// [`Reloader::reload`], reading the file with `read`.
+    fn reload_with(
+        &self,
+        read: impl FnOnce(&Path) -> Result<Config, String>,
+    ) -> Result<RouteChanges, String> {
+        let result = self.try_reload(read);
         match &result {
             Ok(changes) => {
                 self.ok.increment(1);
@@ -81,14 +89,20 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<RouteChanges, String> {
+    fn try_reload(
+        &self,
+        read: impl FnOnce(&Path) -> Result<Config, String>,
+    ) -> Result<RouteChanges, String> {
         let path = self.path.as_ref().ok_or_else(|| {
             "started with the embedded default config (no --config): there is no file to reload"
                 .to_string()
         })?;
-        let new = Config::load(path).map_err(|e| e.to_string())?;
-        // One reload at a time; the lock also guards the config in force.
+        // One reload at a time, reading the file under the lock: concurrent
+        // reloads apply files in the order they were read, so the last one
+        // applied is the newest file, never an older read applied late. The
+        // lock also guards the config in force.
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let new = read(path)?;
         if let Some(key) = server_change(&current.server, &new.server) {
             return Err(format!(
                 "{}: server.{key}: cannot change without a restart (the running config stays)",
@@ -139,4 +153,77 @@ fn server_change(old: &ServerConfig, new: &ServerConfig) -> Option<&'static str>
         admin_token,
     );
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn config(timeout_ms: u64) -> Config {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [[route]]\nupstream = \"http://127.0.0.1:9\"\ntimeout_ms = {timeout_ms}\n"
+        );
+        Config::parse("t.toml", &text).unwrap()
+    }
+
+    fn reloader() -> Arc<Reloader> {
+        let registry = Arc::new(Registry::new());
+        let built = stack::build(&config(1000), &registry);
+        Arc::new(Reloader::new(
+            Some(PathBuf::from("t.toml")),
+            config(1000),
+            registry,
+            built.proxy,
+            Arc::new(RwLock::new(built.routes)),
+        ))
+    }
+
+    /// Reload A starts reading the file (and sees version 2000); reload B
+    /// starts after it (and sees the newer 3000). Whatever the timing, B's
+    /// newer read must be the one in force at the end.
+    #[test]
+    fn a_later_read_is_never_overwritten_by_an_earlier_one() {
+        let reloader = reloader();
+        let (reading, a_is_reading) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let a = {
+            let reloader = reloader.clone();
+            std::thread::spawn(move || {
+                reloader.reload_with(|_| {
+                    reading.send(()).unwrap();
+                    released.recv().unwrap();
+                    Ok(config(2000))
+                })
+            })
+        };
+        a_is_reading.recv().unwrap();
+        let (b_done, b_finished) = mpsc::channel();
+        let b = {
+            let reloader = reloader.clone();
+            std::thread::spawn(move || {
+                let result = reloader.reload_with(|_| Ok(config(3000)));
+                b_done.send(()).unwrap();
+                result
+            })
+        };
+        // B cannot finish while A holds the reload: it waits for A's read,
+        // then reads after it. (Before the fix it finished here, and A then
+        // applied its older read over B's.)
+        assert!(
+            b_finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a reload applied while an earlier one was still reading"
+        );
+        release.send(()).unwrap();
+        a.join().unwrap().unwrap();
+        b.join().unwrap().unwrap();
+        let routes = reloader.routes.read().unwrap();
+        assert_eq!(
+            routes[0].config.timeout_ms.get(),
+            Duration::from_millis(3000)
+        );
+    }
 }

@@ -1,0 +1,185 @@
+//! [`Connector`]: upstream TCP connections that know whether they are being
+//! reused and whether the request on them has had any answer yet.
+//!
+//! A pooled keep-alive connection can be closed by the application server
+//! (Node's `keepAliveTimeout`, gunicorn's `keepalive`) at the very moment the
+//! proxy writes the next request on it. The server never read that request,
+//! but hyper cannot give it back: the request fails. It is safe to send again
+//! when the connection had served an earlier request (the server closed an
+//! idle connection, not one it just accepted), no byte of an answer came, and
+//! no byte of the body was taken; [`Forward`](super::Forward) then retries it
+//! once on a fresh connection. This module tells the first two.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::{Context, Poll, ready};
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tower::Service;
+
+use crate::body::BoxError;
+
+/// What one connection has done: requests written and answers begun, counted
+/// at each turn of an HTTP/1.1 exchange (a write after a read, a read after a
+/// write). Only its connection's task touches it; atomics only to share it.
+#[derive(Debug, Default)]
+pub(super) struct Exchanges {
+    requests: AtomicU32,
+    answers: AtomicU32,
+    /// Whether the last I/O was a write.
+    writing: AtomicBool,
+}
+
+impl Exchanges {
+    fn wrote(&self) {
+        if !self.writing.swap(true, Ordering::Relaxed) {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn read(&self) {
+        if self.writing.swap(false, Ordering::Relaxed) {
+            self.answers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the request in progress is on a connection that served one
+    /// before, and has had no byte of an answer.
+    pub(super) fn reused_and_unanswered(&self) -> bool {
+        let requests = self.requests.load(Ordering::Relaxed);
+        requests >= 2 && self.answers.load(Ordering::Relaxed) < requests
+    }
+}
+
+/// `Connected` extra carrying a connection's [`Exchanges`] to errors and
+/// responses.
+#[derive(Debug, Clone)]
+pub(super) struct Tracked(pub(super) Arc<Exchanges>);
+
+/// An upstream TCP stream that counts its exchanges.
+#[derive(Debug)]
+pub struct TrackedStream {
+    inner: TcpStream,
+    exchanges: Arc<Exchanges>,
+}
+
+impl Connection for TrackedStream {
+    fn connected(&self) -> Connected {
+        self.inner
+            .connected()
+            .extra(Tracked(self.exchanges.clone()))
+    }
+}
+
+impl AsyncRead for TrackedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            self.exchanges.read();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TrackedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, data))?;
+        if n > 0 {
+            self.exchanges.wrote();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        if n > 0 {
+            self.exchanges.wrote();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// hyper-util's HTTP connector, handing out [`TrackedStream`]s.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    http: HttpConnector,
+}
+
+impl Connector {
+    /// Wraps `http`.
+    pub fn new(http: HttpConnector) -> Self {
+        Self { http }
+    }
+}
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<TrackedStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.http.call(uri);
+        Box::pin(async move {
+            let stream = connecting.await?.into_inner();
+            Ok(TokioIo::new(TrackedStream {
+                inner: stream,
+                exchanges: Arc::default(),
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchanges_tell_a_reused_connection_with_no_answer() {
+        let x = Exchanges::default();
+        x.wrote(); // request 1, in several writes
+        x.wrote();
+        assert!(!x.reused_and_unanswered(), "a fresh connection");
+        x.read(); // its answer
+        x.read();
+        x.wrote(); // request 2...
+        assert!(x.reused_and_unanswered(), "...closed before any answer");
+        x.read(); // ...answered, then cut
+        assert!(!x.reused_and_unanswered());
+    }
+}

@@ -1,0 +1,224 @@
+//! When a request that failed at the upstream may be sent again: the upstream
+//! closed or reset a reused keep-alive connection before any byte of an answer,
+//! and no byte of the request body had been taken (see [`super::connector`]).
+//! At most once, on a fresh connection: a second failure is the upstream's.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+
+use super::connector::Tracked;
+use crate::body::{BoxError, ProxyBody, find_cause};
+use crate::respond::client_fault;
+
+/// Whether `err`, from the upstream client, is the race with an upstream
+/// closing an idle connection: a reused connection, closed or reset before
+/// any answer.
+pub(super) fn lost_the_idle_race(err: &hyper_util::client::legacy::Error) -> bool {
+    if err.is_connect() || client_fault(err).is_some() {
+        return false;
+    }
+    let reused_and_unanswered = err.connect_info().is_some_and(|info| {
+        let mut extensions = http::Extensions::new();
+        info.get_extras(&mut extensions);
+        extensions
+            .get::<Tracked>()
+            .is_some_and(|t| t.0.reused_and_unanswered())
+    });
+    if !reused_and_unanswered {
+        return false;
+    }
+    let closed = find_cause::<hyper::Error>(err).is_some_and(hyper::Error::is_incomplete_message);
+    let reset = find_cause::<std::io::Error>(err).is_some_and(|e| {
+        use std::io::ErrorKind::*;
+        matches!(
+            e.kind(),
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+        )
+    });
+    closed || reset
+}
+
+/// Request body bytes kept, as references to the frames already sent, so that
+/// a request losing the idle race can be sent again (Envoy's retry buffer,
+/// HAProxy's L7 retries): enough for an ingestion batch, bounded per request.
+/// A larger body that loses the race is not sent again.
+pub(super) const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A request body that remembers what was taken from it, up to
+/// [`REPLAY_LIMIT`], and when dropped hands that and its rest back so that
+/// the request can be sent again.
+pub struct Reclaim {
+    /// Frames to send first: what the failed attempt had taken.
+    replay: VecDeque<Bytes>,
+    inner: Option<ProxyBody>,
+    /// The data frames taken so far (references, not copies).
+    taken: Vec<Bytes>,
+    taken_len: usize,
+    /// Where the body goes back; gone once it cannot be replayed.
+    back: Option<oneshot::Sender<Replay>>,
+}
+
+/// A body handed back: what was taken, then what was not.
+pub(super) struct Replay {
+    taken: Vec<Bytes>,
+    rest: Option<ProxyBody>,
+}
+
+impl Reclaim {
+    /// `body`, and where it comes back when dropped while still replayable
+    /// (`None` for a body already at its end: the retry sends an empty one).
+    pub(super) fn new(body: ProxyBody) -> (Self, Option<oneshot::Receiver<Replay>>) {
+        if body.is_end_stream() {
+            return (Self::sent(body), None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut body = Self::sent(body);
+        body.back = Some(tx);
+        (body, Some(rx))
+    }
+
+    /// A body that is never handed back.
+    pub(super) fn sent(body: ProxyBody) -> Self {
+        Self {
+            replay: VecDeque::new(),
+            inner: Some(body),
+            taken: Vec::new(),
+            taken_len: 0,
+            back: None,
+        }
+    }
+
+    /// The body to send again: what was taken first, then the rest.
+    pub(super) fn replay(replay: Replay) -> Self {
+        Self {
+            replay: replay.taken.into(),
+            inner: replay.rest,
+            taken: Vec::new(),
+            taken_len: 0,
+            back: None,
+        }
+    }
+
+    /// An empty body (the retry of a request without one).
+    pub(super) fn empty() -> Self {
+        Self::sent(crate::body::full(Bytes::new()))
+    }
+
+    fn keep(&mut self, frame: &Frame<Bytes>) {
+        match frame.data_ref() {
+            Some(data) if self.taken_len + data.len() <= REPLAY_LIMIT => {
+                self.taken_len += data.len();
+                self.taken.push(data.clone());
+            }
+            // Too much to keep, or trailers: not replayable any more.
+            _ => {
+                self.back = None;
+                self.taken = Vec::new();
+            }
+        }
+    }
+}
+
+impl Body for Reclaim {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(data) = self.replay.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) if self.back.is_some() => self.keep(f),
+            // The client's body failed: nothing to send again.
+            Some(Err(_)) => self.back = None,
+            _ => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.replay.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let queued = self.replay.iter().map(Bytes::len).sum::<usize>() as u64;
+        let inner = self
+            .inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + queued);
+        }
+        hint.set_lower(inner.lower() + queued);
+        hint
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take() {
+            let _ = back.send(Replay {
+                taken: std::mem::take(&mut self.taken),
+                rest: self.inner.take(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn frames(chunks: &[&'static [u8]]) -> ProxyBody {
+        let chunks: Vec<Bytes> = chunks.iter().map(|c| Bytes::from_static(c)).collect();
+        crate::body::boxed(Chunks(chunks.into()))
+    }
+
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_part_sent_comes_back_whole() {
+        let (mut body, back) = Reclaim::new(frames(&[b"ab", b"cd", b"ef"]));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ab");
+        drop(body);
+        let again = Reclaim::replay(back.unwrap().await.unwrap());
+        let all = again.collect().await.unwrap().to_bytes();
+        assert_eq!(all, "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_is_not_handed_back() {
+        static BIG: [u8; REPLAY_LIMIT + 1] = [0; REPLAY_LIMIT + 1];
+        let (mut body, back) = Reclaim::new(frames(&[&BIG]));
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert!(back.unwrap().await.is_err());
+    }
+}
