@@ -239,7 +239,10 @@ async fn uploads_cut_short_or_malformed_are_the_clients_fault() {
 #[tokio::test(start_paused = true)]
 async fn a_slow_upload_is_not_an_upstream_timeout_nor_a_slow_call() {
     let (up, _) = spawn_upstream().await;
-    let extra = "timeout_ms = 500\n[route.circuit]\nfailure_threshold = 1\nslow_call_ms = 300\n";
+    let extra = "timeout_ms = 500\n\
+                 [route.admission]\nmax_inflight = \"adaptive\"\n\
+                 [route.admission.adaptive]\nwindow_ms = 1\nmin_samples = 1\n\
+                 [route.circuit]\nfailure_threshold = 1\nslow_call_ms = 300\n";
     let proxy = sluicegate::start(config(up.addr.unwrap(), "/", extra))
         .await
         .unwrap();
@@ -258,6 +261,10 @@ async fn a_slow_upload_is_not_an_upstream_timeout_nor_a_slow_call() {
     );
     let admin = proxy.admin_addr();
     assert_eq!(route(admin).await["circuit"]["state"], "closed");
+    // The adaptive limit's sample is the upstream's time, not the upload's.
+    let adaptive = route(admin).await["admission"]["adaptive"].clone();
+    let current = adaptive["current_ms"].as_f64().unwrap();
+    assert!(current < 300.0, "{adaptive}");
     // The upstream-duration histogram times the upstream, not the upload.
     let text = metrics(admin).await;
     let sum = metric(
