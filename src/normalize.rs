@@ -15,7 +15,7 @@
 //!   so `/public/../ingest` is the `/ingest` route's, never `/`'s.
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Version};
 
 /// Why a request was refused: the text goes to the log, the client gets 400.
@@ -50,13 +50,59 @@ fn host<B>(req: &mut Request<B>) -> Result<(), Invalid> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Err("more than one Host header"),
-        (Some(value), None) => match Authority::try_from(value.as_bytes()) {
-            Ok(a) if !a.as_str().contains('@') => Ok(()),
-            _ => Err("the Host header is not a host[:port]"),
-        },
+        (Some(value), None) if is_host_port(value.as_bytes()) => Ok(()),
+        (Some(_), None) => Err("the Host header is not a host[:port]"),
         (None, _) if req.version() == Version::HTTP_11 => Err("an HTTP/1.1 request without Host"),
         (None, _) => Ok(()),
     }
+}
+
+/// Whether `host` is a `host[:port]` (RFC 3986 §3.2.2): a name or an IPv4
+/// address of unreserved, sub-delim and `%` bytes, or a bracketed IP literal,
+/// then an optional port of digits. Checked in place, without copying.
+fn is_host_port(host: &[u8]) -> bool {
+    let (name, port) = match host.iter().rposition(|&c| c == b':') {
+        Some(i) if !host[i..].contains(&b']') => (&host[..i], Some(&host[i + 1..])),
+        _ => (host, None),
+    };
+    let name_ok = match name {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
+        }
+        _ => {
+            !name.is_empty()
+                && name
+                    .iter()
+                    .all(|&c| c.is_ascii_alphanumeric() || is_name_mark(c))
+        }
+    };
+    name_ok && port.is_none_or(|p| p.iter().all(u8::is_ascii_digit))
+}
+
+/// The marks a registered name may hold besides letters and digits:
+/// unreserved, sub-delims and `%` (RFC 3986 §3.2.2).
+fn is_name_mark(c: u8) -> bool {
+    matches!(
+        c,
+        b'-' | b'.'
+            | b'_'
+            | b'~'
+            | b'%'
+            | b'!'
+            | b'$'
+            | b'&'
+            | b'\''
+            | b'('
+            | b')'
+            | b'*'
+            | b'+'
+            | b','
+            | b';'
+            | b'='
+    )
 }
 
 /// The normal form of `path`, or `None` when it already is.
@@ -200,6 +246,21 @@ mod tests {
             );
         }
         assert!(request(&mut req(Version::HTTP_10, "/x", &[])).is_ok());
+        for host in [
+            "a.example",
+            "a.example:8080",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "a_b",
+        ] {
+            assert!(is_host_port(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "", ":80", "a:b", "[::1", "a/b", "a?b", "a#b", "u@a", "[x]", "a b",
+        ] {
+            assert!(!is_host_port(host.as_bytes()), "{host}");
+        }
     }
 
     #[test]

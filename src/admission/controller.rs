@@ -228,27 +228,45 @@ impl Controller {
         self.metrics.queue_depth.set(state.queue.len() as f64);
     }
 
-    /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
-    /// and never leaks a slot.
-    pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
+    /// A slot now, if one is free and nobody waits for one.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         if let Some(inflight) = &self.unlimited_inflight {
             // Increments, not a set from the count: two requests setting the
             // gauge from their own reads race, and an idle route could keep
             // showing one in flight.
             inflight.fetch_add(1, Ordering::Relaxed);
             self.metrics.inflight.increment(1.0);
-            return Ok(Permit::new(self.clone()));
+            return Some(Permit::new(self.clone()));
+        }
+        let mut state = self.lock();
+        self.take_free_slot(&mut state, Instant::now())
+    }
+
+    fn take_free_slot(self: &Arc<Self>, state: &mut State, now: Instant) -> Option<Permit> {
+        if state.queue.len() > 0 || state.inflight >= state.limit {
+            return None;
+        }
+        state.inflight += 1;
+        if state.inflight >= state.limit {
+            state.rate.saturated(now);
+        }
+        self.publish(state);
+        Some(Permit::new(self.clone()))
+    }
+
+    /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
+    /// and never leaks a slot.
+    pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
+        if self.unlimited_inflight.is_some() {
+            return Ok(self
+                .try_acquire()
+                .expect("an unlimited controller has room"));
         }
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = self.lock();
-            if state.queue.len() == 0 && state.inflight < state.limit {
-                state.inflight += 1;
-                if state.inflight >= state.limit {
-                    state.rate.saturated(now);
-                }
-                self.publish(&state);
-                return Ok(Permit::new(self.clone()));
+            if let Some(permit) = self.take_free_slot(&mut state, now) {
+                return Ok(permit);
             }
             state.rate.saturated(now);
             if self.settings.queue_capacity == 0 {

@@ -93,6 +93,29 @@ impl<S> Layer<S> for AdmissionLayer {
     }
 }
 
+/// Waits for a slot in the queue; leaves it when the client goes away.
+fn wait(
+    controller: Arc<Controller>,
+    priority: Priority,
+    peer: Option<PeerClosed>,
+) -> BoxFuture<Permit> {
+    Box::pin(async move {
+        let Some(peer) = peer else {
+            return Ok(controller.acquire(priority).await?);
+        };
+        tokio::select! {
+            biased;
+            permit = controller.acquire(priority) => Ok(permit?),
+            () = peer.closed() => {
+                // Dropping the acquire future left the queue.
+                Err(Rejection::new(Reason::ClientClosed)
+                    .with_cause("client closed its connection while queued")
+                    .into())
+            }
+        }
+    })
+}
+
 /// Response extension: how long the request waited for admission, so that outer
 /// layers can tell the upstream's time from the queue's (the circuit breaker's
 /// slow-call rule).
@@ -131,19 +154,11 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let start = tokio::time::Instant::now();
-            let mut permit = match peer {
-                // Only polled when the request has to wait.
-                Some(peer) => tokio::select! {
-                    biased;
-                    permit = controller.acquire(priority) => permit?,
-                    () = peer.closed() => {
-                        // Dropping the acquire future left the queue.
-                        return Err(Rejection::new(Reason::ClientClosed)
-                            .with_cause("client closed its connection while queued")
-                            .into());
-                    }
-                },
-                None => controller.acquire(priority).await?,
+            let mut permit = match controller.try_acquire() {
+                Some(permit) => permit,
+                // Waiting: a future of its own, so that the common path's
+                // state stays small and only a queued request pays for it.
+                None => wait(controller, priority, peer).await?,
             };
             let admitted = tokio::time::Instant::now();
             let waited = QueueWait(admitted - start);

@@ -53,9 +53,15 @@ pub(super) const REPLAY_LIMIT: usize = 64 * 1024;
 /// [`REPLAY_LIMIT`], and when dropped hands that and its rest back so that
 /// the request can be sent again.
 pub struct Reclaim {
-    /// Frames to send first: what the failed attempt had taken.
-    replay: VecDeque<Bytes>,
     inner: Option<ProxyBody>,
+    /// What replaying needs; boxed, and only for a body that is not empty, so
+    /// that the request hyper moves about stays small.
+    replay: Option<Box<ReplayState>>,
+}
+
+struct ReplayState {
+    /// Frames to send first: what a failed attempt had taken.
+    queued: VecDeque<Bytes>,
     /// The data frames taken so far (references, not copies).
     taken: Vec<Bytes>,
     taken_len: usize,
@@ -77,30 +83,36 @@ impl Reclaim {
             return (Self::sent(body), None);
         }
         let (tx, rx) = oneshot::channel();
-        let mut body = Self::sent(body);
-        body.back = Some(tx);
+        let body = Self {
+            inner: Some(body),
+            replay: Some(Box::new(ReplayState {
+                queued: VecDeque::new(),
+                taken: Vec::new(),
+                taken_len: 0,
+                back: Some(tx),
+            })),
+        };
         (body, Some(rx))
     }
 
     /// A body that is never handed back.
     pub(super) fn sent(body: ProxyBody) -> Self {
         Self {
-            replay: VecDeque::new(),
             inner: Some(body),
-            taken: Vec::new(),
-            taken_len: 0,
-            back: None,
+            replay: None,
         }
     }
 
     /// The body to send again: what was taken first, then the rest.
     pub(super) fn replay(replay: Replay) -> Self {
         Self {
-            replay: replay.taken.into(),
             inner: replay.rest,
-            taken: Vec::new(),
-            taken_len: 0,
-            back: None,
+            replay: Some(Box::new(ReplayState {
+                queued: replay.taken.into(),
+                taken: Vec::new(),
+                taken_len: 0,
+                back: None,
+            })),
         }
     }
 
@@ -108,7 +120,9 @@ impl Reclaim {
     pub(super) fn empty() -> Self {
         Self::sent(crate::body::full(Bytes::new()))
     }
+}
 
+impl ReplayState {
     fn keep(&mut self, frame: &Frame<Bytes>) {
         match frame.data_ref() {
             Some(data) if self.taken_len + data.len() <= REPLAY_LIMIT => {
@@ -132,28 +146,35 @@ impl Body for Reclaim {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(data) = self.replay.pop_front() {
+        let this = &mut *self;
+        if let Some(data) = this.replay.as_mut().and_then(|r| r.queued.pop_front()) {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        let Some(inner) = self.inner.as_mut() else {
+        let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
         let frame = ready!(Pin::new(inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) if self.back.is_some() => self.keep(f),
-            // The client's body failed: nothing to send again.
-            Some(Err(_)) => self.back = None,
-            _ => {}
+        if let Some(replay) = this.replay.as_mut().filter(|r| r.back.is_some()) {
+            match &frame {
+                Some(Ok(f)) => replay.keep(f),
+                // The client's body failed: nothing to send again.
+                Some(Err(_)) => replay.back = None,
+                None => {}
+            }
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.replay.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.replay.as_ref().is_none_or(|r| r.queued.is_empty())
+            && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        let queued = self.replay.iter().map(Bytes::len).sum::<usize>() as u64;
+        let queued =
+            self.replay
+                .as_ref()
+                .map_or(0, |r| r.queued.iter().map(Bytes::len).sum::<usize>()) as u64;
         let inner = self
             .inner
             .as_ref()
@@ -169,9 +190,11 @@ impl Body for Reclaim {
 
 impl Drop for Reclaim {
     fn drop(&mut self) {
-        if let Some(back) = self.back.take() {
+        if let Some(replay) = self.replay.as_mut()
+            && let Some(back) = replay.back.take()
+        {
             let _ = back.send(Replay {
-                taken: std::mem::take(&mut self.taken),
+                taken: std::mem::take(&mut replay.taken),
                 rest: self.inner.take(),
             });
         }

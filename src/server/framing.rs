@@ -160,6 +160,17 @@ impl<T> FramingGuard<T> {
         while i < bytes.len() {
             match &mut self.state {
                 State::Refused | State::Pass | State::Done => return None,
+                // Ordinary head bytes in one scan, up to the next byte that
+                // changes the state (a line end, or the colon after a name);
+                // only those go through `byte`.
+                State::Head(head) if !head.after_cr => {
+                    let n = head.span(&bytes[i..]);
+                    if n > 0 {
+                        head.take(&bytes[i..i + n]);
+                        i += n;
+                        continue;
+                    }
+                }
                 State::Body(n) | State::Chunked(Chunked::Body, n) => {
                     let take = (*n).min((bytes.len() - i) as u64);
                     *n -= take;
@@ -174,23 +185,29 @@ impl<T> FramingGuard<T> {
                 }
                 _ => {}
             }
-            match self.byte(bytes[i]) {
-                Ok(()) => {}
-                Err(Stop::Refuse) => {
-                    tracing::warn!("refused a request head (400, connection closed)");
-                    self.refused.increment(1);
-                    self.state = State::Refused;
-                    return Some(i);
-                }
-                Err(Stop::BodyError) => {
-                    // hyper reads this byte, fails the body and closes.
-                    self.state = State::Done;
-                    return None;
-                }
+            if let Err(stop) = self.byte(bytes[i]) {
+                return self.stop(stop, i);
             }
             i += 1;
         }
         None
+    }
+
+    /// Stops following at byte `at`: a refused head's LF is poisoned there.
+    fn stop(&mut self, stop: Stop, at: usize) -> Option<usize> {
+        match stop {
+            Stop::Refuse => {
+                tracing::warn!("refused a request head (400, connection closed)");
+                self.refused.increment(1);
+                self.state = State::Refused;
+                Some(at)
+            }
+            Stop::BodyError => {
+                // hyper reads this byte, fails the body and closes.
+                self.state = State::Done;
+                None
+            }
+        }
     }
 
     /// Takes one byte outside body data.
@@ -222,6 +239,19 @@ impl<T> FramingGuard<T> {
 }
 
 impl Head {
+    /// How many of `bytes` are ordinary: up to a CR or LF, or in a header
+    /// name up to its colon.
+    fn span(&self, bytes: &[u8]) -> usize {
+        let stop = if self.lines > 0 && self.field == Field::Name {
+            bytes
+                .iter()
+                .position(|&b| matches!(b, b'\r' | b'\n' | b':'))
+        } else {
+            bytes.iter().position(|&b| matches!(b, b'\r' | b'\n'))
+        };
+        stop.unwrap_or(bytes.len())
+    }
+
     /// Takes one head byte; `Ok(true)` when it ends the head.
     fn byte(&mut self, b: u8) -> Result<bool, Stop> {
         let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
@@ -240,39 +270,45 @@ impl Head {
                 self.end_line();
                 Ok(false)
             }
-            _ => {
+            b':' if self.lines > 0 && self.field == Field::Name => {
                 self.line_len += 1;
-                self.take(b);
-                Ok(false)
-            }
-        }
-    }
-
-    /// Keeps what the current line's framing needs of `b`.
-    fn take(&mut self, b: u8) {
-        if self.lines == 0 {
-            if self.kept.len() < MAX_REQUEST_LINE {
-                self.kept.push(b);
-            }
-            self.tail.rotate_left(1);
-            self.tail[7] = b;
-            return;
-        }
-        match self.field {
-            Field::Name if b == b':' => {
                 self.field = match self.kept.as_slice() {
                     b"content-length" => Field::ContentLength,
                     b"transfer-encoding" => Field::TransferEncoding,
                     _ => Field::Other,
                 };
                 self.kept.clear();
+                Ok(false)
             }
-            Field::Name if self.kept.len() < MAX_NAME => self.kept.push(b.to_ascii_lowercase()),
+            _ => {
+                self.take(&[b]);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Keeps what the current line's framing needs of `span` (no line end,
+    /// no name-ending colon in it).
+    fn take(&mut self, span: &[u8]) {
+        self.line_len += span.len();
+        if self.lines == 0 {
+            let room = MAX_REQUEST_LINE - self.kept.len();
+            self.kept.extend_from_slice(&span[..room.min(span.len())]);
+            // The line's last 8 bytes, for its version.
+            let n = span.len().min(8);
+            self.tail.rotate_left(n);
+            self.tail[8 - n..].copy_from_slice(&span[span.len() - n..]);
+            return;
+        }
+        match self.field {
+            Field::Name if self.kept.len() + span.len() <= MAX_NAME => {
+                self.kept.extend(span.iter().map(u8::to_ascii_lowercase));
+            }
             // Too long for a framing header's name.
             Field::Name => self.field = Field::Other,
             Field::ContentLength | Field::TransferEncoding => {
-                if self.kept.len() < MAX_FRAMING_VALUE {
-                    self.kept.push(b);
+                if self.kept.len() + span.len() <= MAX_FRAMING_VALUE {
+                    self.kept.extend_from_slice(span);
                 } else {
                     self.refuse = true; // a value this guard cannot keep
                 }
@@ -283,7 +319,7 @@ impl Head {
 
     fn end_line(&mut self) {
         if self.lines == 0 {
-            self.http10 = &self.tail == b"HTTP/1.0";
+            self.http10 = self.line_len >= 8 && &self.tail == b"HTTP/1.0";
             self.connect = self.kept.starts_with(b"CONNECT ");
             self.preface = self.kept == b"PRI * HTTP/2.0";
             #[cfg(test)]
