@@ -17,7 +17,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -96,15 +96,31 @@ impl AsyncRead for ClientIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if buf.remaining() == 0 {
+        let wanted = buf.remaining();
+        if wanted == 0 {
             return Poll::Ready(Ok(()));
         }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read_buf(buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+            // As tokio's own TcpStream does: a read shorter than asked drained
+            // the socket, so its readiness is cleared now rather than found
+            // out by one more read that would block. Cleared inside `try_io`,
+            // with the readiness seen before the read, so data that arrived
+            // meanwhile still wakes the connection.
+            let mut got = None;
+            let result = self.stream.try_io(Interest::READABLE, || {
+                let n = self.stream.try_read_buf(buf)?;
+                got = Some(n);
+                if n > 0 && n < wanted {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (got, result) {
+                (Some(_), _) => return Poll::Ready(Ok(())),
+                (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (None, Err(e)) => return Poll::Ready(Err(e)),
+                (None, Ok(())) => return Poll::Ready(Ok(())),
             }
         }
     }
