@@ -53,6 +53,18 @@ pub(crate) fn find_cause<'a, T: std::error::Error + 'static>(
     None
 }
 
+/// How a body stands after yielding `frame`: `Some(true)` ended whole (its
+/// end, its trailers, or its last data frame, after which hyper drops it
+/// without asking for the end), `Some(false)` failed, `None` more to come.
+pub(crate) fn ended<D, E, B: Body>(frame: &Option<Result<Frame<D>, E>>, body: &B) -> Option<bool> {
+    match frame {
+        None => Some(true),
+        Some(Err(_)) => Some(false),
+        Some(Ok(f)) if f.is_trailers() || body.is_end_stream() => Some(true),
+        Some(Ok(_)) => None,
+    }
+}
+
 pin_project! {
     /// A body that holds `guard` until it has ended (end of stream or error) or
     /// is dropped, whichever comes first: a streaming response keeps its
@@ -85,7 +97,7 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+        if ended(&frame, &*this.inner).is_some() {
             // Done now (the last byte is read), not at the next poll or when the
             // connection gets around to dropping the body.
             this.guard.take();

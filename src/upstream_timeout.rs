@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::body::BoxError;
+use crate::body::{BoxError, ended};
 use crate::respond::{Reason, Rejection};
 
 /// Response extension: the upstream's own time, from the end of the request
@@ -170,14 +170,9 @@ impl<B: Body> Body for SentBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let done = match &frame {
-            None => true,
-            // After the last data frame (or the trailers) hyper drops the body
-            // without asking for its end.
-            Some(Ok(f)) => f.is_trailers() || this.inner.is_end_stream(),
-            Some(Err(_)) => false,
-        };
-        if done && let Some(signal) = this.signal.take() {
+        if ended(&frame, &*this.inner) == Some(true)
+            && let Some(signal) = this.signal.take()
+        {
             let _ = signal.send(());
         }
         Poll::Ready(frame)

@@ -63,34 +63,18 @@ async fn the_bearer_scheme_is_case_insensitive() {
         .await
         .unwrap();
     let url = format!("http://127.0.0.1:{}/status", proxy.admin_addr().port());
-    for auth in [
-        "Bearer 0123456789abcdef-secret",
-        "bearer 0123456789abcdef-secret",
-        "BEARER  0123456789abcdef-secret ",
+    for (auth, status) in [
+        ("Bearer 0123456789abcdef-secret", StatusCode::OK),
+        ("bearer 0123456789abcdef-secret", StatusCode::OK),
+        ("BEARER  0123456789abcdef-secret ", StatusCode::OK),
+        ("Basic 0123456789abcdef-secret", StatusCode::UNAUTHORIZED),
+        ("Bearer0123456789abcdef-secret", StatusCode::UNAUTHORIZED),
     ] {
         let req = Request::get(&url)
             .header("authorization", auth)
             .body(full(""))
             .unwrap();
-        assert_eq!(
-            send(&client(), req).await.0.status(),
-            StatusCode::OK,
-            "{auth}"
-        );
-    }
-    for auth in [
-        "Basic 0123456789abcdef-secret",
-        "Bearer0123456789abcdef-secret",
-    ] {
-        let req = Request::get(&url)
-            .header("authorization", auth)
-            .body(full(""))
-            .unwrap();
-        assert_eq!(
-            send(&client(), req).await.0.status(),
-            StatusCode::UNAUTHORIZED,
-            "{auth}"
-        );
+        assert_eq!(send(&client(), req).await.0.status(), status, "{auth}");
     }
     proxy.shutdown().await;
 }

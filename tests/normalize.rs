@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use sluicegate::config::Config;
@@ -12,9 +13,16 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// `root` takes `/`, `ingest` takes `/ingest` (for any host) and `eu` takes
-/// `/ingest` for host `eu.example`.
-fn two_routes(root: SocketAddr, ingest: SocketAddr) -> Config {
+/// A proxy where `root` takes `/`, `ingest` takes `/ingest` (for any host)
+/// and `eu` takes `/ingest` for host `eu.example`; the two upstreams, and it.
+async fn two_routes() -> (Arc<Upstream>, Arc<Upstream>, sluicegate::Running) {
+    let (root, _) = spawn_upstream().await;
+    let (ingest, _) = spawn_upstream().await;
+    let config = routes(root.addr.unwrap(), ingest.addr.unwrap());
+    (root, ingest, sluicegate::start(config).await.unwrap())
+}
+
+fn routes(root: SocketAddr, ingest: SocketAddr) -> Config {
     let text = format!(
         r#"
 [server]
@@ -61,11 +69,7 @@ async fn raw(proxy: SocketAddr, head: &str) -> (String, String) {
 
 #[tokio::test]
 async fn dot_segments_and_escapes_cannot_reach_another_route() {
-    let (root, _) = spawn_upstream().await;
-    let (ingest, _) = spawn_upstream().await;
-    let proxy = sluicegate::start(two_routes(root.addr.unwrap(), ingest.addr.unwrap()))
-        .await
-        .unwrap();
+    let (root, ingest, proxy) = two_routes().await;
     let addr = proxy.proxy_addr();
     for target in [
         "/public/../ingest/logs",
@@ -103,11 +107,7 @@ async fn dot_segments_and_escapes_cannot_reach_another_route() {
 
 #[tokio::test]
 async fn one_host_decides_the_route_and_reaches_the_upstream() {
-    let (root, _) = spawn_upstream().await;
-    let (ingest, _) = spawn_upstream().await;
-    let proxy = sluicegate::start(two_routes(root.addr.unwrap(), ingest.addr.unwrap()))
-        .await
-        .unwrap();
+    let (root, ingest, proxy) = two_routes().await;
     let addr = proxy.proxy_addr();
     // Absolute form: its authority wins over Host, for routing and upstream.
     let (status, body) = raw(

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::breaker::{CallOutcome, Ticket};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
+use crate::body::ended;
 
 /// A call let through by the circuit whose outcome is not decided yet. Dropped
 /// undecided, it counts as neither success nor failure.
@@ -104,20 +105,14 @@ impl<B: Body> Body for CircuitBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let outcome = match &frame {
-            None => Some(CallOutcome::Success),
-            Some(Err(_)) => Some(CallOutcome::Failure { retry_after: None }),
-            // The last data frame, or trailers: hyper drops the body after it
-            // without asking for the end.
-            Some(Ok(f)) if f.is_trailers() || this.inner.is_end_stream() => {
-                Some(CallOutcome::Success)
-            }
-            Some(Ok(_)) => None,
-        };
-        if let Some(outcome) = outcome
+        if let Some(whole) = ended(&frame, &*this.inner)
             && let Some(pending) = this.pending.take()
         {
-            pending.decide(Some(outcome));
+            pending.decide(Some(if whole {
+                CallOutcome::Success
+            } else {
+                CallOutcome::Failure { retry_after: None }
+            }));
         }
         Poll::Ready(frame)
     }

@@ -261,25 +261,15 @@ impl http_body::Body for Generated {
 /// A config with one route `name` on `prefix` to `upstream`, both listeners on
 /// port 0; `extra` is appended inside the route table.
 pub fn config(upstream: SocketAddr, prefix: &str, extra: &str) -> Config {
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-drain_timeout_ms = 5000
-
-[[route]]
-name = "test"
-path_prefix = "{prefix}"
-upstream = "http://{upstream}"
-{extra}
-"#
-    );
-    Config::parse("test.toml", &text).unwrap()
+    config_text(upstream, "", prefix, extra)
 }
 
-/// Like [`config`], with `server` appended to the `[server]` section.
+/// Like [`config`] on `/`, with `server` appended to the `[server]` section.
 pub fn config_with(upstream: SocketAddr, server: &str, route: &str) -> Config {
+    config_text(upstream, server, "/", route)
+}
+
+fn config_text(upstream: SocketAddr, server: &str, prefix: &str, route: &str) -> Config {
     let text = format!(
         r#"
 [server]
@@ -290,7 +280,7 @@ drain_timeout_ms = 5000
 
 [[route]]
 name = "test"
-path_prefix = "/"
+path_prefix = "{prefix}"
 upstream = "http://{upstream}"
 {route}
 "#
