@@ -2,8 +2,10 @@
 //! first.
 //!
 //! The proxy is a tower stack (see [`stack`] for the order), and every piece is
-//! usable on its own: [`admission::AdmissionLayer`], [`observe::ObserveLayer`], [`body_limit::BodyLimitLayer`],
-//! [`respond::RescueLayer`], and the [`proxy::Forward`] service.
+//! usable on its own: [`admission::AdmissionLayer`], [`circuit::CircuitBreakerLayer`],
+//! [`rate_limit::RateLimitLayer`], [`observe::ObserveLayer`], [`body_limit::BodyLimitLayer`],
+//! [`upstream_timeout::UpstreamTimeoutLayer`], [`respond::RescueLayer`], and the
+//! [`proxy::Forward`] service.
 //!
 //! Start a whole proxy with [`server::start`]; run the upstream simulator with
 //! [`sim::spawn`].
