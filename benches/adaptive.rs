@@ -1,13 +1,19 @@
-//! Adaptive concurrency scenario (issue 6): open-loop load at 1.5x the
-//! simulator's starting capacity (16 workers x 20 ms, 800 req/s) for 60 s; at
-//! 30 s the simulator loses half its workers. Through sluicegate with
-//! `max_inflight = "adaptive"` (not told the workers) and, as the baseline in the
-//! same run, with the static `max_inflight = 16` that was right before the
-//! drop. Both with `queue_capacity = 32`, `queue_timeout_ms = 100`.
+//! Adaptive concurrency scenarios, each through sluicegate with
+//! `max_inflight = "adaptive"` (not told the workers) and, as the baseline in
+//! the same run, with the static `max_inflight = 16` that fits the simulator
+//! (16 workers x 20 ms, 800 req/s). Both with `queue_capacity = 32`,
+//! `queue_timeout_ms = 100`; open-loop load; every run a fresh proxy.
 //!
-//! Run with `bash benches/adaptive.sh`; only 127.0.0.1, about 2.5 minutes.
-//! Writes a markdown table and `benches/results/adaptive.svg` (limit, in
-//! flight, p99 latency over time).
+//! - calm (issue 17): 0.5x and 0.8x the capacity for 150 s each. A healthy
+//!   load: the adaptive limit must shed nothing the static one does not.
+//! - halving (issue 6): 1.5x for 60 s; at 30 s the simulator loses half its
+//!   workers.
+//!
+//! Run with `bash benches/adaptive.sh` (`SCENARIO=calm` or `halving` for one;
+//! `BENCH_BIN` to measure another build); only 127.0.0.1, about 12 minutes.
+//! Writes markdown tables and `benches/results/adaptive.svg` (limit, in
+//! flight, p99 over time through the halving), `adaptive-calm.svg` (sheds per
+//! second and the limit, calm loads).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -17,9 +23,11 @@ use sluicegate::loadgen::{self, LoadPlan, Second, quantile_ms};
 mod common;
 use common::*;
 
+const CAPACITY: f64 = 800.0;
 const RATE: f64 = 1200.0;
 const SECONDS: usize = 60;
 const HALVED_AT: usize = 30;
+const CALM_SECONDS: usize = 150;
 const SIM_PORT: u16 = 19130;
 const PROXY_PORT: u16 = 19131;
 const ADMIN_PORT: u16 = 19132;
@@ -30,6 +38,8 @@ struct Run {
     /// `(seconds since start, limit, in flight)` every 100 ms.
     samples: Vec<(f64, u64, u64)>,
     halved_at: f64,
+    /// The adaptive algorithm's state as the run ended (`/status`).
+    adaptive_end: Option<serde_json::Value>,
 }
 
 impl Run {
@@ -49,16 +59,42 @@ impl Run {
     fn p99(&self, from: usize, to: usize) -> Option<f64> {
         quantile_ms(&Second::total(&self.seconds[from..to]).ok_latency_us, 0.99)
     }
+
+    fn shed(&self) -> u64 {
+        Second::total(&self.seconds).shed
+    }
+
+    /// The limit's median and maximum over the run.
+    fn limit_median_max(&self) -> (u64, u64) {
+        let mut v: Vec<u64> = self.samples.iter().map(|(_, l, _)| *l).collect();
+        v.sort_unstable();
+        (
+            v.get(v.len() / 2).copied().unwrap_or(0),
+            v.last().copied().unwrap_or(0),
+        )
+    }
 }
 
 fn admission_state() -> Option<(u64, u64)> {
-    let body = http_get(ADMIN_PORT, "/status")?;
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let a = &v["routes"][0]["admission"];
+    let a = admission()?;
     Some((a["limit"].as_u64()?, a["inflight"].as_u64()?))
 }
 
-fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str) -> Run {
+fn admission() -> Option<serde_json::Value> {
+    let body = http_get(ADMIN_PORT, "/status")?;
+    let mut v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some(v["routes"][0]["admission"].take())
+}
+
+/// One fresh simulator and proxy; `rates` per second; `at(second)` runs as
+/// each second ends and may return the simulator's new worker count.
+fn run(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    label: &'static str,
+    rates: Vec<f64>,
+    at: impl Fn(usize) -> Option<usize>,
+) -> Run {
     let limit = if label == "adaptive" {
         "\"adaptive\""
     } else {
@@ -75,17 +111,22 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
         url: format!("http://127.0.0.1:{PROXY_PORT}/ingest")
             .parse()
             .unwrap(),
-        rates: vec![RATE; SECONDS],
+        rates,
         max_outstanding: 4000,
         client_timeout: Duration::from_secs(10),
     };
     let mut halved_at = 0.0;
     let seconds = rt.block_on(loadgen::run(plan, |i, _| {
-        if i + 1 == HALVED_AT {
-            http_post(SIM_PORT, "/_sim/config", r#"{"workers":8}"#);
+        if let Some(workers) = at(i + 1) {
+            http_post(
+                SIM_PORT,
+                "/_sim/config",
+                &format!(r#"{{"workers":{workers}}}"#),
+            );
             halved_at = start.elapsed().as_secs_f64();
         }
     }));
+    let adaptive_end = admission().map(|mut a| a["adaptive"].take());
     let samples = sampler
         .finish()
         .into_iter()
@@ -98,8 +139,11 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
         seconds,
         samples,
         halved_at,
+        adaptive_end,
     }
 }
+
+const TARGETS: [&str; 2] = ["adaptive", "static 16"];
 
 fn main() {
     if only_listing() {
@@ -107,18 +151,77 @@ fn main() {
     }
     let dir = work_dir("adaptive");
     let rt = runtime();
-    let runs: Vec<Run> = ["adaptive", "static 16"]
+    let scenario = std::env::var("SCENARIO").unwrap_or_default();
+    println!("\n{} cores; simulator 16 workers x 20 ms\n", cores());
+    if scenario.is_empty() || scenario == "calm" {
+        calm(&rt, &dir);
+    }
+    if scenario.is_empty() || scenario == "halving" {
+        halving(&rt, &dir);
+    }
+}
+
+/// 0.5x and 0.8x for 150 s each, adaptive and static 16 side by side.
+fn calm(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    let mut panels = Vec::new();
+    println!(
+        "Calm: open loop at 0.5x and 0.8x for {CALM_SECONDS} s, each run from a fresh proxy\n"
+    );
+    println!(
+        "| load | target | 503s | seconds with a 503 | worst second | goodput/s | admitted p99 ms | limit median / max | baseline at the end |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---|");
+    for load in [0.5, 0.8] {
+        let runs: Vec<Run> = TARGETS
+            .into_iter()
+            .map(|label| {
+                let r = run(rt, dir, label, vec![load * CAPACITY; CALM_SECONDS], |_| {
+                    None
+                });
+                eprintln!("calm {load}x {label}: done");
+                r
+            })
+            .collect();
+        for r in &runs {
+            let per_second: Vec<u64> = r.seconds.iter().map(|s| s.shed).collect();
+            let (median, max) = r.limit_median_max();
+            let baseline = r.adaptive_end.as_ref().map_or("-".into(), |a| {
+                format!(
+                    "{:.1} ms by {}, confirmed {:.1} s before",
+                    a["baseline_ms"].as_f64().unwrap_or(f64::NAN),
+                    a["baseline_source"].as_str().unwrap_or("?"),
+                    a["baseline_confirmed_s_ago"].as_f64().unwrap_or(f64::NAN)
+                )
+            });
+            println!(
+                "| {load}x | {} | {} | {} | {} | {:.0} | {} | {median} / {max} | {baseline} |",
+                r.label,
+                r.shed(),
+                per_second.iter().filter(|&&n| n > 0).count(),
+                per_second.iter().max().copied().unwrap_or(0),
+                r.goodput(0, CALM_SECONDS),
+                r.p99(0, CALM_SECONDS)
+                    .map_or("-".into(), |v| format!("{v:.1}")),
+            );
+        }
+        panels.push((load, runs));
+    }
+    write_result("adaptive-calm.svg", &plot_calm(&panels));
+}
+
+/// 1.5x; the simulator drops from 16 to 8 workers at 30 s.
+fn halving(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    let runs: Vec<Run> = TARGETS
         .into_iter()
         .map(|label| {
-            let r = run(&rt, &dir, label);
-            eprintln!("{label}: done");
+            let r = run(rt, dir, label, vec![RATE; SECONDS], |s| {
+                (s == HALVED_AT).then_some(8)
+            });
+            eprintln!("halving {label}: done");
             r
         })
         .collect();
-    println!(
-        "\n{} cores; open loop {RATE} req/s; simulator 16 workers x 20 ms, 8 from {HALVED_AT} s\n",
-        cores()
-    );
+    println!("\nHalving: open loop {RATE} req/s; 8 workers from {HALVED_AT} s\n");
     println!(
         "| target | limit before (median 20-30 s) | limit after (median 45-60 s) | limit ≤ 13 after halving | goodput/s 20-30 s | goodput/s 30-40 s | goodput/s 45-60 s | admitted p99 ms 20-30 s | 30-40 s | 45-60 s |"
     );
@@ -243,6 +346,109 @@ fn plot(runs: &[Run]) -> String {
             ("limit", "#1f77b4"),
             ("in flight", "#aec7e8"),
             ("admitted p99 (ms, right)", "#d62728"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+                pad + 8.0,
+                y0 + 16.0 + 14.0 * i as f64
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Per calm load: 503s per second of both targets (left axis) and the
+/// adaptive limit (right axis).
+fn plot_calm(panels: &[(f64, Vec<Run>)]) -> String {
+    let (w, h, pad, gap) = (860.0, 180.0, 50.0, 40.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
+        panels.len() as f64 * (h + gap) + 10.0
+    );
+    let shed_max = panels
+        .iter()
+        .flat_map(|(_, runs)| runs.iter().flat_map(|r| r.seconds.iter().map(|s| s.shed)))
+        .max()
+        .unwrap_or(0)
+        .max(10) as f64;
+    let limit_max = panels
+        .iter()
+        .flat_map(|(_, runs)| runs.iter().map(|r| r.limit_median_max().1))
+        .max()
+        .unwrap_or(0)
+        .max(20) as f64;
+    for (k, (load, runs)) in panels.iter().enumerate() {
+        let y0 = k as f64 * (h + gap) + 20.0;
+        let px = |t: f64| pad + t / CALM_SECONDS as f64 * (w - 2.0 * pad);
+        let py = |v: f64, max: f64| y0 + h * (1.0 - (v / max).clamp(0.0, 1.0));
+        let _ = write!(
+            svg,
+            r#"<text x="{pad}" y="{}">{load}x capacity ({:.0} req/s)</text><rect x="{pad}" y="{y0}" width="{}" height="{h}" fill="none" stroke="gray"/>"#,
+            y0 - 6.0,
+            load * CAPACITY,
+            w - 2.0 * pad
+        );
+        for f in [0.0, 0.5, 1.0] {
+            let _ = write!(
+                svg,
+                r##"<text x="{}" y="{}" text-anchor="end">{:.0}</text><text x="{}" y="{}" fill="#1f77b4">{:.0}</text>"##,
+                pad - 4.0,
+                py(f * shed_max, shed_max) + 4.0,
+                f * shed_max,
+                w - pad + 4.0,
+                py(f * limit_max, limit_max) + 4.0,
+                f * limit_max
+            );
+        }
+        for t in (0..=CALM_SECONDS).step_by(30) {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t}s</text>"#,
+                px(t as f64),
+                y0 + h + 14.0
+            );
+        }
+        let line = |points: Vec<String>, color: &str| {
+            format!(
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
+                points.join(" ")
+            )
+        };
+        let colors = [("#d62728", "#ff9896"), ("#7f7f7f", "#c7c7c7")];
+        for (r, (color, _)) in runs.iter().zip(colors) {
+            let sheds: Vec<String> = r
+                .seconds
+                .iter()
+                .enumerate()
+                .map(|(t, s)| {
+                    format!(
+                        "{:.1},{:.1}",
+                        px(t as f64 + 0.5),
+                        py(s.shed as f64, shed_max)
+                    )
+                })
+                .collect();
+            svg.push_str(&line(sheds, color));
+        }
+        if let Some(r) = runs.iter().find(|r| r.label == "adaptive") {
+            let limit: Vec<String> = r
+                .samples
+                .iter()
+                .map(|(t, l, _)| format!("{:.1},{:.1}", px(*t), py(*l as f64, limit_max)))
+                .collect();
+            svg.push_str(&line(limit, "#1f77b4"));
+        }
+        for (i, (name, color)) in [
+            ("503s per second, adaptive", "#d62728"),
+            ("503s per second, static 16", "#7f7f7f"),
+            ("adaptive limit (right)", "#1f77b4"),
         ]
         .iter()
         .enumerate()

@@ -55,6 +55,15 @@ async fn the_limit_finds_the_simulators_workers_without_being_told() {
     assert_eq!(adaptive["algorithm"], "gradient");
     let baseline = adaptive["baseline_ms"].as_f64().unwrap();
     assert!((19.0..25.0).contains(&baseline), "baseline {baseline} ms");
+    // The first window bound (2 slots, 40 clients), so its baseline was
+    // re-measured by a probe at once; the load has kept the limit binding
+    // since, so nothing confirmed it, and it goes stale in 45-75 s.
+    assert_eq!(adaptive["phase"], "tracking", "{adaptive}");
+    assert_eq!(adaptive["baseline_source"], "probe", "{adaptive}");
+    let measured = adaptive["baseline_measured_s_ago"].as_f64().unwrap();
+    assert!((6.0..8.0).contains(&measured), "{adaptive}");
+    let stale_in = adaptive["baseline_stale_in_s"].as_f64().unwrap();
+    assert!((37.0..75.0).contains(&stale_in), "{adaptive}");
     let metrics = get(&format!("http://{}/metrics", proxy.admin_addr()))
         .await
         .1;

@@ -19,9 +19,12 @@ impl Drop for Proc {
     }
 }
 
-/// The release binary (`cargo build --release` first).
+/// The release binary (`cargo build --release` first), or `BENCH_BIN` to
+/// measure another build in the same conditions.
 pub fn bin() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluicegate").to_string()
+    std::env::var("BENCH_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluicegate").to_string()
+    })
 }
 
 /// Starts `cmd` and waits until it listens on 127.0.0.1:`port`.

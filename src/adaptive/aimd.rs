@@ -82,11 +82,16 @@ impl LimitAlgorithm for Aimd {
         self.limit.round() as usize
     }
 
-    fn snapshot(&self) -> AlgorithmSnapshot {
+    fn snapshot(&self, _now: Instant) -> AlgorithmSnapshot {
         AlgorithmSnapshot {
             algorithm: "aimd",
             limit: self.limit(),
+            phase: None,
             baseline_ms: None,
+            baseline_source: None,
+            baseline_measured_s_ago: None,
+            baseline_confirmed_s_ago: None,
+            baseline_stale_in_s: None,
             current_ms: self.current.map(|d| d.as_secs_f64() * 1000.0),
         }
     }

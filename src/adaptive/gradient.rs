@@ -1,13 +1,44 @@
-//! [`Gradient`]: moves the limit by the ratio of the no-load latency to the
-//! current one (Netflix's Gradient2), with a baseline that is re-measured
-//! periodically at a low limit (Envoy's minRTT window) so that a baseline
-//! taken under load does not stick.
+//! [`Gradient`]: moves the limit by the ratio of the no-load latency (the
+//! baseline) to the current one, as Netflix's Gradient2 does.
+//!
+//! The baseline must stay true without costing healthy traffic anything, and
+//! that decides how it is kept (measured in BENCHMARKS.md, "Adaptive
+//! concurrency that never sheds a healthy load"):
+//! - A probe that holds the limit low to measure the no-load latency (Envoy's
+//!   minRTT window) sheds whatever arrives meanwhile: every minute, on a
+//!   half-loaded upstream.
+//! - Gradient2's long-window average follows the latency wherever it goes:
+//!   under sustained overload the baseline rises with the queue it measures,
+//!   and the limit drifts to its maximum.
+//!
+//! So the baseline is the fastest window seen (lowered at once), and the load
+//! itself keeps it fresh: a window the limit did not bind, as fast as the
+//! baseline, shows the baseline still holds. A probe is needed only when no
+//! such window came for `baseline_interval` (jittered, so a fleet does not
+//! probe in step), and then only while the limit binds: requests are already
+//! waiting, the upstream is at capacity or the baseline went stale, and what
+//! the probe holds back for two windows is what the limit is holding back
+//! anyway.
+//!
+//! A fresh limit starts at `initial_limit` and grows like TCP's slow start:
+//! one slot per answer that found the limit binding and the latency within an
+//! eighth of the baseline (HyStart's threshold), until a window is slower than
+//! that.
 
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{AlgorithmSnapshot, Bounds, LimitAlgorithm, Sample, Window};
+use crate::jitter::Jitter;
+
+/// How far a window's latency may exceed the baseline and still confirm it.
+const CONFIRM: f64 = 1.1;
+/// Slow start ends at a window slower than the baseline by this factor.
+const SLOW_START_EXIT: f64 = 1.125;
+/// Each staleness interval is drawn from this range of `baseline_interval`.
+const STALE_JITTER: (f64, f64) = (0.75, 1.25);
 
 /// Tuning of [`Gradient`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,9 +52,10 @@ pub struct GradientSettings {
     pub tolerance: f64,
     /// Weight of a new estimate against the old limit (0..=1).
     pub smoothing: f64,
-    /// How often the baseline is re-measured at `min_limit`.
+    /// How long the baseline may go unconfirmed before it is stale (±25 %);
+    /// a stale baseline is re-measured the next time the limit binds.
     pub baseline_interval: Duration,
-    /// Windows the re-measurement lasts.
+    /// Windows a probe lasts.
     pub baseline_windows: u32,
     /// Multiplier on an overload signal (a window with a timeout or 5xx).
     pub backoff: f64,
@@ -43,17 +75,46 @@ impl Default for GradientSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Phase {
+/// What the algorithm is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Since start: growing by one per answer that found the limit binding,
+    /// until the latency rises.
+    SlowStart,
     /// Moving the limit by the gradient.
     Tracking,
-    /// Holding the limit at `min` to measure the no-load latency; `windows`
-    /// measured so far, the limit to return to.
-    Baseline {
-        windows: u32,
-        resume: f64,
-        best: Option<Duration>,
-    },
+    /// Holding the limit at `min_limit` to measure the no-load latency.
+    Probing,
+}
+
+/// How the baseline was last measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineSource {
+    /// The first window after start, at `initial_limit` or below.
+    FirstWindow,
+    /// A window faster than the baseline lowered it.
+    FasterWindow,
+    /// A probe: the limit held at `min_limit` for `baseline_windows`.
+    Probe,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    rtt: Duration,
+    source: BaselineSource,
+    measured: Instant,
+    confirmed: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    windows: u32,
+    /// The limit to return to.
+    resume: f64,
+    /// The fastest window of the probe.
+    best: Option<Duration>,
 }
 
 /// The gradient algorithm.
@@ -63,36 +124,96 @@ pub struct Gradient {
     settings: GradientSettings,
     limit: f64,
     window: Window,
-    baseline: Option<Duration>,
+    baseline: Option<Baseline>,
     current: Option<Duration>,
     phase: Phase,
-    next_baseline: Instant,
+    probe: Option<Probe>,
+    /// When the baseline goes stale unless a window confirms it first.
+    stale_at: Instant,
+    jitter: Jitter,
 }
 
 impl Gradient {
-    /// Starts at `bounds.initial`, measuring the baseline at once.
+    /// Starts at `bounds.initial`, in slow start; the first window gives the
+    /// baseline.
     pub fn new(bounds: Bounds, settings: GradientSettings, now: Instant) -> Self {
-        Self {
+        Self::with_jitter(bounds, settings, now, Jitter::from_entropy())
+    }
+
+    /// As [`Gradient::new`], with the generator of its staleness intervals.
+    pub fn with_jitter(
+        bounds: Bounds,
+        settings: GradientSettings,
+        now: Instant,
+        jitter: Jitter,
+    ) -> Self {
+        let mut g = Self {
             bounds,
             settings,
             limit: bounds.initial as f64,
             window: Window::new(now),
             baseline: None,
             current: None,
-            phase: Phase::Baseline {
-                windows: 0,
-                resume: bounds.initial as f64,
-                best: None,
-            },
-            next_baseline: now + settings.baseline_interval,
-        }
+            phase: Phase::SlowStart,
+            probe: None,
+            stale_at: now,
+            jitter,
+        };
+        g.fresh(now);
+        g
     }
 
     fn effective(&self) -> usize {
         match self.phase {
-            Phase::Baseline { .. } => self.bounds.min,
-            Phase::Tracking => self.limit.round() as usize,
+            Phase::Probing => self.bounds.min,
+            _ => self.limit.round() as usize,
         }
+    }
+
+    /// The baseline was measured or confirmed at `now`.
+    fn fresh(&mut self, now: Instant) {
+        let (low, high) = STALE_JITTER;
+        let interval = self
+            .settings
+            .baseline_interval
+            .mul_f64(self.jitter.between(low, high));
+        self.stale_at = now + interval;
+        if let Some(b) = &mut self.baseline {
+            b.confirmed = now;
+        }
+    }
+
+    fn measured(&mut self, rtt: Duration, source: BaselineSource, now: Instant) {
+        self.baseline = Some(Baseline {
+            rtt,
+            source,
+            measured: now,
+            confirmed: now,
+        });
+        self.fresh(now);
+    }
+
+    /// One more probe window; at the last, the fastest becomes the baseline
+    /// (whatever the old one was: the point is to find out) and the limit
+    /// returns.
+    fn probe_window(&mut self, mean: Option<Duration>, now: Instant) {
+        let Some(probe) = &mut self.probe else {
+            return;
+        };
+        probe.windows += 1;
+        if let Some(m) = mean {
+            probe.best = Some(probe.best.map_or(m, |b| b.min(m)));
+        }
+        if probe.windows < self.settings.baseline_windows {
+            return;
+        }
+        let Some(best) = probe.best else {
+            return;
+        };
+        self.limit = probe.resume;
+        self.probe = None;
+        self.phase = Phase::Tracking;
+        self.measured(best, BaselineSource::Probe, now);
     }
 
     fn end_window(&mut self, now: Instant) {
@@ -100,67 +221,104 @@ impl Gradient {
         let mean = window.mean();
         self.current = mean.or(self.current);
         let s = self.settings;
-        match &mut self.phase {
-            Phase::Baseline {
-                windows,
-                resume,
-                best,
-            } => {
-                *windows += 1;
-                if let Some(m) = mean {
-                    *best = Some(best.map_or(m, |b| b.min(m)));
-                }
-                if *windows >= s.baseline_windows && best.is_some() {
-                    self.baseline = *best;
-                    self.limit = *resume;
-                    self.phase = Phase::Tracking;
-                    self.next_baseline = now + s.baseline_interval;
-                }
-                return;
-            }
-            Phase::Tracking => {}
-        }
-        if now >= self.next_baseline {
-            self.phase = Phase::Baseline {
-                windows: 0,
-                resume: self.limit,
-                best: None,
-            };
-            return;
+        if self.phase == Phase::Probing {
+            return self.probe_window(mean, now);
         }
         if window.dropped > 0 {
             self.limit = self.bounds.clamp(self.limit * s.backoff);
+            self.phase = Phase::Tracking;
             return;
         }
-        let (Some(baseline), Some(current)) = (self.baseline, mean) else {
+        let Some(mean) = mean else {
             return;
         };
-        // A faster window than the baseline lowers the baseline at once.
-        if current < baseline {
-            self.baseline = Some(current);
+        let baseline = match self.baseline {
+            None => {
+                self.measured(mean, BaselineSource::FirstWindow, now);
+                if window.binding() {
+                    // Measured at a limit that held demand back: if that limit
+                    // was above the upstream's capacity, the latency includes
+                    // its queue. Re-measure at the next window that binds.
+                    self.stale_at = now;
+                }
+                return;
+            }
+            Some(b) if mean < b.rtt => {
+                self.measured(mean, BaselineSource::FasterWindow, now);
+                mean
+            }
+            Some(b) => b.rtt,
+        };
+        let ratio = baseline.as_secs_f64() / mean.as_secs_f64();
+        if window.unbound() && ratio * CONFIRM >= 1.0 {
+            self.fresh(now);
         }
-        let gradient =
-            (s.tolerance * baseline.as_secs_f64() / current.as_secs_f64()).clamp(0.5, 1.0);
-        // Demand below half the limit says nothing about capacity: do not grow.
-        if gradient >= 1.0 && (window.max_inflight as f64) < self.limit / 2.0 {
+        if now >= self.stale_at && window.binding() {
+            self.phase = Phase::Probing;
+            self.probe = Some(Probe {
+                windows: 0,
+                resume: self.limit,
+                best: None,
+            });
             return;
         }
+        let gradient = (s.tolerance * ratio).clamp(0.5, 1.0);
         let queue = self.limit.sqrt();
+        if self.phase == Phase::SlowStart {
+            if ratio * SLOW_START_EXIT >= 1.0 {
+                return; // still growing, answer by answer
+            }
+            // The latency rose: the limit overshot the knee by what was
+            // admitted in the last round trip. Step back in one go.
+            self.phase = Phase::Tracking;
+            self.limit = self.bounds.clamp(self.limit * gradient + queue);
+            return;
+        }
         let estimate = self.limit * gradient + queue;
-        self.limit = self
-            .bounds
-            .clamp((1.0 - s.smoothing) * self.limit + s.smoothing * estimate);
+        let mut next = (1.0 - s.smoothing) * self.limit + s.smoothing * estimate;
+        // Demand below half the limit says nothing about capacity: do not
+        // grow (Gradient2's rule). Without it, the √limit allowance outweighs
+        // a slightly slower window and the limit creeps up for ever on a
+        // calm route, and a surge would then find no limit at all.
+        if (window.max_inflight as f64) < self.limit / 2.0 {
+            next = next.min(self.limit);
+        }
+        self.limit = self.bounds.clamp(next);
+    }
+
+    /// Slow start: an answer that found the limit binding, as fast as the
+    /// baseline, earns one more slot (the limit doubles per round trip).
+    fn slow_start(&mut self, sample: &Sample) {
+        let Some(baseline) = self.baseline else {
+            return;
+        };
+        if sample.limited
+            && !sample.dropped
+            && sample.rtt.as_secs_f64() <= baseline.rtt.as_secs_f64() * SLOW_START_EXIT
+        {
+            self.limit = self.bounds.clamp(self.limit + 1.0);
+        }
     }
 }
 
 impl LimitAlgorithm for Gradient {
     fn sample(&mut self, sample: Sample, now: Instant) -> Option<usize> {
         let before = self.effective();
+        match self.phase {
+            Phase::SlowStart => self.slow_start(&sample),
+            // A probe learns only from requests sent at its own concurrency:
+            // those still draining from the old limit carry its queue.
+            Phase::Probing if sample.inflight > self.bounds.min => return None,
+            _ => {}
+        }
         self.window.add(&sample);
-        if self
-            .window
-            .done(self.settings.window, self.settings.min_samples, now)
-        {
+        // The first window needs only its samples: the sooner a baseline,
+        // the sooner slow start can grow a limit that is too small.
+        let length = match self.baseline {
+            Some(_) => self.settings.window,
+            None => Duration::ZERO,
+        };
+        if self.window.done(length, self.settings.min_samples, now) {
             self.end_window(now);
         }
         let after = self.effective();
@@ -171,11 +329,19 @@ impl LimitAlgorithm for Gradient {
         self.effective()
     }
 
-    fn snapshot(&self) -> AlgorithmSnapshot {
+    fn snapshot(&self, now: Instant) -> AlgorithmSnapshot {
+        let ago = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+        let b = self.baseline;
         AlgorithmSnapshot {
             algorithm: "gradient",
             limit: self.effective(),
-            baseline_ms: self.baseline.map(|d| d.as_secs_f64() * 1000.0),
+            phase: Some(self.phase),
+            baseline_ms: b.map(|b| b.rtt.as_secs_f64() * 1000.0),
+            baseline_source: b.map(|b| b.source),
+            baseline_measured_s_ago: b.map(|b| ago(b.measured)),
+            baseline_confirmed_s_ago: b.map(|b| ago(b.confirmed)),
+            baseline_stale_in_s: b
+                .map(|_| self.stale_at.saturating_duration_since(now).as_secs_f64()),
             current_ms: self.current.map(|d| d.as_secs_f64() * 1000.0),
         }
     }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 pub use aimd::{Aimd, AimdSettings};
-pub use gradient::{Gradient, GradientSettings};
+pub use gradient::{BaselineSource, Gradient, GradientSettings, Phase};
 
 /// One answered request, as an algorithm sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,6 +28,9 @@ pub struct Sample {
     pub inflight: usize,
     /// An overload signal: a timeout, a connection failure or a 5xx.
     pub dropped: bool,
+    /// The limit was binding when it finished: every slot taken, or requests
+    /// waiting for one. Demand, not the limit, set the pace otherwise.
+    pub limited: bool,
 }
 
 /// What `/status` shows of an algorithm.
@@ -37,8 +40,21 @@ pub struct AlgorithmSnapshot {
     pub algorithm: &'static str,
     /// The limit now.
     pub limit: usize,
+    /// gradient: what it is doing.
+    pub phase: Option<Phase>,
     /// The no-load latency the limit is measured against (gradient), ms.
     pub baseline_ms: Option<f64>,
+    /// gradient: how the baseline was last measured.
+    pub baseline_source: Option<BaselineSource>,
+    /// gradient: seconds since the baseline was last measured.
+    pub baseline_measured_s_ago: Option<f64>,
+    /// gradient: seconds since a window the limit did not bind last matched
+    /// the baseline (or since it was measured).
+    pub baseline_confirmed_s_ago: Option<f64>,
+    /// gradient: seconds until the baseline goes stale unless confirmed; a
+    /// stale baseline is re-measured by a probe the next time the limit binds
+    /// (0: stale now).
+    pub baseline_stale_in_s: Option<f64>,
     /// The latency of the last window, ms.
     pub current_ms: Option<f64>,
 }
@@ -49,8 +65,8 @@ pub trait LimitAlgorithm: Send + std::fmt::Debug {
     fn sample(&mut self, sample: Sample, now: Instant) -> Option<usize>;
     /// The limit now.
     fn limit(&self) -> usize;
-    /// Its live state.
-    fn snapshot(&self) -> AlgorithmSnapshot;
+    /// Its live state at `now`.
+    fn snapshot(&self, now: Instant) -> AlgorithmSnapshot;
 }
 
 /// Bounds shared by every algorithm.
@@ -103,6 +119,8 @@ struct Window {
     count: u32,
     rtt_sum: Duration,
     dropped: u32,
+    /// Samples that finished with the limit binding.
+    limited: u32,
     max_inflight: usize,
 }
 
@@ -113,6 +131,7 @@ impl Window {
             count: 0,
             rtt_sum: Duration::ZERO,
             dropped: 0,
+            limited: 0,
             max_inflight: 0,
         }
     }
@@ -120,6 +139,7 @@ impl Window {
     fn add(&mut self, s: &Sample) {
         self.count += 1;
         self.max_inflight = self.max_inflight.max(s.inflight);
+        self.limited += u32::from(s.limited);
         if s.dropped {
             self.dropped += 1;
         } else {
@@ -129,6 +149,17 @@ impl Window {
 
     fn done(&self, length: Duration, min_samples: u32, now: Instant) -> bool {
         self.count >= min_samples && now - self.started >= length
+    }
+
+    /// The limit bound at least half the window: demand was held back.
+    fn binding(&self) -> bool {
+        self.limited * 2 >= self.count
+    }
+
+    /// The limit bound at no point of the window: the upstream saw the
+    /// clients' own demand.
+    fn unbound(&self) -> bool {
+        self.limited == 0
     }
 
     /// Mean latency of the answered (not dropped) samples.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::*;
+use crate::jitter::Jitter;
 
 const SERVICE: Duration = Duration::from_millis(20);
 
@@ -25,6 +26,7 @@ fn drive(
     while now - start < length {
         let limit = algorithm.limit();
         let inflight = demand.map_or(limit, |d| d.min(limit)).max(1);
+        let limited = demand.is_none_or(|d| d >= limit);
         let w = workers(now - start);
         let rtt = SERVICE.mul_f64((inflight as f64 / w as f64).max(1.0));
         let step = rtt / inflight as u32;
@@ -34,6 +36,7 @@ fn drive(
                 rtt,
                 inflight,
                 dropped: false,
+                limited,
             };
             algorithm.sample(sample, now);
         }
@@ -77,7 +80,7 @@ fn gradient_converges_near_capacity_from_below_and_above() {
             min >= 16 && max <= 26,
             "from {initial}: settled in {min}..={max}"
         );
-        let snap = g.snapshot();
+        let snap = g.snapshot(Instant::now());
         assert!(
             (19.0..=21.0).contains(&snap.baseline_ms.unwrap()),
             "{snap:?}"
@@ -132,7 +135,7 @@ fn gradient_remeasures_a_baseline_that_went_stale() {
     let mut g = gradient(16);
     let start = Instant::now();
     drive(&mut g, start, Duration::from_secs(10), |_| 16, None);
-    assert!((19.0..=21.0).contains(&g.snapshot().baseline_ms.unwrap()));
+    assert!((19.0..=21.0).contains(&g.snapshot(Instant::now()).baseline_ms.unwrap()));
     // The upstream becomes twice as slow per request at the same capacity:
     // no-load latency 40 ms. Without a new baseline the limit would halve.
     let mut now = start + Duration::from_secs(10);
@@ -147,13 +150,14 @@ fn gradient_remeasures_a_baseline_that_went_stale() {
                     rtt,
                     inflight: limit,
                     dropped: false,
+                    limited: true,
                 },
                 now,
             );
         }
         slow_trace.push((now - start, g.limit()));
     }
-    let baseline = g.snapshot().baseline_ms.unwrap();
+    let baseline = g.snapshot(Instant::now()).baseline_ms.unwrap();
     assert!((39.0..=41.0).contains(&baseline), "baseline {baseline}");
     let (min, max) = settled(&slow_trace, Duration::from_secs(130));
     eprintln!("after re-measuring: {min}..={max}, baseline {baseline}");
@@ -195,6 +199,7 @@ fn aimd_backs_off_on_overload_signals_and_creeps_up_without() {
                     rtt,
                     inflight,
                     dropped,
+                    limited: true,
                 },
                 now,
             );
@@ -210,4 +215,69 @@ fn aimd_backs_off_on_overload_signals_and_creeps_up_without() {
         feed(&mut a, true, Duration::from_millis(20));
     }
     assert_eq!(a.limit(), 2, "never below min_limit");
+}
+
+#[test]
+fn a_calm_load_keeps_the_baseline_fresh_without_a_probe() {
+    let start = Instant::now();
+    let mut g = gradient(10);
+    // Demand of 8 requests against 16 workers for five minutes: the limit
+    // never binds, the upstream answers at its no-load latency.
+    let trace = drive(&mut g, start, Duration::from_secs(300), |_| 16, Some(8));
+    let (min, _) = settled(&trace, Duration::ZERO);
+    assert!(min >= 8, "the limit fell to {min}, below the demand");
+    let end = start + trace.last().unwrap().0;
+    let snap = g.snapshot(end);
+    assert_ne!(snap.phase, Some(Phase::Probing));
+    assert_ne!(
+        snap.baseline_source,
+        Some(BaselineSource::Probe),
+        "{snap:?}"
+    );
+    assert!(snap.baseline_confirmed_s_ago.unwrap() < 1.0, "{snap:?}");
+    assert!(snap.baseline_stale_in_s.unwrap() > 40.0, "{snap:?}");
+}
+
+#[test]
+fn a_stale_baseline_waits_for_the_limit_to_bind_before_a_probe() {
+    let start = Instant::now();
+    let settings = GradientSettings::default();
+    let bounds = Bounds {
+        min: 1,
+        max: 1000,
+        initial: 16,
+    };
+    let mut g = Gradient::with_jitter(bounds, settings, start, Jitter::seeded(3));
+    let mut now = start;
+    let mut feed = |g: &mut Gradient, rtt_ms: u64, limited: bool, seconds: u64| {
+        let until = now + Duration::from_secs(seconds);
+        while now < until {
+            now += Duration::from_millis(5);
+            let sample = Sample {
+                rtt: Duration::from_millis(rtt_ms),
+                inflight: g.limit().min(4),
+                dropped: false,
+                limited,
+            };
+            g.sample(sample, now);
+        }
+        g.snapshot(now)
+    };
+    feed(&mut g, 20, false, 1);
+    // Slower for good (a new release), demand below the limit: never
+    // confirmed, stale after 45–75 s, but nothing waits: no probe.
+    let snap = feed(&mut g, 30, false, 90);
+    assert_eq!(snap.baseline_stale_in_s, Some(0.0), "{snap:?}");
+    assert_eq!(snap.baseline_source, Some(BaselineSource::FirstWindow));
+    assert_ne!(snap.phase, Some(Phase::Probing));
+    // The limit binds: the next window starts the probe, which measures the
+    // new no-load latency.
+    feed(&mut g, 30, true, 1);
+    let snap = feed(&mut g, 30, false, 1);
+    assert_eq!(
+        snap.baseline_source,
+        Some(BaselineSource::Probe),
+        "{snap:?}"
+    );
+    assert!((29.0..=31.0).contains(&snap.baseline_ms.unwrap()));
 }

@@ -355,6 +355,7 @@ impl Controller {
                 rtt,
                 inflight,
                 dropped,
+                limited: saturated,
             };
             if let Some(limit) = algorithm.sample(sample, now) {
                 state.limit = limit;
@@ -414,6 +415,7 @@ impl Controller {
     /// The live state.
     pub fn snapshot(&self) -> AdmissionSnapshot {
         let state = self.lock();
+        let now = Instant::now();
         let limit = state.limit;
         let inflight = match &self.unlimited_inflight {
             Some(n) => n.load(Ordering::Relaxed),
@@ -424,10 +426,10 @@ impl Controller {
             queued: state.queue.len(),
             limit: (limit != usize::MAX).then_some(limit),
             queue_capacity: self.settings.queue_capacity,
-            completion_rate: state.rate.per_second(Instant::now()),
+            completion_rate: state.rate.per_second(now),
             shed_queue_full: self.shed_full.load(Ordering::Relaxed),
             shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
-            adaptive: state.algorithm.as_ref().map(|a| a.snapshot()),
+            adaptive: state.algorithm.as_ref().map(|a| a.snapshot(now)),
         }
     }
 }

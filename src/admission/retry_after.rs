@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::jitter::Jitter;
+
 /// Weight of the newest inter-completion interval in the moving average.
 const ALPHA: f64 = 0.05;
 
@@ -96,19 +98,14 @@ pub fn retry_after_secs(drain: Option<Duration>, jitter: f64, min: u64, max: u64
 /// retries needs no cryptographic randomness.
 pub fn jitter() -> f64 {
     use std::cell::Cell;
-    use std::hash::{BuildHasher, RandomState};
     thread_local! {
-        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
+        static STATE: Cell<Jitter> = Cell::new(Jitter::from_entropy());
     }
     STATE.with(|s| {
-        // xorshift64*
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        let unit = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
-        0.8 + 0.4 * unit
+        let mut j = s.get();
+        let factor = j.between(0.8, 1.2);
+        s.set(j);
+        factor
     })
 }
 
