@@ -1,6 +1,6 @@
 //! Request body size limit: 413 for a declared `Content-Length` over the limit,
 //! before anything is sent upstream; a streamed body is cut off as soon as it
-//! passes the limit (the body then fails with [`LengthLimitError`], which the
+//! passes the limit (the body then fails with [`LengthLimitError`](crate::error::LengthLimitError), which the
 //! forwarder turns into 413).
 //!
 //! Unlike `tower_http::limit`, the refusal is a [`Rejection`] so that it gets the
@@ -11,13 +11,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{Request, header};
-pub use http_body_util::LengthLimitError;
 use http_body_util::Limited;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::BoxError;
-use crate::respond::{Reason, Rejection};
+use crate::error::{Reason, Rejection};
 
 /// Limits request bodies to `max` bytes.
 #[derive(Debug, Clone, Copy)]
@@ -154,7 +153,7 @@ mod tests {
     async fn undeclared_body_is_cut_at_the_limit() {
         let req = Request::new(Full::new(Bytes::from_static(b"01234567890")));
         let err = service().oneshot(req).await.unwrap_err();
-        assert!(crate::body::find_cause::<LengthLimitError>(err.as_ref()).is_some());
+        assert!(crate::body::find_cause::<crate::error::LengthLimitError>(err.as_ref()).is_some());
     }
 
     #[tokio::test]

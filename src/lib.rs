@@ -64,6 +64,7 @@ pub mod circuit;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod error;
 pub mod jitter;
 pub mod loadgen;
 pub mod metrics;

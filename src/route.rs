@@ -17,8 +17,8 @@ use tower::Service;
 use tower::util::{Oneshot, ServiceExt};
 
 use crate::body::ProxyBody;
+use crate::error::{Reason, Rejection};
 use crate::normalize;
-use crate::respond::{Reason, Rejection};
 
 /// One route of the table: what it matches and the service that answers.
 #[derive(Debug, Clone)]

@@ -25,12 +25,13 @@ use crate::circuit::{
     SlowStart,
 };
 use crate::config::{Config, RouteConfig, normalize_host};
+use crate::error::StaticAnswer;
 use crate::metrics::{INVALID_TOTAL, Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
 use crate::proxy::Forward;
 use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter};
 use crate::request_id::SequentialIds;
-use crate::respond::{Rescue, RescueLayer, StaticAnswer};
+use crate::respond::{Rescue, RescueLayer};
 use crate::route::{Proxy, RouteEntry, RouteTable, Unmatched};
 use crate::upstream_timeout::{UpstreamTimeout, UpstreamTimeoutLayer};
 

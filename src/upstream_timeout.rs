@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ended};
-use crate::respond::{Reason, Rejection};
+use crate::error::{Reason, Rejection};
 
 /// Response extension: the upstream's own time, from the end of the request
 /// body to the response headers (queue waits and uploads excluded).

@@ -13,8 +13,8 @@ use super::queue::{Priority, WaitQueue};
 use super::retry_after::{CompletionRate, jitter, retry_after_secs};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::config::{AdmissionConfig, MaxInflight};
+use crate::error::{Reason, Rejection};
 use crate::metrics::{CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_WAIT, Registry, SHED_TOTAL};
-use crate::respond::{Reason, Rejection};
 
 /// The limits a controller enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,12 +9,12 @@ use tower::{Layer, Service, ServiceExt};
 use super::{AdmissionSettings, Controller, Permit, Priority};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
 use crate::conn::PeerClosed;
-use crate::respond::{Reason, Rejection, client_fault};
+use crate::error::{Reason, Rejection, client_fault};
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Admission control for any `Service<http::Request<B>>`.
 ///
-/// Refusals are [`Rejection`](crate::respond::Rejection) errors (`queue_full`,
+/// Refusals are [`Rejection`](crate::error::Rejection) errors (`queue_full`,
 /// `queue_timeout`) with a `Retry-After`; put a
 /// [`RescueLayer`](crate::respond::RescueLayer) above it to turn them into
 /// `503` responses with the JSON body.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::respond::Reason;
+use crate::error::Reason;
 
 fn controller(max: usize, capacity: usize, timeout_ms: u64) -> Arc<Controller> {
     Controller::new(AdmissionSettings {

@@ -15,12 +15,12 @@ use super::breaker::{CallOutcome, CircuitSettings};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
 use crate::body::BoxError;
-use crate::respond::Rejection;
+use crate::error::Rejection;
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
 ///
 /// While open, requests are refused at once with a `circuit_open`
-/// [`Rejection`](crate::respond::Rejection) error carrying `Retry-After` (put a
+/// [`Rejection`](crate::error::Rejection) error carrying `Retry-After` (put a
 /// [`RescueLayer`](crate::respond::RescueLayer) above it for the `503` + JSON);
 /// the service below is not called.
 ///

@@ -8,7 +8,7 @@ use super::breaker::CallOutcome;
 use crate::admission::QueueWait;
 use crate::body::{BoxError, find_cause};
 use crate::config::CircuitConfig;
-use crate::respond::{Reason, Rejection, client_fault};
+use crate::error::{Reason, Rejection, client_fault};
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Failure = connect error, timeout, a status in `statuses`, a status in

@@ -11,8 +11,8 @@ use super::breaker::{Breaker, CallOutcome, CircuitSettings, CircuitState, Ticket
 use super::policy::FailurePolicy;
 use crate::admission::Controller;
 use crate::admission::retry_after::jitter;
+use crate::error::{Reason, Rejection, StaticAnswer};
 use crate::metrics::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS, Registry};
-use crate::respond::{Reason, Rejection, StaticAnswer};
 
 /// Prometheus handles of one route's circuit.
 #[derive(Debug, Clone)]

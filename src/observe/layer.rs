@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::{Outcome, RouteStats};
-use crate::respond::Rejected;
+use crate::error::Rejected;
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Counts a route's requests by outcome, and writes the access log

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::{Counter, Histogram};
 use serde_json::{Map, Value, json};
 
+use crate::error::Reason;
 use crate::metrics::{REQUESTS_TOTAL, Registry, UPSTREAM_DURATION};
-use crate::respond::Reason;
 
 /// How a request ended, the `outcome` label of `sluicegate_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

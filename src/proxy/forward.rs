@@ -16,12 +16,13 @@ use tower::Service;
 
 use super::connector::Connector;
 use super::headers;
-use super::read_timeout::{ReadTimeout, Side};
+use super::read_timeout::ReadTimeout;
 use super::retry::{self, Reclaim};
 use crate::body::{BoxError, boxed};
 use crate::config::RouteConfig;
 use crate::conn::ClientAddr;
-use crate::respond::{Reason, Rejection};
+use crate::error::Side;
+use crate::error::{Reason, Rejection};
 
 /// Idle upstream connections kept per route; a bound on the pool's memory and on
 /// the file descriptors it holds.

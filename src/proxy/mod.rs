@@ -8,5 +8,5 @@ mod retry;
 
 pub use connector::{Connector, TrackedStream};
 pub use forward::{Forward, UpstreamClient};
-pub use read_timeout::{ClientBodyError, ReadTimedOut, ReadTimeout, Side};
+pub use read_timeout::ReadTimeout;
 pub use retry::Reclaim;

@@ -7,7 +7,6 @@
 //! same holds the other way (nginx's `client_body_timeout`): a client that
 //! trickles its request body must not hold an admission slot.
 
-use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -17,87 +16,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
-
-/// Whose body stalled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The client's request body (`[server] body_read_timeout_ms`): 408.
-    Client,
-    /// The upstream's response body (`read_timeout_ms`): cut off.
-    Upstream,
-}
-
-/// A body paused longer than its read timeout.
-#[derive(Debug)]
-pub struct ReadTimedOut {
-    /// Whose body.
-    pub side: Side,
-    /// The timeout.
-    pub after: Duration,
-}
-
-impl fmt::Display for ReadTimedOut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let who = match self.side {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
-        };
-        write!(
-            f,
-            "{who} sent no body data for {} ms",
-            self.after.as_millis()
-        )
-    }
-}
-
-impl std::error::Error for ReadTimedOut {}
-
-/// A client's request body failed on the client's side: its framing was
-/// malformed (a bad chunk size line, extensions over hyper's limit), or the
-/// client went away mid-upload (FIN or RST before the body's end). Neither
-/// says anything of the upstream.
-#[derive(Debug)]
-pub struct ClientBodyError {
-    malformed: bool,
-    cause: BoxError,
-}
-
-impl ClientBodyError {
-    /// Classifies a failure of the client's body as hyper reports it.
-    fn new(cause: BoxError) -> Self {
-        // hyper reports framing it cannot parse as InvalidInput/InvalidData,
-        // a body that ended early as UnexpectedEof, a reset as ConnectionReset.
-        let malformed =
-            crate::body::find_cause::<std::io::Error>(cause.as_ref()).is_some_and(|e| {
-                matches!(
-                    e.kind(),
-                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
-                )
-            });
-        Self { malformed, cause }
-    }
-
-    /// Whether the framing was malformed (else the client went away).
-    pub fn malformed(&self) -> bool {
-        self.malformed
-    }
-}
-
-impl fmt::Display for ClientBodyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.malformed {
-            f.write_str("malformed request body")
-        } else {
-            f.write_str("client went away during its request body")
-        }
-    }
-}
-
-impl std::error::Error for ClientBodyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(self.cause.as_ref())
-    }
-}
+use crate::error::{ClientBodyError, ReadTimedOut, Side};
 
 pin_project! {
     /// A body whose every frame must come within `timeout` of the previous one.

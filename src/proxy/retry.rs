@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::connector::Tracked;
 use crate::body::{BoxError, ProxyBody, find_cause};
-use crate::respond::client_fault;
+use crate::error::client_fault;
 
 /// Whether `err`, from the upstream client, is the race with an upstream
 /// closing an idle connection: a reused connection, closed or reset before

@@ -8,7 +8,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::limiter::{RateLimiter, Verdict};
 use crate::body::{BoxError, BoxFuture};
-use crate::respond::{Reason, Rejection};
+use crate::error::{Reason, Rejection};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

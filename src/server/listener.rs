@@ -18,7 +18,8 @@ use super::client_io::ClientIo;
 use super::framing::FramingGuard;
 use crate::config::ServerConfig;
 use crate::conn::{ClientAddr, PeerClosed};
-use crate::proxy::{ReadTimeout, Side};
+use crate::error::Side;
+use crate::proxy::ReadTimeout;
 use crate::stack::ProxyService;
 
 /// The most permits a tokio semaphore can hold.
