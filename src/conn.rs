@@ -7,12 +7,36 @@
 use std::net::SocketAddr;
 use std::sync::Weak;
 
+use http::HeaderValue;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Request extension: the address of the client connection, set by the listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAddr {
+    addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl ClientAddr {
+    /// The client at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        // Formatted once per connection, not once per request.
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { addr, ip }
+    }
+
+    /// The connection's peer address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The peer's IP address as a header value (`X-Forwarded-For`).
+    pub fn ip_header(&self) -> &HeaderValue {
+        &self.ip
+    }
+}
 
 /// Request extension (HTTP/1 requests with a body): notices a client that
 /// closes or resets its connection while its request waits.

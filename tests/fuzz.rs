@@ -119,7 +119,8 @@ proptest! {
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .collect();
         let mut request = map.clone();
-        prepare_request(&mut request, Version::HTTP_11, &Uri::from_static("/"), Some(IpAddr::from(ip)));
+        let client = HeaderValue::try_from(IpAddr::from(ip).to_string()).unwrap();
+        prepare_request(&mut request, Version::HTTP_11, &Uri::from_static("/"), Some(&client));
         let mut response = map;
         prepare_response(&mut response, Version::HTTP_11);
         for out in [&request, &response] {
@@ -151,7 +152,7 @@ proptest! {
         }
         let peer = IpAddr::from(peer);
         let mut ext = http::Extensions::new();
-        ext.insert(ClientAddr(SocketAddr::new(peer, 1)));
+        ext.insert(ClientAddr::new(SocketAddr::new(peer, 1)));
         let key = keys.key(&headers, &ext);
         if !matches!(peer, IpAddr::V4(v4) if v4.octets()[0] == 10) {
             prop_assert_eq!(key, ClientKey::Ip(peer));

@@ -118,8 +118,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let client_ip = parts.extensions.get::<ClientAddr>().map(|c| c.0.ip());
-        headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client_ip);
+        let client = parts
+            .extensions
+            .get::<ClientAddr>()
+            .map(ClientAddr::ip_header);
+        headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client);
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {

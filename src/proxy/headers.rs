@@ -1,8 +1,6 @@
 //! Header rewriting at the proxy hop (RFC 9110 §7.6): hop-by-hop headers are
 //! removed both ways, forwarding headers are added to requests, `Via` to both.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
@@ -31,95 +29,129 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// names, except `Host`: a client must not be able to make the upstream see a
 /// request without the host it was routed by.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than nine
-    // hashed removals.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names (no hashing) finds which fixed ones are there;
+    // most messages carry none, or only `Connection`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+    if present & 1 != 0 {
+        remove_connection_named(headers);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Removes the headers `Connection` names. Its usual tokens (`keep-alive`,
+/// `close`) name a fixed hop-by-hop header or none, so nothing is collected
+/// unless a token names another header that is there.
+fn remove_connection_named(headers: &mut HeaderMap) {
+    let is_named = |token: &str| {
+        let token = token.trim();
+        !token.eq_ignore_ascii_case("host")
+            && !HOP_BY_HOP
+                .iter()
+                .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+            && headers.contains_key(token)
+    };
+    let tokens = || {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+    };
+    if !tokens().any(is_named) {
+        return;
+    }
+    let named: Vec<HeaderName> = tokens()
+        .filter(|t| is_named(t))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .filter(|name| name != header::HOST)
         .collect();
     for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
 
 /// Rewrites a request's headers for the upstream hop.
 ///
-/// `client` is the address of the peer that sent the request; `host` the
-/// authority the client asked for (the `Host` header, or the HTTP/2 `:authority`).
+/// `client` is the address of the peer that sent the request, as a header
+/// value (made once per connection: see [`crate::conn::ClientAddr`]); the host
+/// is the authority the client asked for (the `Host` header, or the HTTP/2
+/// `:authority`).
 pub fn prepare_request(
     headers: &mut HeaderMap,
     version: Version,
     uri: &Uri,
-    client: Option<IpAddr>,
+    client: Option<&HeaderValue>,
 ) {
     remove_hop_by_hop(headers);
-    let host = headers.get(header::HOST).cloned().or_else(|| {
-        uri.authority()
+    let host = match headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        // HTTP/2 clients send `:authority` instead of Host; the upstream hop
+        // is HTTP/1.1 and must keep the name the client asked for.
+        None => uri
+            .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+            .inspect(|host| {
+                headers.insert(header::HOST, host.clone());
+            }),
+    };
     if let Some(host) = host {
-        // HTTP/2 clients send `:authority` instead of Host; the upstream hop is
-        // HTTP/1.1 and must keep the name the client asked for.
-        headers.insert(header::HOST, host.clone());
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     if let Some(ip) = client {
-        append_list(headers, &X_FORWARDED_FOR, &ip.to_string());
+        append_list(headers, &X_FORWARDED_FOR, ip);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    append_list(headers, &header::VIA, via_entry(version));
+    append_list(headers, &header::VIA, &via_entry(version));
 }
 
 /// Rewrites a response's headers for the client hop.
 pub fn prepare_response(headers: &mut HeaderMap, upstream_version: Version) {
     remove_hop_by_hop(headers);
-    append_list(headers, &header::VIA, via_entry(upstream_version));
+    append_list(headers, &header::VIA, &via_entry(upstream_version));
 }
 
-fn via_entry(version: Version) -> &'static str {
-    match version {
+fn via_entry(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
         Version::HTTP_09 => "0.9 sluicegate",
         Version::HTTP_10 => "1.0 sluicegate",
         Version::HTTP_2 => "2 sluicegate",
         Version::HTTP_3 => "3 sluicegate",
         _ => "1.1 sluicegate",
-    }
+    })
 }
 
 /// Appends `item` to a comma-separated list header, folding several header lines
 /// into one (as HAProxy and nginx do for `X-Forwarded-For`).
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
-    if !headers.contains_key(name) {
-        if let Ok(value) = HeaderValue::from_str(item) {
-            headers.insert(name.clone(), value);
-        }
-        return;
-    }
-    let existing: Vec<&str> = headers
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &HeaderValue) {
+    let mut existing = headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let value = if existing.is_empty() {
-        HeaderValue::from_str(item)
-    } else {
-        HeaderValue::from_str(&format!("{}, {item}", existing.join(", ")))
-    };
-    // `item` is an IP address or a fixed token and `existing` came from valid
-    // header values, so the joined value is valid too; keep the old one if not.
-    if let Ok(value) = value {
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+        .peekable();
+    if existing.peek().is_none() {
+        headers.insert(name.clone(), item.clone());
+        return;
+    }
+    let mut joined = Vec::with_capacity(64);
+    for value in existing {
+        joined.extend_from_slice(value.as_bytes().trim_ascii());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(item.as_bytes());
+    // Joined from valid header values with ", ": valid too; keep the old
+    // value if not.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(name.clone(), value);
     }
 }
@@ -170,12 +202,8 @@ mod tests {
             ("via", "1.1 edge"),
         ]);
         let uri: Uri = "/ingest".parse().unwrap();
-        prepare_request(
-            &mut h,
-            Version::HTTP_11,
-            &uri,
-            Some("192.0.2.1".parse().unwrap()),
-        );
+        let client = HeaderValue::from_static("192.0.2.1");
+        prepare_request(&mut h, Version::HTTP_11, &uri, Some(&client));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.1, 192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");

@@ -86,7 +86,7 @@ impl KeyExtractor {
         // request shares one key.
         let peer = extensions
             .get::<ClientAddr>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.addr().ip());
         ClientKey::Ip(self.client_ip(peer, headers.get_all(&X_FORWARDED_FOR)))
     }
 

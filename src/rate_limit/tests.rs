@@ -21,7 +21,7 @@ fn request(peer: &str, headers: &[(&str, &str)]) -> (HeaderMap, http::Extensions
     }
     let mut ext = http::Extensions::new();
     let ip: IpAddr = peer.parse().unwrap();
-    ext.insert(ClientAddr(SocketAddr::new(ip, 40000)));
+    ext.insert(ClientAddr::new(SocketAddr::new(ip, 40000)));
     (map, ext)
 }
 

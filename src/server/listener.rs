@@ -103,11 +103,12 @@ pub(super) async fn accept_loop(
         }
         let stream = Arc::new(stream);
         let peer_closed = PeerClosed::new(Arc::downgrade(&stream));
+        let client = ClientAddr::new(peer);
         let service = service.clone();
         let body_timeout = server.body_read_timeout_ms.get();
         let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ext = req.extensions_mut();
-            ext.insert(ClientAddr(peer));
+            ext.insert(client.clone());
             // HTTP/2 streams are watched by hyper itself (it reads the
             // connection throughout); HTTP/1 bodies waiting to be read are not.
             if req.version() < Version::HTTP_2 && !req.body().is_end_stream() {
