@@ -15,6 +15,8 @@
 //! flight, p99 over time through the halving), `adaptive-calm.svg` (sheds per
 //! second and the limit, calm loads).
 
+#![allow(clippy::disallowed_types)] // wall-clock time of real processes: benchmarks measure it
+
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,8 @@
 //! run is bounded (5 + 10 + 60 s per target; AFTER_SECONDS shortens the tail).
 //! Writes a markdown table to stdout and `benches/results/circuit.svg`.
 
+#![allow(clippy::disallowed_types)] // wall-clock time of real processes: benchmarks measure it
+
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,8 @@
 //! Run with `bash benches/rate_limit.sh` (or `cargo bench --bench keys_rss`
 //! after `cargo build --release`); KEYS=200000 shortens it.
 
+#![allow(clippy::disallowed_types)] // wall-clock time of real processes: benchmarks measure it
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;

@@ -7,6 +7,8 @@
 //! Run with `bash benches/soak.sh` (SOAK_SECONDS=120 for a shorter run). Only
 //! 127.0.0.1; bounded in time and in open requests.
 
+#![allow(clippy::disallowed_types)] // wall-clock time of real processes: benchmarks measure it
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,7 @@
 //! Helpers shared by the scenario benchmarks: child processes that are killed
 //! when dropped, the release binary, peak RSS, a tiny blocking HTTP GET.
 
+#![allow(clippy::disallowed_types)] // wall-clock time of real processes: benchmarks measure it
 #![allow(dead_code)] // each bench uses its own subset
 
 use std::io::{Read, Write};

@@ -1,9 +1,14 @@
 //! [`AdmissionLayer`] and its service.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http::{HeaderName, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{AdmissionSettings, Controller, Permit, Priority};
@@ -120,7 +125,7 @@ fn wait(
 /// layers can tell the upstream's time from the queue's (the circuit breaker's
 /// slow-call rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueWait(pub std::time::Duration);
+pub struct QueueWait(pub Duration);
 
 /// Service of [`AdmissionLayer`].
 #[derive(Debug, Clone)]
@@ -139,49 +144,104 @@ where
 {
     type Response = Response<GuardedBody<ResB, Permit>>;
     type Error = BoxError;
-    type Future = BoxFuture<Self::Response>;
+    type Future = ResponseFuture<S::Future, ResB>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Waiting happens per request in `call`: the queue needs the request's
-        // priority, which readiness cannot see.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Waiting for a slot happens per request in `call`: the queue needs
+        // the request's priority, which readiness cannot see.
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(permit) = self.controller.try_acquire() {
+            // The common path: a slot at once, no future of our own to box.
+            return ResponseFuture::Admitted {
+                inner: self.inner.call(req),
+                admitted: Some((permit, Instant::now())),
+            };
+        }
         let priority = Priority::from_header(req.headers().get(&self.priority_header));
         let peer = req.extensions().get::<PeerClosed>().cloned();
         let controller = self.controller.clone();
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let start = tokio::time::Instant::now();
-            let mut permit = match controller.try_acquire() {
-                Some(permit) => permit,
-                // Waiting: a future of its own, so that the common path's
-                // state stays small and only a queued request pays for it.
-                None => wait(controller, priority, peer).await?,
-            };
-            let admitted = tokio::time::Instant::now();
-            let waited = QueueWait(admitted - start);
-            match inner.oneshot(req).await.map_err(Into::into) {
-                Ok(mut res) => {
-                    // The upstream's own time when measured (uploads excluded).
-                    let rtt = res
-                        .extensions()
-                        .get::<UpstreamLatency>()
-                        .map_or_else(|| admitted.elapsed(), |l| l.0);
-                    permit.record(rtt, res.status().is_server_error());
-                    res.extensions_mut().insert(waited);
-                    Ok(res.map(|body| GuardedBody::new(body, permit)))
-                }
-                Err(err) => {
-                    // A body over its limit, stalled, cut short or malformed is
-                    // the client's doing, not load: no sample.
-                    if client_fault(err.as_ref()).is_none() {
-                        permit.record(admitted.elapsed(), true);
-                    }
-                    Err(err)
-                }
+        // The service made ready goes with the request; this one keeps a clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::Queued {
+            future: Box::pin(async move {
+                let start = Instant::now();
+                let permit = wait(controller, priority, peer).await?;
+                let admitted = Instant::now();
+                let result = inner.oneshot(req).await;
+                finish(result, permit, admitted, admitted - start)
+            }),
+        }
+    }
+}
+
+/// The admitted request's answer: its sample for the limit, its queue wait,
+/// and a body that holds the slot until it ends.
+fn finish<ResB, E: Into<BoxError>>(
+    result: Result<Response<ResB>, E>,
+    mut permit: Permit,
+    admitted: Instant,
+    waited: Duration,
+) -> Result<Response<GuardedBody<ResB, Permit>>, BoxError> {
+    match result.map_err(Into::into) {
+        Ok(mut res) => {
+            // The upstream's own time when measured (uploads excluded).
+            let rtt = res
+                .extensions()
+                .get::<UpstreamLatency>()
+                .map_or_else(|| admitted.elapsed(), |l| l.0);
+            permit.record(rtt, res.status().is_server_error());
+            res.extensions_mut().insert(QueueWait(waited));
+            Ok(res.map(|body| GuardedBody::new(body, permit)))
+        }
+        Err(err) => {
+            // A body over its limit, stalled, cut short or malformed is the
+            // client's doing, not load: no sample.
+            if client_fault(err.as_ref()).is_none() {
+                permit.record(admitted.elapsed(), true);
             }
-        })
+            Err(err)
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`Admission`].
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = ResponseProj]
+    pub enum ResponseFuture<F, ResB> {
+        /// A slot was free: the inner service was called at once.
+        Admitted {
+            #[pin]
+            inner: F,
+            admitted: Option<(Permit, Instant)>,
+        },
+        /// Waiting in the queue, then called: boxed, so that only a request
+        /// that waits pays for the waiting state.
+        Queued {
+            future: BoxFuture<Response<GuardedBody<ResB, Permit>>>,
+        },
+    }
+}
+
+impl<F, ResB, E> Future for ResponseFuture<F, ResB>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<GuardedBody<ResB, Permit>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseProj::Admitted { inner, admitted } => {
+                let result = ready!(inner.poll(cx));
+                let (permit, at) = admitted.take().expect("polled after completion");
+                Poll::Ready(finish(result, permit, at, Duration::ZERO))
+            }
+            ResponseProj::Queued { future } => future.as_mut().poll(cx),
+        }
     }
 }

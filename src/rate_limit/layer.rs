@@ -1,13 +1,16 @@
 //! [`RateLimitLayer`] and its service.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, HeaderName, Request, Response};
-use tower::{Layer, Service, ServiceExt};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
 
 use super::limiter::{RateLimiter, Verdict};
-use crate::body::{BoxError, BoxFuture};
+use crate::body::BoxError;
 use crate::error::{Reason, Rejection};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
@@ -98,19 +101,17 @@ fn fields(verdict: &Verdict) -> HeaderMap {
 
 impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    B: Send + 'static,
-    ResB: Send + 'static,
 {
     type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = BoxFuture<Self::Response>;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Decided per request: the key is in the request.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The verdict is per request (the key is in the request); readiness
+        // is the inner service's.
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
@@ -123,24 +124,66 @@ where
             let refusal = Rejection::new(Reason::RateLimited)
                 .with_retry_after(secs)
                 .with_headers(fields(&verdict));
-            return Box::pin(std::future::ready(Err(refusal.into())));
+            return ResponseFuture::Refused {
+                rejection: Some(refusal),
+            };
         }
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            match inner.oneshot(req).await.map_err(Into::into) {
-                Ok(mut res) => {
-                    let headers = res.headers_mut();
-                    headers.insert(RATELIMIT_POLICY, verdict.policy);
-                    headers.insert(RATELIMIT, verdict.state);
-                    Ok(res)
-                }
-                // A refusal further down (a full queue, an open circuit) still
-                // tells the client where it stands with its rate.
-                Err(err) => match err.downcast::<Rejection>() {
-                    Ok(rejection) => Err(rejection.with_headers(fields(&verdict)).into()),
-                    Err(err) => Err(err),
-                },
+        ResponseFuture::Called {
+            inner: self.inner.call(req),
+            verdict: Some(verdict),
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`RateLimit`].
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = ResponseProj]
+    pub enum ResponseFuture<F> {
+        /// Within its rate: the answer gets the client's `RateLimit` fields.
+        Called {
+            #[pin]
+            inner: F,
+            verdict: Option<Verdict>,
+        },
+        /// Over its rate.
+        Refused {
+            rejection: Option<Rejection>,
+        },
+    }
+}
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseProj::Called { inner, verdict } => {
+                let result = ready!(inner.poll(cx)).map_err(Into::into);
+                let verdict = verdict.take().expect("polled after completion");
+                Poll::Ready(match result {
+                    Ok(mut res) => {
+                        let headers = res.headers_mut();
+                        headers.insert(RATELIMIT_POLICY, verdict.policy);
+                        headers.insert(RATELIMIT, verdict.state);
+                        Ok(res)
+                    }
+                    // A refusal further down (a full queue, an open circuit)
+                    // still tells the client where it stands with its rate.
+                    Err(err) => match err.downcast::<Rejection>() {
+                        Ok(rejection) => Err(rejection.with_headers(fields(&verdict)).into()),
+                        Err(err) => Err(err),
+                    },
+                })
             }
-        })
+            ResponseProj::Refused { rejection } => Poll::Ready(Err(rejection
+                .take()
+                .expect("polled after completion")
+                .into())),
+        }
     }
 }
