@@ -56,7 +56,6 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod adaptive;
-pub mod admin;
 pub mod admission;
 pub mod body;
 pub mod body_limit;

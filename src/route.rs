@@ -6,10 +6,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use http::{Request, Response, header};
 use metrics::Counter;
 use pin_project_lite::pin_project;
@@ -81,19 +82,32 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .and_then(|h| h.to_str().ok())
 }
 
+/// One generation of the live routes: the table requests are matched
+/// against, and what the admin listener shows of each route (`I`, in
+/// configuration order). A reload swaps the whole value at once, so the two
+/// can never disagree.
+#[derive(Debug)]
+pub struct Generation<S, I> {
+    /// The routes in matching order.
+    pub table: RouteTable<S>,
+    /// The routes' live state, in configuration order.
+    pub routes: Vec<I>,
+}
+
 /// The proxy's top service: routes each request to its route's stack.
 #[derive(Debug)]
-pub struct Proxy<S> {
-    /// Swapped whole by a reload; each request takes the table current when it
-    /// arrives, so requests in flight finish on the routes they started on.
-    table: Arc<RwLock<Arc<RouteTable<S>>>>,
+pub struct Proxy<S, I> {
+    /// Swapped whole by a reload; each request reads the generation current
+    /// when it arrives (no lock: an atomic load), so requests in flight finish
+    /// on the routes they started on.
+    live: Arc<ArcSwap<Generation<S, I>>>,
     unmatched: Arc<Unmatched>,
 }
 
-impl<S> Clone for Proxy<S> {
+impl<S, I> Clone for Proxy<S, I> {
     fn clone(&self) -> Self {
         Self {
-            table: self.table.clone(),
+            live: self.live.clone(),
             unmatched: self.unmatched.clone(),
         }
     }
@@ -132,30 +146,33 @@ impl Unmatched {
     }
 }
 
-impl<S> Proxy<S> {
-    /// A proxy over `table`, counting misses in `unmatched`.
-    pub fn new(table: RouteTable<S>, unmatched: Arc<Unmatched>) -> Self {
+impl<S, I> Proxy<S, I> {
+    /// A proxy over `generation`, counting misses in `unmatched`.
+    pub fn new(generation: Generation<S, I>, unmatched: Arc<Unmatched>) -> Self {
         Self {
-            table: Arc::new(RwLock::new(Arc::new(table))),
+            live: Arc::new(ArcSwap::from_pointee(generation)),
             unmatched,
         }
     }
 
-    /// The table in force.
-    pub fn table(&self) -> Arc<RouteTable<S>> {
-        // Only an Arc is ever written under this lock; a poisoned one still
-        // holds a whole table.
-        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The generation in force.
+    pub fn generation(&self) -> Arc<Generation<S, I>> {
+        self.live.load_full()
     }
 
-    /// Puts `table` in force for the requests that arrive from now on;
+    /// Puts `generation` in force for the requests that arrive from now on;
     /// requests in flight finish on the routes they started on.
-    pub fn swap(&self, table: RouteTable<S>) {
-        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    pub fn swap(&self, generation: Generation<S, I>) {
+        self.live.store(Arc::new(generation));
+    }
+
+    /// Requests answered before any route.
+    pub fn unmatched(&self) -> &Arc<Unmatched> {
+        &self.unmatched
     }
 }
 
-impl<S, B> Service<Request<B>> for Proxy<S>
+impl<S, I, B> Service<Request<B>> for Proxy<S, I>
 where
     S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible> + Clone,
 {
@@ -177,10 +194,15 @@ where
                 response: Some(Rejection::new(Reason::BadRequest).into_response()),
             };
         }
-        let table = self.table();
-        match table.find(request_host(&req), req.uri().path()) {
-            Some(route) => ProxyFuture::Route {
-                inner: route.service.clone().oneshot(req),
+        let route = self
+            .live
+            .load()
+            .table
+            .find(request_host(&req), req.uri().path())
+            .map(|route| route.service.clone());
+        match route {
+            Some(service) => ProxyFuture::Route {
+                inner: service.oneshot(req),
             },
             None => {
                 self.unmatched.count.fetch_add(1, Ordering::Relaxed);

@@ -32,7 +32,7 @@ use crate::proxy::Forward;
 use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter};
 use crate::request_id::SequentialIds;
 use crate::respond::{Rescue, RescueLayer};
-use crate::route::{Proxy, RouteEntry, RouteTable, Unmatched};
+use crate::route::{Generation, Proxy, RouteEntry, RouteTable, Unmatched};
 use crate::upstream_timeout::{UpstreamTimeout, UpstreamTimeoutLayer};
 
 /// One route's stack around an innermost service `S`.
@@ -45,8 +45,14 @@ pub type Guarded<S> = CircuitBreaker<Admitted<S>>;
 /// A route's stack from admission down.
 pub type Admitted<S> = Admission<UpstreamTimeout<S>>;
 
+/// One generation of the routes around innermost services `S`.
+pub type Routes<S> = Generation<RouteStack<S>, RouteInfo>;
+
+/// The routing service around innermost services `S`.
+pub type RouteProxy<S> = Proxy<RouteStack<S>, RouteInfo>;
+
 /// The whole proxy as one service around innermost services `S`.
-pub type ProxyOf<S> = SetRequestId<PropagateRequestId<Proxy<RouteStack<S>>>, SequentialIds>;
+pub type ProxyOf<S> = SetRequestId<PropagateRequestId<RouteProxy<S>>, SequentialIds>;
 
 /// The whole proxy as one service, ready for the listener.
 pub type ProxyService = ProxyOf<Forward>;
@@ -160,21 +166,18 @@ pub struct RouteInfo {
     pub protections: Protections,
 }
 
-/// The proxy built from a configuration, with handles on its live state.
+/// The proxy built from a configuration, with a handle on its live routes.
 #[derive(Debug)]
-pub struct Built<S, R> {
+pub struct Built<S> {
     /// The service to serve.
-    pub service: S,
-    /// The routes, in configuration order.
-    pub routes: Vec<RouteInfo>,
-    /// Requests no route matched.
-    pub unmatched: Arc<Unmatched>,
-    /// The routing layer, to swap its table on a reload.
-    pub proxy: Proxy<R>,
+    pub service: ProxyOf<S>,
+    /// The routing layer: its live generation (routes and their state), the
+    /// unmatched counters, and the swap a reload makes.
+    pub proxy: RouteProxy<S>,
 }
 
 /// One route's stack entry and live state.
-fn route_parts<S>(
+pub(crate) fn route_parts<S>(
     route: &RouteConfig,
     registry: &Registry,
     make_inner: &mut impl FnMut(&RouteConfig) -> S,
@@ -201,7 +204,7 @@ pub fn build_with<S>(
     config: &Config,
     registry: &Registry,
     mut make_inner: impl FnMut(&RouteConfig) -> S,
-) -> Built<ProxyOf<S>, RouteStack<S>> {
+) -> Built<S> {
     let (entries, routes): (Vec<_>, Vec<_>) = config
         .routes
         .iter()
@@ -211,91 +214,19 @@ pub fn build_with<S>(
         registry.counter(UNMATCHED_TOTAL, &[]),
         registry.counter(INVALID_TOTAL, &[]),
     ));
-    let proxy = Proxy::new(RouteTable::new(entries), unmatched.clone());
+    let generation = Generation {
+        table: RouteTable::new(entries),
+        routes,
+    };
+    let proxy = Proxy::new(generation, unmatched);
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(SequentialIds::default()))
         .layer(PropagateRequestIdLayer::x_request_id())
         .service(proxy.clone());
-    Built {
-        service,
-        routes,
-        unmatched,
-        proxy,
-    }
-}
-
-/// What a reload changed, by route name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RouteChanges {
-    /// Identical routes: they keep their counters, circuit and adaptive limit.
-    pub kept: Vec<String>,
-    /// New names.
-    pub added: Vec<String>,
-    /// Same name, new settings: rebuilt (fresh state).
-    pub changed: Vec<String>,
-    /// Gone.
-    pub removed: Vec<String>,
-}
-
-/// The routes of `config`, reusing the stack and state of every route whose
-/// configuration did not change, and the table to swap in.
-pub fn rebuild_with<S: Clone>(
-    config: &Config,
-    registry: &Registry,
-    current: &[RouteInfo],
-    table: &RouteTable<RouteStack<S>>,
-    mut make_inner: impl FnMut(&RouteConfig) -> S,
-) -> (RouteTable<RouteStack<S>>, Vec<RouteInfo>, RouteChanges) {
-    let mut changes = RouteChanges::default();
-    let mut entries = Vec::with_capacity(config.routes.len());
-    let mut routes = Vec::with_capacity(config.routes.len());
-    for route in &config.routes {
-        let name = route.display_name();
-        let old = current.iter().find(|r| r.config.display_name() == name);
-        let old_entry = table.entries().iter().find(|e| e.name == name);
-        match (old, old_entry) {
-            (Some(info), Some(entry)) if info.config == *route => {
-                changes.kept.push(name.to_string());
-                entries.push(entry.clone());
-                routes.push(info.clone());
-            }
-            (old, _) => {
-                let list = if old.is_some() {
-                    &mut changes.changed
-                } else {
-                    &mut changes.added
-                };
-                list.push(name.to_string());
-                let (entry, info) = route_parts(route, registry, &mut make_inner);
-                entries.push(entry);
-                routes.push(info);
-            }
-        }
-    }
-    for old in current {
-        let name = old.config.display_name();
-        if !config.routes.iter().any(|r| r.display_name() == name) {
-            changes.removed.push(name.to_string());
-        }
-    }
-    (RouteTable::new(entries), routes, changes)
+    Built { service, proxy }
 }
 
 /// Builds the proxy forwarding to the configured upstreams.
-pub fn build(config: &Config, registry: &Registry) -> Built<ProxyService, RouteStack<Forward>> {
+pub fn build(config: &Config, registry: &Registry) -> Built<Forward> {
     build_with(config, registry, Forward::new)
-}
-
-/// [`rebuild_with`] for the proxy's own forwarders.
-pub fn rebuild(
-    config: &Config,
-    registry: &Registry,
-    current: &[RouteInfo],
-    table: &RouteTable<RouteStack<Forward>>,
-) -> (
-    RouteTable<RouteStack<Forward>>,
-    Vec<RouteInfo>,
-    RouteChanges,
-) {
-    rebuild_with(config, registry, current, table, Forward::new)
 }

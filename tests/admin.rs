@@ -6,8 +6,8 @@ mod support;
 use std::time::Duration;
 
 use http::{Request, StatusCode};
-use sluicegate::admin::ADMIN_MAX_CONNECTIONS;
 use sluicegate::config::Config;
+use sluicegate::server::admin::ADMIN_MAX_CONNECTIONS;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

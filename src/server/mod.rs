@@ -1,18 +1,19 @@
 //! Starting and stopping a proxy: the proxy listener, the admin listener and the
 //! graceful drain.
 
+pub mod admin;
 mod client_io;
 mod framing;
 mod listener;
 mod reload;
 
-pub use reload::Reloader;
+pub use reload::{Reloader, RouteChanges, rebuild};
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulShutdown;
@@ -20,10 +21,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState};
+use admin::AdminState;
+
 use crate::config::Config;
 use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL};
-use crate::stack;
+use crate::proxy::Forward;
+use crate::stack::{self, RouteInfo, RouteProxy};
 
 /// How often histogram samples are folded into buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -35,8 +38,19 @@ pub struct Running {
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<DrainReport>,
-    routes: Arc<RwLock<Vec<stack::RouteInfo>>>,
-    reloader: Arc<Reloader>,
+    shared: Arc<Shared>,
+}
+
+/// What the running proxy's parts share: one value, so that the admin
+/// listener, the reloader and [`Running`] see the same routes.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    registry: Arc<Registry>,
+    /// The routing layer, whose generation is the live routes.
+    proxy: RouteProxy<Forward>,
+    /// Set once the drain starts (`/readyz` turns 503).
+    draining: AtomicBool,
+    reloader: Reloader,
 }
 
 /// How the drain went.
@@ -62,7 +76,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
 pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Running> {
     let registry = Arc::new(Registry::new());
     let built = stack::build(&config, &registry);
-    for route in &built.routes {
+    for route in &built.proxy.generation().routes {
         if let Some(limiter) = &route.protections.rate_limit {
             limiter.spawn_pruner(RATE_LIMIT_PRUNE_INTERVAL);
         }
@@ -71,21 +85,14 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
     let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let draining = Arc::new(AtomicBool::new(false));
-    let routes = Arc::new(RwLock::new(built.routes));
-    let reloader = Arc::new(Reloader::new(
-        path,
-        config.clone(),
-        registry.clone(),
-        built.proxy,
-        routes.clone(),
-    ));
+    let shared = Arc::new(Shared {
+        registry: registry.clone(),
+        proxy: built.proxy.clone(),
+        draining: AtomicBool::new(false),
+        reloader: Reloader::new(path, config.clone(), registry.clone(), built.proxy),
+    });
     let admin_state = AdminState::new(
-        registry.clone(),
-        routes.clone(),
-        built.unmatched,
-        draining.clone(),
-        reloader.clone(),
+        shared.clone(),
         admin::Access::new(&config.server, admin_addr),
     );
     let counters = listener::Counters {
@@ -94,6 +101,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
     };
     let (stop, stop_rx) = watch::channel(false);
     let server = config.server.clone();
+    let serving = shared.clone();
     let task = tokio::spawn(async move {
         // The admin listener outlives the drain, so that probes see /readyz 503.
         let (admin_stop, admin_stop_rx) = watch::channel(false);
@@ -114,7 +122,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             counters,
         )
         .await;
-        draining.store(true, Ordering::SeqCst);
+        serving.draining.store(true, Ordering::SeqCst);
         let report = drain(graceful, Duration::from_millis(server.drain_timeout_ms)).await;
         upkeep.abort();
         admin_stop.send_replace(true);
@@ -134,8 +142,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         admin_addr,
         stop,
         task,
-        routes,
-        reloader,
+        shared,
     })
 }
 
@@ -180,16 +187,13 @@ impl Running {
     }
 
     /// The routes in force, with their live counters and protections.
-    pub fn routes(&self) -> Vec<stack::RouteInfo> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        self.shared.proxy.generation().routes.clone()
     }
 
     /// Reloads the config file (what SIGHUP and `POST /reload` do).
-    pub fn reload(&self) -> Result<stack::RouteChanges, String> {
-        self.reloader.reload()
+    pub fn reload(&self) -> Result<RouteChanges, String> {
+        self.shared.reloader.reload()
     }
 
     /// Drains: `/readyz` turns 503, the listener stops accepting, requests in flight

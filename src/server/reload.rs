@@ -9,23 +9,22 @@
 //! restart: a reload that changes them is refused, naming the key.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use metrics::Counter;
 
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, RouteConfig, ServerConfig};
 use crate::metrics::{CONFIG_RELOAD_TOTAL, Registry};
 use crate::proxy::Forward;
-use crate::route::Proxy;
-use crate::stack::{self, RouteChanges, RouteInfo, RouteStack};
+use crate::route::{Generation, RouteTable};
+use crate::stack::{self, RouteProxy, Routes};
 
 /// Re-reads the config file on demand (SIGHUP, `POST /reload`).
 pub struct Reloader {
     path: Option<PathBuf>,
     config: Mutex<Config>,
     registry: Arc<Registry>,
-    proxy: Proxy<RouteStack<Forward>>,
-    routes: Arc<RwLock<Vec<RouteInfo>>>,
+    proxy: RouteProxy<Forward>,
     ok: Counter,
     refused: Counter,
 }
@@ -43,8 +42,7 @@ impl Reloader {
         path: Option<PathBuf>,
         config: Config,
         registry: Arc<Registry>,
-        proxy: Proxy<RouteStack<Forward>>,
-        routes: Arc<RwLock<Vec<RouteInfo>>>,
+        proxy: RouteProxy<Forward>,
     ) -> Self {
         let result = |r: &str| registry.counter(CONFIG_RELOAD_TOTAL, &[("result", r)]);
         Self {
@@ -54,7 +52,6 @@ impl Reloader {
             config: Mutex::new(config),
             registry,
             proxy,
-            routes,
         }
     }
 
@@ -109,14 +106,9 @@ impl Reloader {
                 path.display()
             ));
         }
-        let routes_now = self
-            .routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (table, routes, changes) =
-            stack::rebuild(&new, &self.registry, &routes_now, &self.proxy.table());
-        for route in &routes {
+        let (generation, changes) =
+            rebuild(&new, &self.registry, &self.proxy.generation(), Forward::new);
+        for route in &generation.routes {
             let fresh = changes
                 .kept
                 .iter()
@@ -125,11 +117,73 @@ impl Reloader {
                 limiter.spawn_pruner(super::RATE_LIMIT_PRUNE_INTERVAL);
             }
         }
-        self.proxy.swap(table);
-        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
+        self.proxy.swap(generation);
         *current = new;
         Ok(changes)
     }
+}
+
+/// What a reload changed, by route name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteChanges {
+    /// Identical routes: they keep their counters, circuit and adaptive limit.
+    pub kept: Vec<String>,
+    /// New names.
+    pub added: Vec<String>,
+    /// Same name, new settings: rebuilt (fresh state).
+    pub changed: Vec<String>,
+    /// Gone.
+    pub removed: Vec<String>,
+}
+
+/// The routes of `config` as a new generation, reusing the stack and state of
+/// every route of `current` whose configuration did not change.
+pub fn rebuild<S: Clone>(
+    config: &Config,
+    registry: &Registry,
+    current: &Routes<S>,
+    mut make_inner: impl FnMut(&RouteConfig) -> S,
+) -> (Routes<S>, RouteChanges) {
+    let mut changes = RouteChanges::default();
+    let mut entries = Vec::with_capacity(config.routes.len());
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        let name = route.display_name();
+        let old = current
+            .routes
+            .iter()
+            .find(|r| r.config.display_name() == name);
+        let old_entry = current.table.entries().iter().find(|e| e.name == name);
+        match (old, old_entry) {
+            (Some(info), Some(entry)) if info.config == *route => {
+                changes.kept.push(name.to_string());
+                entries.push(entry.clone());
+                routes.push(info.clone());
+            }
+            (old, _) => {
+                let list = if old.is_some() {
+                    &mut changes.changed
+                } else {
+                    &mut changes.added
+                };
+                list.push(name.to_string());
+                let (entry, info) = stack::route_parts(route, registry, &mut make_inner);
+                entries.push(entry);
+                routes.push(info);
+            }
+        }
+    }
+    for old in &current.routes {
+        let name = old.config.display_name();
+        if !config.routes.iter().any(|r| r.display_name() == name) {
+            changes.removed.push(name.to_string());
+        }
+    }
+    let generation = Generation {
+        table: RouteTable::new(entries),
+        routes,
+    };
+    (generation, changes)
 }
 
 /// The first `[server]` key that differs.
@@ -178,7 +232,6 @@ mod tests {
             config(1000),
             registry,
             built.proxy,
-            Arc::new(RwLock::new(built.routes)),
         ))
     }
 
@@ -220,7 +273,7 @@ mod tests {
         release.send(()).unwrap();
         a.join().unwrap().unwrap();
         b.join().unwrap().unwrap();
-        let routes = reloader.routes.read().unwrap();
+        let routes = &reloader.proxy.generation().routes;
         assert_eq!(
             routes[0].config.timeout_ms.get(),
             Duration::from_millis(3000)

@@ -6,8 +6,8 @@
 //! while the proxy drains, so that Kubernetes sees `/readyz` turn 503.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -25,11 +25,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use super::Shared;
 use crate::config::ServerConfig;
-use crate::metrics::Registry;
-use crate::route::Unmatched;
-use crate::server::Reloader;
-use crate::stack::RouteInfo;
 
 /// Who may read `/status` and call `/reload`: anyone on a loopback listener;
 /// elsewhere only a client presenting `admin_token` as a bearer token.
@@ -87,34 +84,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// What the admin endpoints read.
+/// What the admin endpoints read: the running proxy's shared state, and who
+/// may read it.
 #[derive(Debug)]
-pub struct AdminState {
-    registry: Arc<Registry>,
-    routes: Arc<RwLock<Vec<RouteInfo>>>,
-    unmatched: Arc<Unmatched>,
-    draining: Arc<AtomicBool>,
-    reloader: Arc<Reloader>,
+pub(crate) struct AdminState {
+    shared: Arc<Shared>,
     access: Access,
     started: Instant,
 }
 
 impl AdminState {
-    /// State over a proxy's registry, routes, drain flag and reloader.
-    pub fn new(
-        registry: Arc<Registry>,
-        routes: Arc<RwLock<Vec<RouteInfo>>>,
-        unmatched: Arc<Unmatched>,
-        draining: Arc<AtomicBool>,
-        reloader: Arc<Reloader>,
-        access: Access,
-    ) -> Arc<Self> {
+    /// State over the running proxy's `shared` state.
+    pub(crate) fn new(shared: Arc<Shared>, access: Access) -> Arc<Self> {
         Arc::new(Self {
-            registry,
-            routes,
-            unmatched,
-            draining,
-            reloader,
+            shared,
             access,
             started: Instant::now(),
         })
@@ -122,7 +105,7 @@ impl AdminState {
 }
 
 /// The admin router, for serving or for `oneshot` in tests.
-pub fn router(state: Arc<AdminState>) -> Router {
+pub(crate) fn router(state: Arc<AdminState>) -> Router {
     let guarded = Router::new()
         .route("/status", get(status))
         .route("/reload", post(reload))
@@ -177,9 +160,9 @@ async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Res
         )
             .into_response();
     }
-    let reloader = state.reloader.clone();
+    let shared = state.shared.clone();
     // Reading and building are quick but blocking (file I/O, locks).
-    let result = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    let result = tokio::task::spawn_blocking(move || shared.reloader.reload()).await;
     match result {
         Ok(Ok(changes)) => Json(json!({"status": "reloaded", "routes": changes})).into_response(),
         Ok(Err(error)) => (
@@ -260,7 +243,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.registry.render(),
+        state.shared.registry.render(),
     )
 }
 
@@ -269,7 +252,7 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Value>) {
-    if state.draining.load(Ordering::SeqCst) {
+    if state.shared.draining.load(Ordering::SeqCst) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "draining"})),
@@ -280,12 +263,9 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Value
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
-    let routes = state
+    let generation = state.shared.proxy.generation();
+    let routes: Vec<Value> = generation
         .routes
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let routes: Vec<Value> = routes
         .iter()
         .map(|r| {
             let mut route = json!({
@@ -312,9 +292,9 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
-        "draining": state.draining.load(Ordering::SeqCst),
-        "unmatched_requests": state.unmatched.get(),
-        "invalid_requests": state.unmatched.invalid(),
+        "draining": state.shared.draining.load(Ordering::SeqCst),
+        "unmatched_requests": state.shared.proxy.unmatched().get(),
+        "invalid_requests": state.shared.proxy.unmatched().invalid(),
         "routes": routes,
     }))
 }
