@@ -1,12 +1,33 @@
-//! The one place where the layer order is decided (SPEC "The request path").
+//! The request path, in one place (SPEC "The request path"). Layer order is
+//! semantics: read the SPEC before moving one.
 //!
-//! Outermost first: request id → route match → per route: observe (counts, access
-//! log) → rescue (errors become responses) → body limit → circuit breaker →
-//! admission (in-flight limit, queue) → upstream timeout → forward, with the
-//! per-client rate limit just before the circuit breaker (SPEC order). A client
-//! over its rate is refused before it can count as an upstream call, and an
-//! open circuit never queues. Layer order is semantics: read the SPEC before
-//! moving one.
+//! A request passes these phases, each owned by one module:
+//!
+//! 1. **Accept** (`server/listener.rs`): the connection cap, `TCP_NODELAY`,
+//!    the client's address and its close watcher as request extensions
+//!    ([`crate::conn`]).
+//! 2. **Framing guard** (`server/framing.rs`): the raw bytes of every head,
+//!    before hyper parses them; ambiguous framing (smuggling shapes) is
+//!    refused with 400 and the connection closed.
+//! 3. **HTTP** (hyper): the head within `header_read_timeout_ms` and
+//!    `max_header_bytes`; the request body within `body_read_timeout_ms` per
+//!    read ([`crate::proxy::ReadTimeout`]).
+//! 4. **Request id** (tower-http): kept or generated, echoed on the response.
+//! 5. **Route** ([`crate::route`]): the one host and path in normal form (400
+//!    otherwise), matched against the live [`Generation`] (404 when none).
+//! 6. **Per route**, outermost first: observe (counts, access log) → rescue
+//!    (errors become responses, [`crate::respond`]) → body limit (413) →
+//!    rate limit (429) → circuit breaker (503, never queued) → admission
+//!    (in-flight limit, queue; 503 with `Retry-After`) → upstream timeout
+//!    (504) → forward. A client over its rate is refused before it can count
+//!    as an upstream call; an open circuit never takes a queue slot.
+//! 7. **Forward** ([`crate::proxy::Forward`]): hop-by-hop headers out,
+//!    forwarding headers in, the pooled keep-alive client, one retry when a
+//!    reused connection loses the race with the upstream closing it.
+//!
+//! On the way back the same layers see the response in reverse order, and two
+//! of them keep a hand on its body: the admission slot is held until the body
+//! has been sent, and the circuit decides a call's outcome at the body's end.
 
 use std::sync::Arc;
 
