@@ -257,11 +257,6 @@ impl Breaker {
         }
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &CircuitSettings {
-        &self.settings
-    }
-
     /// The current state (an open circuit whose time is up still says open
     /// until the next request makes it half-open).
     pub fn state(&self) -> CircuitState {

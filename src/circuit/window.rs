@@ -61,11 +61,6 @@ impl FailureWindow {
             .filter(|b| b.calls > 0 && b.slice <= current && current - b.slice < BUCKETS as u64)
             .fold((0, 0), |(f, c), b| (f + b.failures, c + b.calls))
     }
-
-    /// Forgets everything.
-    pub fn clear(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS];
-    }
 }
 
 #[cfg(test)]

@@ -167,7 +167,7 @@ async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Res
         Ok(Ok(changes)) => Json(json!({"status": "reloaded", "routes": changes})).into_response(),
         Ok(Err(error)) => (
             StatusCode::BAD_REQUEST,
-            Json(json!({"status": "refused", "error": error})),
+            Json(json!({"status": "refused", "error": error.to_string()})),
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),

@@ -7,7 +7,7 @@ mod framing;
 mod listener;
 mod reload;
 
-pub use reload::{Reloader, RouteChanges, rebuild};
+pub use reload::{ReloadError, Reloader, RouteChanges, rebuild};
 
 use std::io;
 use std::net::SocketAddr;
@@ -192,7 +192,7 @@ impl Running {
     }
 
     /// Reloads the config file (what SIGHUP and `POST /reload` do).
-    pub fn reload(&self) -> Result<RouteChanges, String> {
+    pub fn reload(&self) -> Result<RouteChanges, ReloadError> {
         self.shared.reloader.reload()
     }
 

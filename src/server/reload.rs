@@ -13,11 +13,46 @@ use std::sync::{Arc, Mutex};
 
 use metrics::Counter;
 
-use crate::config::{Config, RouteConfig, ServerConfig};
+use crate::config::{Config, ConfigError, RouteConfig, ServerConfig};
 use crate::metrics::{CONFIG_RELOAD_TOTAL, Registry};
 use crate::proxy::Forward;
 use crate::route::{Generation, RouteTable};
 use crate::stack::{self, RouteProxy, Routes};
+
+/// Why a reload was refused; the running config stays in every case.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// Started with the embedded default config: there is no file to read.
+    NoFile,
+    /// The file cannot be read or is invalid: the message `check-config`
+    /// prints.
+    Invalid(ConfigError),
+    /// A `[server]` key changed, which needs a restart.
+    NeedsRestart {
+        /// The file.
+        path: PathBuf,
+        /// The first `[server]` key that differs.
+        key: &'static str,
+    },
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoFile => f.write_str(
+                "started with the embedded default config (no --config): there is no file to reload",
+            ),
+            Self::Invalid(e) => write!(f, "{e}"),
+            Self::NeedsRestart { path, key } => write!(
+                f,
+                "{}: server.{key}: cannot change without a restart (the running config stays)",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
 
 /// Re-reads the config file on demand (SIGHUP, `POST /reload`).
 pub struct Reloader {
@@ -57,15 +92,15 @@ impl Reloader {
 
     /// Reloads the file; on success says what changed, on failure why (and the
     /// running config stays). Logged and counted either way.
-    pub fn reload(&self) -> Result<RouteChanges, String> {
-        self.reload_with(|path| Config::load(path).map_err(|e| e.to_string()))
+    pub fn reload(&self) -> Result<RouteChanges, ReloadError> {
+        self.reload_with(Config::load)
     }
 
     /// [`Reloader::reload`], reading the file with `read`.
     fn reload_with(
         &self,
-        read: impl FnOnce(&Path) -> Result<Config, String>,
-    ) -> Result<RouteChanges, String> {
+        read: impl FnOnce(&Path) -> Result<Config, ConfigError>,
+    ) -> Result<RouteChanges, ReloadError> {
         let result = self.try_reload(read);
         match &result {
             Ok(changes) => {
@@ -88,23 +123,20 @@ impl Reloader {
 
     fn try_reload(
         &self,
-        read: impl FnOnce(&Path) -> Result<Config, String>,
-    ) -> Result<RouteChanges, String> {
-        let path = self.path.as_ref().ok_or_else(|| {
-            "started with the embedded default config (no --config): there is no file to reload"
-                .to_string()
-        })?;
+        read: impl FnOnce(&Path) -> Result<Config, ConfigError>,
+    ) -> Result<RouteChanges, ReloadError> {
+        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
         // One reload at a time, reading the file under the lock: concurrent
         // reloads apply files in the order they were read, so the last one
         // applied is the newest file, never an older read applied late. The
         // lock also guards the config in force.
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        let new = read(path)?;
+        let new = read(path).map_err(ReloadError::Invalid)?;
         if let Some(key) = server_change(&current.server, &new.server) {
-            return Err(format!(
-                "{}: server.{key}: cannot change without a restart (the running config stays)",
-                path.display()
-            ));
+            return Err(ReloadError::NeedsRestart {
+                path: path.clone(),
+                key,
+            });
         }
         let (generation, changes) =
             rebuild(&new, &self.registry, &self.proxy.generation(), Forward::new);
@@ -278,5 +310,42 @@ mod tests {
             routes[0].config.timeout_ms.get(),
             Duration::from_millis(3000)
         );
+    }
+
+    /// Each refusal says what to do, and leaves the running routes alone.
+    #[test]
+    fn refusals_are_typed_and_keep_the_running_config() {
+        let reloader = reloader();
+        let mut restart = config(2000);
+        restart.server.drain_timeout_ms += 1;
+        let err = reloader.reload_with(|_| Ok(restart)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReloadError::NeedsRestart {
+                    key: "drain_timeout_ms",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("server.drain_timeout_ms: cannot change")
+        );
+        let bad = Config::parse("t.toml", "[[route]]\nupstream = 3\n").unwrap_err();
+        let err = reloader.reload_with(|_| Err(bad)).unwrap_err();
+        assert!(matches!(err, ReloadError::Invalid(_)), "{err:?}");
+        let timeout = reloader.proxy.generation().routes[0]
+            .config
+            .timeout_ms
+            .get();
+        assert_eq!(timeout, Duration::from_millis(1000));
+
+        let registry = Arc::new(Registry::new());
+        let built = stack::build(&config(1000), &registry);
+        let embedded = Reloader::new(None, config(1000), registry, built.proxy);
+        let err = embedded.reload_with(|_| Ok(config(2000))).unwrap_err();
+        assert!(matches!(err, ReloadError::NoFile), "{err:?}");
     }
 }
