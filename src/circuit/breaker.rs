@@ -9,7 +9,6 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::window::FailureWindow;
-use crate::config::{CircuitConfig, DEFAULT_MIN_CALLS, DEFAULT_WINDOW_MS};
 
 /// When to open, how long to stay open, what it takes to close.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +41,13 @@ pub struct FailureRate {
     pub min_calls: u32,
 }
 
+impl FailureRate {
+    /// The window when only the threshold is given.
+    pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
+    /// The minimum calls when only the threshold is given.
+    pub const DEFAULT_MIN_CALLS: u32 = 20;
+}
+
 impl Default for CircuitSettings {
     /// The SPEC's defaults: 5 failures, 5 s open (up to 60 s), 1 probe, 3
     /// successes, at least 1 s half-open.
@@ -54,30 +60,6 @@ impl Default for CircuitSettings {
             half_open_max_probes: 1,
             success_threshold: 3,
             min_half_open: Duration::from_secs(1),
-        }
-    }
-}
-
-fn count(limit: crate::config::Limit) -> u32 {
-    u32::try_from(limit.get()).unwrap_or(u32::MAX)
-}
-
-impl From<&CircuitConfig> for CircuitSettings {
-    fn from(c: &CircuitConfig) -> Self {
-        Self {
-            failure_threshold: count(c.failure_threshold),
-            failure_rate: c.failure_rate_threshold.map(|p| FailureRate {
-                threshold: p / 100.0,
-                window: c
-                    .window_ms
-                    .map_or(Duration::from_millis(DEFAULT_WINDOW_MS), |w| w.get()),
-                min_calls: c.min_calls.map_or(DEFAULT_MIN_CALLS as u32, count),
-            }),
-            open: c.open_ms.get(),
-            max_open: c.max_open_ms.get(),
-            half_open_max_probes: count(c.half_open_max_probes),
-            success_threshold: count(c.success_threshold),
-            min_half_open: Duration::from_millis(c.min_half_open_ms),
         }
     }
 }

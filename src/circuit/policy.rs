@@ -7,7 +7,6 @@ use http::{HeaderMap, Response, StatusCode, header};
 use super::breaker::CallOutcome;
 use crate::admission::QueueWait;
 use crate::body::{BoxError, find_cause};
-use crate::config::CircuitConfig;
 use crate::error::{Reason, Rejection, client_fault};
 use crate::upstream_timeout::UpstreamLatency;
 
@@ -33,33 +32,31 @@ impl Default for FailurePolicy {
     /// 500, 502, 503 and 504; 503 with `Retry-After` is backpressure; no
     /// slow-call rule.
     fn default() -> Self {
-        Self {
-            statuses: statuses(&[500, 502, 503, 504]),
-            backpressure: statuses(&[503]),
-            slow_call: None,
-        }
-    }
-}
-
-/// Validation kept them in 100..=599, which `from_u16` accepts.
-fn statuses(codes: &[u16]) -> Vec<StatusCode> {
-    codes
-        .iter()
-        .filter_map(|s| StatusCode::from_u16(*s).ok())
-        .collect()
-}
-
-impl From<&CircuitConfig> for FailurePolicy {
-    fn from(c: &CircuitConfig) -> Self {
-        Self {
-            statuses: statuses(&c.failure_statuses),
-            backpressure: statuses(&c.backpressure_statuses),
-            slow_call: c.slow_call_ms.map(|m| m.get()),
-        }
+        Self::new(&Self::DEFAULT_STATUSES, &Self::DEFAULT_BACKPRESSURE, None)
     }
 }
 
 impl FailurePolicy {
+    /// Upstream statuses that count as failures unless configured.
+    pub const DEFAULT_STATUSES: [u16; 4] = [500, 502, 503, 504];
+    /// Statuses that, with a `Retry-After`, are backpressure unless configured.
+    pub const DEFAULT_BACKPRESSURE: [u16; 1] = [503];
+
+    /// A policy over status codes (codes outside 100..=599 are ignored).
+    pub fn new(statuses: &[u16], backpressure: &[u16], slow_call: Option<Duration>) -> Self {
+        let codes = |codes: &[u16]| {
+            codes
+                .iter()
+                .filter_map(|s| StatusCode::from_u16(*s).ok())
+                .collect()
+        };
+        Self {
+            statuses: codes(statuses),
+            backpressure: codes(backpressure),
+            slow_call,
+        }
+    }
+
     /// Classifies a response that took `elapsed` since the breaker let it through.
     pub fn classify<B>(&self, res: &Response<B>, elapsed: Duration) -> CallOutcome {
         let status = res.status();
@@ -154,10 +151,7 @@ mod tests {
             }
         );
         // Configured as backpressure, it is.
-        let with_429 = FailurePolicy {
-            backpressure: statuses(&[429, 503]),
-            ..FailurePolicy::default()
-        };
+        let with_429 = FailurePolicy::new(&FailurePolicy::DEFAULT_STATUSES, &[429, 503], None);
         assert_eq!(
             with_429.classify(&res(429, Some("7")), fast),
             CallOutcome::Failure {

@@ -1,9 +1,12 @@
 //! `[route.circuit]`: when the circuit breaker opens, how long it stays open, and
 //! what it takes to close again (SPEC "Circuit breaker").
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::values::{Limit, Millis};
+use crate::circuit::{CircuitSettings, FailurePolicy, FailureRate};
 
 /// `[route.circuit]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -87,37 +90,75 @@ fn header_value<'de, D: serde::Deserializer<'de>>(de: D) -> Result<http::HeaderV
         .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a valid header value")))
 }
 
-/// Window and minimum calls when `failure_rate_threshold` is set without them.
-pub const DEFAULT_WINDOW_MS: u64 = 10_000;
-/// See [`DEFAULT_WINDOW_MS`].
-pub const DEFAULT_MIN_CALLS: u64 = 20;
-
-const fn default_failure_threshold() -> Limit {
-    Limit::new(5)
+// Each default is the runtime's own (`CircuitSettings::default`,
+// `FailurePolicy::default`), written once there.
+fn runtime() -> CircuitSettings {
+    CircuitSettings::default()
+}
+fn limit(n: u32) -> Limit {
+    Limit::new(u64::from(n))
+}
+fn millis(d: Duration) -> Millis {
+    Millis::from_ms(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+fn default_failure_threshold() -> Limit {
+    limit(runtime().failure_threshold)
 }
 fn default_failure_statuses() -> Vec<u16> {
-    vec![500, 502, 503, 504]
+    FailurePolicy::DEFAULT_STATUSES.to_vec()
 }
 fn default_backpressure_statuses() -> Vec<u16> {
-    vec![503]
+    FailurePolicy::DEFAULT_BACKPRESSURE.to_vec()
 }
-const fn default_open() -> Millis {
-    Millis::from_ms(5_000)
+fn default_open() -> Millis {
+    millis(runtime().open)
 }
-const fn default_max_open() -> Millis {
-    Millis::from_ms(60_000)
+fn default_max_open() -> Millis {
+    millis(runtime().max_open)
 }
-const fn default_probes() -> Limit {
-    Limit::new(1)
+fn default_probes() -> Limit {
+    limit(runtime().half_open_max_probes)
 }
-const fn default_success_threshold() -> Limit {
-    Limit::new(3)
+fn default_success_threshold() -> Limit {
+    limit(runtime().success_threshold)
 }
-const fn default_min_half_open() -> u64 {
-    1_000
+fn default_min_half_open() -> u64 {
+    u64::try_from(runtime().min_half_open.as_millis()).unwrap_or(u64::MAX)
 }
 fn default_content_type() -> http::HeaderValue {
     http::HeaderValue::from_static("application/json")
+}
+
+fn count(limit: Limit) -> u32 {
+    u32::try_from(limit.get()).unwrap_or(u32::MAX)
+}
+
+impl From<&CircuitConfig> for CircuitSettings {
+    fn from(c: &CircuitConfig) -> Self {
+        Self {
+            failure_threshold: count(c.failure_threshold),
+            failure_rate: c.failure_rate_threshold.map(|p| FailureRate {
+                threshold: p / 100.0,
+                window: c.window_ms.map_or(FailureRate::DEFAULT_WINDOW, |w| w.get()),
+                min_calls: c.min_calls.map_or(FailureRate::DEFAULT_MIN_CALLS, count),
+            }),
+            open: c.open_ms.get(),
+            max_open: c.max_open_ms.get(),
+            half_open_max_probes: count(c.half_open_max_probes),
+            success_threshold: count(c.success_threshold),
+            min_half_open: Duration::from_millis(c.min_half_open_ms),
+        }
+    }
+}
+
+impl From<&CircuitConfig> for FailurePolicy {
+    fn from(c: &CircuitConfig) -> Self {
+        FailurePolicy::new(
+            &c.failure_statuses,
+            &c.backpressure_statuses,
+            c.slow_call_ms.map(|m| m.get()),
+        )
+    }
 }
 
 impl CircuitConfig {

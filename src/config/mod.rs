@@ -19,7 +19,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
-pub use circuit::{CircuitConfig, DEFAULT_MIN_CALLS, DEFAULT_WINDOW_MS, FallbackConfig};
+pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
 pub use rate_limit::{KeySource, RateLimitConfig, TierConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};

@@ -217,6 +217,28 @@ fn circuit_section_gets_defaults() {
     assert!(config.routes[0].admission.is_none());
 }
 
+/// An empty `[route.circuit]` is the breaker's own default, written once in
+/// `circuit` (and the failure-rate fallbacks too, once the rate is set).
+#[test]
+fn an_empty_circuit_section_is_the_runtime_default() {
+    use crate::circuit::{CircuitSettings, FailurePolicy, FailureRate};
+    let config = Config::parse("t.toml", &format!("{ROUTE}[route.circuit]\n")).unwrap();
+    let c = config.routes[0].circuit.as_ref().unwrap();
+    assert_eq!(CircuitSettings::from(c), CircuitSettings::default());
+    assert_eq!(FailurePolicy::from(c), FailurePolicy::default());
+    let text = format!("{ROUTE}[route.circuit]\nfailure_rate_threshold = 50.0\n");
+    let config = Config::parse("t.toml", &text).unwrap();
+    let rate = CircuitSettings::from(config.routes[0].circuit.as_ref().unwrap()).failure_rate;
+    assert_eq!(
+        rate,
+        Some(FailureRate {
+            threshold: 0.5,
+            window: FailureRate::DEFAULT_WINDOW,
+            min_calls: FailureRate::DEFAULT_MIN_CALLS,
+        })
+    );
+}
+
 #[test]
 fn bad_circuit_values_name_their_key() {
     let cases = [
