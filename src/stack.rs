@@ -39,6 +39,7 @@ use tower_http::request_id::{
 
 use crate::admission::{
     Admission, AdmissionLayer, AdmissionMetrics, AdmissionSettings, Controller,
+    DEFAULT_PRIORITY_HEADER,
 };
 use crate::body_limit::{BodyLimit, BodyLimitLayer};
 use crate::circuit::{
@@ -89,7 +90,7 @@ pub fn route_stack<S>(
         .admission
         .as_ref()
         .map(|a| a.priority_header.clone())
-        .unwrap_or_else(|| http::HeaderName::from_static("x-priority"));
+        .unwrap_or(DEFAULT_PRIORITY_HEADER);
     ServiceBuilder::new()
         .layer(ObserveLayer::new(stats.clone()))
         .layer(RescueLayer::new(stats.name().clone()))

@@ -12,7 +12,6 @@ use tokio::time::Instant;
 use super::queue::{Priority, WaitQueue};
 use super::retry_after::{CompletionRate, jitter, retry_after_secs};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
-use crate::config::{AdmissionConfig, MaxInflight};
 use crate::error::{Reason, Rejection};
 use crate::metrics::{CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_WAIT, Registry, SHED_TOTAL};
 
@@ -32,32 +31,23 @@ pub struct AdmissionSettings {
 }
 
 impl AdmissionSettings {
+    /// The defaults of `[route.admission]`: 16 at once, 64 more waiting for
+    /// up to 200 ms, `Retry-After` between 1 and 60 s.
+    pub const DEFAULT: Self = Self {
+        max_inflight: 16,
+        queue_capacity: 64,
+        queue_timeout: Duration::from_millis(200),
+        retry_after_min_s: 1,
+        retry_after_max_s: 60,
+    };
+
     /// No limit: every request is admitted at once, and only counted.
     pub const UNLIMITED: Self = Self {
         max_inflight: usize::MAX,
         queue_capacity: 0,
         queue_timeout: Duration::ZERO,
-        retry_after_min_s: 1,
-        retry_after_max_s: 60,
+        ..Self::DEFAULT
     };
-}
-
-impl From<&AdmissionConfig> for AdmissionSettings {
-    fn from(c: &AdmissionConfig) -> Self {
-        Self {
-            // Adaptive: the algorithm moves the limit below its upper bound.
-            max_inflight: match c.max_inflight {
-                MaxInflight::Fixed(limit) => limit.as_usize(),
-                MaxInflight::Adaptive => {
-                    c.adaptive_settings().map_or(usize::MAX, |a| a.bounds().max)
-                }
-            },
-            queue_capacity: c.queue_capacity,
-            queue_timeout: c.queue_timeout_ms.get(),
-            retry_after_min_s: c.retry_after_min_s,
-            retry_after_max_s: c.retry_after_max_s,
-        }
-    }
 }
 
 /// Prometheus handles of one route's admission.

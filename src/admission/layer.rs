@@ -61,6 +61,9 @@ pub struct AdmissionLayer {
     priority_header: HeaderName,
 }
 
+/// The header a request's priority class is read from unless configured.
+pub const DEFAULT_PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-priority");
+
 impl AdmissionLayer {
     /// A layer with its own controller; priorities from `x-priority`.
     pub fn new(settings: AdmissionSettings) -> Self {
@@ -71,7 +74,7 @@ impl AdmissionLayer {
     pub fn with_controller(controller: Arc<Controller>) -> Self {
         Self {
             controller,
-            priority_header: HeaderName::from_static("x-priority"),
+            priority_header: DEFAULT_PRIORITY_HEADER,
         }
     }
 

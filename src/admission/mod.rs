@@ -14,7 +14,7 @@ mod queue;
 pub mod retry_after;
 
 pub use controller::{AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit};
-pub use layer::{Admission, AdmissionLayer, QueueWait};
+pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, QueueWait, ResponseFuture};
 pub use queue::Priority;
 
 #[cfg(test)]

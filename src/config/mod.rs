@@ -18,6 +18,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::admission::AdmissionSettings;
+
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
@@ -178,6 +180,24 @@ impl AdmissionConfig {
         match self.max_inflight {
             MaxInflight::Fixed(_) => None,
             MaxInflight::Adaptive => Some(self.adaptive.clone().unwrap_or_default().settings()),
+        }
+    }
+}
+
+impl From<&AdmissionConfig> for AdmissionSettings {
+    fn from(c: &AdmissionConfig) -> Self {
+        Self {
+            // Adaptive: the algorithm moves the limit below its upper bound.
+            max_inflight: match c.max_inflight {
+                MaxInflight::Fixed(limit) => limit.as_usize(),
+                MaxInflight::Adaptive => {
+                    c.adaptive_settings().map_or(usize::MAX, |a| a.bounds().max)
+                }
+            },
+            queue_capacity: c.queue_capacity,
+            queue_timeout: c.queue_timeout_ms.get(),
+            retry_after_min_s: c.retry_after_min_s,
+            retry_after_max_s: c.retry_after_max_s,
         }
     }
 }

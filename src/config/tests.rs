@@ -217,6 +217,17 @@ fn circuit_section_gets_defaults() {
     assert!(config.routes[0].admission.is_none());
 }
 
+/// An empty `[route.admission]` is the controller's own default, written once
+/// in `admission`.
+#[test]
+fn an_empty_admission_section_is_the_runtime_default() {
+    use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER};
+    let c = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
+    let a = c.routes[0].admission.as_ref().unwrap();
+    assert_eq!(AdmissionSettings::from(a), AdmissionSettings::DEFAULT);
+    assert_eq!(a.priority_header, DEFAULT_PRIORITY_HEADER);
+}
+
 /// An empty `[route.circuit]` is the breaker's own default, written once in
 /// `circuit` (and the failure-rate fallbacks too, once the rate is set).
 #[test]

@@ -8,6 +8,8 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use serde::{Deserialize, Deserializer};
 
+use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER};
+
 /// A duration in milliseconds that must be greater than zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "i64")]
@@ -249,26 +251,29 @@ pub(super) fn header_name<'de, D: Deserializer<'de>>(de: D) -> Result<http::Head
         .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a valid header name")))
 }
 
+// The admission defaults are the runtime's own, written once there.
+const ADMISSION: AdmissionSettings = AdmissionSettings::DEFAULT;
+
 pub(super) const fn default_max_inflight() -> super::MaxInflight {
-    super::MaxInflight::Fixed(Limit::new(16))
+    super::MaxInflight::Fixed(Limit::new(ADMISSION.max_inflight as u64))
 }
 
 pub(super) const fn default_queue_capacity() -> usize {
-    64
+    ADMISSION.queue_capacity
 }
 
 pub(super) const fn default_queue_timeout() -> Millis {
-    Millis::from_ms(200)
+    Millis::from_ms(ADMISSION.queue_timeout.as_millis() as u64)
 }
 
 pub(super) fn default_priority_header() -> http::HeaderName {
-    http::HeaderName::from_static("x-priority")
+    DEFAULT_PRIORITY_HEADER
 }
 
 pub(super) const fn default_retry_after_min() -> u64 {
-    1
+    ADMISSION.retry_after_min_s
 }
 
 pub(super) const fn default_retry_after_max() -> u64 {
-    60
+    ADMISSION.retry_after_max_s
 }
