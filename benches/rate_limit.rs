@@ -40,7 +40,10 @@ fn layered(keys: usize) -> RateLimitLayer {
     let config = sluicegate::config::Config::parse("bench.toml", &text).unwrap();
     let registry = sluicegate::metrics::Registry::new();
     let metrics = sluicegate::rate_limit::RateLimitMetrics::new("bench", &registry);
-    let limiter = RateLimiter::from_config(config.routes[0].rate_limit.as_ref().unwrap(), metrics);
+    let limiter = RateLimiter::with_settings(
+        &config.routes[0].rate_limit.as_ref().unwrap().into(),
+        metrics,
+    );
     RateLimitLayer::new(limiter)
 }
 

@@ -167,7 +167,7 @@ impl Protections {
         let admission = controller(route, registry);
         let rate_limit = route.rate_limit.as_ref().map(|config| {
             let metrics = RateLimitMetrics::new(route.display_name(), registry);
-            Arc::new(RateLimiter::from_config(config, metrics))
+            Arc::new(RateLimiter::with_settings(&config.into(), metrics))
         });
         Self {
             rate_limit,

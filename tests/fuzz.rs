@@ -7,9 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, Version};
 use proptest::prelude::*;
-use sluicegate::config::{Config, KeySource};
+use sluicegate::config::Config;
 use sluicegate::conn::ClientAddr;
 use sluicegate::proxy::headers::{prepare_request, prepare_response};
+use sluicegate::rate_limit::KeySource;
 use sluicegate::rate_limit::{ClientKey, KeyExtractor};
 
 /// Lines that look like sluicegate config, some right, some subtly wrong.

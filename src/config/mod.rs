@@ -23,7 +23,7 @@ use crate::admission::AdmissionSettings;
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
-pub use rate_limit::{KeySource, RateLimitConfig, TierConfig};
+pub use rate_limit::{RateLimitConfig, TierConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
 /// The configuration that sluicegate runs with when no `--config` is given.

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Deserializer};
 
+use crate::rate_limit::{KeySource, Rate, RateLimitSettings, Tier};
+
 /// `[route.rate_limit]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,17 +46,6 @@ pub struct TierConfig {
     pub burst: Option<u32>,
 }
 
-/// Where a client's key comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum KeySource {
-    /// The client address (see `trusted_proxies`).
-    #[default]
-    Ip,
-    /// A request header (an API key); requests without it fall back to the
-    /// client address.
-    Header(http::HeaderName),
-}
-
 fn client_key<'de, D: Deserializer<'de>>(de: D) -> Result<KeySource, D::Error> {
     let s = String::deserialize(de)?;
     if s == "ip" {
@@ -87,7 +78,7 @@ fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<ipnet::IpNet>, D::Error
 }
 
 const fn default_max_keys() -> usize {
-    100_000
+    RateLimitSettings::DEFAULT_MAX_KEYS
 }
 
 /// Largest rate accepted: beyond a million per second per client, a limit
@@ -161,5 +152,32 @@ impl RateLimitConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl From<&RateLimitConfig> for RateLimitSettings {
+    fn from(c: &RateLimitConfig) -> Self {
+        Self {
+            key: c.key.clone(),
+            rate: Rate {
+                per_second: c.per_second,
+                burst: c.burst,
+            },
+            trusted_proxies: c.trusted_proxies.clone(),
+            max_keys: c.max_keys,
+            tiers: c
+                .tiers
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Tier {
+                    name: t.name.clone().unwrap_or_else(|| format!("tier{i}")),
+                    rate: Rate {
+                        per_second: t.per_second,
+                        burst: t.burst,
+                    },
+                    keys: t.keys.clone(),
+                })
+                .collect(),
+        }
     }
 }

@@ -228,6 +228,26 @@ fn an_empty_admission_section_is_the_runtime_default() {
     assert_eq!(a.priority_header, DEFAULT_PRIORITY_HEADER);
 }
 
+/// A `[route.rate_limit]` with only its rate is the limiter's defaults.
+#[test]
+fn a_minimal_rate_limit_section_is_the_runtime_default() {
+    use crate::rate_limit::{KeySource, Rate, RateLimitSettings};
+    let text = format!("{ROUTE}[route.rate_limit]\nper_second = 5\n");
+    let c = Config::parse("t.toml", &text).unwrap();
+    let settings = RateLimitSettings::from(c.routes[0].rate_limit.as_ref().unwrap());
+    let want = RateLimitSettings {
+        key: KeySource::Ip,
+        rate: Rate {
+            per_second: 5.0,
+            burst: None,
+        },
+        trusted_proxies: Vec::new(),
+        max_keys: RateLimitSettings::DEFAULT_MAX_KEYS,
+        tiers: Vec::new(),
+    };
+    assert_eq!(settings, want);
+}
+
 /// An empty `[route.circuit]` is the breaker's own default, written once in
 /// `circuit` (and the failure-rate fallbacks too, once the rate is set).
 #[test]

@@ -5,9 +5,19 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use http::{HeaderMap, HeaderName, header::HeaderValue};
 
-use crate::config::KeySource;
 use crate::conn::ClientAddr;
 use crate::proxy::headers::X_FORWARDED_FOR;
+
+/// Where a client's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KeySource {
+    /// The client address (see `trusted_proxies`).
+    #[default]
+    Ip,
+    /// A request header (an API key); requests without it fall back to the
+    /// client address.
+    Header(http::HeaderName),
+}
 
 /// Header values longer than this are kept as a 64-bit digest, so that a key
 /// costs the store a bounded number of bytes whatever clients send.

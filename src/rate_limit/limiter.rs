@@ -13,9 +13,8 @@ use http::HeaderValue;
 use metrics::{Counter, Gauge};
 use serde::Serialize;
 
-use super::key::{ClientKey, KeyExtractor};
+use super::key::{ClientKey, KeyExtractor, KeySource};
 use super::store::CappedStore;
-use crate::config::{KeySource, RateLimitConfig};
 use crate::metrics::{RATE_LIMIT_KEYS, RATE_LIMIT_OVERFLOW_TOTAL, RATE_LIMITED_TOTAL, Registry};
 
 /// governor's clock, read from tokio's, so that rate limits run on the paused
@@ -66,6 +65,37 @@ impl Rate {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst)
     }
+}
+
+/// What a route's rate limit is: who a client is, its rate, and the tiers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitSettings {
+    /// Where a client's key comes from.
+    pub key: KeySource,
+    /// The rate of every client outside a tier.
+    pub rate: Rate,
+    /// Load balancers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Most clients tracked at once; past it new clients share one bucket.
+    pub max_keys: usize,
+    /// Per-key overrides.
+    pub tiers: Vec<Tier>,
+}
+
+impl RateLimitSettings {
+    /// Clients tracked at once unless configured.
+    pub const DEFAULT_MAX_KEYS: usize = 100_000;
+}
+
+/// Listed keys with a rate of their own (an API-key plan).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    /// Its name in the `RateLimit-Policy` field.
+    pub name: String,
+    /// Its rate.
+    pub rate: Rate,
+    /// The keys it holds.
+    pub keys: Vec<String>,
 }
 
 /// One policy: a rate, its buckets, and its `RateLimit-Policy` field.
@@ -185,7 +215,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// A limiter of `rate` per client address, at most `max_keys` clients
-    /// tracked, no metrics (for embedding; see [`RateLimiter::from_config`]).
+    /// tracked, no metrics (for embedding; see [`RateLimiter::with_settings`]).
     pub fn new(rate: Rate, max_keys: usize) -> Self {
         let extractor = KeyExtractor::new(&KeySource::Ip, Vec::new());
         Self::build(extractor, rate, max_keys, RateLimitMetrics::noop())
@@ -214,24 +244,21 @@ impl RateLimiter {
         }
     }
 
-    /// The limiter a `[route.rate_limit]` section describes.
-    pub fn from_config(config: &RateLimitConfig, metrics: RateLimitMetrics) -> Self {
-        let extractor = KeyExtractor::new(&config.key, config.trusted_proxies.clone());
-        let rate = Rate {
-            per_second: config.per_second,
-            burst: config.burst,
-        };
-        let mut limiter = Self::build(extractor, rate, config.max_keys, metrics);
-        for (i, tier) in config.tiers.iter().enumerate() {
-            let name = tier.name.clone().unwrap_or_else(|| format!("tier{i}"));
-            let rate = Rate {
-                per_second: tier.per_second,
-                burst: tier.burst,
-            };
+    /// The limiter `settings` describe (a `[route.rate_limit]` section).
+    pub fn with_settings(settings: &RateLimitSettings, metrics: RateLimitMetrics) -> Self {
+        let extractor = KeyExtractor::new(&settings.key, settings.trusted_proxies.clone());
+        let mut limiter = Self::build(extractor, settings.rate, settings.max_keys, metrics);
+        for tier in &settings.tiers {
             // A tier holds only its listed keys: its store never overflows.
-            let bucket = Bucket::new(name, rate, tier.keys.len(), Counter::noop(), Gauge::noop());
+            let bucket = Bucket::new(
+                tier.name.clone(),
+                tier.rate,
+                tier.keys.len(),
+                Counter::noop(),
+                Gauge::noop(),
+            );
             for key in &tier.keys {
-                let key = ClientKey::listed(&config.key, key, limiter.extractor.hasher());
+                let key = ClientKey::listed(&settings.key, key, limiter.extractor.hasher());
                 limiter.tier_of.insert(key, limiter.tiers.len());
             }
             limiter.tiers.push(bucket);

@@ -12,9 +12,12 @@ mod layer;
 mod limiter;
 mod store;
 
-pub use key::{ClientKey, KeyExtractor};
+pub use key::{ClientKey, KeyExtractor, KeySource};
 pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
-pub use limiter::{Rate, RateLimitMetrics, RateLimitSnapshot, RateLimiter, TokioClock, Verdict};
+pub use limiter::{
+    Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter, Tier, TokioClock,
+    Verdict,
+};
 pub use store::CappedStore;
 
 #[cfg(test)]

@@ -7,8 +7,9 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use http::{HeaderMap, HeaderValue};
 use metrics::{Counter, Gauge};
 
+use super::KeySource;
 use super::*;
-use crate::config::{KeySource, RateLimitConfig};
+use crate::config::RateLimitConfig;
 use crate::conn::ClientAddr;
 
 fn request(peer: &str, headers: &[(&str, &str)]) -> (HeaderMap, http::Extensions) {
@@ -140,7 +141,7 @@ async fn tiers_have_their_own_rate() {
     let config = crate::config::Config::parse("t.toml", text).unwrap();
     let config: &RateLimitConfig = config.routes[0].rate_limit.as_ref().unwrap();
     let metrics = RateLimitMetrics::new("t", &crate::metrics::Registry::new());
-    let limiter = RateLimiter::from_config(config, metrics);
+    let limiter = RateLimiter::with_settings(&config.into(), metrics);
     let gold = ClientKey::Value(b"gold-key"[..].into());
     for _ in 0..5 {
         let v = limiter.check(&gold);
