@@ -248,7 +248,12 @@ pub fn build_with<S>(
     Built { service, proxy }
 }
 
+/// The forwarder to `route`'s upstream.
+pub fn forward(route: &RouteConfig) -> Forward {
+    Forward::new(&route.into())
+}
+
 /// Builds the proxy forwarding to the configured upstreams.
 pub fn build(config: &Config, registry: &Registry) -> Built<Forward> {
-    build_with(config, registry, Forward::new)
+    build_with(config, registry, forward)
 }

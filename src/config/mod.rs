@@ -19,6 +19,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::admission::AdmissionSettings;
+use crate::proxy::ForwardSettings;
 
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, FallbackConfig};
@@ -198,6 +199,18 @@ impl From<&AdmissionConfig> for AdmissionSettings {
             queue_timeout: c.queue_timeout_ms.get(),
             retry_after_min_s: c.retry_after_min_s,
             retry_after_max_s: c.retry_after_max_s,
+        }
+    }
+}
+
+impl From<&RouteConfig> for ForwardSettings {
+    fn from(route: &RouteConfig) -> Self {
+        Self {
+            scheme: route.upstream.scheme().clone(),
+            authority: route.upstream.authority().clone(),
+            connect_timeout: route.connect_timeout_ms.get(),
+            pool_idle_timeout: route.pool_idle_timeout_ms.get(),
+            read_timeout: route.read_timeout_ms.get(),
         }
     }
 }

@@ -19,7 +19,6 @@ use super::headers;
 use super::read_timeout::ReadTimeout;
 use super::retry::{self, Reclaim};
 use crate::body::{BoxError, boxed};
-use crate::config::RouteConfig;
 use crate::conn::ClientAddr;
 use crate::error::Side;
 use crate::error::{Reason, Rejection};
@@ -31,18 +30,33 @@ const POOL_MAX_IDLE: usize = 1024;
 /// A pooled HTTP/1.1 keep-alive client to one upstream.
 pub type UpstreamClient = Client<Connector, Reclaim>;
 
+/// Where and how a route forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSettings {
+    /// The upstream's scheme.
+    pub scheme: Scheme,
+    /// The upstream's host and port.
+    pub authority: Authority,
+    /// Longest wait for a new upstream connection.
+    pub connect_timeout: Duration,
+    /// Idle upstream connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Longest pause between two reads of an upstream response body.
+    pub read_timeout: Duration,
+}
+
 /// Builds the client for one route.
-fn client(route: &RouteConfig) -> UpstreamClient {
+fn client(settings: &ForwardSettings) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(route.connect_timeout_ms.get()));
+    http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         // Shorter than the application server's own idle timeout, so that the
         // proxy, not the server, closes an idle connection.
-        .pool_idle_timeout(route.pool_idle_timeout_ms.get())
+        .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_max_idle_per_host(POOL_MAX_IDLE)
         .http1_writev(false)
         .build(Connector::new(http))
@@ -77,14 +91,14 @@ impl std::fmt::Debug for Forward {
 }
 
 impl Forward {
-    /// A forwarder to the route's upstream.
-    pub fn new(route: &RouteConfig) -> Self {
+    /// A forwarder to the upstream `settings` name.
+    pub fn new(settings: &ForwardSettings) -> Self {
         Self {
             inner: Arc::new(Inner {
-                client: client(route),
-                read_timeout: route.read_timeout_ms.get(),
-                scheme: route.upstream.scheme().clone(),
-                authority: route.upstream.authority().clone(),
+                client: client(settings),
+                read_timeout: settings.read_timeout,
+                scheme: settings.scheme.clone(),
+                authority: settings.authority.clone(),
             }),
         }
     }

@@ -7,6 +7,6 @@ mod read_timeout;
 mod retry;
 
 pub use connector::{Connector, TrackedStream};
-pub use forward::{Forward, UpstreamClient};
+pub use forward::{Forward, ForwardSettings, UpstreamClient};
 pub use read_timeout::ReadTimeout;
 pub use retry::Reclaim;

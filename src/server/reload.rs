@@ -138,8 +138,12 @@ impl Reloader {
                 key,
             });
         }
-        let (generation, changes) =
-            rebuild(&new, &self.registry, &self.proxy.generation(), Forward::new);
+        let (generation, changes) = rebuild(
+            &new,
+            &self.registry,
+            &self.proxy.generation(),
+            stack::forward,
+        );
         for route in &generation.routes {
             let fresh = changes
                 .kept
