@@ -129,13 +129,20 @@ struct State {
 /// [`Rejection`] carrying an honest `Retry-After`.
 pub struct Controller {
     settings: AdmissionSettings,
-    state: Mutex<State>,
+    mode: Mode,
     metrics: AdmissionMetrics,
     shed_full: AtomicU64,
     shed_timeout: AtomicU64,
-    /// In flight on an unlimited controller, which needs no lock: routes
-    /// without admission pay two atomic operations per request, nothing more.
-    unlimited_inflight: Option<AtomicUsize>,
+}
+
+/// The two kinds of controller.
+enum Mode {
+    /// No limit (a route without `[route.admission]`): requests are only
+    /// counted, with no lock: two atomic operations per request, nothing more.
+    Unlimited { inflight: AtomicUsize },
+    /// A limit, a queue beyond it, and the completion rate behind
+    /// `Retry-After`.
+    Limited(Mutex<State>),
 }
 
 impl std::fmt::Debug for Controller {
@@ -185,20 +192,26 @@ impl Controller {
         }
         metrics.inflight.set(0.0);
         metrics.queue_depth.set(0.0);
-        Arc::new(Self {
-            settings,
-            state: Mutex::new(State {
+        let mode = if settings.max_inflight == usize::MAX {
+            Mode::Unlimited {
+                inflight: AtomicUsize::new(0),
+            }
+        } else {
+            Mode::Limited(Mutex::new(State {
                 inflight: 0,
                 limit,
                 queue: WaitQueue::default(),
                 rate: CompletionRate::new(),
                 next_id: 0,
                 algorithm,
-            }),
+            }))
+        };
+        Arc::new(Self {
+            settings,
+            mode,
             metrics,
             shed_full: AtomicU64::new(0),
             shed_timeout: AtomicU64::new(0),
-            unlimited_inflight: (settings.max_inflight == usize::MAX).then(|| AtomicUsize::new(0)),
         })
     }
 
@@ -207,10 +220,15 @@ impl Controller {
         &self.settings
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state holds counters and channel ends only; a panic elsewhere while
-        // it was locked leaves it usable, so a poisoned lock is taken as is.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The limited state, locked; `None` on an unlimited controller.
+    fn lock(&self) -> Option<MutexGuard<'_, State>> {
+        match &self.mode {
+            // The state holds counters and channel ends only; a panic
+            // elsewhere while it was locked leaves it usable, so a poisoned
+            // lock is taken as is.
+            Mode::Limited(state) => Some(state.lock().unwrap_or_else(|e| e.into_inner())),
+            Mode::Unlimited { .. } => None,
+        }
     }
 
     fn publish(&self, state: &State) {
@@ -220,16 +238,22 @@ impl Controller {
 
     /// A slot now, if one is free and nobody waits for one.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        if let Some(inflight) = &self.unlimited_inflight {
+        let Some(mut state) = self.lock() else {
+            self.count_unlimited();
+            return Some(Permit::new(self.clone()));
+        };
+        self.take_free_slot(&mut state, Instant::now())
+    }
+
+    /// One more in flight on an unlimited controller.
+    fn count_unlimited(&self) {
+        if let Mode::Unlimited { inflight } = &self.mode {
             // Increments, not a set from the count: two requests setting the
             // gauge from their own reads race, and an idle route could keep
             // showing one in flight.
             inflight.fetch_add(1, Ordering::Relaxed);
             self.metrics.inflight.increment(1.0);
-            return Some(Permit::new(self.clone()));
         }
-        let mut state = self.lock();
-        self.take_free_slot(&mut state, Instant::now())
     }
 
     fn take_free_slot(self: &Arc<Self>, state: &mut State, now: Instant) -> Option<Permit> {
@@ -247,14 +271,12 @@ impl Controller {
     /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
     /// and never leaks a slot.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
-        if self.unlimited_inflight.is_some() {
-            return Ok(self
-                .try_acquire()
-                .expect("an unlimited controller has room"));
-        }
         let now = Instant::now();
         let (id, mut rx) = {
-            let mut state = self.lock();
+            let Some(mut state) = self.lock() else {
+                self.count_unlimited();
+                return Ok(Permit::new(self.clone()));
+            };
             if let Some(permit) = self.take_free_slot(&mut state, now) {
                 return Ok(permit);
             }
@@ -304,7 +326,10 @@ impl Controller {
             self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
             return Ok(permit);
         }
-        let state = self.lock();
+        let Some(state) = self.lock() else {
+            // Only a limited controller queues.
+            return Err(Rejection::new(reason));
+        };
         Err(self.shed(&state, reason, Instant::now()))
     }
 
@@ -331,13 +356,14 @@ impl Controller {
     /// A permit ended: feed its sample to the algorithm, then hand its slot
     /// (and any the limit gained) to the next waiters, or free it.
     fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>) {
-        if let Some(inflight) = &self.unlimited_inflight {
-            inflight.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.inflight.decrement(1.0);
+        let Some(mut state) = self.lock() else {
+            if let Mode::Unlimited { inflight } = &self.mode {
+                inflight.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.inflight.decrement(1.0);
+            }
             return;
-        }
+        };
         let now = Instant::now();
-        let mut state = self.lock();
         let saturated = state.inflight >= state.limit || state.queue.len() > 0;
         let inflight = state.inflight;
         if let (Some(algorithm), Some((rtt, dropped))) = (state.algorithm.as_mut(), sample) {
@@ -380,11 +406,10 @@ impl Controller {
     /// limit takes effect as they finish. A higher one admits waiters at once.
     /// No effect on an unlimited controller.
     pub fn set_limit(self: &Arc<Self>, limit: usize) {
-        if self.unlimited_inflight.is_some() {
+        let Some(mut state) = self.lock() else {
             return;
-        }
+        };
         let limit = limit.max(1);
-        let mut state = self.lock();
         if state.limit == limit {
             return;
         }
@@ -396,31 +421,36 @@ impl Controller {
 
     /// The limit in force.
     pub fn limit(&self) -> usize {
-        match self.unlimited_inflight {
-            Some(_) => usize::MAX,
-            None => self.lock().limit,
-        }
+        self.lock().map_or(usize::MAX, |state| state.limit)
     }
 
     /// The live state.
     pub fn snapshot(&self) -> AdmissionSnapshot {
-        let state = self.lock();
         let now = Instant::now();
-        let limit = state.limit;
-        let inflight = match &self.unlimited_inflight {
-            Some(n) => n.load(Ordering::Relaxed),
-            None => state.inflight,
-        };
-        AdmissionSnapshot {
-            inflight,
-            queued: state.queue.len(),
-            limit: (limit != usize::MAX).then_some(limit),
+        let mut snapshot = AdmissionSnapshot {
+            inflight: 0,
+            queued: 0,
+            limit: None,
             queue_capacity: self.settings.queue_capacity,
-            completion_rate: state.rate.per_second(now),
+            completion_rate: None,
             shed_queue_full: self.shed_full.load(Ordering::Relaxed),
             shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
-            adaptive: state.algorithm.as_ref().map(|a| a.snapshot(now)),
+            adaptive: None,
+        };
+        match (&self.mode, self.lock()) {
+            (_, Some(state)) => {
+                snapshot.inflight = state.inflight;
+                snapshot.queued = state.queue.len();
+                snapshot.limit = Some(state.limit);
+                snapshot.completion_rate = state.rate.per_second(now);
+                snapshot.adaptive = state.algorithm.as_ref().map(|a| a.snapshot(now));
+            }
+            (Mode::Unlimited { inflight }, None) => {
+                snapshot.inflight = inflight.load(Ordering::Relaxed);
+            }
+            (Mode::Limited(_), None) => {}
         }
+        snapshot
     }
 }
 
@@ -440,8 +470,9 @@ impl QueuePlace {
 
 impl Drop for QueuePlace {
     fn drop(&mut self) {
-        let mut state = self.controller.lock();
-        if state.queue.remove(self.id, self.priority).is_some() {
+        if let Some(mut state) = self.controller.lock()
+            && state.queue.remove(self.id, self.priority).is_some()
+        {
             self.controller.publish(&state);
         }
     }
