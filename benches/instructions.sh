@@ -29,17 +29,9 @@ BASE_PORT=${BASE_PORT:-18180}
 UP=$((BASE_PORT + 1)) PX=$((BASE_PORT + 2)) ADMIN=$((BASE_PORT + 3))
 
 cd "$(dirname "$0")/.."
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} (Debian packages)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin"
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
+ensure_packages nginx:nginx haproxy:haproxy h2load:nghttp2-client valgrind:valgrind curl:curl
 
 cargo build --release --quiet --bin sluicegate --example bare_proxy
 bin=${CARGO_TARGET_DIR:-target}/release
@@ -48,21 +40,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { return 200 "ok\n"; }
-  }
-}
-CONF
+nginx_upstream_conf "$work/nginx.conf" "$UP"
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1

@@ -21,15 +21,9 @@ BASE_PORT=${BASE_PORT:-18080}
 UP=$((BASE_PORT + 1)) HA=$((BASE_PORT + 2)) SG=$((BASE_PORT + 3)) SG_ADMIN=$((BASE_PORT + 4))
 
 cd "$(dirname "$0")/.."
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} (Debian packages)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin"
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
+ensure_packages nginx:nginx haproxy:haproxy wrk:wrk
 
 cargo build --release --quiet
 work=$(mktemp -d)
@@ -37,21 +31,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP reuseport;
-    location / { return 200 "ok\n"; }
-  }
-}
-CONF
+nginx_upstream_conf "$work/nginx.conf" "$UP"
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
