@@ -9,4 +9,4 @@ mod layer;
 mod stats;
 
 pub use layer::{Observe, ObserveFuture, ObserveLayer};
-pub use stats::{Outcome, RouteStats};
+pub use stats::{Outcome, RouteStats, RouteStatsSnapshot};

@@ -1,11 +1,12 @@
 //! [`RouteStats`]: one route's live counters, read by `/status` and exported to
 //! Prometheus.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{Counter, Histogram};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 
 use crate::error::Reason;
 use crate::metrics::{REQUESTS_TOTAL, Registry, UPSTREAM_DURATION};
@@ -123,14 +124,21 @@ impl RouteStats {
     }
 
     /// The live state for `/status`.
-    pub fn snapshot(&self) -> Value {
-        let requests: Map<String, Value> = self
+    pub fn snapshot(&self) -> RouteStatsSnapshot {
+        let requests = self
             .outcomes
             .iter()
-            .map(|o| (o.label.to_string(), o.count.load(Ordering::Relaxed).into()))
+            .map(|o| (o.label, o.count.load(Ordering::Relaxed)))
             .collect();
-        json!({ "requests": requests })
+        RouteStatsSnapshot { requests }
     }
+}
+
+/// What `/status` shows of a route's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteStatsSnapshot {
+    /// Requests answered so far, by outcome label.
+    pub requests: BTreeMap<&'static str, u64>,
 }
 
 #[cfg(test)]

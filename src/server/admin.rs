@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -26,7 +27,12 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::Shared;
+use crate::admission::AdmissionSnapshot;
+use crate::circuit::CircuitSnapshot;
 use crate::config::ServerConfig;
+use crate::observe::RouteStatsSnapshot;
+use crate::rate_limit::RateLimitSnapshot;
+use crate::stack::RouteInfo;
 
 /// Who may read `/status` and call `/reload`: anyone on a loopback listener;
 /// elsewhere only a client presenting `admin_token` as a bearer token.
@@ -262,39 +268,66 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Value
     }
 }
 
-async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
-    let generation = state.shared.proxy.generation();
-    let routes: Vec<Value> = generation
-        .routes
-        .iter()
-        .map(|r| {
-            let mut route = json!({
-                "name": r.stats.name().as_ref(),
-                "path_prefix": r.config.path_prefix.as_str(),
-                "host": r.config.host,
-                "upstream": format!("{:?}", r.config.upstream),
-                "timeout_ms": r.config.timeout_ms.get().as_millis() as u64,
-                "max_body_bytes": r.config.max_body_bytes.get(),
-            });
-            if let (Some(route), Value::Object(live)) = (route.as_object_mut(), r.stats.snapshot())
-            {
-                route.extend(live);
-                let p = &r.protections;
-                route.insert("admission".into(), json!(p.admission.snapshot()));
-                let circuit = p.circuit.as_ref().map(|c| c.snapshot());
-                route.insert("circuit".into(), json!(circuit));
-                let rate_limit = p.rate_limit.as_ref().map(|l| l.snapshot());
-                route.insert("rate_limit".into(), json!(rate_limit));
-            }
-            route
-        })
-        .collect();
-    Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": state.started.elapsed().as_secs(),
-        "draining": state.shared.draining.load(Ordering::SeqCst),
-        "unmatched_requests": state.shared.proxy.unmatched().get(),
-        "invalid_requests": state.shared.proxy.unmatched().invalid(),
-        "routes": routes,
-    }))
+/// The `/status` document: the proxy, then each route's settings and live
+/// state, every part the `Serialize` snapshot of the module that owns it.
+#[derive(Serialize)]
+struct StatusDocument {
+    version: &'static str,
+    uptime_s: u64,
+    draining: bool,
+    unmatched_requests: u64,
+    invalid_requests: u64,
+    routes: Vec<RouteStatus>,
+}
+
+#[derive(Serialize)]
+struct RouteStatus {
+    name: String,
+    path_prefix: String,
+    host: Option<String>,
+    upstream: String,
+    timeout_ms: u64,
+    max_body_bytes: u64,
+    #[serde(flatten)]
+    stats: RouteStatsSnapshot,
+    admission: AdmissionSnapshot,
+    circuit: Option<CircuitSnapshot>,
+    rate_limit: Option<RateLimitSnapshot>,
+}
+
+impl RouteStatus {
+    fn of(r: &RouteInfo) -> Self {
+        let p = &r.protections;
+        Self {
+            name: r.stats.name().to_string(),
+            path_prefix: r.config.path_prefix.as_str().to_string(),
+            host: r.config.host.clone(),
+            upstream: format!("{:?}", r.config.upstream),
+            timeout_ms: u64::try_from(r.config.timeout_ms.get().as_millis()).unwrap_or(u64::MAX),
+            max_body_bytes: r.config.max_body_bytes.get(),
+            stats: r.stats.snapshot(),
+            admission: p.admission.snapshot(),
+            circuit: p.circuit.as_ref().map(|c| c.snapshot()),
+            rate_limit: p.rate_limit.as_ref().map(|l| l.snapshot()),
+        }
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Json<StatusDocument> {
+    let shared = &state.shared;
+    let unmatched = shared.proxy.unmatched();
+    Json(StatusDocument {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: state.started.elapsed().as_secs(),
+        draining: shared.draining.load(Ordering::SeqCst),
+        unmatched_requests: unmatched.get(),
+        invalid_requests: unmatched.invalid(),
+        routes: shared
+            .proxy
+            .generation()
+            .routes
+            .iter()
+            .map(RouteStatus::of)
+            .collect(),
+    })
 }
