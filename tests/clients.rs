@@ -45,8 +45,8 @@ async fn slowloris_connections_are_closed_at_the_header_timeout_while_others_are
                 let head = b"GET /slow HTTP/1.1\r\nhost: x\r\nx-trickle: ";
                 s.write_all(head).await.unwrap();
                 // One more byte every 500 ms, never finishing the head; a
-                // connection still open after 20 s fails the test.
-                while start.elapsed() < Duration::from_secs(20) {
+                // connection still open after 60 s fails the test.
+                while start.elapsed() < Duration::from_secs(60) {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     if s.write_all(b"a").await.is_err() {
                         break;
@@ -68,13 +68,14 @@ async fn slowloris_connections_are_closed_at_the_header_timeout_while_others_are
         assert_eq!(res.status(), StatusCode::OK);
     }
     // Each is closed by the proxy: not before the header timeout (3 s) and
-    // long before 20 s. (The upper bound is loose on purpose: on the paused
-    // clock, virtual time can run ahead while hundreds of connections wait in
-    // the accept backlog, before the proxy starts their timers.)
+    // long before 60 s. (The upper bound is loose on purpose: on the paused
+    // clock, virtual time runs ahead whenever the runtime idles, also while
+    // hundreds of connections wait in the accept backlog before the proxy
+    // starts their timers; at 20 s a loaded machine failed it now and then.)
     for s in slow {
         let lived = s.await.unwrap();
         assert!(
-            lived >= Duration::from_millis(2500) && lived < Duration::from_secs(20),
+            lived >= Duration::from_millis(2500) && lived < Duration::from_secs(60),
             "a slow connection lived {lived:?}"
         );
     }
