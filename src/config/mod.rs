@@ -251,13 +251,12 @@ impl Config {
         if self.routes.is_empty() {
             return Err(("route".into(), "at least one [[route]] is required".into()));
         }
+        // What spans routes: names, and (host, path prefix) pairs, are unique.
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut places: HashMap<(Option<String>, &str), usize> = HashMap::new();
         for (i, route) in self.routes.iter().enumerate() {
+            route.validate(&format!("route[{i}]"))?;
             let name = route.display_name();
-            if name.is_empty() {
-                return Err((format!("route[{i}].name"), "must not be empty".into()));
-            }
             if let Some(first) = names.insert(name, i) {
                 return Err((
                     format!("route[{i}].name"),
@@ -265,49 +264,6 @@ impl Config {
                 ));
             }
             let host = route.host.as_deref().map(normalize_host);
-            if let Some(h) = &host
-                && (h.is_empty() || h.contains(['/', ' ']))
-            {
-                return Err((
-                    format!("route[{i}].host"),
-                    format!("`{h}` is not a host name"),
-                ));
-            }
-            if let Some(a) = &route.admission {
-                match (&a.adaptive, a.max_inflight) {
-                    (Some(_), MaxInflight::Fixed(_)) => {
-                        return Err((
-                            format!("route[{i}].admission.adaptive"),
-                            "only applies with max_inflight = \"adaptive\"".into(),
-                        ));
-                    }
-                    (Some(adaptive), MaxInflight::Adaptive) => {
-                        adaptive.validate(&format!("route[{i}].admission.adaptive"))?
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(a) = &route.admission
-                && a.retry_after_min_s > a.retry_after_max_s
-            {
-                return Err((
-                    format!("route[{i}].admission.retry_after_min_s"),
-                    format!(
-                        "must not exceed retry_after_max_s ({} > {})",
-                        a.retry_after_min_s, a.retry_after_max_s
-                    ),
-                ));
-            }
-            if let Some(r) = &route.rate_limit {
-                r.validate(&format!("route[{i}].rate_limit"))?;
-            }
-            if let Some(c) = &route.circuit {
-                let fixed = route
-                    .admission
-                    .as_ref()
-                    .is_some_and(|a| a.max_inflight.fixed().is_some());
-                c.validate(&format!("route[{i}].circuit"), fixed)?;
-            }
             if let Some(first) = places.insert((host, route.path_prefix.as_str()), i) {
                 return Err((
                     format!("route[{i}].path_prefix"),
@@ -319,7 +275,70 @@ impl Config {
                 ));
             }
         }
-        if let Some(token) = &self.server.admin_token
+        self.server.validate()
+    }
+}
+
+impl RouteConfig {
+    /// Checks what spans several keys of one route; `at` is its key path.
+    fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        if self.display_name().is_empty() {
+            return Err((format!("{at}.name"), "must not be empty".into()));
+        }
+        if let Some(h) = self.host.as_deref().map(normalize_host)
+            && (h.is_empty() || h.contains(['/', ' ']))
+        {
+            return Err((format!("{at}.host"), format!("`{h}` is not a host name")));
+        }
+        if let Some(a) = &self.admission {
+            a.validate(&format!("{at}.admission"))?;
+        }
+        if let Some(r) = &self.rate_limit {
+            r.validate(&format!("{at}.rate_limit"))?;
+        }
+        if let Some(c) = &self.circuit {
+            let fixed = self
+                .admission
+                .as_ref()
+                .is_some_and(|a| a.max_inflight.fixed().is_some());
+            c.validate(&format!("{at}.circuit"), fixed)?;
+        }
+        Ok(())
+    }
+}
+
+impl AdmissionConfig {
+    /// Checks what spans several keys; `at` is the section's key path.
+    fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        match (&self.adaptive, self.max_inflight) {
+            (Some(_), MaxInflight::Fixed(_)) => {
+                return Err((
+                    format!("{at}.adaptive"),
+                    "only applies with max_inflight = \"adaptive\"".into(),
+                ));
+            }
+            (Some(adaptive), MaxInflight::Adaptive) => {
+                adaptive.validate(&format!("{at}.adaptive"))?
+            }
+            _ => {}
+        }
+        if self.retry_after_min_s > self.retry_after_max_s {
+            return Err((
+                format!("{at}.retry_after_min_s"),
+                format!(
+                    "must not exceed retry_after_max_s ({} > {})",
+                    self.retry_after_min_s, self.retry_after_max_s
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// Checks what spans several `[server]` keys, or one key's sense.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(token) = &self.admin_token
             && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err((
@@ -327,19 +346,19 @@ impl Config {
                 "must be at least 16 characters, without spaces or control characters".into(),
             ));
         }
-        if self.server.max_header_bytes.get() < 8192 {
+        if self.max_header_bytes.get() < 8192 {
             return Err((
                 "server.max_header_bytes".into(),
                 format!(
                     "must be at least 8192 (got {}): smaller would refuse ordinary browsers and SDKs",
-                    self.server.max_header_bytes.get()
+                    self.max_header_bytes.get()
                 ),
             ));
         }
-        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err((
                 "server.admin_listen".into(),
-                format!("must differ from server.listen ({})", self.server.listen),
+                format!("must differ from server.listen ({})", self.listen),
             ));
         }
         Ok(())
