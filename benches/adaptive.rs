@@ -262,12 +262,7 @@ fn halving(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
 /// axis, ms), the halving marked.
 fn plot(runs: &[Run]) -> String {
     let (w, h, pad, gap) = (860.0, 220.0, 50.0, 40.0);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
-        runs.len() as f64 * (h + gap) + 10.0
-    );
+    let mut svg = svg::open(w, runs.len() as f64 * (h + gap) + 10.0);
     let (count_max, ms_max) = (40.0, 200.0);
     for (k, r) in runs.iter().enumerate() {
         let y0 = k as f64 * (h + gap) + 20.0;
@@ -308,20 +303,7 @@ fn plot(runs: &[Run]) -> String {
                 py(v, ms_max) + 4.0
             );
         }
-        for t in (0..=SECONDS).step_by(10) {
-            let _ = write!(
-                svg,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t}s</text>"#,
-                px(t as f64),
-                y0 + h + 14.0
-            );
-        }
-        let line = |points: Vec<String>, color: &str| {
-            format!(
-                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
-                points.join(" ")
-            )
-        };
+        svg::time_axis(&mut svg, SECONDS, 10, y0 + h + 14.0, px);
         let limit: Vec<String> = r
             .samples
             .iter()
@@ -341,24 +323,15 @@ fn plot(runs: &[Run]) -> String {
                 Some(format!("{:.1},{:.1}", px(t as f64 + 0.5), py(v, ms_max)))
             })
             .collect();
-        svg.push_str(&line(inflight, "#aec7e8"));
-        svg.push_str(&line(limit, "#1f77b4"));
-        svg.push_str(&line(p99, "#d62728"));
-        for (i, (name, color)) in [
+        svg.push_str(&svg::polyline(&inflight, "#aec7e8"));
+        svg.push_str(&svg::polyline(&limit, "#1f77b4"));
+        svg.push_str(&svg::polyline(&p99, "#d62728"));
+        let items = [
             ("limit", "#1f77b4"),
             ("in flight", "#aec7e8"),
             ("admitted p99 (ms, right)", "#d62728"),
-        ]
-        .iter()
-        .enumerate()
-        {
-            let _ = write!(
-                svg,
-                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
-                pad + 8.0,
-                y0 + 16.0 + 14.0 * i as f64
-            );
-        }
+        ];
+        svg::legend(&mut svg, pad + 8.0, y0 + 16.0, &items);
     }
     svg.push_str("</svg>\n");
     svg
@@ -368,12 +341,7 @@ fn plot(runs: &[Run]) -> String {
 /// adaptive limit (right axis).
 fn plot_calm(panels: &[(f64, Vec<Run>)]) -> String {
     let (w, h, pad, gap) = (860.0, 180.0, 50.0, 40.0);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
-        panels.len() as f64 * (h + gap) + 10.0
-    );
+    let mut svg = svg::open(w, panels.len() as f64 * (h + gap) + 10.0);
     let shed_max = panels
         .iter()
         .flat_map(|(_, runs)| runs.iter().flat_map(|r| r.seconds.iter().map(|s| s.shed)))
@@ -409,22 +377,8 @@ fn plot_calm(panels: &[(f64, Vec<Run>)]) -> String {
                 f * limit_max
             );
         }
-        for t in (0..=CALM_SECONDS).step_by(30) {
-            let _ = write!(
-                svg,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{t}s</text>"#,
-                px(t as f64),
-                y0 + h + 14.0
-            );
-        }
-        let line = |points: Vec<String>, color: &str| {
-            format!(
-                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
-                points.join(" ")
-            )
-        };
-        let colors = [("#d62728", "#ff9896"), ("#7f7f7f", "#c7c7c7")];
-        for (r, (color, _)) in runs.iter().zip(colors) {
+        svg::time_axis(&mut svg, CALM_SECONDS, 30, y0 + h + 14.0, px);
+        for (r, color) in runs.iter().zip(["#d62728", "#7f7f7f"]) {
             let sheds: Vec<String> = r
                 .seconds
                 .iter()
@@ -437,7 +391,7 @@ fn plot_calm(panels: &[(f64, Vec<Run>)]) -> String {
                     )
                 })
                 .collect();
-            svg.push_str(&line(sheds, color));
+            svg.push_str(&svg::polyline(&sheds, color));
         }
         if let Some(r) = runs.iter().find(|r| r.label == "adaptive") {
             let limit: Vec<String> = r
@@ -445,23 +399,14 @@ fn plot_calm(panels: &[(f64, Vec<Run>)]) -> String {
                 .iter()
                 .map(|(t, l, _)| format!("{:.1},{:.1}", px(*t), py(*l as f64, limit_max)))
                 .collect();
-            svg.push_str(&line(limit, "#1f77b4"));
+            svg.push_str(&svg::polyline(&limit, "#1f77b4"));
         }
-        for (i, (name, color)) in [
+        let items = [
             ("503s per second, adaptive", "#d62728"),
             ("503s per second, static 16", "#7f7f7f"),
             ("adaptive limit (right)", "#1f77b4"),
-        ]
-        .iter()
-        .enumerate()
-        {
-            let _ = write!(
-                svg,
-                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
-                pad + 8.0,
-                y0 + 16.0 + 14.0 * i as f64
-            );
-        }
+        ];
+        svg::legend(&mut svg, pad + 8.0, y0 + 16.0, &items);
     }
     svg.push_str("</svg>\n");
     svg

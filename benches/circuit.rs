@@ -185,12 +185,7 @@ fn print_table(runs: &[Run]) {
 /// the 2xx, 503 and 5xx answers and the requests that reached the upstream.
 fn plot(runs: &[Run]) -> String {
     let (w, h, pad, gap) = (860.0, 220.0, 50.0, 40.0);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="sans-serif" font-size="12">"#,
-        runs.len() as f64 * (h + gap) + 20.0
-    );
+    let mut svg = svg::open(w, runs.len() as f64 * (h + gap) + 20.0);
     let ymax = RATE * 1.25;
     for (k, r) in runs.iter().enumerate() {
         let y0 = k as f64 * (h + gap) + 20.0;

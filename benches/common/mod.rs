@@ -197,3 +197,45 @@ impl<T: Send + 'static> Sampler<T> {
         self.thread.join().unwrap_or_default()
     }
 }
+
+/// The pieces every benchmark chart is drawn from (plain SVG text).
+pub mod svg {
+    use std::fmt::Write as _;
+
+    /// An `<svg>` opening tag of `width` × `height`, in the charts' font.
+    pub fn open(width: f64, height: f64) -> String {
+        format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+        )
+    }
+
+    /// A line through `points` (`"x,y"` each).
+    pub fn polyline(points: &[String], color: &str) -> String {
+        format!(
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="1.5"/>"#,
+            points.join(" ")
+        )
+    }
+
+    /// A legend of `(name, color)` lines from (`x`, `y`) down.
+    pub fn legend(svg: &mut String, x: f64, y: f64, items: &[(&str, &str)]) {
+        for (i, (name, color)) in items.iter().enumerate() {
+            let _ = write!(
+                svg,
+                r#"<text x="{x}" y="{}" fill="{color}">{name}</text>"#,
+                y + 14.0 * i as f64
+            );
+        }
+    }
+
+    /// Time labels under a panel, every `step` seconds from 0 to `end`.
+    pub fn time_axis(svg: &mut String, end: usize, step: usize, y: f64, px: impl Fn(f64) -> f64) {
+        for t in (0..=end).step_by(step) {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{y}" text-anchor="middle">{t}s</text>"#,
+                px(t as f64)
+            );
+        }
+    }
+}

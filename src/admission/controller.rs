@@ -135,6 +135,13 @@ pub struct Controller {
     shed_timeout: AtomicU64,
 }
 
+/// A controller's mode at hand: the unlimited count, or the limited state
+/// under its lock.
+enum Locked<'a> {
+    Unlimited(&'a AtomicUsize),
+    Limited(MutexGuard<'a, State>),
+}
+
 /// The two kinds of controller.
 enum Mode {
     /// No limit (a route without `[route.admission]`): requests are only
@@ -220,14 +227,16 @@ impl Controller {
         &self.settings
     }
 
-    /// The limited state, locked; `None` on an unlimited controller.
-    fn lock(&self) -> Option<MutexGuard<'_, State>> {
+    /// The mode, with the limited state locked.
+    fn lock(&self) -> Locked<'_> {
         match &self.mode {
             // The state holds counters and channel ends only; a panic
             // elsewhere while it was locked leaves it usable, so a poisoned
             // lock is taken as is.
-            Mode::Limited(state) => Some(state.lock().unwrap_or_else(|e| e.into_inner())),
-            Mode::Unlimited { .. } => None,
+            Mode::Limited(state) => {
+                Locked::Limited(state.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+            Mode::Unlimited { inflight } => Locked::Unlimited(inflight),
         }
     }
 
@@ -238,22 +247,20 @@ impl Controller {
 
     /// A slot now, if one is free and nobody waits for one.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        let Some(mut state) = self.lock() else {
-            self.count_unlimited();
-            return Some(Permit::new(self.clone()));
-        };
-        self.take_free_slot(&mut state, Instant::now())
+        match self.lock() {
+            Locked::Unlimited(inflight) => Some(self.count_unlimited(inflight)),
+            Locked::Limited(mut state) => self.take_free_slot(&mut state, Instant::now()),
+        }
     }
 
     /// One more in flight on an unlimited controller.
-    fn count_unlimited(&self) {
-        if let Mode::Unlimited { inflight } = &self.mode {
-            // Increments, not a set from the count: two requests setting the
-            // gauge from their own reads race, and an idle route could keep
-            // showing one in flight.
-            inflight.fetch_add(1, Ordering::Relaxed);
-            self.metrics.inflight.increment(1.0);
-        }
+    fn count_unlimited(self: &Arc<Self>, inflight: &AtomicUsize) -> Permit {
+        // Increments, not a set from the count: two requests setting the
+        // gauge from their own reads race, and an idle route could keep
+        // showing one in flight.
+        inflight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.inflight.increment(1.0);
+        Permit::new(self.clone())
     }
 
     fn take_free_slot(self: &Arc<Self>, state: &mut State, now: Instant) -> Option<Permit> {
@@ -273,9 +280,9 @@ impl Controller {
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
         let now = Instant::now();
         let (id, mut rx) = {
-            let Some(mut state) = self.lock() else {
-                self.count_unlimited();
-                return Ok(Permit::new(self.clone()));
+            let mut state = match self.lock() {
+                Locked::Unlimited(inflight) => return Ok(self.count_unlimited(inflight)),
+                Locked::Limited(state) => state,
             };
             if let Some(permit) = self.take_free_slot(&mut state, now) {
                 return Ok(permit);
@@ -326,7 +333,7 @@ impl Controller {
             self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
             return Ok(permit);
         }
-        let Some(state) = self.lock() else {
+        let Locked::Limited(state) = self.lock() else {
             // Only a limited controller queues.
             return Err(Rejection::new(reason));
         };
@@ -356,12 +363,13 @@ impl Controller {
     /// A permit ended: feed its sample to the algorithm, then hand its slot
     /// (and any the limit gained) to the next waiters, or free it.
     fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>) {
-        let Some(mut state) = self.lock() else {
-            if let Mode::Unlimited { inflight } = &self.mode {
+        let mut state = match self.lock() {
+            Locked::Unlimited(inflight) => {
                 inflight.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.inflight.decrement(1.0);
+                return;
             }
-            return;
+            Locked::Limited(state) => state,
         };
         let now = Instant::now();
         let saturated = state.inflight >= state.limit || state.queue.len() > 0;
@@ -406,7 +414,7 @@ impl Controller {
     /// limit takes effect as they finish. A higher one admits waiters at once.
     /// No effect on an unlimited controller.
     pub fn set_limit(self: &Arc<Self>, limit: usize) {
-        let Some(mut state) = self.lock() else {
+        let Locked::Limited(mut state) = self.lock() else {
             return;
         };
         let limit = limit.max(1);
@@ -421,7 +429,10 @@ impl Controller {
 
     /// The limit in force.
     pub fn limit(&self) -> usize {
-        self.lock().map_or(usize::MAX, |state| state.limit)
+        match self.lock() {
+            Locked::Unlimited(_) => usize::MAX,
+            Locked::Limited(state) => state.limit,
+        }
     }
 
     /// The live state.
@@ -437,18 +448,15 @@ impl Controller {
             shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
             adaptive: None,
         };
-        match (&self.mode, self.lock()) {
-            (_, Some(state)) => {
+        match self.lock() {
+            Locked::Unlimited(inflight) => snapshot.inflight = inflight.load(Ordering::Relaxed),
+            Locked::Limited(state) => {
                 snapshot.inflight = state.inflight;
                 snapshot.queued = state.queue.len();
                 snapshot.limit = Some(state.limit);
                 snapshot.completion_rate = state.rate.per_second(now);
                 snapshot.adaptive = state.algorithm.as_ref().map(|a| a.snapshot(now));
             }
-            (Mode::Unlimited { inflight }, None) => {
-                snapshot.inflight = inflight.load(Ordering::Relaxed);
-            }
-            (Mode::Limited(_), None) => {}
         }
         snapshot
     }
@@ -470,7 +478,7 @@ impl QueuePlace {
 
 impl Drop for QueuePlace {
     fn drop(&mut self) {
-        if let Some(mut state) = self.controller.lock()
+        if let Locked::Limited(mut state) = self.controller.lock()
             && state.queue.remove(self.id, self.priority).is_some()
         {
             self.controller.publish(&state);
