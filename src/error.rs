@@ -18,6 +18,10 @@ use crate::body::{BoxError, ProxyBody, find_cause, full};
 
 /// Why the proxy answered a request itself. The `as_str` codes are a contract
 /// (SPEC "Rejections") used in bodies and metric labels.
+///
+/// The SPEC's `draining` is not among them: like HAProxy's soft stop and
+/// Envoy's drain, a drain closes connections after their current request
+/// rather than refusing any (README "Shutdown").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// The admission queue is full, or the predicted wait is beyond the timeout.
@@ -34,8 +38,6 @@ pub enum Reason {
     UpstreamTimeout,
     /// The upstream could not be reached or broke the connection.
     UpstreamUnavailable,
-    /// The proxy is shutting down.
-    Draining,
     /// No route matches the request.
     NoRoute,
     /// The client paused sending its request body too long.
@@ -48,7 +50,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 11] = [
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::CircuitOpen,
@@ -56,7 +58,6 @@ impl Reason {
         Reason::BodyTooLarge,
         Reason::UpstreamTimeout,
         Reason::UpstreamUnavailable,
-        Reason::Draining,
         Reason::NoRoute,
         Reason::RequestTimeout,
         Reason::BadRequest,
@@ -73,7 +74,6 @@ impl Reason {
             Reason::BodyTooLarge => "body_too_large",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::UpstreamUnavailable => "upstream_unavailable",
-            Reason::Draining => "draining",
             Reason::NoRoute => "no_route",
             Reason::RequestTimeout => "request_timeout",
             Reason::BadRequest => "bad_request",
@@ -92,7 +92,7 @@ impl Reason {
             Reason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             // Seldom read by anyone: the client is gone.
             Reason::BadRequest | Reason::ClientClosed => StatusCode::BAD_REQUEST,
-            Reason::QueueFull | Reason::QueueTimeout | Reason::CircuitOpen | Reason::Draining => {
+            Reason::QueueFull | Reason::QueueTimeout | Reason::CircuitOpen => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -108,7 +108,6 @@ impl Reason {
             Reason::BodyTooLarge => "request body too large",
             Reason::UpstreamTimeout => "upstream timed out",
             Reason::UpstreamUnavailable => "upstream unavailable",
-            Reason::Draining => "shutting down",
             Reason::NoRoute => "no route for this request",
             Reason::RequestTimeout => "request body not received in time",
             Reason::BadRequest => "malformed request",

@@ -8,14 +8,16 @@
 //! line ends. Both are what request-smuggling attacks are built from, and a
 //! front proxy had better refuse them outright. hyper does not expose what it
 //! repaired, so this wrapper follows the byte stream's message framing itself,
-//! by hyper's own rules (its request-head rules, and its chunked decoder state
-//! by state, bare LF in trailers included), and looks at every head before
-//! hyper acts on it. It stays in step with hyper on every path: an `Upgrade`
-//! header changes nothing (sluicegate never answers `101`, see
-//! [`Forward`](crate::proxy::Forward)), a `CONNECT` is refused, a framing value
-//! it cannot read is refused, and once hyper must fail a body (a malformed
-//! chunk) nothing more reaches hyper. Only an HTTP/2 prior-knowledge preface at
-//! the start of a connection is let through unfollowed: it is not HTTP/1.
+//! by hyper's own rules, and looks at every head before hyper acts on it: heads
+//! are parsed by `httparse` with hyper's configuration (the parser hyper itself
+//! calls, so guard and hyper agree on where a head ends by construction), and
+//! chunked bodies are followed by hyper's chunked decoder state by state (bare
+//! LF in trailers included). It stays in step with hyper on every path: an
+//! `Upgrade` header changes nothing (sluicegate never answers `101`, see
+//! [`Forward`](crate::proxy::Forward)), a `CONNECT` is refused, and once hyper
+//! must fail (a malformed chunk, a head past its buffer) nothing more reaches
+//! hyper. Only an HTTP/2 prior-knowledge preface at the start of a connection
+//! is let through unfollowed: it is not HTTP/1.
 //!
 //! Bytes flow on as they arrive (so hyper's own head timeout and size limit
 //! keep working); only the LF that would end a refused head is held back and
@@ -23,6 +25,7 @@
 //! close the connection, after any response to a request pipelined before it.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -33,53 +36,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// where a header name must start, which hyper refuses with 400.
 const POISON: &[u8] = b"\0\r\n\r\n";
 
-/// Longest framing header value followed (`Content-Length` or
-/// `Transfer-Encoding`); a longer one is refused.
-const MAX_FRAMING_VALUE: usize = 1024;
-/// Longest header name compared; longer names are no framing header.
-const MAX_NAME: usize = 32;
-/// Request-line bytes kept: enough for the method and the version.
-const MAX_REQUEST_LINE: usize = 64;
+/// hyper's header count limit (`DEFAULT_MAX_HEADERS`, `proto/h1/role.rs`):
+/// past it both hyper and the guard refuse the head.
+const MAX_HEADERS: usize = 100;
 
-/// Which header a line is, once its name is read.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Field {
-    /// Not read up to the colon yet.
-    #[default]
-    Name,
-    ContentLength,
-    TransferEncoding,
-    Other,
-}
-
-/// A request head being read.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Head {
-    /// Lines completed, the request line included.
-    lines: usize,
-    /// Bytes of the current line, CR and LF excluded.
-    line_len: usize,
-    /// The request line's first bytes, or the current header's name or
-    /// framing value (bounded).
-    kept: Vec<u8>,
-    /// The request line's last bytes (its version).
-    tail: [u8; 8],
-    field: Field,
-    content_length: Option<u64>,
-    transfer_encoding: bool,
-    /// Whether the last Transfer-Encoding line ends in `chunked`.
-    chunked: bool,
-    http10: bool,
-    connect: bool,
-    preface: bool,
-    /// Whether the previous byte was a CR.
-    after_cr: bool,
-    /// Something seen that hyper would refuse, or this guard cannot follow.
-    refuse: bool,
-    /// The request target, for tests to compare with hyper's.
-    #[cfg(test)]
-    target: Vec<u8>,
-}
+/// What opens an HTTP/2 prior-knowledge connection, up to its empty line.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
 
 /// hyper's chunked decoder states (`proto/h1/decode.rs`), one for one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +60,10 @@ enum Chunked {
     EndLf,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Head(Head),
+    /// Gathering a request head.
+    Head,
     /// `Content-Length` body bytes to skip.
     Body(u64),
     /// In a chunked body: the decoder state and the current chunk's size (or
@@ -108,19 +71,21 @@ enum State {
     Chunked(Chunked, u64),
     /// HTTP/2 prior knowledge: not HTTP/1 framing.
     Pass,
-    /// hyper has failed the body (a malformed chunk) and reads no further:
-    /// nothing more is for it.
+    /// hyper fails here (a malformed chunk, a head longer than its buffer)
+    /// and reads no further: nothing more is for it.
     Done,
     /// Refused: everything after the poisoned LF is dropped.
     Refused,
 }
 
-/// Why a byte stopped the guard.
-enum Stop {
-    /// A head to refuse: poison its last LF.
+/// What a complete head means for the bytes after it.
+enum Verdict {
+    /// Let through; the framing that follows.
+    Next(State),
+    /// Ambiguous or unfollowable: refuse it (and count it).
     Refuse,
-    /// hyper fails the body at this byte and reads nothing after it.
-    BodyError,
+    /// Malformed: hyper refuses it itself; poisoned all the same, not counted.
+    Malformed,
 }
 
 /// An I/O wrapper that follows HTTP/1 request framing and refuses ambiguous heads.
@@ -128,24 +93,33 @@ pub(super) struct FramingGuard<T> {
     inner: T,
     refused: Counter,
     state: State,
+    /// The current head's bytes so far (kept for the connection, so its
+    /// capacity is reused from head to head).
+    head: Vec<u8>,
+    /// hyper's read buffer limit: a head this long that is not complete is
+    /// one hyper refuses (431).
+    max_head: usize,
     /// Whether no head has completed yet (the HTTP/2 preface may only open a
     /// connection).
     first: bool,
     /// What is left of the poison when the caller's buffer could not hold it.
     poison_left: &'static [u8],
-    /// The request lines of the heads let through, in order (tests compare
-    /// them with what hyper parsed).
+    /// The heads let through, in order (tests compare them with what hyper
+    /// parsed).
     #[cfg(test)]
     heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 impl<T> FramingGuard<T> {
-    /// Guards the client connection `inner`.
-    pub(super) fn new(inner: T, refused: Counter) -> Self {
+    /// Guards the client connection `inner`, whose HTTP/1 server reads heads
+    /// of at most `max_head` bytes (hyper's `max_buf_size`).
+    pub(super) fn new(inner: T, max_head: usize, refused: Counter) -> Self {
         Self {
             inner,
             refused,
-            state: State::Head(Head::default()),
+            state: State::Head,
+            head: Vec::new(),
+            max_head,
             first: true,
             poison_left: &[],
             #[cfg(test)]
@@ -160,229 +134,188 @@ impl<T> FramingGuard<T> {
         while i < bytes.len() {
             match &mut self.state {
                 State::Refused | State::Pass | State::Done => return None,
-                // Ordinary head bytes in one scan, up to the next byte that
-                // changes the state (a line end, or the colon after a name);
-                // only those go through `byte`.
-                State::Head(head) if !head.after_cr => {
-                    let n = head.span(&bytes[i..]);
-                    if n > 0 {
-                        head.take(&bytes[i..i + n]);
-                        i += n;
-                        continue;
-                    }
-                }
+                State::Head => match self.gather(&bytes[i..]) {
+                    Gathered::More => return None,
+                    Gathered::Head(n) => i += n,
+                    Gathered::Refused(at) => return Some(i + at),
+                },
                 State::Body(n) | State::Chunked(Chunked::Body, n) => {
                     let take = (*n).min((bytes.len() - i) as u64);
                     *n -= take;
                     i += take as usize;
                     if *n == 0 {
                         self.state = match self.state {
-                            State::Body(_) => State::Head(Head::default()),
+                            State::Body(_) => State::Head,
                             _ => State::Chunked(Chunked::BodyCr, 0),
                         };
                     }
-                    continue;
                 }
-                _ => {}
+                State::Chunked(state, size) => {
+                    self.state = match chunked(*state, *size, bytes[i]) {
+                        Some((Some(next), size)) => State::Chunked(next, size),
+                        Some((None, _)) => State::Head,
+                        // hyper reads this byte, fails the body and closes.
+                        None => State::Done,
+                    };
+                    i += 1;
+                }
             }
-            if let Err(stop) = self.byte(bytes[i]) {
-                return self.stop(stop, i);
-            }
-            i += 1;
         }
         None
     }
 
-    /// Stops following at byte `at`: a refused head's LF is poisoned there.
-    fn stop(&mut self, stop: Stop, at: usize) -> Option<usize> {
-        match stop {
-            Stop::Refuse => {
-                tracing::warn!("refused a request head (400, connection closed)");
-                self.refused.increment(1);
-                self.state = State::Refused;
-                Some(at)
-            }
-            Stop::BodyError => {
-                // hyper reads this byte, fails the body and closes.
-                self.state = State::Done;
-                None
-            }
-        }
-    }
-
-    /// Takes one byte outside body data.
-    fn byte(&mut self, b: u8) -> Result<(), Stop> {
-        match &mut self.state {
-            State::Head(head) => {
-                if !head.byte(b)? {
-                    return Ok(());
-                }
-                // The empty line: the head is complete.
-                let next = head.framing(self.first)?;
-                #[cfg(test)]
-                self.heads.lock().unwrap().push(head.target.clone());
-                self.first = false;
-                self.state = next;
-                Ok(())
-            }
-            State::Chunked(state, size) => {
-                let (next, size) = chunked(*state, *size, b).ok_or(Stop::BodyError)?;
-                self.state = match next {
-                    None => State::Head(Head::default()),
-                    Some(next) => State::Chunked(next, size),
-                };
-                Ok(())
-            }
-            State::Body(_) | State::Pass | State::Done | State::Refused => Ok(()),
-        }
-    }
-}
-
-impl Head {
-    /// How many of `bytes` are ordinary: up to a CR or LF, or in a header
-    /// name up to its colon.
-    fn span(&self, bytes: &[u8]) -> usize {
-        let stop = if self.lines > 0 && self.field == Field::Name {
-            bytes
-                .iter()
-                .position(|&b| matches!(b, b'\r' | b'\n' | b':'))
-        } else {
-            bytes.iter().position(|&b| matches!(b, b'\r' | b'\n'))
-        };
-        stop.unwrap_or(bytes.len())
-    }
-
-    /// Takes one head byte; `Ok(true)` when it ends the head.
-    fn byte(&mut self, b: u8) -> Result<bool, Stop> {
-        let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
-        if after_cr && b != b'\n' {
-            return Err(Stop::Refuse); // a bare CR: hyper refuses it too
-        }
-        match b {
-            b'\r' => Ok(false),
-            b'\n' if self.lines == 0 && self.line_len == 0 => {
-                // httparse skips empty lines before a request line.
-                Ok(false)
-            }
-            b'\n' if !after_cr => Err(Stop::Refuse), // a line ended by a bare LF
-            b'\n' if self.line_len == 0 => Ok(true),
-            b'\n' => {
-                self.end_line();
-                Ok(false)
-            }
-            b':' if self.lines > 0 && self.field == Field::Name => {
-                self.line_len += 1;
-                self.field = match self.kept.as_slice() {
-                    b"content-length" => Field::ContentLength,
-                    b"transfer-encoding" => Field::TransferEncoding,
-                    _ => Field::Other,
-                };
-                self.kept.clear();
-                Ok(false)
-            }
-            _ => {
-                self.take(&[b]);
-                Ok(false)
-            }
-        }
-    }
-
-    /// Keeps what the current line's framing needs of `span` (no line end,
-    /// no name-ending colon in it).
-    fn take(&mut self, span: &[u8]) {
-        self.line_len += span.len();
-        if self.lines == 0 {
-            let room = MAX_REQUEST_LINE - self.kept.len();
-            self.kept.extend_from_slice(&span[..room.min(span.len())]);
-            // The line's last 8 bytes, for its version.
-            let n = span.len().min(8);
-            self.tail.rotate_left(n);
-            self.tail[8 - n..].copy_from_slice(&span[span.len() - n..]);
-            return;
-        }
-        match self.field {
-            Field::Name if self.kept.len() + span.len() <= MAX_NAME => {
-                self.kept.extend(span.iter().map(u8::to_ascii_lowercase));
-            }
-            // Too long for a framing header's name.
-            Field::Name => self.field = Field::Other,
-            Field::ContentLength | Field::TransferEncoding => {
-                if self.kept.len() + span.len() <= MAX_FRAMING_VALUE {
-                    self.kept.extend_from_slice(span);
-                } else {
-                    self.refuse = true; // a value this guard cannot keep
-                }
-            }
-            Field::Other => {}
-        }
-    }
-
-    fn end_line(&mut self) {
-        if self.lines == 0 {
-            self.http10 = self.line_len >= 8 && &self.tail == b"HTTP/1.0";
-            self.connect = self.kept.starts_with(b"CONNECT ");
-            self.preface = self.kept == b"PRI * HTTP/2.0";
+    /// Adds the head bytes at the start of `rest` to the head being gathered,
+    /// up to the LF that completes it. A head that arrives whole in one read
+    /// (the usual case) is judged where it lies, without a copy.
+    fn gather(&mut self, rest: &[u8]) -> Gathered {
+        let old = self.head.len();
+        // How many bytes of `rest` are in `self.head`.
+        let mut copied = 0;
+        let mut from = 0;
+        while let Some(end) = blank_line_end(&self.head[..old], rest, from) {
+            let head: &[u8] = if old == 0 {
+                &rest[..=end]
+            } else {
+                self.head.extend_from_slice(&rest[copied..=end]);
+                copied = end + 1;
+                &self.head
+            };
+            let Some(verdict) = judge(head, self.first) else {
+                // Only empty lines before a request line so far.
+                from = end + 1;
+                continue;
+            };
             #[cfg(test)]
-            {
-                self.target = request_target(&self.kept).to_vec();
+            if matches!(verdict, Verdict::Next(_)) {
+                self.heads.lock().unwrap().push(head.to_vec());
             }
-        } else {
-            let value = trim(&self.kept);
-            match self.field {
-                // hyper: digits only; several lines must agree.
-                Field::ContentLength => match digits(value) {
-                    Some(n) if self.content_length.is_none_or(|m| m == n) => {
-                        self.content_length = Some(n);
-                    }
-                    _ => self.refuse = true,
-                },
-                // hyper: the last line decides; `chunked` must be last in it.
-                Field::TransferEncoding => {
-                    self.transfer_encoding = true;
-                    self.chunked = value.is_ascii()
-                        && value
-                            .rsplit(|&c| c == b',')
-                            .next()
-                            .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+            self.head.clear();
+            self.first = false;
+            return match verdict {
+                Verdict::Next(next) => {
+                    self.state = next;
+                    Gathered::Head(end + 1)
                 }
-                Field::Other => {}
-                // A header line without a colon: hyper refuses it.
-                Field::Name => self.refuse = true,
-            }
+                Verdict::Refuse | Verdict::Malformed => {
+                    if matches!(verdict, Verdict::Refuse) {
+                        tracing::warn!("refused a request head (400, connection closed)");
+                        self.refused.increment(1);
+                    }
+                    self.state = State::Refused;
+                    Gathered::Refused(end)
+                }
+            };
         }
-        self.kept.clear();
-        self.lines += 1;
-        self.line_len = 0;
-        self.field = Field::Name;
-    }
-
-    /// The state after this complete head, or a refusal.
-    fn framing(&self, first: bool) -> Result<State, Stop> {
-        if self.preface && first {
-            return Ok(State::Pass);
+        // Bounded: below `max_head` before, plus one read into hyper's
+        // buffer (which hyper bounds by the same limit).
+        self.head.extend_from_slice(&rest[copied..]);
+        if self.head.len() >= self.max_head {
+            // hyper's buffer holds this much of an incomplete head: it
+            // answers 431 and reads no more.
+            self.head = Vec::new();
+            self.state = State::Done;
         }
-        let ambiguous = self.transfer_encoding && self.content_length.is_some();
-        let bad_te = self.transfer_encoding && (!self.chunked || self.http10);
-        if self.refuse || self.connect || ambiguous || bad_te {
-            return Err(Stop::Refuse);
-        }
-        Ok(if self.transfer_encoding {
-            State::Chunked(Chunked::Start, 0)
-        } else {
-            match self.content_length {
-                Some(n) if n > 0 => State::Body(n),
-                _ => State::Head(Head::default()),
-            }
-        })
+        Gathered::More
     }
 }
 
-/// A header value without the white space httparse trims around it.
-fn trim(value: &[u8]) -> &[u8] {
-    let ws = |c: &u8| *c == b' ' || *c == b'\t';
-    let start = value.iter().position(|c| !ws(c)).unwrap_or(value.len());
-    let end = value.iter().rposition(|c| !ws(c)).map_or(start, |e| e + 1);
-    &value[start..end]
+/// The verdict on a head that ends with an empty line; `None` when it is only
+/// empty lines (httparse skips those before a request line).
+fn judge(head: &[u8], first: bool) -> Option<Verdict> {
+    if first && head == PREFACE {
+        return Some(Verdict::Next(State::Pass));
+    }
+    let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
+        Ok(httparse::Status::Complete(_)) => Some(framing(&req, has_bare_lf(head))),
+        Ok(httparse::Status::Partial) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "malformed request head");
+            Some(Verdict::Malformed)
+        }
+    }
+}
+
+/// How far [`FramingGuard::gather`] got.
+enum Gathered {
+    /// The head is not complete: every byte given is part of it.
+    More,
+    /// The head is complete and let through after this many bytes.
+    Head(usize),
+    /// The head is refused; its last LF is at this offset.
+    Refused(usize),
+}
+
+/// The first LF in `bytes` at or after `from` that ends an empty line (`\n\n`
+/// or `\n\r\n`), where httparse sees the end of a head; `before` is what
+/// came before `bytes` in the head.
+fn blank_line_end(before: &[u8], bytes: &[u8], from: usize) -> Option<usize> {
+    // The byte `back` places before `bytes[i]`.
+    let at = |i: usize, back: usize| match i.checked_sub(back) {
+        Some(j) => Some(bytes[j]),
+        None => before.len().checked_sub(back - i).map(|j| before[j]),
+    };
+    memchr::memchr_iter(b'\n', &bytes[from..])
+        .map(|p| from + p)
+        .find(|&e| match at(e, 1) {
+            Some(b'\n') => true,
+            Some(b'\r') => at(e, 2) == Some(b'\n'),
+            _ => false,
+        })
+}
+
+/// Whether a line of a complete head ends with a bare LF (httparse accepts
+/// it; the empty lines it skips before a request line do not count).
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut start = 0;
+    loop {
+        match head[start..] {
+            [b'\n', ..] => start += 1,
+            [b'\r', b'\n', ..] => start += 2,
+            _ => break,
+        }
+    }
+    memchr::memchr_iter(b'\n', &head[start..]).any(|p| p == 0 || head[start + p - 1] != b'\r')
+}
+
+/// The framing a parsed head sets, by hyper's rules, or a refusal.
+fn framing(req: &httparse::Request<'_, '_>, bare_lf: bool) -> Verdict {
+    let mut refuse = bare_lf || req.method == Some("CONNECT");
+    let mut content_length = None;
+    let mut transfer_encoding = false;
+    let mut chunked = false;
+    for header in req.headers.iter() {
+        let value = header.value.trim_ascii();
+        if header.name.eq_ignore_ascii_case("content-length") {
+            // hyper: digits only; several lines must agree.
+            match digits(value) {
+                Some(n) if content_length.is_none_or(|m| m == n) => content_length = Some(n),
+                _ => refuse = true,
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            // hyper: the last line decides; `chunked` must be last in it.
+            transfer_encoding = true;
+            chunked = value.is_ascii()
+                && value
+                    .rsplit(|&c| c == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    let ambiguous = transfer_encoding && content_length.is_some();
+    let bad_te = transfer_encoding && (!chunked || req.version == Some(0));
+    if refuse || ambiguous || bad_te {
+        return Verdict::Refuse;
+    }
+    Verdict::Next(if transfer_encoding {
+        State::Chunked(Chunked::Start, 0)
+    } else {
+        match content_length {
+            Some(n) if n > 0 => State::Body(n),
+            _ => State::Head,
+        }
+    })
 }
 
 /// hyper's `Content-Length` parse: one or more digits, nothing else, no overflow.
@@ -425,12 +358,6 @@ fn chunked(state: Chunked, size: u64, b: u8) -> Option<(Option<Chunked>, u64)> {
         _ => return None,
     };
     Some((Some(next), size))
-}
-
-/// The request target of a kept request line (`GET /x HTTP/1.1` → `/x`).
-#[cfg(test)]
-fn request_target(line: &[u8]) -> &[u8] {
-    line.split(|&c| c == b' ').nth(1).unwrap_or_default()
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingGuard<T> {

@@ -73,6 +73,7 @@ pub(super) async fn accept_loop(
     counters: Counters,
 ) {
     let builder = Arc::new(http_builder(server));
+    let max_head = server.max_header_bytes.as_usize();
     let slots = Arc::new(Semaphore::new(
         server.max_connections.as_usize().min(MAX_PERMITS),
     ));
@@ -124,7 +125,11 @@ pub(super) async fn accept_loop(
         );
         let conn = builder
             .serve_connection(
-                TokioIo::new(FramingGuard::new(io, counters.framing_refused.clone())),
+                TokioIo::new(FramingGuard::new(
+                    io,
+                    max_head,
+                    counters.framing_refused.clone(),
+                )),
                 hyper_service,
             )
             .into_owned();

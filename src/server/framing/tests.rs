@@ -17,9 +17,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::*;
 use crate::config::ServerConfig;
 
+/// The listener's default head limit (`server.max_header_bytes`).
+fn max_head() -> usize {
+    ServerConfig::default().max_header_bytes.as_usize()
+}
+
 /// What hyper would read, fed in `chunks`; and whether a head was refused.
 fn through(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
-    let mut guard = FramingGuard::new((), Counter::noop());
+    let mut guard = FramingGuard::new((), max_head(), Counter::noop());
     let mut out = Vec::new();
     for c in chunks {
         if guard.state == State::Refused {
@@ -68,10 +73,12 @@ fn follows_bodies_and_refuses_only_ambiguous_heads() {
     assert_eq!(through(&[first, both]), (expected.clone(), true));
     let split: Vec<&[u8]> = all.chunks(7).collect();
     assert_eq!(through(&split), (expected, true));
+    // A head with a bare-LF line is judged whole: the LF that ends it is
+    // poisoned.
     let bare_lf: &[u8] = b"GET / HTTP/1.1\nhost: x\n\n";
     assert_eq!(
         through(&[bare_lf]),
-        ([&b"GET / HTTP/1.1"[..], POISON].concat(), true)
+        ([&b"GET / HTTP/1.1\nhost: x\n"[..], POISON].concat(), true)
     );
     // A long header line that is no framing header passes.
     let long = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(40_000));
@@ -119,13 +126,46 @@ fn no_head_switches_the_guard_off() {
 fn a_malformed_chunk_ends_what_hyper_is_given() {
     let raw: &[u8] = b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n\
                    GET /b HTTP/1.1\r\n\r\n";
-    let mut guard = FramingGuard::new((), Counter::noop());
+    let mut guard = FramingGuard::new((), max_head(), Counter::noop());
     assert_eq!(guard.follow(raw), None);
     assert_eq!(
         guard.state,
         State::Done,
         "hyper fails the body at the bare LF"
     );
+}
+
+#[test]
+fn a_head_past_hypers_buffer_ends_what_hyper_is_given() {
+    // hyper answers 431 and closes once its buffer holds this much of a head.
+    let long = format!("GET / HTTP/1.1\r\nx-big: {}", "a".repeat(max_head()));
+    let mut guard = FramingGuard::new((), max_head(), Counter::noop());
+    assert_eq!(guard.follow(long.as_bytes()), None);
+    assert_eq!(guard.state, State::Done);
+    assert!(guard.head.capacity() == 0, "the gathered head is let go");
+    // One byte short of the limit it is still a head being gathered.
+    let short = &long.as_bytes()[..max_head() - 1];
+    let mut guard = FramingGuard::new((), max_head(), Counter::noop());
+    assert_eq!(guard.follow(short), None);
+    assert_eq!(guard.state, State::Head);
+    // hyper parses a head completed by the read that takes it past its
+    // limit: so does the guard.
+    assert_eq!(guard.follow(b"a\r\n\r\nGET /next HTTP/1.1\r\n"), None);
+    assert_eq!(guard.state, State::Head, "complete, and let through");
+    assert_eq!(guard.heads.lock().unwrap().len(), 1);
+    assert_eq!(
+        guard.head, b"GET /next HTTP/1.1\r\n",
+        "the next head gathered"
+    );
+}
+
+#[test]
+fn empty_lines_before_a_request_line_are_not_a_head() {
+    let raw: &[u8] =
+        b"\r\n\r\n\nGET /a HTTP/1.1\r\ncontent-length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n";
+    assert_eq!(through(&[raw]), (raw.to_vec(), false));
+    assert!(!refused(raw));
+    assert_in_step(&[raw.to_vec()]);
 }
 
 // === Differential: the guard against hyper ===
@@ -141,7 +181,7 @@ fn against_hyper(chunks: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         .unwrap();
     runtime.block_on(async {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let guard = FramingGuard::new(server, Counter::noop());
+        let guard = FramingGuard::new(server, max_head(), Counter::noop());
         let guard_heads = guard.heads.clone();
         let parsed = Arc::new(Mutex::new(Vec::new()));
         let seen = parsed.clone();
@@ -177,9 +217,22 @@ fn against_hyper(chunks: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let all = async { tokio::join!(conn, write, read) };
         let _ = tokio::time::timeout(Duration::from_secs(600), all).await;
         let hyper = parsed.lock().unwrap().clone();
-        let guard = guard_heads.lock().unwrap().clone();
+        let guard = guard_heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| target(h))
+            .collect();
         (hyper, guard)
     })
+}
+
+/// The request target of a head the guard let through.
+fn target(head: &[u8]) -> Vec<u8> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let _ = req.parse(head); // the HTTP/2 preface is no HTTP/1 head
+    req.path.unwrap_or_default().as_bytes().to_vec()
 }
 
 fn assert_in_step(chunks: &[Vec<u8>]) {
