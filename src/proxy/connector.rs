@@ -8,7 +8,8 @@
 //! when the connection had served an earlier request (the server closed an
 //! idle connection, not one it just accepted), no byte of an answer came, and
 //! no byte of the body was taken; [`Forward`](super::Forward) then retries it
-//! once on a fresh connection. This module tells the first two.
+//! once on a fresh connection. This module tells the first two. It dials with
+//! hyper-util's `HttpConnector` (resolution, connect timeout, socket options).
 
 use std::future::Future;
 use std::io;
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -58,11 +59,6 @@ impl Exchanges {
     }
 }
 
-/// `Connected` extra carrying a connection's [`Exchanges`] to errors and
-/// responses.
-#[derive(Debug, Clone)]
-pub(super) struct Tracked(pub(super) Arc<Exchanges>);
-
 /// An upstream TCP stream that counts its exchanges.
 #[derive(Debug)]
 pub struct TrackedStream {
@@ -70,11 +66,10 @@ pub struct TrackedStream {
     exchanges: Arc<Exchanges>,
 }
 
-impl Connection for TrackedStream {
-    fn connected(&self) -> Connected {
-        self.inner
-            .connected()
-            .extra(Tracked(self.exchanges.clone()))
+impl TrackedStream {
+    /// What this connection has carried so far.
+    pub(super) fn exchanges(&self) -> Arc<Exchanges> {
+        self.exchanges.clone()
     }
 }
 

@@ -1,5 +1,5 @@
 //! [`Forward`]: sends a request to the route's upstream over a pooled keep-alive
-//! client and streams both bodies.
+//! connection and streams both bodies.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
 use super::connector::Connector;
 use super::headers;
+use super::pool::{Conn, Pool, Pooled};
 use super::read_timeout::ReadTimeout;
 use super::retry::{self, Reclaim};
 use crate::body::{BoxError, boxed};
@@ -27,8 +28,9 @@ use crate::error::{Reason, Rejection};
 /// the file descriptors it holds.
 const POOL_MAX_IDLE: usize = 1024;
 
-/// A pooled HTTP/1.1 keep-alive client to one upstream.
-pub type UpstreamClient = Client<Connector, Reclaim>;
+/// Requests hyper gives back unsent (their connection closed as it was
+/// checked out) tried on the next connection, at most.
+const UNSENT_ATTEMPTS: usize = 3;
 
 /// Where and how a route forwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,21 +47,26 @@ pub struct ForwardSettings {
     pub read_timeout: Duration,
 }
 
-/// Builds the client for one route.
-fn client(settings: &ForwardSettings) -> UpstreamClient {
+/// Builds the connection pool for one route.
+fn pool(settings: &ForwardSettings) -> Pool {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        // Shorter than the application server's own idle timeout, so that the
-        // proxy, not the server, closes an idle connection.
-        .pool_idle_timeout(settings.pool_idle_timeout)
-        .pool_max_idle_per_host(POOL_MAX_IDLE)
-        .http1_writev(false)
-        .build(Connector::new(http))
+    let target = Uri::builder()
+        .scheme(settings.scheme.clone())
+        .authority(settings.authority.clone())
+        .path_and_query("/")
+        .build()
+        .expect("a scheme and an authority make a URI");
+    // Shorter than the application server's own idle timeout, so that the
+    // proxy, not the server, closes an idle connection.
+    Pool::new(
+        Connector::new(http),
+        target,
+        settings.pool_idle_timeout,
+        POOL_MAX_IDLE,
+    )
 }
 
 /// The innermost service of a route: rewrites the request for the upstream, sends
@@ -70,16 +77,18 @@ fn client(settings: &ForwardSettings) -> UpstreamClient {
 /// request body passed the route's limit while it streamed.
 #[derive(Clone)]
 pub struct Forward {
-    // One Arc: the stack is cloned for every request, and the client alone is
-    // several reference counts.
+    // One Arc: the stack is cloned for every request.
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: UpstreamClient,
+    pool: Pool,
     read_timeout: Duration,
-    scheme: Scheme,
     authority: Authority,
+    /// The `Host` sent when the request has none (HTTP/2 clients send
+    /// `:authority`, which is not forwarded): the upstream's, as hyper-util's
+    /// client sets it.
+    host: HeaderValue,
 }
 
 impl std::fmt::Debug for Forward {
@@ -93,26 +102,75 @@ impl std::fmt::Debug for Forward {
 impl Forward {
     /// A forwarder to the upstream `settings` name.
     pub fn new(settings: &ForwardSettings) -> Self {
+        let authority = &settings.authority;
+        let default_port = match settings.scheme.as_str() {
+            "https" => 443,
+            _ => 80,
+        };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => authority.as_str(),
+            _ => authority.host(),
+        };
         Self {
             inner: Arc::new(Inner {
-                client: client(settings),
+                pool: pool(settings),
                 read_timeout: settings.read_timeout,
-                scheme: settings.scheme.clone(),
-                authority: settings.authority.clone(),
+                authority: authority.clone(),
+                host: HeaderValue::from_str(host).expect("an authority is a valid Host"),
             }),
         }
     }
+}
 
-    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, http::Error> {
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        Uri::builder()
-            .scheme(self.inner.scheme.clone())
-            .authority(self.inner.authority.clone())
-            .path_and_query(path)
-            .build()
+/// The request target as an HTTP/1.1 origin server takes it: path and query
+/// (an HTTP/2 request, or an absolute-form one, carries scheme and authority).
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(path)
+}
+
+/// Why a request got no response.
+enum SendError {
+    /// No connection to send it on.
+    Connect(BoxError),
+    /// The connection failed it.
+    Failed(hyper::Error, Arc<super::connector::Exchanges>),
+}
+
+impl Inner {
+    /// Sends `request` on a pooled connection; a request hyper gives back
+    /// unsent (its connection closed as it was checked out) goes on the next.
+    async fn send(
+        &self,
+        mut request: Request<Reclaim>,
+    ) -> Result<(Response<Incoming>, Conn), SendError> {
+        for attempt in 1.. {
+            let mut conn = self.pool.checkout().await.map_err(SendError::Connect)?;
+            match conn.tx.try_send_request(request).await {
+                Ok(res) => return Ok((res, conn)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt < UNSENT_ATTEMPTS => request = unsent,
+                    _ => return Err(SendError::Failed(e.into_error(), conn.exchanges)),
+                },
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Sends `request` on a new connection.
+    async fn send_fresh(
+        &self,
+        request: Request<Reclaim>,
+    ) -> Result<(Response<Incoming>, Conn), BoxError> {
+        let mut conn = self.pool.connect().await?;
+        let res = conn.tx.send_request(request).await?;
+        Ok((res, conn))
     }
 }
 
@@ -121,7 +179,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<ReadTimeout<Incoming>>;
+    type Response = Response<ReadTimeout<Pooled>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -137,14 +195,10 @@ where
             .get::<ClientAddr>()
             .map(ClientAddr::ip_header);
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client);
-        let uri = match self.upstream_uri(&parts.uri) {
-            Ok(uri) => uri,
-            Err(e) => {
-                let err = Rejection::new(Reason::UpstreamUnavailable).with_cause(e);
-                return Box::pin(std::future::ready(Err(err.into())));
-            }
-        };
-        parts.uri = uri;
+        parts.uri = origin_form(std::mem::take(&mut parts.uri));
+        if !parts.headers.contains_key(HOST) {
+            parts.headers.insert(HOST, self.inner.host.clone());
+        }
         parts.version = Version::HTTP_11;
         // Kept to send the request again if it loses the race with the
         // upstream closing an idle connection (see `retry`).
@@ -155,12 +209,13 @@ where
         );
         let (body, reclaim) = Reclaim::new(boxed(body));
         let request = Request::from_parts(parts, body);
-        let response = self.inner.client.request(request);
         let inner = self.inner.clone();
         Box::pin(async move {
-            let mut res = match response.await {
-                Ok(res) => res,
-                Err(err) if retry::lost_the_idle_race(&err) => {
+            let (mut res, conn) = match inner.send(request).await {
+                Ok(sent) => sent,
+                Err(SendError::Failed(err, exchanges))
+                    if retry::lost_the_idle_race(&err, &exchanges) =>
+                {
                     let body = match reclaim {
                         None => Reclaim::empty(),
                         // Gone when too much was sent, or the body failed.
@@ -175,9 +230,10 @@ where
                     *request.method_mut() = method;
                     *request.uri_mut() = uri;
                     *request.headers_mut() = headers;
-                    inner.client.request(request).await.map_err(classify)?
+                    inner.send_fresh(request).await.map_err(classify)?
                 }
-                Err(err) => return Err(classify(err)),
+                Err(SendError::Failed(err, _)) => return Err(classify(err)),
+                Err(SendError::Connect(err)) => return Err(classify(err)),
             };
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 // Upgrade is stripped from requests, so the upstream was never
@@ -190,14 +246,17 @@ where
             let version = res.version();
             headers::prepare_response(res.headers_mut(), version);
             let read_timeout = inner.read_timeout;
-            Ok(res.map(|body| ReadTimeout::new(body, read_timeout, Side::Upstream)))
+            let pool = inner.pool.clone();
+            Ok(res.map(|body| {
+                ReadTimeout::new(Pooled::new(body, conn, pool), read_timeout, Side::Upstream)
+            }))
         })
     }
 }
 
-/// Turns a client error into the rejection the client gets. A request body cut
+/// Turns a send error into the rejection the client gets. A request body cut
 /// off at the route's limit also lands here; the rescue tells it apart (413).
-fn classify(err: hyper_util::client::legacy::Error) -> BoxError {
+fn classify(err: impl Into<BoxError>) -> BoxError {
     Rejection::new(Reason::UpstreamUnavailable)
         .with_cause(err)
         .into()

@@ -3,10 +3,12 @@
 mod connector;
 mod forward;
 pub mod headers;
+mod pool;
 mod read_timeout;
 mod retry;
 
 pub use connector::{Connector, TrackedStream};
-pub use forward::{Forward, ForwardSettings, UpstreamClient};
+pub use forward::{Forward, ForwardSettings};
+pub use pool::Pooled;
 pub use read_timeout::ReadTimeout;
 pub use retry::Reclaim;

@@ -11,28 +11,18 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
-use super::connector::Tracked;
+use super::connector::Exchanges;
 use crate::body::{BoxError, ProxyBody, find_cause};
 use crate::error::client_fault;
 
-/// Whether `err`, from the upstream client, is the race with an upstream
-/// closing an idle connection: a reused connection, closed or reset before
-/// any answer.
-pub(super) fn lost_the_idle_race(err: &hyper_util::client::legacy::Error) -> bool {
-    if err.is_connect() || client_fault(err).is_some() {
+/// Whether `err`, from sending a request on a connection that has carried
+/// `exchanges`, is the race with an upstream closing an idle connection: a
+/// reused connection, closed or reset before any answer.
+pub(super) fn lost_the_idle_race(err: &hyper::Error, exchanges: &Exchanges) -> bool {
+    if client_fault(err).is_some() || !exchanges.reused_and_unanswered() {
         return false;
     }
-    let reused_and_unanswered = err.connect_info().is_some_and(|info| {
-        let mut extensions = http::Extensions::new();
-        info.get_extras(&mut extensions);
-        extensions
-            .get::<Tracked>()
-            .is_some_and(|t| t.0.reused_and_unanswered())
-    });
-    if !reused_and_unanswered {
-        return false;
-    }
-    let closed = find_cause::<hyper::Error>(err).is_some_and(hyper::Error::is_incomplete_message);
+    let closed = err.is_incomplete_message();
     let reset = find_cause::<std::io::Error>(err).is_some_and(|e| {
         use std::io::ErrorKind::*;
         matches!(
