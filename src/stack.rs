@@ -22,8 +22,10 @@
 //!    (504) → forward. A client over its rate is refused before it can count
 //!    as an upstream call; an open circuit never takes a queue slot.
 //! 7. **Forward** ([`crate::proxy::Forward`]): hop-by-hop headers out,
-//!    forwarding headers in, the pooled keep-alive client, one retry when a
-//!    reused connection loses the race with the upstream closing it.
+//!    forwarding headers in, a connection from the route's keep-alive pool
+//!    (`proxy/pool.rs`, given back when the response body has been read), one
+//!    retry when a reused connection loses the race with the upstream closing
+//!    it.
 //!
 //! On the way back the same layers see the response in reverse order, and two
 //! of them keep a hand on its body: the admission slot is held until the body
