@@ -209,13 +209,7 @@ fn plot(results: &[StepResult]) -> String {
         ("haproxy", "#1f77b4"),
     ];
     let (w, h, pad) = (420.0, 300.0, 50.0);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
-        2.0 * w,
-        h + 30.0
-    );
+    let mut svg = svg::open(2.0 * w, h + 30.0);
     let panels: [Panel; 2] = [
         (
             "goodput (2xx within 250 ms, req/s)",
@@ -270,28 +264,20 @@ fn plot(results: &[StepResult]) -> String {
                 py(v) + 4.0
             );
         }
-        for (k, (target, color)) in colors.iter().enumerate() {
+        let mut shown = Vec::new();
+        for (target, color) in colors {
             let points: Vec<String> = results
                 .iter()
-                .filter(|r| r.target == *target)
+                .filter(|r| r.target == target)
                 .map(|r| format!("{:.1},{:.1}", px(r.multiple), py(value(r))))
                 .collect();
-            if points.is_empty() {
-                continue;
+            if !points.is_empty() {
+                svg.push_str(&svg::polyline(&points, color));
+                shown.push((target, color));
             }
-            let _ = write!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
-                points.join(" ")
-            );
-            if i == 0 {
-                let _ = write!(
-                    svg,
-                    r#"<text x="{}" y="{}" fill="{color}">{target}</text>"#,
-                    x0 + pad + 8.0,
-                    48.0 + 14.0 * k as f64
-                );
-            }
+        }
+        if i == 0 {
+            svg::legend(&mut svg, x0 + pad + 8.0, 48.0, &shown);
         }
     }
     svg.push_str("</svg>\n");

@@ -17,9 +17,9 @@ pub use http_body_util::LengthLimitError;
 use crate::body::{BoxError, ProxyBody, find_cause, full};
 
 /// Why the proxy answered a request itself. The `as_str` codes are a contract
-/// (SPEC "Rejections") used in bodies and metric labels.
+/// (README "Answers the proxy makes itself") used in bodies and metric labels.
 ///
-/// The SPEC's `draining` is not among them: like HAProxy's soft stop and
+/// The design contract's `draining` is not among them: like HAProxy's soft stop and
 /// Envoy's drain, a drain closes connections after their current request
 /// rather than refusing any (README "Shutdown").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,4 +1,4 @@
-//! Metric names (a contract: SPEC "Observability") and the Prometheus registry.
+//! Metric names (a contract: README "Admin endpoints") and the Prometheus registry.
 //!
 //! Each running proxy owns its own [`Registry`] instead of a process-global
 //! recorder, so that several proxies in one process (tests, embedders) do not mix

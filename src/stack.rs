@@ -1,5 +1,5 @@
-//! The request path, in one place (SPEC "The request path"). Layer order is
-//! semantics: read the SPEC before moving one.
+//! The request path, in one place (README "What the proxy does to a request").
+//! Layer order is semantics: read the phases below before moving one.
 //!
 //! A request passes these phases, each owned by one module:
 //!

@@ -49,7 +49,7 @@ impl FailureRate {
 }
 
 impl Default for CircuitSettings {
-    /// The SPEC's defaults: 5 failures, 5 s open (up to 60 s), 1 probe, 3
+    /// The defaults (README `[route.circuit]`): 5 failures, 5 s open (up to 60 s), 1 probe, 3
     /// successes, at least 1 s half-open.
     fn default() -> Self {
         Self {
@@ -86,7 +86,7 @@ impl CircuitState {
         }
     }
 
-    /// The value of `sluicegate_circuit_state` (SPEC: 0 closed, 1 open, 2 half-open).
+    /// The value of `sluicegate_circuit_state` (README "Admin endpoints": 0 closed, 1 open, 2 half-open).
     pub const fn gauge(self) -> f64 {
         match self {
             CircuitState::Closed => 0.0,

@@ -1,5 +1,5 @@
 //! `[route.circuit]`: when the circuit breaker opens, how long it stays open, and
-//! what it takes to close again (SPEC "Circuit breaker").
+//! what it takes to close again (README `[route.circuit]`).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! `[route.rate_limit]`: how fast each client may send (SPEC step 5).
+//! `[route.rate_limit]`: how fast each client may send (phase 5 of the request path, `stack.rs`).
 
 use serde::{Deserialize, Deserializer};
 
