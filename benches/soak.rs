@@ -74,6 +74,7 @@ fn main() {
     let dir = work_dir("soak");
     let route = "timeout_ms = 1000\nread_timeout_ms = 2000\n\
              [route.admission]\nmax_inflight = 16\nqueue_capacity = 64\nqueue_timeout_ms = 200\n\
+             priority_trusted_proxies = [\"127.0.0.1\"]\n\
              [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 100\nburst = 100\n\
              [route.circuit]\nfailure_threshold = 5\nopen_ms = 2000\nmax_open_ms = 8000\n";
     let sim = spawn_sim(SIM_PORT, 16, 20);

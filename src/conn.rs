@@ -1,11 +1,12 @@
-//! What the proxy knows of a request's client connection beyond the request:
-//! its address, and whether the client has gone away.
+//! What the proxy knows of a request's client beyond the request: its
+//! address, whether it has gone away, and which rate-limit plan it is on.
 //!
-//! The listener puts both in every request's extensions; layers read them
-//! without depending on the server.
+//! The listener puts the first two in every request's extensions, the rate
+//! limit the third; layers read them without depending on the server or on
+//! each other.
 
 use std::net::SocketAddr;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use http::HeaderValue;
 use tokio::io::Interest;
@@ -37,6 +38,12 @@ impl ClientAddr {
         &self.ip
     }
 }
+
+/// Request extension, set by the rate limit when the client's key is in a
+/// named tier (`[[route.rate_limit.tier]]`): its name, so that later layers
+/// can treat plans differently (admission's priority class).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTier(pub Arc<str>);
 
 /// Request extension (HTTP/1 requests with a body): notices a client that
 /// closes or resets its connection while its request waits.

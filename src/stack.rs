@@ -41,7 +41,6 @@ use tower_http::request_id::{
 
 use crate::admission::{
     Admission, AdmissionLayer, AdmissionMetrics, AdmissionSettings, Controller,
-    DEFAULT_PRIORITY_HEADER,
 };
 use crate::body_limit::{BodyLimit, BodyLimitLayer};
 use crate::circuit::{
@@ -88,11 +87,6 @@ pub fn route_stack<S>(
     protections: &Protections,
     inner: S,
 ) -> RouteStack<S> {
-    let priority_header = route
-        .admission
-        .as_ref()
-        .map(|a| a.priority_header.clone())
-        .unwrap_or(DEFAULT_PRIORITY_HEADER);
     ServiceBuilder::new()
         .layer(ObserveLayer::new(stats.clone()))
         .layer(RescueLayer::new(stats.name().clone()))
@@ -106,7 +100,7 @@ pub fn route_stack<S>(
         .layer(CircuitBreakerLayer::optional(protections.circuit.clone()))
         .layer(
             AdmissionLayer::with_controller(protections.admission.clone())
-                .priority_header(priority_header),
+                .priority(route.priority_rule()),
         )
         .layer(UpstreamTimeoutLayer::new(route.timeout_ms.get()))
         .service(inner)

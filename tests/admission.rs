@@ -154,3 +154,80 @@ async fn a_request_that_waits_too_long_gets_503_queue_timeout() {
     );
     proxy.shutdown().await;
 }
+
+/// One request holds the only slot, one `normal` waits in the only queue
+/// place; a third arrives with `headers`. Returns its status and the
+/// waiter's.
+async fn arrival_against_a_full_queue(extra: &str, headers: &[(&str, &str)]) -> (u16, u16) {
+    let (up, mut held) = spawn_upstream().await;
+    let route = format!("{}{extra}", admission(1, 1, 60_000));
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))
+        .await
+        .unwrap();
+    let hold = format!("http://{}/hold", proxy.proxy_addr());
+    let (h1, h2) = (hold.clone(), hold.clone());
+    let first = tokio::spawn(async move { get(&h1).await });
+    held.recv().await.unwrap();
+    let waiter = tokio::spawn(async move { get(&h2).await });
+    let status_url = format!("http://{}/status", proxy.admin_addr());
+    while json(&get(&status_url).await.1)["routes"][0]["admission"]["queued"] != 1 {
+        tokio::task::yield_now().await;
+    }
+    let mut req = http::Request::get(&hold);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let arrival = tokio::spawn(async move { send(&client(), req.body(full("")).unwrap()).await });
+    // Let the arrival be decided (queued, or refused at once), then release
+    // whoever holds or waits.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let mut results = Vec::new();
+    for task in [first, waiter, arrival] {
+        while !task.is_finished() {
+            up.release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        results.push(task.await.unwrap().0.status().as_u16());
+    }
+    proxy.shutdown().await;
+    assert_eq!(results[0], 200, "the held request");
+    (results[2], results[1])
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_priority_header_from_an_untrusted_peer_evicts_nobody() {
+    let (arrival, waiter) = arrival_against_a_full_queue("", &[("x-priority", "critical")]).await;
+    assert_eq!(
+        (arrival, waiter),
+        (503, 200),
+        "the client named its own class"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_priority_header_from_a_trusted_proxy_is_believed() {
+    let trusted = "priority_trusted_proxies = [\"127.0.0.1\"]\n";
+    let (arrival, waiter) =
+        arrival_against_a_full_queue(trusted, &[("x-priority", "critical")]).await;
+    assert_eq!(
+        (arrival, waiter),
+        (200, 503),
+        "critical evicts the normal waiter"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_tier_carries_its_class() {
+    let tiers = "[route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 1000\n\
+                 [[route.rate_limit.tier]]\nname = \"gold\"\nkeys = [\"gold-key\"]\n\
+                 per_second = 1000\npriority = \"critical\"\n";
+    let (arrival, waiter) = arrival_against_a_full_queue(tiers, &[("x-api-key", "gold-key")]).await;
+    assert_eq!((arrival, waiter), (200, 503), "the gold tier's class");
+    // Another key is `normal`, whatever header it sends.
+    let (arrival, waiter) =
+        arrival_against_a_full_queue(tiers, &[("x-api-key", "other"), ("x-priority", "critical")])
+            .await;
+    assert_eq!((arrival, waiter), (503, 200));
+}

@@ -9,7 +9,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::queue::{Priority, WaitQueue};
+use super::Priority;
+use super::queue::WaitQueue;
 use super::retry_after::{CompletionRate, jitter, retry_after_secs};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::error::{Reason, Rejection};

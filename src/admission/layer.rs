@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{AdmissionSettings, Controller, Permit, Priority};
+use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
 use crate::conn::PeerClosed;
 use crate::error::{Reason, Rejection, client_fault};
@@ -58,14 +58,15 @@ use crate::upstream_timeout::UpstreamLatency;
 #[derive(Debug, Clone)]
 pub struct AdmissionLayer {
     controller: Arc<Controller>,
-    priority_header: HeaderName,
+    priority: Arc<PriorityRule>,
 }
 
 /// The header a request's priority class is read from unless configured.
 pub const DEFAULT_PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-priority");
 
 impl AdmissionLayer {
-    /// A layer with its own controller; priorities from `x-priority`.
+    /// A layer with its own controller; priorities from anyone's `x-priority`
+    /// (see [`AdmissionLayer::priority`] to say whom to believe).
     pub fn new(settings: AdmissionSettings) -> Self {
         Self::with_controller(Controller::new(settings))
     }
@@ -74,13 +75,19 @@ impl AdmissionLayer {
     pub fn with_controller(controller: Arc<Controller>) -> Self {
         Self {
             controller,
-            priority_header: DEFAULT_PRIORITY_HEADER,
+            priority: Arc::new(PriorityRule::header(DEFAULT_PRIORITY_HEADER)),
         }
     }
 
     /// Reads the priority class from `header` instead of `x-priority`.
-    pub fn priority_header(mut self, header: HeaderName) -> Self {
-        self.priority_header = header;
+    pub fn priority_header(self, header: HeaderName) -> Self {
+        self.priority(PriorityRule::header(header))
+    }
+
+    /// Decides each waiting request's class by `rule` (a header believed
+    /// only from trusted peers, rate-limit tiers' classes).
+    pub fn priority(mut self, rule: PriorityRule) -> Self {
+        self.priority = Arc::new(rule);
         self
     }
 
@@ -96,7 +103,7 @@ impl<S> Layer<S> for AdmissionLayer {
         Admission {
             inner,
             controller: self.controller.clone(),
-            priority_header: self.priority_header.clone(),
+            priority: self.priority.clone(),
         }
     }
 }
@@ -135,7 +142,8 @@ pub struct QueueWait(pub Duration);
 pub struct Admission<S> {
     inner: S,
     controller: Arc<Controller>,
-    priority_header: HeaderName,
+    // Shared: the stack is cloned for every request.
+    priority: Arc<PriorityRule>,
 }
 
 impl<S, B, ResB> Service<Request<B>> for Admission<S>
@@ -163,7 +171,7 @@ where
                 admitted: Some((permit, Instant::now())),
             };
         }
-        let priority = Priority::from_header(req.headers().get(&self.priority_header));
+        let priority = self.priority.of(&req);
         let peer = req.extensions().get::<PeerClosed>().cloned();
         let controller = self.controller.clone();
         // The service made ready goes with the request; this one keeps a clone.

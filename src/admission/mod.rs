@@ -10,12 +10,13 @@
 
 mod controller;
 mod layer;
+mod priority;
 mod queue;
 pub mod retry_after;
 
 pub use controller::{AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit};
 pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, QueueWait, ResponseFuture};
-pub use queue::Priority;
+pub use priority::{Priority, PriorityRule, Trust};
 
 #[cfg(test)]
 mod tests;

@@ -2,49 +2,7 @@
 
 use std::collections::VecDeque;
 
-use http::HeaderValue;
-
-/// A request's priority class, from the route's `priority_header`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Priority {
-    /// Shed first, admitted last (backfills, replays).
-    Batch = 0,
-    /// The default.
-    Normal = 1,
-    /// Admitted first, shed last (health-critical writes).
-    Critical = 2,
-}
-
-impl Priority {
-    /// `critical`, `normal` or `batch` (any case); anything else, or no header,
-    /// is `normal`.
-    pub fn from_header(value: Option<&HeaderValue>) -> Self {
-        let Some(value) = value.and_then(|v| v.to_str().ok()) else {
-            return Priority::Normal;
-        };
-        let value = value.trim();
-        if value.eq_ignore_ascii_case("critical") {
-            Priority::Critical
-        } else if value.eq_ignore_ascii_case("batch") {
-            Priority::Batch
-        } else {
-            Priority::Normal
-        }
-    }
-
-    /// The class name, as in the header and metric labels.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Priority::Batch => "batch",
-            Priority::Normal => "normal",
-            Priority::Critical => "critical",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
+use super::Priority;
 
 /// Waiters by class, each class in arrival order. `T` is what a waiter is woken
 /// with; ids let a waiter that gives up remove itself.
@@ -115,15 +73,6 @@ impl<T> WaitQueue<T> {
 mod tests {
     use super::*;
     use Priority::*;
-
-    #[test]
-    fn header_parsing() {
-        let v = |s: &'static str| HeaderValue::from_static(s);
-        assert_eq!(Priority::from_header(Some(&v("Critical"))), Critical);
-        assert_eq!(Priority::from_header(Some(&v(" batch "))), Batch);
-        assert_eq!(Priority::from_header(Some(&v("urgent!!"))), Normal);
-        assert_eq!(Priority::from_header(None), Normal);
-    }
 
     #[test]
     fn highest_class_first_fifo_within() {

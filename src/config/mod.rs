@@ -18,7 +18,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::admission::AdmissionSettings;
+use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER, PriorityRule};
 use crate::proxy::ForwardSettings;
 
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
@@ -163,6 +163,11 @@ pub struct AdmissionConfig {
         deserialize_with = "values::header_name"
     )]
     pub priority_header: http::HeaderName,
+    /// Peers whose `priority_header` is believed (CIDRs or addresses): the
+    /// route's load balancers, internal callers. From anyone else the header
+    /// is ignored.
+    #[serde(default, deserialize_with = "values::cidrs")]
+    pub priority_trusted_proxies: Vec<ipnet::IpNet>,
     /// Smallest `Retry-After` (seconds) sent with a 503.
     #[serde(default = "values::default_retry_after_min")]
     pub retry_after_min_s: u64,
@@ -219,6 +224,27 @@ impl RouteConfig {
     /// The route's name as it appears in metrics and logs.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(self.path_prefix.as_str())
+    }
+
+    /// Where a waiting request's class comes from: the admission section's
+    /// header, believed from its trusted proxies only, and the rate-limit
+    /// tiers' classes.
+    pub fn priority_rule(&self) -> PriorityRule {
+        let (header, trusted) = match &self.admission {
+            Some(a) => (
+                a.priority_header.clone(),
+                a.priority_trusted_proxies.clone(),
+            ),
+            None => (DEFAULT_PRIORITY_HEADER, Vec::new()),
+        };
+        let mut rule = PriorityRule::header(header).trusted_peers(trusted);
+        let tiers = self.rate_limit.iter().flat_map(|r| r.tiers.iter());
+        for (i, tier) in tiers.enumerate() {
+            if let Some(priority) = tier.priority {
+                rule = rule.tier(rate_limit::tier_name(tier, i), priority);
+            }
+        }
+        rule
     }
 }
 
@@ -295,6 +321,15 @@ impl RouteConfig {
         }
         if let Some(r) = &self.rate_limit {
             r.validate(&format!("{at}.rate_limit"))?;
+            if self.admission.is_none()
+                && let Some(i) = r.tiers.iter().position(|t| t.priority.is_some())
+            {
+                return Err((
+                    format!("{at}.rate_limit.tier[{i}].priority"),
+                    "needs [route.admission]: without it no request waits, so no class matters"
+                        .into(),
+                ));
+            }
         }
         if let Some(c) = &self.circuit {
             let fixed = self

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Deserializer};
 
+use crate::admission::Priority;
 use crate::rate_limit::{KeySource, Rate, RateLimitSettings, Tier};
 
 /// `[route.rate_limit]`.
@@ -20,7 +21,7 @@ pub struct RateLimitConfig {
     pub burst: Option<u32>,
     /// Load balancers whose `X-Forwarded-For` is believed (CIDRs). Without
     /// them the socket address is the client, whatever the headers say.
-    #[serde(default, deserialize_with = "cidrs")]
+    #[serde(default, deserialize_with = "super::values::cidrs")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Most clients tracked at once; past it new clients share one bucket.
     #[serde(default = "default_max_keys")]
@@ -44,6 +45,24 @@ pub struct TierConfig {
     /// Their burst; default one second's worth.
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Their admission class (`critical`, `normal`, `batch`) when they queue;
+    /// needs `[route.admission]`. Default: the route's priority rule.
+    #[serde(default, deserialize_with = "priority")]
+    pub priority: Option<Priority>,
+}
+
+/// Tier `i`'s name: its own, or `tier<i>`.
+pub(super) fn tier_name(tier: &TierConfig, i: usize) -> String {
+    tier.name.clone().unwrap_or_else(|| format!("tier{i}"))
+}
+
+fn priority<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Priority>, D::Error> {
+    let s = String::deserialize(de)?;
+    Priority::parse(&s).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "`{s}`: expected \"critical\", \"normal\" or \"batch\""
+        ))
+    })
 }
 
 fn client_key<'de, D: Deserializer<'de>>(de: D) -> Result<KeySource, D::Error> {
@@ -58,23 +77,6 @@ fn client_key<'de, D: Deserializer<'de>>(de: D) -> Result<KeySource, D::Error> {
     http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
         .map(KeySource::Header)
         .map_err(|_| serde::de::Error::custom(format!("`{name}` is not a header name; {hint}")))
-}
-
-/// CIDRs, or plain addresses (a single host).
-fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
-    Vec::<String>::deserialize(de)?
-        .iter()
-        .map(|s| {
-            s.parse::<ipnet::IpNet>()
-                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map(|net| net.trunc())
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "`{s}` is not a CIDR or an IP address (e.g. \"10.0.0.0/8\", \"fd00::/8\")"
-                    ))
-                })
-        })
-        .collect()
 }
 
 const fn default_max_keys() -> usize {
@@ -170,7 +172,7 @@ impl From<&RateLimitConfig> for RateLimitSettings {
                 .iter()
                 .enumerate()
                 .map(|(i, t)| Tier {
-                    name: t.name.clone().unwrap_or_else(|| format!("tier{i}")),
+                    name: tier_name(t, i),
                     rate: Rate {
                         per_second: t.per_second,
                         burst: t.burst,

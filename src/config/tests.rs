@@ -186,6 +186,11 @@ fn admission_section() {
             "route[0].admission.retry_after_min_s",
             "must not exceed",
         ),
+        (
+            "priority_trusted_proxies = [\"10.0.0.0/40\"]",
+            "route[0].admission.priority_trusted_proxies",
+            "CIDR",
+        ),
     ];
     for (body, key, words) in cases {
         let e = err(&format!("{ROUTE}[route.admission]\n{body}\n"));
@@ -221,11 +226,36 @@ fn circuit_section_gets_defaults() {
 /// in `admission`.
 #[test]
 fn an_empty_admission_section_is_the_runtime_default() {
-    use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER};
+    use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER, PriorityRule};
     let c = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
     let a = c.routes[0].admission.as_ref().unwrap();
     assert_eq!(AdmissionSettings::from(a), AdmissionSettings::DEFAULT);
     assert_eq!(a.priority_header, DEFAULT_PRIORITY_HEADER);
+    // Nobody's header is believed until a proxy is trusted.
+    assert_eq!(
+        c.routes[0].priority_rule(),
+        PriorityRule::header(DEFAULT_PRIORITY_HEADER).trusted_peers(Vec::new())
+    );
+}
+
+#[test]
+fn the_priority_rule_takes_trusted_proxies_and_tier_classes() {
+    use crate::admission::Priority;
+    let text = format!(
+        "{ROUTE}[route.admission]\npriority_header = \"X-Class\"\n\
+         priority_trusted_proxies = [\"10.0.0.0/8\", \"fd00::1\"]\n\
+         [route.rate_limit]\nper_second = 10\n\
+         [[route.rate_limit.tier]]\nkeys = [\"10.0.0.1\"]\nper_second = 5\npriority = \"Batch\"\n\
+         [[route.rate_limit.tier]]\nname = \"plain\"\nkeys = [\"10.0.0.2\"]\nper_second = 5\n"
+    );
+    let c = Config::parse("t.toml", &text).unwrap();
+    let want = PriorityRule::header(http::HeaderName::from_static("x-class"))
+        .trusted_peers(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "fd00::1/128".parse().unwrap(),
+        ])
+        .tier("tier0", Priority::Batch);
+    assert_eq!(c.routes[0].priority_rule(), want);
 }
 
 /// A `[route.rate_limit]` with only its rate is the limiter's defaults.
@@ -366,6 +396,18 @@ fn bad_rate_limit_values_name_their_key() {
              per_second = 5\n[[route.rate_limit.tier]]\nkeys = [\"a\"]\nper_second = 50",
             "tier[1].keys",
             "already in tier[0]",
+        ),
+        (
+            "per_second = 10\n[[route.rate_limit.tier]]\nkeys = [\"10.0.0.1\"]\n\
+             per_second = 5\npriority = \"urgent\"",
+            "tier[0].priority",
+            "expected \"critical\", \"normal\" or \"batch\"",
+        ),
+        (
+            "per_second = 10\n[[route.rate_limit.tier]]\nkeys = [\"10.0.0.1\"]\n\
+             per_second = 5\npriority = \"critical\"",
+            "tier[0].priority",
+            "needs [route.admission]",
         ),
     ];
     assert_refused(

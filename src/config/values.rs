@@ -277,3 +277,20 @@ pub(super) const fn default_retry_after_min() -> u64 {
 pub(super) const fn default_retry_after_max() -> u64 {
     ADMISSION.retry_after_max_s
 }
+
+/// CIDRs, or plain addresses (a single host).
+pub(super) fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(de)?
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{s}` is not a CIDR or an IP address (e.g. \"10.0.0.0/8\", \"fd00::/8\")"
+                    ))
+                })
+        })
+        .collect()
+}

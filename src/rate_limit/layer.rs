@@ -11,6 +11,7 @@ use tower::{Layer, Service};
 
 use super::limiter::{RateLimiter, Verdict};
 use crate::body::BoxError;
+use crate::conn::ClientTier;
 use crate::error::{Reason, Rejection};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
@@ -114,7 +115,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let key = self
             .limiter
             .extractor()
@@ -127,6 +128,9 @@ where
             return ResponseFuture::Refused {
                 rejection: Some(refusal),
             };
+        }
+        if let Some(tier) = &verdict.tier {
+            req.extensions_mut().insert(ClientTier(tier.clone()));
         }
         ResponseFuture::Called {
             inner: self.inner.call(req),

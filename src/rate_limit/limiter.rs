@@ -102,13 +102,23 @@ pub struct Tier {
 #[derive(Debug)]
 struct Bucket {
     name: String,
+    /// The tier's name as the `ClientTier` extension carries it (`None`:
+    /// the route's default rate).
+    tier: Option<Arc<str>>,
     rate: Rate,
     governor: Keyed,
     policy: HeaderValue,
 }
 
 impl Bucket {
-    fn new(name: String, rate: Rate, max_keys: usize, overflowed: Counter, keys: Gauge) -> Self {
+    fn new(
+        name: String,
+        tier: bool,
+        rate: Rate,
+        max_keys: usize,
+        overflowed: Counter,
+        keys: Gauge,
+    ) -> Self {
         let burst = rate.burst();
         let window = (f64::from(burst) / rate.per_second).ceil().max(1.0) as u64;
         // Validated names are plain; quote what a client would need escaped.
@@ -118,6 +128,7 @@ impl Bucket {
         let store = CappedStore::new(max_keys, overflowed, keys);
         let governor: Keyed = Governor::new(rate.quota(), store, TokioClock::default());
         Self {
+            tier: tier.then(|| Arc::from(name.as_str())),
             name: quoted,
             rate,
             governor,
@@ -159,6 +170,8 @@ pub struct Verdict {
     pub policy: HeaderValue,
     /// `RateLimit` field value.
     pub state: HeaderValue,
+    /// The client's tier, when its key is in one.
+    pub tier: Option<Arc<str>>,
 }
 
 /// Prometheus handles of one route's rate limit.
@@ -229,6 +242,7 @@ impl RateLimiter {
     ) -> Self {
         let default = Bucket::new(
             "default".into(),
+            false,
             rate,
             max_keys,
             metrics.overflowed.clone(),
@@ -252,6 +266,7 @@ impl RateLimiter {
             // A tier holds only its listed keys: its store never overflows.
             let bucket = Bucket::new(
                 tier.name.clone(),
+                true,
                 tier.rate,
                 tier.keys.len(),
                 Counter::noop(),
@@ -295,6 +310,7 @@ impl RateLimiter {
             retry_after_s,
             policy: bucket.policy.clone(),
             state: bucket.state(remaining, reset),
+            tier: bucket.tier.clone(),
         }
     }
 
