@@ -98,12 +98,19 @@ pub fn route_stack<S>(
                 .map(RateLimitLayer::with_limiter),
         )
         .layer(CircuitBreakerLayer::optional(protections.circuit.clone()))
-        .layer(
-            AdmissionLayer::with_controller(protections.admission.clone())
-                .priority(route.priority_rule()),
-        )
+        .layer(admission_layer(route, protections.admission.clone()))
         .layer(UpstreamTimeoutLayer::new(route.timeout_ms.get()))
         .service(inner)
+}
+
+/// The route's admission layer over `controller`: its priority rule and, with
+/// a `tenant_key`, its tenants.
+fn admission_layer(route: &RouteConfig, controller: Arc<Controller>) -> AdmissionLayer {
+    let layer = AdmissionLayer::with_controller(controller).priority(route.priority_rule());
+    match route.tenant_extractor() {
+        Some(keys) => layer.tenants(keys),
+        None => layer,
+    }
 }
 
 /// The route's admission controller: the configured limits, or an unlimited one

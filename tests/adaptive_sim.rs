@@ -24,8 +24,7 @@ fn admission() -> AdmissionSettings {
         max_inflight: 16,
         queue_capacity: 32,
         queue_timeout: Duration::from_millis(100),
-        retry_after_min_s: 1,
-        retry_after_max_s: 60,
+        ..AdmissionSettings::DEFAULT
     }
 }
 

@@ -231,3 +231,65 @@ async fn a_rate_limit_tier_carries_its_class() {
             .await;
     assert_eq!((arrival, waiter), (503, 200));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_tenant_is_not_refused_behind_a_flooding_one() {
+    let (up, mut held) = spawn_upstream().await;
+    let route = format!(
+        "{}tenant_key = \"header:x-api-key\"\n",
+        admission(1, 2, 60_000)
+    );
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))
+        .await
+        .unwrap();
+    let hold = format!("http://{}/hold", proxy.proxy_addr());
+    let status_url = format!("http://{}/status", proxy.admin_addr());
+    let as_tenant = |key: &'static str| {
+        let hold = hold.clone();
+        tokio::spawn(async move {
+            let req = http::Request::get(&hold)
+                .header("x-api-key", key)
+                .body(full(""))
+                .unwrap();
+            send(&client(), req).await.0.status().as_u16()
+        })
+    };
+    let queued = |n: u64| {
+        let url = status_url.clone();
+        async move {
+            while json(&get(&url).await.1)["routes"][0]["admission"]["queued"] != n {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let first = as_tenant("flood");
+    held.recv().await.unwrap();
+    let flood: Vec<_> = (0..2).map(|_| as_tenant("flood")).collect();
+    queued(2).await;
+    let quiet = as_tenant("quiet");
+    // The quiet tenant takes the flood's newest place; the flood's is refused.
+    let mut refused = 0;
+    while refused == 0 {
+        refused = flood.iter().filter(|t| t.is_finished()).count();
+        tokio::task::yield_now().await;
+    }
+    let status = json(&get(&status_url).await.1);
+    let tenants = &status["routes"][0]["admission"]["tenants"];
+    assert_eq!(tenants["waiting"], 2, "{status}");
+    assert_eq!(tenants["top_shed"][0]["tenant"], "flood", "{status}");
+    let mut statuses = Vec::new();
+    for task in [first, quiet].into_iter().chain(flood) {
+        while !task.is_finished() {
+            up.release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        statuses.push(task.await.unwrap());
+    }
+    statuses[2..].sort();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 503],
+        "first, quiet, then the flood's two"
+    );
+    proxy.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! [`Controller`]: one route's in-flight limit, wait queue and completion rate.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,7 +13,9 @@ use tokio::time::Instant;
 use super::Priority;
 use super::queue::WaitQueue;
 use super::retry_after::{CompletionRate, jitter, retry_after_secs};
+use super::tenants::{ShedCounts, TenantCount, everyone};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
+use crate::client_key::ClientKey;
 use crate::error::{Reason, Rejection};
 use crate::metrics::{CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_WAIT, Registry, SHED_TOTAL};
 
@@ -29,6 +32,11 @@ pub struct AdmissionSettings {
     pub retry_after_min_s: u64,
     /// Clamp of `Retry-After`, in seconds.
     pub retry_after_max_s: u64,
+    /// Whether requests carry tenants (`tenant_key`): `/status` then lists
+    /// the tenants that wait and shed most.
+    pub by_tenant: bool,
+    /// Slots one tenant may hold at once (`None`: any number).
+    pub max_inflight_per_tenant: Option<usize>,
 }
 
 impl AdmissionSettings {
@@ -40,6 +48,8 @@ impl AdmissionSettings {
         queue_timeout: Duration::from_millis(200),
         retry_after_min_s: 1,
         retry_after_max_s: 60,
+        by_tenant: false,
+        max_inflight_per_tenant: None,
     };
 
     /// No limit: every request is admitted at once, and only counted.
@@ -111,13 +121,37 @@ pub struct AdmissionSnapshot {
     pub shed_queue_timeout: u64,
     /// The adaptive limit's algorithm, when `max_inflight = "adaptive"`.
     pub adaptive: Option<AlgorithmSnapshot>,
+    /// The tenants, when the route has a `tenant_key`.
+    pub tenants: Option<TenantsSnapshot>,
 }
+
+/// Tenants at a glance: how many wait, and which wait and shed most (the
+/// top [`TOP_TENANTS`] of each; Prometheus gets no per-tenant series, as
+/// tenants are whatever clients send).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TenantsSnapshot {
+    /// Tenants with a request waiting.
+    pub waiting: usize,
+    /// Tenants holding a slot (counted when `max_inflight_per_tenant` is set).
+    pub holding: Option<usize>,
+    /// The tenants with the most requests waiting.
+    pub top_queued: Vec<TenantCount>,
+    /// The tenants shed most since start (approximate past the
+    /// [`ShedCounts`] capacity: the heavy hitters stay exact).
+    pub top_shed: Vec<TenantCount>,
+}
+
+/// Tenants listed in each of `/status`'s tenant tables.
+pub const TOP_TENANTS: usize = 10;
 
 struct State {
     inflight: usize,
     /// The limit in force: `max_inflight`, or less while a slow start ramps up.
     limit: usize,
-    queue: WaitQueue<oneshot::Sender<Permit>>,
+    queue: WaitQueue<ClientKey, oneshot::Sender<Permit>>,
+    /// Slots held per tenant (kept only with `max_inflight_per_tenant`).
+    holding: HashMap<ClientKey, usize>,
+    shed_by_tenant: ShedCounts,
     rate: CompletionRate,
     next_id: u64,
     /// Moves `limit` from the samples of answered requests (adaptive mode).
@@ -150,7 +184,7 @@ enum Mode {
     Unlimited { inflight: AtomicUsize },
     /// A limit, a queue beyond it, and the completion rate behind
     /// `Retry-After`.
-    Limited(Mutex<State>),
+    Limited(Box<Mutex<State>>),
 }
 
 impl std::fmt::Debug for Controller {
@@ -205,14 +239,16 @@ impl Controller {
                 inflight: AtomicUsize::new(0),
             }
         } else {
-            Mode::Limited(Mutex::new(State {
+            Mode::Limited(Box::new(Mutex::new(State {
                 inflight: 0,
                 limit,
                 queue: WaitQueue::default(),
+                holding: HashMap::new(),
+                shed_by_tenant: ShedCounts::default(),
                 rate: CompletionRate::new(),
                 next_id: 0,
                 algorithm,
-            }))
+            })))
         };
         Arc::new(Self {
             settings,
@@ -248,10 +284,22 @@ impl Controller {
 
     /// A slot now, if one is free and nobody waits for one.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        self.try_acquire_as(&everyone())
+    }
+
+    /// A slot now for a request of `tenant`, if one is free, nobody who may
+    /// run waits for one, and the tenant is below its share.
+    pub fn try_acquire_as(self: &Arc<Self>, tenant: &ClientKey) -> Option<Permit> {
         match self.lock() {
             Locked::Unlimited(inflight) => Some(self.count_unlimited(inflight)),
-            Locked::Limited(mut state) => self.take_free_slot(&mut state, Instant::now()),
+            Locked::Limited(mut state) => self.take_free_slot(&mut state, tenant, Instant::now()),
         }
+    }
+
+    /// Whether requests must say their tenant before [`Self::try_acquire_as`]
+    /// (a per-tenant share is enforced).
+    pub fn caps_tenants(&self) -> bool {
+        self.settings.max_inflight_per_tenant.is_some()
     }
 
     /// One more in flight on an unlimited controller.
@@ -261,55 +309,103 @@ impl Controller {
         // showing one in flight.
         inflight.fetch_add(1, Ordering::Relaxed);
         self.metrics.inflight.increment(1.0);
-        Permit::new(self.clone())
+        Permit::new(self.clone(), None)
     }
 
-    fn take_free_slot(self: &Arc<Self>, state: &mut State, now: Instant) -> Option<Permit> {
-        if state.queue.len() > 0 || state.inflight >= state.limit {
+    fn take_free_slot(
+        self: &Arc<Self>,
+        state: &mut State,
+        tenant: &ClientKey,
+        now: Instant,
+    ) -> Option<Permit> {
+        if state.inflight >= state.limit {
             return None;
         }
-        state.inflight += 1;
+        match self.settings.max_inflight_per_tenant {
+            // Nobody jumps the queue.
+            None if state.queue.len() > 0 => return None,
+            None => {}
+            // Waiters left while a slot is free are all of tenants at their
+            // share (`fill` runs at every release): the slot is this one's
+            // if its own tenant is below its share.
+            Some(cap) if state.holding.get(tenant).copied().unwrap_or(0) >= cap => return None,
+            Some(_) => {}
+        }
+        let permit = self.grant(state, tenant);
         if state.inflight >= state.limit {
             state.rate.saturated(now);
         }
         self.publish(state);
-        Some(Permit::new(self.clone()))
+        Some(permit)
+    }
+
+    /// Takes a slot for `tenant`.
+    fn grant(self: &Arc<Self>, state: &mut State, tenant: &ClientKey) -> Permit {
+        state.inflight += 1;
+        let tenant = self.settings.max_inflight_per_tenant.map(|_| {
+            *state.holding.entry(tenant.clone()).or_default() += 1;
+            tenant.clone()
+        });
+        Permit::new(self.clone(), tenant)
+    }
+
+    /// Gives back a slot `tenant` held.
+    fn ungrant(state: &mut State, tenant: Option<&ClientKey>) {
+        state.inflight -= 1;
+        if let Some(tenant) = tenant
+            && let Some(n) = state.holding.get_mut(tenant)
+        {
+            *n -= 1;
+            if *n == 0 {
+                state.holding.remove(tenant);
+            }
+        }
     }
 
     /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
     /// and never leaks a slot.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
+        self.acquire_as(priority, everyone()).await
+    }
+
+    /// Waits for a slot for a request of `tenant`: tenants that wait are
+    /// served in turn within each class.
+    pub async fn acquire_as(
+        self: &Arc<Self>,
+        priority: Priority,
+        tenant: ClientKey,
+    ) -> Result<Permit, Rejection> {
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = match self.lock() {
                 Locked::Unlimited(inflight) => return Ok(self.count_unlimited(inflight)),
                 Locked::Limited(state) => state,
             };
-            if let Some(permit) = self.take_free_slot(&mut state, now) {
+            if let Some(permit) = self.take_free_slot(&mut state, &tenant, now) {
                 return Ok(permit);
             }
             state.rate.saturated(now);
             if self.settings.queue_capacity == 0 {
-                return Err(self.shed(&state, Reason::QueueFull, now));
+                return Err(self.shed(&mut state, Reason::QueueFull, &tenant, now));
             }
             // Deadline-aware: refuse now what would only time out later.
-            let ahead = state.queue.ahead_of(priority);
+            let ahead = state.queue.ahead_of(priority, &tenant);
             if let Some(wait) = state.rate.time_for(ahead + 1, now)
                 && wait > self.settings.queue_timeout
             {
-                return Err(self.shed(&state, Reason::QueueFull, now));
+                return Err(self.shed(&mut state, Reason::QueueFull, &tenant, now));
             }
             if state.queue.len() >= self.settings.queue_capacity {
-                match state.queue.evict_for(priority) {
+                match state.queue.evict_for(priority, &tenant) {
                     // Dropping its sender wakes the evicted waiter with a refusal.
                     Some((_, evicted)) => drop(evicted),
-                    None => return Err(self.shed(&state, Reason::QueueFull, now)),
+                    None => return Err(self.shed(&mut state, Reason::QueueFull, &tenant, now)),
                 }
             }
             let (tx, rx) = oneshot::channel();
             let id = state.next_id;
             state.next_id += 1;
-            state.queue.push(id, priority, tx);
+            state.queue.push(id, priority, &tenant, tx);
             self.publish(&state);
             (id, rx)
         };
@@ -317,10 +413,12 @@ impl Controller {
             controller: self.clone(),
             id,
             priority,
+            tenant,
+            left: false,
         };
         let outcome = tokio::time::timeout(self.settings.queue_timeout, &mut rx).await;
         // Out of the queue in every case below (a granted waiter already is).
-        place.leave();
+        let tenant = place.leave();
         let reason = match outcome {
             Ok(Ok(permit)) => {
                 self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
@@ -334,22 +432,31 @@ impl Controller {
             self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
             return Ok(permit);
         }
-        let Locked::Limited(state) = self.lock() else {
+        let Locked::Limited(mut state) = self.lock() else {
             // Only a limited controller queues.
             return Err(Rejection::new(reason));
         };
-        Err(self.shed(&state, reason, Instant::now()))
+        Err(self.shed(&mut state, reason, &tenant, Instant::now()))
     }
 
     /// Counts a refusal and builds it with its `Retry-After`: the time to drain
     /// the work ahead (queued + in flight) at the recent completion rate.
-    fn shed(&self, state: &State, reason: Reason, now: Instant) -> Rejection {
+    fn shed(
+        &self,
+        state: &mut State,
+        reason: Reason,
+        tenant: &ClientKey,
+        now: Instant,
+    ) -> Rejection {
         let (counter, count) = match reason {
             Reason::QueueTimeout => (&self.metrics.shed_timeout, &self.shed_timeout),
             _ => (&self.metrics.shed_full, &self.shed_full),
         };
         counter.increment(1);
         count.fetch_add(1, Ordering::Relaxed);
+        if self.settings.by_tenant {
+            state.shed_by_tenant.count(tenant);
+        }
         let work = state.queue.len() + state.inflight;
         let drain = state.rate.time_for(work, now);
         let secs = retry_after_secs(
@@ -363,7 +470,7 @@ impl Controller {
 
     /// A permit ended: feed its sample to the algorithm, then hand its slot
     /// (and any the limit gained) to the next waiters, or free it.
-    fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>) {
+    fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>, tenant: Option<ClientKey>) {
         let mut state = match self.lock() {
             Locked::Unlimited(inflight) => {
                 inflight.fetch_sub(1, Ordering::Relaxed);
@@ -387,25 +494,30 @@ impl Controller {
                 self.metrics.limit.set(limit as f64);
             }
         }
-        state.inflight -= 1;
+        Self::ungrant(&mut state, tenant.as_ref());
         self.fill(&mut state);
         let still = state.inflight >= state.limit || state.queue.len() > 0;
         state.rate.record(now, saturated, still);
         self.publish(&state);
     }
 
-    /// Grants waiters slots while the limit allows.
+    /// Grants waiters slots while the limit allows, each tenant within its
+    /// share.
     fn fill(self: &Arc<Self>, state: &mut State) {
+        let cap = self.settings.max_inflight_per_tenant;
         while state.inflight < state.limit {
-            let Some((_, tx)) = state.queue.pop_next() else {
+            let holding = &state.holding;
+            let may_run =
+                |t: &ClientKey| cap.is_none_or(|cap| holding.get(t).copied().unwrap_or(0) < cap);
+            let Some((_, tenant, tx)) = state.queue.pop_next(may_run) else {
                 return;
             };
-            state.inflight += 1;
-            if let Err(mut permit) = tx.send(Permit::new(self.clone())) {
+            let permit = self.grant(state, &tenant);
+            if let Err(mut permit) = tx.send(permit) {
                 // The waiter is gone and the permit came back. It must not
                 // release (the lock is held): the slot is simply still free.
                 permit.armed = false;
-                state.inflight -= 1;
+                Self::ungrant(state, permit.tenant.as_ref());
             }
         }
     }
@@ -448,6 +560,7 @@ impl Controller {
             shed_queue_full: self.shed_full.load(Ordering::Relaxed),
             shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
             adaptive: None,
+            tenants: None,
         };
         match self.lock() {
             Locked::Unlimited(inflight) => snapshot.inflight = inflight.load(Ordering::Relaxed),
@@ -457,6 +570,20 @@ impl Controller {
                 snapshot.limit = Some(state.limit);
                 snapshot.completion_rate = state.rate.per_second(now);
                 snapshot.adaptive = state.algorithm.as_ref().map(|a| a.snapshot(now));
+                snapshot.tenants = self.settings.by_tenant.then(|| TenantsSnapshot {
+                    waiting: state.queue.tenants(),
+                    holding: self
+                        .settings
+                        .max_inflight_per_tenant
+                        .map(|_| state.holding.len()),
+                    top_queued: state
+                        .queue
+                        .top(TOP_TENANTS)
+                        .into_iter()
+                        .map(|(t, n)| TenantCount::new(&t, n as u64))
+                        .collect(),
+                    top_shed: state.shed_by_tenant.top(TOP_TENANTS),
+                });
             }
         }
         snapshot
@@ -469,21 +596,35 @@ struct QueuePlace {
     controller: Arc<Controller>,
     id: u64,
     priority: Priority,
+    tenant: ClientKey,
+    left: bool,
 }
 
 impl QueuePlace {
-    fn leave(self) {
-        drop(self);
+    /// Leaves the queue; the waiter's tenant.
+    fn leave(mut self) -> ClientKey {
+        self.remove();
+        std::mem::replace(&mut self.tenant, everyone())
+    }
+
+    fn remove(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        if let Locked::Limited(mut state) = self.controller.lock()
+            && state
+                .queue
+                .remove(self.id, self.priority, &self.tenant)
+                .is_some()
+        {
+            self.controller.publish(&state);
+        }
     }
 }
 
 impl Drop for QueuePlace {
     fn drop(&mut self) {
-        if let Locked::Limited(mut state) = self.controller.lock()
-            && state.queue.remove(self.id, self.priority).is_some()
-        {
-            self.controller.publish(&state);
-        }
+        self.remove();
     }
 }
 
@@ -493,14 +634,18 @@ pub struct Permit {
     controller: Arc<Controller>,
     armed: bool,
     sample: Option<(Duration, bool)>,
+    /// The tenant whose share it counts against (with
+    /// `max_inflight_per_tenant`).
+    tenant: Option<ClientKey>,
 }
 
 impl Permit {
-    fn new(controller: Arc<Controller>) -> Self {
+    fn new(controller: Arc<Controller>, tenant: Option<ClientKey>) -> Self {
         Self {
             controller,
             armed: true,
             sample: None,
+            tenant,
         }
     }
 
@@ -516,7 +661,8 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
-            self.controller.release(self.sample.take());
+            self.controller
+                .release(self.sample.take(), self.tenant.take());
         }
     }
 }

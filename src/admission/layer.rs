@@ -11,8 +11,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
+use super::tenants::everyone;
 use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
+use crate::client_key::{ClientKey, KeyExtractor};
 use crate::conn::PeerClosed;
 use crate::error::{Reason, Rejection, client_fault};
 use crate::upstream_timeout::UpstreamLatency;
@@ -38,8 +40,7 @@ use crate::upstream_timeout::UpstreamLatency;
 ///     max_inflight: 16,
 ///     queue_capacity: 32,
 ///     queue_timeout: Duration::from_millis(100),
-///     retry_after_min_s: 1,
-///     retry_after_max_s: 60,
+///     ..AdmissionSettings::DEFAULT
 /// });
 /// let controller = admission.controller().clone();
 /// let app = ServiceBuilder::new()
@@ -59,6 +60,7 @@ use crate::upstream_timeout::UpstreamLatency;
 pub struct AdmissionLayer {
     controller: Arc<Controller>,
     priority: Arc<PriorityRule>,
+    tenants: Option<Arc<KeyExtractor>>,
 }
 
 /// The header a request's priority class is read from unless configured.
@@ -76,6 +78,7 @@ impl AdmissionLayer {
         Self {
             controller,
             priority: Arc::new(PriorityRule::header(DEFAULT_PRIORITY_HEADER)),
+            tenants: None,
         }
     }
 
@@ -88,6 +91,15 @@ impl AdmissionLayer {
     /// only from trusted peers, rate-limit tiers' classes).
     pub fn priority(mut self, rule: PriorityRule) -> Self {
         self.priority = Arc::new(rule);
+        self
+    }
+
+    /// Gives each request the tenant `keys` finds (an address, an API key):
+    /// tenants that wait are served in turn, a full queue refuses from the
+    /// tenant with the most waiting, and the controller's
+    /// `max_inflight_per_tenant` caps each one's slots.
+    pub fn tenants(mut self, keys: KeyExtractor) -> Self {
+        self.tenants = Some(Arc::new(keys));
         self
     }
 
@@ -104,6 +116,7 @@ impl<S> Layer<S> for AdmissionLayer {
             inner,
             controller: self.controller.clone(),
             priority: self.priority.clone(),
+            tenants: self.tenants.clone(),
         }
     }
 }
@@ -112,15 +125,16 @@ impl<S> Layer<S> for AdmissionLayer {
 fn wait(
     controller: Arc<Controller>,
     priority: Priority,
+    tenant: ClientKey,
     peer: Option<PeerClosed>,
 ) -> BoxFuture<Permit> {
     Box::pin(async move {
         let Some(peer) = peer else {
-            return Ok(controller.acquire(priority).await?);
+            return Ok(controller.acquire_as(priority, tenant).await?);
         };
         tokio::select! {
             biased;
-            permit = controller.acquire(priority) => Ok(permit?),
+            permit = controller.acquire_as(priority, tenant) => Ok(permit?),
             () = peer.closed() => {
                 // Dropping the acquire future left the queue.
                 Err(Rejection::new(Reason::ClientClosed)
@@ -144,6 +158,15 @@ pub struct Admission<S> {
     controller: Arc<Controller>,
     // Shared: the stack is cloned for every request.
     priority: Arc<PriorityRule>,
+    tenants: Option<Arc<KeyExtractor>>,
+}
+
+impl<S> Admission<S> {
+    fn tenant_of<B>(&self, req: &Request<B>) -> ClientKey {
+        self.tenants
+            .as_ref()
+            .map_or_else(everyone, |keys| keys.key(req.headers(), req.extensions()))
+    }
 }
 
 impl<S, B, ResB> Service<Request<B>> for Admission<S>
@@ -164,7 +187,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(permit) = self.controller.try_acquire() {
+        // A tenant is needed up front only when its share is capped.
+        let tenant = self.controller.caps_tenants().then(|| self.tenant_of(&req));
+        let free = match &tenant {
+            Some(tenant) => self.controller.try_acquire_as(tenant),
+            None => self.controller.try_acquire(),
+        };
+        if let Some(permit) = free {
             // The common path: a slot at once, no future of our own to box.
             return ResponseFuture::Admitted {
                 inner: self.inner.call(req),
@@ -172,6 +201,7 @@ where
             };
         }
         let priority = self.priority.of(&req);
+        let tenant = tenant.unwrap_or_else(|| self.tenant_of(&req));
         let peer = req.extensions().get::<PeerClosed>().cloned();
         let controller = self.controller.clone();
         // The service made ready goes with the request; this one keeps a clone.
@@ -180,7 +210,7 @@ where
         ResponseFuture::Queued {
             future: Box::pin(async move {
                 let start = Instant::now();
-                let permit = wait(controller, priority, peer).await?;
+                let permit = wait(controller, priority, tenant, peer).await?;
                 let admitted = Instant::now();
                 let result = inner.oneshot(req).await;
                 finish(result, permit, admitted, admitted - start)

@@ -13,10 +13,15 @@ mod layer;
 mod priority;
 mod queue;
 pub mod retry_after;
+mod tenants;
 
-pub use controller::{AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit};
+pub use controller::{
+    AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit, TOP_TENANTS,
+    TenantsSnapshot,
+};
 pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, QueueWait, ResponseFuture};
 pub use priority::{Priority, PriorityRule, Trust};
+pub use tenants::{SHED_TENANTS, TenantCount};
 
 #[cfg(test)]
 mod tests;

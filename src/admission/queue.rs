@@ -1,18 +1,46 @@
-//! The bounded wait queue: FIFO within each priority class, highest class first.
+//! The bounded wait queue: highest priority class first; within a class,
+//! tenants in turn (round robin), each tenant's waiters oldest first.
+//!
+//! One FIFO per class let one tenant flooding the route take every place
+//! and every freed slot from the others (envoy#14550). Serving the tenants
+//! that wait in turn gives each its share of the slots whatever the others
+//! send (deficit round robin with a quantum of one request, the scheme of
+//! nginx's and HAProxy's fair queues), and a full queue makes room by
+//! refusing the heaviest tenant's newest waiter rather than a quiet tenant's
+//! newcomer. With one tenant it is the FIFO it was.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 
 use super::Priority;
 
-/// Waiters by class, each class in arrival order. `T` is what a waiter is woken
-/// with; ids let a waiter that gives up remove itself.
+/// Waiters by class and tenant. `K` names a tenant; `T` is what a waiter is
+/// woken with; ids let a waiter that gives up remove itself.
 #[derive(Debug)]
-pub(crate) struct WaitQueue<T> {
-    classes: [VecDeque<(u64, T)>; 3],
+pub(crate) struct WaitQueue<K, T> {
+    classes: [Class<K, T>; 3],
     len: usize,
 }
 
-impl<T> Default for WaitQueue<T> {
+/// One priority class.
+#[derive(Debug)]
+struct Class<K, T> {
+    /// Each waiting tenant's waiters, oldest first.
+    waiters: HashMap<K, VecDeque<(u64, T)>>,
+    /// The tenants with waiters, in the order they are served.
+    turns: VecDeque<K>,
+}
+
+impl<K, T> Default for Class<K, T> {
+    fn default() -> Self {
+        Self {
+            waiters: HashMap::new(),
+            turns: VecDeque::new(),
+        }
+    }
+}
+
+impl<K, T> Default for WaitQueue<K, T> {
     fn default() -> Self {
         Self {
             classes: Default::default(),
@@ -21,51 +49,173 @@ impl<T> Default for WaitQueue<T> {
     }
 }
 
-impl<T> WaitQueue<T> {
+impl<K: Clone + Eq + Hash, T> Class<K, T> {
+    fn queued(&self, tenant: &K) -> usize {
+        self.waiters.get(tenant).map_or(0, VecDeque::len)
+    }
+
+    fn len(&self) -> usize {
+        self.turns.iter().map(|t| self.queued(t)).sum()
+    }
+
+    /// Takes a waiter of `tenant`, the oldest or the newest; forgets the
+    /// tenant when it has none left.
+    fn take(&mut self, tenant: &K, newest: bool) -> Option<(u64, T)> {
+        let waiters = self.waiters.get_mut(tenant)?;
+        let taken = if newest {
+            waiters.pop_back()
+        } else {
+            waiters.pop_front()
+        };
+        if waiters.is_empty() {
+            self.forget(tenant);
+        }
+        taken
+    }
+
+    fn forget(&mut self, tenant: &K) {
+        self.waiters.remove(tenant);
+        if let Some(at) = self.turns.iter().position(|t| t == tenant) {
+            self.turns.remove(at);
+        }
+    }
+
+    /// The tenant with the most waiters (the one that came first to the turn
+    /// order on a tie), and how many.
+    fn heaviest(&self) -> Option<(&K, usize)> {
+        self.turns
+            .iter()
+            .map(|t| (t, self.queued(t)))
+            .reduce(|best, next| if next.1 > best.1 { next } else { best })
+    }
+}
+
+impl<K: Clone + Eq + Hash, T> WaitQueue<K, T> {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub(crate) fn push(&mut self, id: u64, priority: Priority, item: T) {
-        self.classes[priority.index()].push_back((id, item));
+    pub(crate) fn push(&mut self, id: u64, priority: Priority, tenant: &K, item: T) {
+        let class = &mut self.classes[priority.index()];
+        let waiters = class.waiters.entry(tenant.clone()).or_default();
+        if waiters.is_empty() {
+            class.turns.push_back(tenant.clone());
+        }
+        waiters.push_back((id, item));
         self.len += 1;
     }
 
-    /// The oldest waiter of the highest class present.
-    pub(crate) fn pop_next(&mut self) -> Option<(u64, T)> {
-        let next = self.classes.iter_mut().rev().find_map(VecDeque::pop_front);
-        if next.is_some() {
+    /// The next waiter to serve: of the highest class with a waiter whose
+    /// tenant `may_run`, the oldest waiter of the first such tenant in turn;
+    /// that tenant's turn then goes to the back.
+    pub(crate) fn pop_next(&mut self, may_run: impl Fn(&K) -> bool) -> Option<(u64, K, T)> {
+        for class in self.classes.iter_mut().rev() {
+            let Some(at) = class.turns.iter().position(&may_run) else {
+                continue;
+            };
+            let tenant = class.turns.remove(at).expect("position is in range");
+            let waiters = class.waiters.get_mut(&tenant).expect("a turn has waiters");
+            let (id, item) = waiters.pop_front().expect("a turn has waiters");
+            if waiters.is_empty() {
+                class.waiters.remove(&tenant);
+            } else {
+                class.turns.push_back(tenant.clone());
+            }
             self.len -= 1;
+            return Some((id, tenant, item));
         }
-        next
+        None
     }
 
-    /// Waiters that a new arrival of `priority` would wait behind.
-    pub(crate) fn ahead_of(&self, priority: Priority) -> usize {
-        self.classes[priority.index()..]
+    /// About how many waiters a new arrival of `priority` from `tenant` would
+    /// be served after: every waiter of a higher class, its tenant's own, and
+    /// of each other tenant of its class as many as get a turn before it.
+    pub(crate) fn ahead_of(&self, priority: Priority, tenant: &K) -> usize {
+        let higher: usize = self.classes[priority.index() + 1..]
             .iter()
-            .map(VecDeque::len)
-            .sum()
+            .map(Class::len)
+            .sum();
+        let class = &self.classes[priority.index()];
+        let own = class.queued(tenant);
+        let others: usize = class
+            .turns
+            .iter()
+            .filter(|t| *t != tenant)
+            .map(|t| class.queued(t).min(own + 1))
+            .sum();
+        higher + own + others
     }
 
-    /// Makes room for an arrival of `priority`: removes the newest waiter of the
-    /// lowest class below it, if any.
-    pub(crate) fn evict_for(&mut self, priority: Priority) -> Option<(u64, T)> {
-        let evicted = self.classes[..priority.index()]
+    /// Makes room for an arrival of `priority` from `tenant`: refuses the
+    /// heaviest tenant's newest waiter of the lowest class below the
+    /// arrival's; else, in its own class, that of a tenant with at least two
+    /// more waiters than the arrival's would have (so that refusing it
+    /// evens the shares, never the other way round). `None`: the arrival
+    /// itself is the one to refuse.
+    pub(crate) fn evict_for(&mut self, priority: Priority, tenant: &K) -> Option<(u64, T)> {
+        let below = self.classes[..priority.index()]
             .iter_mut()
-            .find_map(VecDeque::pop_back);
+            .find(|class| !class.turns.is_empty());
+        let evicted = match below {
+            Some(class) => {
+                let heaviest = class.heaviest().map(|(t, _)| t.clone());
+                heaviest.and_then(|t| class.take(&t, true))
+            }
+            None => {
+                let class = &mut self.classes[priority.index()];
+                let own = class.queued(tenant);
+                let heaviest = class
+                    .heaviest()
+                    .filter(|&(t, n)| t != tenant && n > own + 1)
+                    .map(|(t, _)| t.clone());
+                heaviest.and_then(|t| class.take(&t, true))
+            }
+        };
         if evicted.is_some() {
             self.len -= 1;
         }
         evicted
     }
 
-    /// Removes waiter `id` of class `priority`, if it is still waiting.
-    pub(crate) fn remove(&mut self, id: u64, priority: Priority) -> Option<T> {
+    /// Removes waiter `id` of `tenant` in class `priority`, if it is still
+    /// waiting.
+    pub(crate) fn remove(&mut self, id: u64, priority: Priority, tenant: &K) -> Option<T> {
         let class = &mut self.classes[priority.index()];
-        let at = class.iter().position(|(i, _)| *i == id)?;
+        let waiters = class.waiters.get_mut(tenant)?;
+        let at = waiters.iter().position(|(i, _)| *i == id)?;
+        let (_, item) = waiters.remove(at)?;
+        if waiters.is_empty() {
+            class.forget(tenant);
+        }
         self.len -= 1;
-        class.remove(at).map(|(_, item)| item)
+        Some(item)
+    }
+
+    /// Waiters per tenant, all classes together, most first (at most `n`).
+    pub(crate) fn top(&self, n: usize) -> Vec<(K, usize)> {
+        let mut counts: HashMap<&K, usize> = HashMap::new();
+        for class in &self.classes {
+            for (tenant, waiters) in &class.waiters {
+                *counts.entry(tenant).or_default() += waiters.len();
+            }
+        }
+        let mut top: Vec<(K, usize)> = counts.into_iter().map(|(t, n)| (t.clone(), n)).collect();
+        top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        top.truncate(n);
+        top
+    }
+
+    /// Tenants with a waiter.
+    pub(crate) fn tenants(&self) -> usize {
+        let mut seen: Vec<&K> = Vec::new();
+        for class in &self.classes {
+            for tenant in class.waiters.keys() {
+                if !seen.contains(&tenant) {
+                    seen.push(tenant);
+                }
+            }
+        }
+        seen.len()
     }
 }
 
@@ -74,44 +224,115 @@ mod tests {
     use super::*;
     use Priority::*;
 
+    fn drain(q: &mut WaitQueue<&'static str, &'static str>) -> Vec<&'static str> {
+        std::iter::from_fn(|| q.pop_next(|_| true).map(|(_, _, t)| t)).collect()
+    }
+
     #[test]
-    fn highest_class_first_fifo_within() {
+    fn highest_class_first_fifo_within_one_tenant() {
         let mut q = WaitQueue::default();
-        q.push(1, Batch, "b1");
-        q.push(2, Normal, "n1");
-        q.push(3, Critical, "c1");
-        q.push(4, Normal, "n2");
-        q.push(5, Critical, "c2");
-        let order: Vec<_> = std::iter::from_fn(|| q.pop_next().map(|(_, t)| t)).collect();
-        assert_eq!(order, ["c1", "c2", "n1", "n2", "b1"]);
+        q.push(1, Batch, &"a", "b1");
+        q.push(2, Normal, &"a", "n1");
+        q.push(3, Critical, &"a", "c1");
+        q.push(4, Normal, &"a", "n2");
+        q.push(5, Critical, &"a", "c2");
+        assert_eq!(drain(&mut q), ["c1", "c2", "n1", "n2", "b1"]);
         assert_eq!(q.len(), 0);
     }
 
     #[test]
-    fn eviction_takes_the_newest_of_the_lowest_class_below() {
+    fn tenants_are_served_in_turn() {
         let mut q = WaitQueue::default();
-        q.push(1, Normal, "n1");
-        q.push(2, Batch, "b1");
-        q.push(3, Batch, "b2");
-        assert_eq!(q.evict_for(Critical), Some((3, "b2")));
-        assert_eq!(q.evict_for(Normal), Some((2, "b1")));
-        assert_eq!(q.evict_for(Normal), None); // only equals left
-        assert_eq!(q.evict_for(Critical), Some((1, "n1")));
-        assert_eq!(q.evict_for(Batch), None);
+        for (i, item) in ["a1", "a2", "a3", "a4"].into_iter().enumerate() {
+            q.push(i as u64, Normal, &"a", item);
+        }
+        q.push(10, Normal, &"b", "b1");
+        q.push(11, Normal, &"c", "c1");
+        q.push(12, Normal, &"b", "b2");
+        assert_eq!(drain(&mut q), ["a1", "b1", "c1", "a2", "b2", "a3", "a4"]);
+    }
+
+    #[test]
+    fn a_tenant_that_may_not_run_keeps_its_waiters_and_others_go_first() {
+        let mut q = WaitQueue::default();
+        q.push(1, Normal, &"a", "a1");
+        q.push(2, Normal, &"b", "b1");
+        let next = q.pop_next(|t| *t != "a").map(|(_, t, item)| (t, item));
+        assert_eq!(next, Some(("b", "b1")));
+        assert!(q.pop_next(|t| *t != "a").is_none());
+        assert_eq!(drain(&mut q), ["a1"]);
+    }
+
+    #[test]
+    fn eviction_takes_the_heaviest_tenants_newest_of_the_lowest_class_below() {
+        let mut q = WaitQueue::default();
+        q.push(1, Normal, &"a", "n1");
+        q.push(2, Batch, &"a", "b1");
+        q.push(3, Batch, &"b", "b2");
+        q.push(4, Batch, &"b", "b3");
+        assert_eq!(q.evict_for(Critical, &"c"), Some((4, "b3")));
+        assert_eq!(
+            q.evict_for(Normal, &"c"),
+            Some((2, "b1")),
+            "a tie: first in turn"
+        );
+        assert_eq!(q.evict_for(Normal, &"c"), Some((3, "b2")));
+        assert_eq!(
+            q.evict_for(Normal, &"c"),
+            None,
+            "only equals left, all even"
+        );
+        assert_eq!(q.evict_for(Critical, &"c"), Some((1, "n1")));
+        assert_eq!(q.evict_for(Batch, &"c"), None);
         assert_eq!(q.len(), 0);
     }
 
     #[test]
-    fn ahead_and_remove() {
+    fn a_full_class_refuses_the_flooding_tenant_not_the_quiet_newcomer() {
         let mut q = WaitQueue::default();
-        q.push(1, Batch, ());
-        q.push(2, Normal, ());
-        q.push(3, Critical, ());
-        assert_eq!(q.ahead_of(Critical), 1);
-        assert_eq!(q.ahead_of(Normal), 2);
-        assert_eq!(q.ahead_of(Batch), 3);
-        assert_eq!(q.remove(2, Normal), Some(()));
-        assert_eq!(q.remove(2, Normal), None);
+        for i in 0..4 {
+            q.push(i, Normal, &"flood", "f");
+        }
+        q.push(9, Normal, &"quiet", "q");
+        // The quiet tenant's second arrival: 4 against its 2: room is made.
+        assert_eq!(q.evict_for(Normal, &"quiet"), Some((3, "f")));
+        // The flooding tenant's own arrival is the one refused.
+        assert_eq!(q.evict_for(Normal, &"flood"), None);
+        // 3 against the quiet tenant's 1 + 1: no gain in refusing either.
+        q.push(10, Normal, &"quiet", "q");
+        assert_eq!(q.evict_for(Normal, &"quiet"), None);
+    }
+
+    #[test]
+    fn ahead_counts_the_turns_before_an_arrival() {
+        let mut q = WaitQueue::default();
+        for i in 0..10 {
+            q.push(i, Normal, &"flood", ());
+        }
+        q.push(20, Critical, &"x", ());
+        q.push(21, Batch, &"x", ());
+        // A quiet tenant waits behind the critical one and one turn of the flood.
+        assert_eq!(q.ahead_of(Normal, &"quiet"), 2);
+        // The flood's next waits behind all of its own.
+        assert_eq!(q.ahead_of(Normal, &"flood"), 11);
+        assert_eq!(q.ahead_of(Batch, &"quiet"), 12);
+    }
+
+    #[test]
+    fn removal_and_counts() {
+        let mut q = WaitQueue::default();
+        q.push(1, Batch, &"a", ());
+        q.push(2, Normal, &"a", ());
+        q.push(3, Critical, &"b", ());
+        assert_eq!(q.tenants(), 2);
+        assert_eq!(q.top(1), [("a", 2)]);
+        assert_eq!(q.remove(2, Normal, &"a"), Some(()));
+        assert_eq!(q.remove(2, Normal, &"a"), None);
+        assert_eq!(q.remove(3, Critical, &"a"), None, "another tenant's id");
         assert_eq!(q.len(), 2);
+        assert_eq!(q.remove(3, Critical, &"b"), Some(()));
+        assert_eq!(q.tenants(), 1);
+        assert!(q.pop_next(|_| true).is_some());
+        assert_eq!((q.len(), q.tenants()), (0, 0));
     }
 }

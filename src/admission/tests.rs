@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::client_key::ClientKey;
 use crate::error::Reason;
 
 fn controller(max: usize, capacity: usize, timeout_ms: u64) -> Arc<Controller> {
@@ -11,8 +12,7 @@ fn controller(max: usize, capacity: usize, timeout_ms: u64) -> Arc<Controller> {
         max_inflight: max,
         queue_capacity: capacity,
         queue_timeout: Duration::from_millis(timeout_ms),
-        retry_after_min_s: 1,
-        retry_after_max_s: 60,
+        ..AdmissionSettings::DEFAULT
     })
 }
 
@@ -316,4 +316,226 @@ async fn a_lull_spanned_by_one_slow_request_leaves_retry_after_honest() {
     assert_eq!(refused.reason(), Reason::QueueFull);
     let res = refused.into_response();
     assert_eq!(res.headers()["retry-after"], "1");
+}
+
+// === Tenants ===
+
+fn tenant(name: &str) -> ClientKey {
+    ClientKey::Value(name.as_bytes().into())
+}
+
+fn by_tenant(max: usize, capacity: usize, cap: Option<usize>) -> Arc<Controller> {
+    Controller::new(AdmissionSettings {
+        max_inflight: max,
+        queue_capacity: capacity,
+        queue_timeout: Duration::from_secs(60),
+        by_tenant: true,
+        max_inflight_per_tenant: cap,
+        ..AdmissionSettings::DEFAULT
+    })
+}
+
+/// Spawns a waiter of `name` that records when it is served, then holds its
+/// slot until `release` is notified.
+async fn tenant_waiter(
+    c: &Arc<Controller>,
+    name: &'static str,
+    order: &Arc<std::sync::Mutex<Vec<&'static str>>>,
+) -> tokio::task::JoinHandle<Result<(), Reason>> {
+    let (c, order) = (c.clone(), order.clone());
+    let handle = tokio::spawn(async move {
+        let permit = c
+            .acquire_as(Priority::Normal, tenant(name))
+            .await
+            .map_err(|r| r.reason())?;
+        order.lock().unwrap().push(name);
+        drop(permit);
+        Ok(())
+    });
+    tokio::task::yield_now().await;
+    handle
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_tenants_are_served_in_turn() {
+    let c = by_tenant(1, 16, None);
+    let held = c.acquire_as(Priority::Normal, tenant("a")).await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for name in ["a", "a", "a", "a", "b", "c", "b"] {
+        tasks.push(tenant_waiter(&c, name, &order).await);
+    }
+    drop(held);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["a", "b", "c", "a", "b", "a", "a"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_refuses_the_flooding_tenant_not_the_quiet_one() {
+    let c = by_tenant(1, 4, None);
+    let _held = c.acquire_as(Priority::Normal, tenant("a")).await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        flood.push(tenant_waiter(&c, "a", &order).await);
+    }
+    // The flood's next is refused itself...
+    let err = c
+        .acquire_as(Priority::Normal, tenant("a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::QueueFull);
+    // ...while a quiet tenant's arrival takes the flood's newest place.
+    let quiet = tenant_waiter(&c, "b", &order).await;
+    let newest = flood.pop().unwrap();
+    assert_eq!(newest.await.unwrap(), Err(Reason::QueueFull));
+    assert!(!quiet.is_finished());
+    assert_eq!(c.snapshot().queued, 4);
+    let tenants = c.snapshot().tenants.unwrap();
+    assert_eq!(tenants.waiting, 2);
+    assert_eq!(tenants.top_queued[0].tenant, "a");
+    assert_eq!(tenants.top_queued[0].count, 3);
+    assert_eq!(tenants.top_shed[0].tenant, "a");
+    assert_eq!(tenants.top_shed[0].count, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_at_its_share_waits_while_others_take_free_slots() {
+    let c = by_tenant(4, 16, Some(2));
+    let a1 = c.try_acquire_as(&tenant("a")).unwrap();
+    let _a2 = c.try_acquire_as(&tenant("a")).unwrap();
+    assert!(
+        c.try_acquire_as(&tenant("a")).is_none(),
+        "a is at its share"
+    );
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a3 = tenant_waiter(&c, "a", &order).await;
+    // Two slots are free and a waits: b still gets one at once.
+    let b1 = c.try_acquire_as(&tenant("b")).unwrap();
+    let b2 = tenant_waiter(&c, "b", &order).await;
+    b2.await.unwrap().unwrap();
+    assert!(!a3.is_finished());
+    assert_eq!(c.snapshot().inflight, 3);
+    assert_eq!(c.snapshot().tenants.unwrap().holding, Some(2));
+    // One of a's slots back: its waiter takes it.
+    drop(a1);
+    a3.await.unwrap().unwrap();
+    assert_eq!(*order.lock().unwrap(), ["b", "a"]);
+    drop(b1);
+    assert_eq!(c.snapshot().inflight, 1);
+}
+
+/// One step of a generated history.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A request of tenant `0..3` and a class arrives.
+    Arrive(u8, Priority),
+    /// The `n`-th held permit (mod how many) is released.
+    Complete(usize),
+    /// The `n`-th waiter (mod how many) gives up.
+    Cancel(usize),
+    /// Time passes (queue timeouts fire).
+    Wait(u64),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let priority =
+        prop::sample::select(vec![Priority::Batch, Priority::Normal, Priority::Critical]);
+    prop_oneof![
+        4 => (0u8..3, priority).prop_map(|(t, p)| Step::Arrive(t, p)),
+        3 => any::<usize>().prop_map(Step::Complete),
+        1 => any::<usize>().prop_map(Step::Cancel),
+        1 => (1u64..300).prop_map(Step::Wait),
+    ]
+}
+
+/// Runs `steps` against a controller (limit 3, queue 4, timeout 200 ms, share
+/// `cap`), checking after every step that neither limit is passed; at the end
+/// every slot and place must be back.
+fn run_history(steps: &[Step], cap: Option<usize>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let c = Controller::new(AdmissionSettings {
+            max_inflight: 3,
+            queue_capacity: 4,
+            queue_timeout: Duration::from_millis(200),
+            by_tenant: true,
+            max_inflight_per_tenant: cap,
+            ..AdmissionSettings::DEFAULT
+        });
+        let (granted_tx, mut granted) = tokio::sync::mpsc::unbounded_channel();
+        let mut held: Vec<(u8, Permit)> = Vec::new();
+        let mut waiting: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        for step in steps {
+            match step {
+                Step::Arrive(t, p) => {
+                    let (c, tx, t, p) = (c.clone(), granted_tx.clone(), *t, *p);
+                    waiting.push(tokio::spawn(async move {
+                        if let Ok(permit) = c.acquire_as(p, tenant(&t.to_string())).await {
+                            let _ = tx.send((t, permit));
+                        }
+                    }));
+                }
+                Step::Complete(n) if !held.is_empty() => {
+                    let at = n % held.len();
+                    held.swap_remove(at);
+                }
+                Step::Cancel(n) if !waiting.is_empty() => {
+                    let at = n % waiting.len();
+                    waiting.swap_remove(at).abort();
+                }
+                Step::Wait(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
+                _ => {}
+            }
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            while let Ok(grant) = granted.try_recv() {
+                held.push(grant);
+            }
+            waiting.retain(|w| !w.is_finished());
+            let s = c.snapshot();
+            assert!(s.inflight <= 3, "{} in flight", s.inflight);
+            assert!(s.queued <= 4, "{} queued", s.queued);
+            if let Some(cap) = cap {
+                for t in 0..3u8 {
+                    let n = held.iter().filter(|(h, _)| *h == t).count();
+                    assert!(n <= cap, "tenant {t} holds {n} > {cap}");
+                }
+            }
+            // What the controller counts is what the clients hold (a grant
+            // not yet received is in the channel, counted once it is).
+            assert!(s.inflight >= held.len());
+        }
+        for w in waiting.drain(..) {
+            w.abort();
+        }
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        while let Ok(grant) = granted.try_recv() {
+            drop(grant);
+        }
+        let s = c.snapshot();
+        assert_eq!((s.inflight, s.queued), (0, 0), "a slot or a place leaked");
+        assert_eq!(s.tenants.unwrap().holding, cap.map(|_| 0));
+    });
+}
+
+proptest::proptest! {
+    #[test]
+    fn no_history_passes_a_limit_or_leaks_a_slot(
+        steps in proptest::collection::vec(step(), 1..60),
+        cap in proptest::option::of(1usize..3),
+    ) {
+        run_history(&steps, cap);
+    }
 }

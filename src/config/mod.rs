@@ -168,6 +168,14 @@ pub struct AdmissionConfig {
     /// is ignored.
     #[serde(default, deserialize_with = "values::cidrs")]
     pub priority_trusted_proxies: Vec<ipnet::IpNet>,
+    /// Who a request's tenant is: `"ip"` (the client address, as the rate
+    /// limit resolves it) or `"header:<name>"` (an API key). Absent: one
+    /// tenant. Tenants that wait are served in turn.
+    #[serde(default, deserialize_with = "values::some_client_key")]
+    pub tenant_key: Option<crate::client_key::KeySource>,
+    /// Slots one tenant may hold at once (needs `tenant_key`).
+    #[serde(default)]
+    pub max_inflight_per_tenant: Option<Limit>,
     /// Smallest `Retry-After` (seconds) sent with a 503.
     #[serde(default = "values::default_retry_after_min")]
     pub retry_after_min_s: u64,
@@ -204,6 +212,8 @@ impl From<&AdmissionConfig> for AdmissionSettings {
             queue_timeout: c.queue_timeout_ms.get(),
             retry_after_min_s: c.retry_after_min_s,
             retry_after_max_s: c.retry_after_max_s,
+            by_tenant: c.tenant_key.is_some(),
+            max_inflight_per_tenant: c.max_inflight_per_tenant.map(Limit::as_usize),
         }
     }
 }
@@ -224,6 +234,19 @@ impl RouteConfig {
     /// The route's name as it appears in metrics and logs.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(self.path_prefix.as_str())
+    }
+
+    /// Who a request's tenant is, when the route has a `tenant_key`: for
+    /// `"ip"`, the client address as the rate limit resolves it (believing
+    /// `X-Forwarded-For` from its `trusted_proxies`).
+    pub fn tenant_extractor(&self) -> Option<crate::client_key::KeyExtractor> {
+        let source = self.admission.as_ref()?.tenant_key.as_ref()?;
+        let trusted = self
+            .rate_limit
+            .as_ref()
+            .map(|r| r.trusted_proxies.clone())
+            .unwrap_or_default();
+        Some(crate::client_key::KeyExtractor::new(source, trusted))
     }
 
     /// Where a waiting request's class comes from: the admission section's
@@ -356,6 +379,26 @@ impl AdmissionConfig {
                 adaptive.validate(&format!("{at}.adaptive"))?
             }
             _ => {}
+        }
+        if let Some(cap) = self.max_inflight_per_tenant {
+            if self.tenant_key.is_none() {
+                return Err((
+                    format!("{at}.max_inflight_per_tenant"),
+                    "needs tenant_key: without it every request is one tenant".into(),
+                ));
+            }
+            if let Some(max) = self.max_inflight.fixed()
+                && cap.get() > max.get()
+            {
+                return Err((
+                    format!("{at}.max_inflight_per_tenant"),
+                    format!(
+                        "must not exceed max_inflight ({} > {})",
+                        cap.get(),
+                        max.get()
+                    ),
+                ));
+            }
         }
         if self.retry_after_min_s > self.retry_after_max_s {
             return Err((

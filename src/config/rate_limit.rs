@@ -10,7 +10,7 @@ use crate::rate_limit::{KeySource, Rate, RateLimitSettings, Tier};
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// What identifies a client: its address, or a request header.
-    #[serde(default, deserialize_with = "client_key")]
+    #[serde(default, deserialize_with = "super::values::client_key")]
     pub key: KeySource,
     /// Sustained requests per second per client (fractions allowed: 0.5 = one
     /// every 2 s).
@@ -63,20 +63,6 @@ fn priority<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Priority>, D::Err
             "`{s}`: expected \"critical\", \"normal\" or \"batch\""
         ))
     })
-}
-
-fn client_key<'de, D: Deserializer<'de>>(de: D) -> Result<KeySource, D::Error> {
-    let s = String::deserialize(de)?;
-    if s == "ip" {
-        return Ok(KeySource::Ip);
-    }
-    let hint = "expected \"ip\" or \"header:<name>\", e.g. \"header:x-api-key\"";
-    let Some(name) = s.strip_prefix("header:") else {
-        return Err(serde::de::Error::custom(format!("`{s}`: {hint}")));
-    };
-    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
-        .map(KeySource::Header)
-        .map_err(|_| serde::de::Error::custom(format!("`{name}` is not a header name; {hint}")))
 }
 
 const fn default_max_keys() -> usize {

@@ -191,6 +191,26 @@ fn admission_section() {
             "route[0].admission.priority_trusted_proxies",
             "CIDR",
         ),
+        (
+            "tenant_key = \"cookie\"",
+            "route[0].admission.tenant_key",
+            "expected \"ip\" or \"header:<name>\"",
+        ),
+        (
+            "max_inflight_per_tenant = 2",
+            "route[0].admission.max_inflight_per_tenant",
+            "needs tenant_key",
+        ),
+        (
+            "max_inflight = 4\ntenant_key = \"ip\"\nmax_inflight_per_tenant = 5",
+            "route[0].admission.max_inflight_per_tenant",
+            "must not exceed max_inflight (5 > 4)",
+        ),
+        (
+            "tenant_key = \"ip\"\nmax_inflight_per_tenant = 0",
+            "route[0].admission.max_inflight_per_tenant",
+            "greater than 0",
+        ),
     ];
     for (body, key, words) in cases {
         let e = err(&format!("{ROUTE}[route.admission]\n{body}\n"));
@@ -483,4 +503,27 @@ fn bad_adaptive_values_name_their_key() {
         "{ROUTE}[route.admission]\nmax_inflight = \"adaptive\"\n[route.admission.adaptive]\n"
     );
     assert_refused(&head, "route[0].admission.adaptive", &cases);
+}
+
+#[test]
+fn a_tenant_key_gives_the_route_tenants_and_their_share() {
+    use crate::admission::AdmissionSettings;
+    let text = format!(
+        "{ROUTE}[route.admission]\nmax_inflight = 8\ntenant_key = \"header:X-Api-Key\"\n\
+         max_inflight_per_tenant = 3\n"
+    );
+    let c = Config::parse("t.toml", &text).unwrap();
+    let route = &c.routes[0];
+    let settings = AdmissionSettings::from(route.admission.as_ref().unwrap());
+    assert!(settings.by_tenant);
+    assert_eq!(settings.max_inflight_per_tenant, Some(3));
+    let keys = route.tenant_extractor().expect("tenants");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-api-key", "team-a".parse().unwrap());
+    assert_eq!(
+        keys.key(&headers, &http::Extensions::new()),
+        crate::client_key::ClientKey::Value(b"team-a"[..].into())
+    );
+    let plain = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
+    assert!(plain.routes[0].tenant_extractor().is_none());
 }

@@ -294,3 +294,29 @@ pub(super) fn cidrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<ipnet::IpNet
         })
         .collect()
 }
+
+/// `"ip"` or `"header:<name>"`: where a client's key comes from.
+pub(super) fn client_key<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<crate::client_key::KeySource, D::Error> {
+    use crate::client_key::KeySource;
+    use serde::Deserialize;
+    let s = String::deserialize(de)?;
+    if s == "ip" {
+        return Ok(KeySource::Ip);
+    }
+    let hint = "expected \"ip\" or \"header:<name>\", e.g. \"header:x-api-key\"";
+    let Some(name) = s.strip_prefix("header:") else {
+        return Err(serde::de::Error::custom(format!("`{s}`: {hint}")));
+    };
+    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+        .map(KeySource::Header)
+        .map_err(|_| serde::de::Error::custom(format!("`{name}` is not a header name; {hint}")))
+}
+
+/// An optional [`client_key`] (a key absent from the file stays `None`).
+pub(super) fn some_client_key<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<crate::client_key::KeySource>, D::Error> {
+    client_key(de).map(Some)
+}

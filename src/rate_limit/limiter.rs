@@ -13,8 +13,8 @@ use http::HeaderValue;
 use metrics::{Counter, Gauge};
 use serde::Serialize;
 
-use super::key::{ClientKey, KeyExtractor, KeySource};
 use super::store::CappedStore;
+use crate::client_key::{ClientKey, KeyExtractor, KeySource};
 use crate::metrics::{RATE_LIMIT_KEYS, RATE_LIMIT_OVERFLOW_TOTAL, RATE_LIMITED_TOTAL, Registry};
 
 /// governor's clock, read from tokio's, so that rate limits run on the paused

@@ -7,12 +7,11 @@
 //! ones share one overflow bucket), and clients whose bucket has refilled are
 //! forgotten on a timer.
 
-mod key;
 mod layer;
 mod limiter;
 mod store;
 
-pub use key::{ClientKey, KeyExtractor, KeySource};
+pub use crate::client_key::{ClientKey, KeyExtractor, KeySource};
 pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
 pub use limiter::{
     Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter, Tier, TokioClock,

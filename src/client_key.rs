@@ -1,4 +1,5 @@
-//! [`ClientKey`] and [`KeyExtractor`]: who a request counts against.
+//! [`ClientKey`] and [`KeyExtractor`]: who a request counts against, for the
+//! rate limit (whose bucket) and admission (which tenant).
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv4Addr};
