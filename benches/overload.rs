@@ -118,6 +118,7 @@ fn main() {
                 rates: vec![multiple * CAPACITY; step_seconds],
                 max_outstanding: 4000,
                 client_timeout: Duration::from_secs(10),
+                headers: http::HeaderMap::new(),
             };
             let mut peak_queue = 0;
             let seconds = rt.block_on(loadgen::run(plan, |_, _| {

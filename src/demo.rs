@@ -49,6 +49,7 @@ fn plan(url: String) -> Result<LoadPlan, http::uri::InvalidUri> {
         rates,
         max_outstanding: 2000,
         client_timeout: Duration::from_secs(10),
+        headers: http::HeaderMap::new(),
     })
 }
 

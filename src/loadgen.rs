@@ -91,6 +91,8 @@ pub struct LoadPlan {
     pub max_outstanding: usize,
     /// A request still unanswered after this is an error.
     pub client_timeout: Duration,
+    /// Sent with every request (a tenant's API key, say).
+    pub headers: http::HeaderMap,
 }
 
 enum Event {
@@ -147,10 +149,14 @@ pub async fn run(plan: LoadPlan, mut each_second: impl FnMut(usize, &Second)) ->
             let _ = tx.send((second, Event::Offered));
             let (client, tx, outstanding) = (client.clone(), tx.clone(), outstanding.clone());
             let url = plan.url.clone();
+            let headers = plan.headers.clone();
             let timeout = plan.client_timeout;
             tasks.spawn(async move {
                 let began = Instant::now();
-                let req = Request::get(url).body(Empty::new());
+                let req = Request::get(url).body(Empty::new()).map(|mut req| {
+                    *req.headers_mut() = headers;
+                    req
+                });
                 let answer = match req {
                     Ok(req) => tokio::time::timeout(timeout, async {
                         let res = client.request(req).await.ok()?;
