@@ -43,11 +43,16 @@ struct StepResult {
 }
 
 /// The admission section of each sluicegate target: the issue's static limit,
-/// and the adaptive one that is not told the 16 workers (issue 6).
+/// the adaptive one that is not told the 16 workers (issue 6), and the static
+/// limit with a CoDel queue (issue 13).
 fn route_of(target: &str) -> &'static str {
     match target {
         "adaptive" => {
             "[route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 32\nqueue_timeout_ms = 100\n"
+        }
+        "codel" => {
+            "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n\
+             queue_discipline = \"codel\"\n"
         }
         _ => "[route.admission]\nmax_inflight = 16\nqueue_capacity = 32\nqueue_timeout_ms = 100\n",
     }
@@ -82,9 +87,9 @@ fn main() {
         .into_iter()
         .find(|p| Command::new(p).arg("-v").output().is_ok());
     let mut results = Vec::new();
-    let targets =
-        std::env::var("TARGETS").unwrap_or_else(|_| "direct,sluicegate,adaptive,haproxy".into());
-    for target in ["direct", "sluicegate", "adaptive", "haproxy"] {
+    let targets = std::env::var("TARGETS")
+        .unwrap_or_else(|_| "direct,sluicegate,adaptive,codel,haproxy".into());
+    for target in ["direct", "sluicegate", "adaptive", "codel", "haproxy"] {
         if !targets.split(',').any(|t| t == target) {
             continue;
         }
@@ -95,7 +100,7 @@ fn main() {
         for multiple in STEPS {
             let sim = spawn_sim(SIM_PORT, 16, 20);
             let proxy = match target {
-                "sluicegate" | "adaptive" => Some(start_proxy(
+                "sluicegate" | "adaptive" | "codel" => Some(start_proxy(
                     &dir,
                     target,
                     route_of(target),
@@ -207,6 +212,7 @@ fn plot(results: &[StepResult]) -> String {
         ("direct", "#d62728"),
         ("sluicegate", "#2ca02c"),
         ("adaptive", "#9467bd"),
+        ("codel", "#ff7f0e"),
         ("haproxy", "#1f77b4"),
     ];
     let (w, h, pad) = (420.0, 300.0, 50.0);

@@ -37,6 +37,35 @@ pub struct AdmissionSettings {
     pub by_tenant: bool,
     /// Slots one tenant may hold at once (`None`: any number).
     pub max_inflight_per_tenant: Option<usize>,
+    /// How the queue is served.
+    pub discipline: Discipline,
+}
+
+/// How waiters are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discipline {
+    /// Oldest first; a waiter may wait `queue_timeout`.
+    Fifo,
+    /// Facebook's adaptive LIFO with CoDel's standing-queue test: once the
+    /// queue has not been empty for `interval` (or is full), it stands
+    /// (arrivals outpace the upstream), and until it has been empty for an
+    /// interval the newest waiter is served first, the waiters left past
+    /// `target` once the freed slots are given are shed, and no more wait
+    /// than drain within `target` (or the limit, if more): admitted requests
+    /// see the service time, not two of them.
+    Codel {
+        /// How long the queue must have been non-empty to count as standing.
+        interval: Duration,
+        /// The longest wait while it stands.
+        target: Duration,
+    },
+}
+
+impl Discipline {
+    /// CoDel's default interval (RFC 8289's), the queue's standing test.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
+    /// CoDel's default target (RFC 8289's), the longest wait while it stands.
+    pub const DEFAULT_TARGET: Duration = Duration::from_millis(5);
 }
 
 impl AdmissionSettings {
@@ -50,6 +79,7 @@ impl AdmissionSettings {
         retry_after_max_s: 60,
         by_tenant: false,
         max_inflight_per_tenant: None,
+        discipline: Discipline::Fifo,
     };
 
     /// No limit: every request is admitted at once, and only counted.
@@ -148,7 +178,14 @@ struct State {
     inflight: usize,
     /// The limit in force: `max_inflight`, or less while a slow start ramps up.
     limit: usize,
-    queue: WaitQueue<ClientKey, oneshot::Sender<Permit>>,
+    queue: WaitQueue<ClientKey, oneshot::Sender<Grant>>,
+    /// Since when the queue has not been empty.
+    nonempty_since: Option<Instant>,
+    /// Since when it has been empty.
+    empty_since: Option<Instant>,
+    /// Whether it stands (CoDel): entered after an interval never empty,
+    /// left after an interval always empty.
+    standing: bool,
     /// Slots held per tenant (kept only with `max_inflight_per_tenant`).
     holding: HashMap<ClientKey, usize>,
     shed_by_tenant: ShedCounts,
@@ -243,6 +280,9 @@ impl Controller {
                 inflight: 0,
                 limit,
                 queue: WaitQueue::default(),
+                nonempty_since: None,
+                empty_since: None,
+                standing: false,
                 holding: HashMap::new(),
                 shed_by_tenant: ShedCounts::default(),
                 rate: CompletionRate::new(),
@@ -277,7 +317,14 @@ impl Controller {
         }
     }
 
-    fn publish(&self, state: &State) {
+    fn publish(&self, state: &mut State) {
+        if state.queue.len() == 0 {
+            state.nonempty_since = None;
+            state.empty_since.get_or_insert_with(Instant::now);
+        } else {
+            state.empty_since = None;
+            state.nonempty_since.get_or_insert_with(Instant::now);
+        }
         self.metrics.inflight.set(state.inflight as f64);
         self.metrics.queue_depth.set(state.queue.len() as f64);
     }
@@ -388,12 +435,29 @@ impl Controller {
             if self.settings.queue_capacity == 0 {
                 return Err(self.shed(&mut state, Reason::QueueFull, &tenant, now));
             }
-            // Deadline-aware: refuse now what would only time out later.
-            let ahead = state.queue.ahead_of(priority, &tenant);
+            let standing = self.standing(&mut state, now);
+            // Deadline-aware: refuse now what would only time out later. A
+            // standing queue serves the newest first: only higher classes
+            // are ahead, and the wait allowed is the target.
+            let (ahead, allowed) = match standing {
+                Some(target) => (state.queue.above(priority), target),
+                None => (
+                    state.queue.ahead_of(priority, &tenant),
+                    self.settings.queue_timeout,
+                ),
+            };
             if let Some(wait) = state.rate.time_for(ahead + 1, now)
-                && wait > self.settings.queue_timeout
+                && wait > allowed
             {
                 return Err(self.shed(&mut state, Reason::QueueFull, &tenant, now));
+            }
+            // A standing queue holds what drains within the target: the
+            // oldest of the lowest class makes room (it would expire first).
+            if let Some(target) = standing
+                && state.queue.len() >= self.standing_depth(&state, target, now)
+                && let Some(oldest) = state.queue.pop_oldest_up_to(priority)
+            {
+                let _ = oldest.send(Err(Reason::QueueFull));
             }
             if state.queue.len() >= self.settings.queue_capacity {
                 match state.queue.evict_for(priority, &tenant) {
@@ -406,7 +470,7 @@ impl Controller {
             let id = state.next_id;
             state.next_id += 1;
             state.queue.push(id, priority, &tenant, tx);
-            self.publish(&state);
+            self.publish(&mut state);
             (id, rx)
         };
         let place = QueuePlace {
@@ -420,18 +484,23 @@ impl Controller {
         // Out of the queue in every case below (a granted waiter already is).
         let tenant = place.leave();
         let reason = match outcome {
-            Ok(Ok(permit)) => {
+            Ok(Ok(Ok(permit))) => {
                 self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
                 return Ok(permit);
             }
+            // Shed by the queue (a standing queue's target, or room made).
+            Ok(Ok(Err(reason))) => reason,
             Ok(Err(_)) => Reason::QueueFull, // evicted by a higher class
-            Err(_) => Reason::QueueTimeout,
+            Err(_) => match rx.try_recv() {
+                // A slot granted at the last moment is still taken.
+                Ok(Ok(permit)) => {
+                    self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
+                    return Ok(permit);
+                }
+                Ok(Err(reason)) => reason,
+                Err(_) => Reason::QueueTimeout,
+            },
         };
-        // A slot granted at the last moment is still taken.
-        if let Ok(permit) = rx.try_recv() {
-            self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
-            return Ok(permit);
-        }
         let Locked::Limited(mut state) = self.lock() else {
             // Only a limited controller queues.
             return Err(Rejection::new(reason));
@@ -498,22 +567,84 @@ impl Controller {
         self.fill(&mut state);
         let still = state.inflight >= state.limit || state.queue.len() > 0;
         state.rate.record(now, saturated, still);
-        self.publish(&state);
+        self.publish(&mut state);
+    }
+
+    /// The target while the queue stands: from the moment it has not been
+    /// empty for a whole interval (CoDel's test) or is full, until it has been
+    /// empty for one (an upstream's workers finishing together empty a short
+    /// queue for an instant without the overload being over).
+    fn standing(&self, state: &mut State, now: Instant) -> Option<Duration> {
+        let Discipline::Codel { interval, target } = self.settings.discipline else {
+            return None;
+        };
+        let lasted =
+            |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= interval);
+        if state.standing && lasted(state.empty_since) {
+            state.standing = false;
+        } else if !state.standing
+            && (lasted(state.nonempty_since) || state.queue.len() >= self.settings.queue_capacity)
+        {
+            state.standing = true;
+        }
+        state.standing.then_some(target)
+    }
+
+    /// Sheds the waiters that have waited past `target`.
+    fn expire(&self, state: &mut State, target: Duration, now: Instant) {
+        let Some(cutoff) = now.checked_sub(target) else {
+            return;
+        };
+        let expired = state.queue.older_than(cutoff);
+        if !expired.is_empty() {
+            for waiter in expired {
+                let _ = waiter.send(Err(Reason::QueueTimeout));
+            }
+            self.publish(state);
+        }
+    }
+
+    /// Waiters a standing queue keeps: what drains within `target` at the
+    /// completion rate, never more than the capacity.
+    ///
+    /// At least the limit: an upstream's workers often finish together, and
+    /// a queue shorter than the slots they free at once would leave slots
+    /// idle until the next arrivals.
+    fn standing_depth(&self, state: &State, target: Duration, now: Instant) -> usize {
+        state
+            .rate
+            .per_second(now)
+            .map_or(self.settings.queue_capacity, |rate| {
+                (rate * target.as_secs_f64()).ceil() as usize
+            })
+            .max(state.limit)
+            .clamp(1, self.settings.queue_capacity)
     }
 
     /// Grants waiters slots while the limit allows, each tenant within its
-    /// share.
+    /// share; newest first while the queue stands.
     fn fill(self: &Arc<Self>, state: &mut State) {
         let cap = self.settings.max_inflight_per_tenant;
+        let now = Instant::now();
+        let standing = self.standing(state, now);
+        // Newest first, and only then are the waiters left past the target
+        // shed: a slot is better given to an older waiter than left idle.
+        self.grant_waiters(state, cap, standing.is_some());
+        if let Some(target) = standing {
+            self.expire(state, target, now);
+        }
+    }
+
+    fn grant_waiters(self: &Arc<Self>, state: &mut State, cap: Option<usize>, newest: bool) {
         while state.inflight < state.limit {
             let holding = &state.holding;
             let may_run =
                 |t: &ClientKey| cap.is_none_or(|cap| holding.get(t).copied().unwrap_or(0) < cap);
-            let Some((_, tenant, tx)) = state.queue.pop_next(may_run) else {
+            let Some((_, tenant, tx)) = state.queue.pop_next(may_run, newest) else {
                 return;
             };
             let permit = self.grant(state, &tenant);
-            if let Err(mut permit) = tx.send(permit) {
+            if let Err(Ok(mut permit)) = tx.send(Ok(permit)) {
                 // The waiter is gone and the permit came back. It must not
                 // release (the lock is held): the slot is simply still free.
                 permit.armed = false;
@@ -537,7 +668,7 @@ impl Controller {
         state.limit = limit;
         self.metrics.limit.set(limit as f64);
         self.fill(&mut state);
-        self.publish(&state);
+        self.publish(&mut state);
     }
 
     /// The limit in force.
@@ -617,7 +748,7 @@ impl QueuePlace {
                 .remove(self.id, self.priority, &self.tenant)
                 .is_some()
         {
-            self.controller.publish(&state);
+            self.controller.publish(&mut state);
         }
     }
 }
@@ -627,6 +758,9 @@ impl Drop for QueuePlace {
         self.remove();
     }
 }
+
+/// What a waiter is woken with: its slot, or why it was shed.
+type Grant = Result<Permit, Reason>;
 
 /// A slot at the upstream; released (or handed to the next waiter) on drop.
 #[derive(Debug)]

@@ -16,8 +16,8 @@ pub mod retry_after;
 mod tenants;
 
 pub use controller::{
-    AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Permit, TOP_TENANTS,
-    TenantsSnapshot,
+    AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Discipline, Permit,
+    TOP_TENANTS, TenantsSnapshot,
 };
 pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, QueueWait, ResponseFuture};
 pub use priority::{Priority, PriorityRule, Trust};

@@ -12,10 +12,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
+use tokio::time::Instant;
+
 use super::Priority;
 
 /// Waiters by class and tenant. `K` names a tenant; `T` is what a waiter is
-/// woken with; ids let a waiter that gives up remove itself.
+/// woken with; ids let a waiter that gives up remove itself; each waiter's
+/// arrival time lets the ones that waited too long be found (CoDel).
 #[derive(Debug)]
 pub(crate) struct WaitQueue<K, T> {
     classes: [Class<K, T>; 3],
@@ -26,9 +29,17 @@ pub(crate) struct WaitQueue<K, T> {
 #[derive(Debug)]
 struct Class<K, T> {
     /// Each waiting tenant's waiters, oldest first.
-    waiters: HashMap<K, VecDeque<(u64, T)>>,
+    waiters: HashMap<K, VecDeque<Entry<T>>>,
     /// The tenants with waiters, in the order they are served.
     turns: VecDeque<K>,
+}
+
+/// One waiter: its id, when it arrived, and what wakes it.
+#[derive(Debug)]
+struct Entry<T> {
+    id: u64,
+    since: Instant,
+    item: T,
 }
 
 impl<K, T> Default for Class<K, T> {
@@ -70,7 +81,7 @@ impl<K: Clone + Eq + Hash, T> Class<K, T> {
         if waiters.is_empty() {
             self.forget(tenant);
         }
-        taken
+        taken.map(|e| (e.id, e.item))
     }
 
     fn forget(&mut self, tenant: &K) {
@@ -101,21 +112,35 @@ impl<K: Clone + Eq + Hash, T> WaitQueue<K, T> {
         if waiters.is_empty() {
             class.turns.push_back(tenant.clone());
         }
-        waiters.push_back((id, item));
+        waiters.push_back(Entry {
+            id,
+            since: Instant::now(),
+            item,
+        });
         self.len += 1;
     }
 
     /// The next waiter to serve: of the highest class with a waiter whose
-    /// tenant `may_run`, the oldest waiter of the first such tenant in turn;
-    /// that tenant's turn then goes to the back.
-    pub(crate) fn pop_next(&mut self, may_run: impl Fn(&K) -> bool) -> Option<(u64, K, T)> {
+    /// tenant `may_run`, the first such tenant in turn's oldest waiter (its
+    /// newest when `newest`: adaptive LIFO); that tenant's turn then goes to
+    /// the back.
+    pub(crate) fn pop_next(
+        &mut self,
+        may_run: impl Fn(&K) -> bool,
+        newest: bool,
+    ) -> Option<(u64, K, T)> {
         for class in self.classes.iter_mut().rev() {
             let Some(at) = class.turns.iter().position(&may_run) else {
                 continue;
             };
             let tenant = class.turns.remove(at).expect("position is in range");
             let waiters = class.waiters.get_mut(&tenant).expect("a turn has waiters");
-            let (id, item) = waiters.pop_front().expect("a turn has waiters");
+            let entry = if newest {
+                waiters.pop_back()
+            } else {
+                waiters.pop_front()
+            };
+            let Entry { id, item, .. } = entry.expect("a turn has waiters");
             if waiters.is_empty() {
                 class.waiters.remove(&tenant);
             } else {
@@ -182,13 +207,61 @@ impl<K: Clone + Eq + Hash, T> WaitQueue<K, T> {
     pub(crate) fn remove(&mut self, id: u64, priority: Priority, tenant: &K) -> Option<T> {
         let class = &mut self.classes[priority.index()];
         let waiters = class.waiters.get_mut(tenant)?;
-        let at = waiters.iter().position(|(i, _)| *i == id)?;
-        let (_, item) = waiters.remove(at)?;
+        let at = waiters.iter().position(|e| e.id == id)?;
+        let item = waiters.remove(at)?.item;
         if waiters.is_empty() {
             class.forget(tenant);
         }
         self.len -= 1;
         Some(item)
+    }
+
+    /// Removes every waiter that arrived before `cutoff`.
+    pub(crate) fn older_than(&mut self, cutoff: Instant) -> Vec<T> {
+        let mut out = Vec::new();
+        for class in &mut self.classes {
+            let mut emptied = Vec::new();
+            for (tenant, waiters) in &mut class.waiters {
+                while waiters.front().is_some_and(|e| e.since < cutoff) {
+                    out.extend(waiters.pop_front().map(|e| e.item));
+                }
+                if waiters.is_empty() {
+                    emptied.push(tenant.clone());
+                }
+            }
+            for tenant in emptied {
+                class.forget(&tenant);
+            }
+        }
+        self.len -= out.len();
+        out
+    }
+
+    /// Removes the oldest waiter of the lowest class present, if that class
+    /// is not above `priority`.
+    pub(crate) fn pop_oldest_up_to(&mut self, priority: Priority) -> Option<T> {
+        let class = self.classes[..=priority.index()]
+            .iter_mut()
+            .find(|class| !class.turns.is_empty())?;
+        let oldest = class
+            .waiters
+            .iter()
+            .filter_map(|(t, w)| w.front().map(|e| (e.since, e.id, t)))
+            .min_by_key(|&(since, id, _)| (since, id))
+            .map(|(_, _, t)| t.clone())?;
+        let taken = class.take(&oldest, false).map(|(_, item)| item);
+        if taken.is_some() {
+            self.len -= 1;
+        }
+        taken
+    }
+
+    /// Waiters of classes above `priority`.
+    pub(crate) fn above(&self, priority: Priority) -> usize {
+        self.classes[priority.index() + 1..]
+            .iter()
+            .map(Class::len)
+            .sum()
     }
 
     /// Waiters per tenant, all classes together, most first (at most `n`).
@@ -225,7 +298,7 @@ mod tests {
     use Priority::*;
 
     fn drain(q: &mut WaitQueue<&'static str, &'static str>) -> Vec<&'static str> {
-        std::iter::from_fn(|| q.pop_next(|_| true).map(|(_, _, t)| t)).collect()
+        std::iter::from_fn(|| q.pop_next(|_| true, false).map(|(_, _, t)| t)).collect()
     }
 
     #[test]
@@ -257,9 +330,11 @@ mod tests {
         let mut q = WaitQueue::default();
         q.push(1, Normal, &"a", "a1");
         q.push(2, Normal, &"b", "b1");
-        let next = q.pop_next(|t| *t != "a").map(|(_, t, item)| (t, item));
+        let next = q
+            .pop_next(|t| *t != "a", false)
+            .map(|(_, t, item)| (t, item));
         assert_eq!(next, Some(("b", "b1")));
-        assert!(q.pop_next(|t| *t != "a").is_none());
+        assert!(q.pop_next(|t| *t != "a", false).is_none());
         assert_eq!(drain(&mut q), ["a1"]);
     }
 
@@ -332,7 +407,7 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.remove(3, Critical, &"b"), Some(()));
         assert_eq!(q.tenants(), 1);
-        assert!(q.pop_next(|_| true).is_some());
+        assert!(q.pop_next(|_| true, false).is_some());
         assert_eq!((q.len(), q.tenants()), (0, 0));
     }
 }

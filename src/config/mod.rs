@@ -18,7 +18,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER, PriorityRule};
+use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER, Discipline, PriorityRule};
 use crate::proxy::ForwardSettings;
 
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
@@ -176,6 +176,17 @@ pub struct AdmissionConfig {
     /// Slots one tenant may hold at once (needs `tenant_key`).
     #[serde(default)]
     pub max_inflight_per_tenant: Option<Limit>,
+    /// `"fifo"` (default) or `"codel"`: adaptive LIFO with a short wait
+    /// while the queue stands.
+    #[serde(default)]
+    pub queue_discipline: QueueDiscipline,
+    /// `codel`: how long the queue must have been non-empty to stand
+    /// (default 100).
+    #[serde(default)]
+    pub codel_interval_ms: Option<Millis>,
+    /// `codel`: the longest wait while it stands (default 5).
+    #[serde(default)]
+    pub codel_target_ms: Option<Millis>,
     /// Smallest `Retry-After` (seconds) sent with a 503.
     #[serde(default = "values::default_retry_after_min")]
     pub retry_after_min_s: u64,
@@ -187,7 +198,33 @@ pub struct AdmissionConfig {
     pub adaptive: Option<AdaptiveConfig>,
 }
 
+/// `queue_discipline`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueDiscipline {
+    /// Oldest first.
+    #[default]
+    Fifo,
+    /// Adaptive LIFO + CoDel.
+    Codel,
+}
+
 impl AdmissionConfig {
+    /// How the queue is served.
+    pub fn discipline(&self) -> Discipline {
+        match self.queue_discipline {
+            QueueDiscipline::Fifo => Discipline::Fifo,
+            QueueDiscipline::Codel => Discipline::Codel {
+                interval: self
+                    .codel_interval_ms
+                    .map_or(Discipline::DEFAULT_INTERVAL, Millis::get),
+                target: self
+                    .codel_target_ms
+                    .map_or(Discipline::DEFAULT_TARGET, Millis::get),
+            },
+        }
+    }
+
     /// The adaptive settings when `max_inflight = "adaptive"` (the section's
     /// values, or its defaults when it is absent).
     pub fn adaptive_settings(&self) -> Option<crate::adaptive::AdaptiveSettings> {
@@ -214,6 +251,7 @@ impl From<&AdmissionConfig> for AdmissionSettings {
             retry_after_max_s: c.retry_after_max_s,
             by_tenant: c.tenant_key.is_some(),
             max_inflight_per_tenant: c.max_inflight_per_tenant.map(Limit::as_usize),
+            discipline: c.discipline(),
         }
     }
 }
@@ -379,6 +417,42 @@ impl AdmissionConfig {
                 adaptive.validate(&format!("{at}.adaptive"))?
             }
             _ => {}
+        }
+        match self.discipline() {
+            Discipline::Fifo => {
+                let set = [
+                    ("codel_interval_ms", self.codel_interval_ms),
+                    ("codel_target_ms", self.codel_target_ms),
+                ];
+                if let Some((key, _)) = set.iter().find(|(_, v)| v.is_some()) {
+                    return Err((
+                        format!("{at}.{key}"),
+                        "only applies with queue_discipline = \"codel\"".into(),
+                    ));
+                }
+            }
+            Discipline::Codel { interval, target } => {
+                if target >= interval {
+                    return Err((
+                        format!("{at}.codel_target_ms"),
+                        format!(
+                            "must be below codel_interval_ms ({} >= {})",
+                            target.as_millis(),
+                            interval.as_millis()
+                        ),
+                    ));
+                }
+                if target >= self.queue_timeout_ms.get() {
+                    return Err((
+                        format!("{at}.codel_target_ms"),
+                        format!(
+                            "must be below queue_timeout_ms ({} >= {})",
+                            target.as_millis(),
+                            self.queue_timeout_ms.get().as_millis()
+                        ),
+                    ));
+                }
+            }
         }
         if let Some(cap) = self.max_inflight_per_tenant {
             if self.tenant_key.is_none() {

@@ -207,6 +207,26 @@ fn admission_section() {
             "must not exceed max_inflight (5 > 4)",
         ),
         (
+            "queue_discipline = \"lifo\"",
+            "route[0].admission.queue_discipline",
+            "unknown variant",
+        ),
+        (
+            "codel_target_ms = 5",
+            "route[0].admission.codel_target_ms",
+            "only applies with queue_discipline = \"codel\"",
+        ),
+        (
+            "queue_discipline = \"codel\"\ncodel_interval_ms = 50\ncodel_target_ms = 50",
+            "route[0].admission.codel_target_ms",
+            "must be below codel_interval_ms (50 >= 50)",
+        ),
+        (
+            "queue_discipline = \"codel\"\nqueue_timeout_ms = 5",
+            "route[0].admission.codel_target_ms",
+            "must be below queue_timeout_ms (5 >= 5)",
+        ),
+        (
             "tenant_key = \"ip\"\nmax_inflight_per_tenant = 0",
             "route[0].admission.max_inflight_per_tenant",
             "greater than 0",
@@ -526,4 +546,29 @@ fn a_tenant_key_gives_the_route_tenants_and_their_share() {
     );
     let plain = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
     assert!(plain.routes[0].tenant_extractor().is_none());
+}
+
+#[test]
+fn codel_takes_its_defaults_or_the_given_times() {
+    use crate::admission::{AdmissionSettings, Discipline};
+    use std::time::Duration;
+    let parse = |extra: &str| {
+        let c = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n{extra}")).unwrap();
+        AdmissionSettings::from(c.routes[0].admission.as_ref().unwrap()).discipline
+    };
+    assert_eq!(parse(""), Discipline::Fifo);
+    assert_eq!(
+        parse("queue_discipline = \"codel\"\n"),
+        Discipline::Codel {
+            interval: Duration::from_millis(100),
+            target: Duration::from_millis(5)
+        }
+    );
+    assert_eq!(
+        parse("queue_discipline = \"codel\"\ncodel_interval_ms = 200\ncodel_target_ms = 10\n"),
+        Discipline::Codel {
+            interval: Duration::from_millis(200),
+            target: Duration::from_millis(10)
+        }
+    );
 }
