@@ -57,10 +57,24 @@ async fn the_upstream_never_sees_more_than_max_inflight_with_500_clients() {
     proxy.shutdown().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_full_queue_answers_503_queue_full_at_once_with_retry_after() {
+type Answer = tokio::task::JoinHandle<(http::Response<()>, bytes::Bytes)>;
+
+/// A route through a held upstream with one request holding the slot and
+/// one waiting.
+struct OneWaiting {
+    up: std::sync::Arc<Upstream>,
+    /// Told of each request reaching the upstream.
+    held: tokio::sync::mpsc::UnboundedReceiver<()>,
+    proxy: sluicegate::Running,
+    /// The held path's URL.
+    hold: String,
+    first: Answer,
+    queued: Answer,
+}
+
+async fn one_held_one_queued(route: &str) -> OneWaiting {
     let (up, mut held) = spawn_upstream().await;
-    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &admission(1, 1, 60_000)))
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", route))
         .await
         .unwrap();
     let hold = format!("http://{}/hold", proxy.proxy_addr());
@@ -72,6 +86,26 @@ async fn a_full_queue_answers_503_queue_full_at_once_with_retry_after() {
     while json(&get(&status_url).await.1)["routes"][0]["admission"]["queued"] != 1 {
         tokio::task::yield_now().await;
     }
+    OneWaiting {
+        up,
+        held,
+        proxy,
+        hold,
+        first,
+        queued,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_answers_503_queue_full_at_once_with_retry_after() {
+    let OneWaiting {
+        up,
+        mut held,
+        proxy,
+        hold,
+        first,
+        queued,
+    } = one_held_one_queued(&admission(1, 1, 60_000)).await;
 
     let start = tokio::time::Instant::now();
     let (res, body) = get(&hold).await;
@@ -159,20 +193,15 @@ async fn a_request_that_waits_too_long_gets_503_queue_timeout() {
 /// place; a third arrives with `headers`. Returns its status and the
 /// waiter's.
 async fn arrival_against_a_full_queue(extra: &str, headers: &[(&str, &str)]) -> (u16, u16) {
-    let (up, mut held) = spawn_upstream().await;
     let route = format!("{}{extra}", admission(1, 1, 60_000));
-    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))
-        .await
-        .unwrap();
-    let hold = format!("http://{}/hold", proxy.proxy_addr());
-    let (h1, h2) = (hold.clone(), hold.clone());
-    let first = tokio::spawn(async move { get(&h1).await });
-    held.recv().await.unwrap();
-    let waiter = tokio::spawn(async move { get(&h2).await });
-    let status_url = format!("http://{}/status", proxy.admin_addr());
-    while json(&get(&status_url).await.1)["routes"][0]["admission"]["queued"] != 1 {
-        tokio::task::yield_now().await;
-    }
+    let OneWaiting {
+        up,
+        proxy,
+        hold,
+        first,
+        queued: waiter,
+        ..
+    } = one_held_one_queued(&route).await;
     let mut req = http::Request::get(&hold);
     for (name, value) in headers {
         req = req.header(*name, *value);

@@ -625,6 +625,10 @@ impl Controller {
     /// share; newest first while the queue stands.
     fn fill(self: &Arc<Self>, state: &mut State) {
         let cap = self.settings.max_inflight_per_tenant;
+        if matches!(self.settings.discipline, Discipline::Fifo) {
+            self.grant_waiters(state, cap, false);
+            return;
+        }
         let now = Instant::now();
         let standing = self.standing(state, now);
         // Newest first, and only then are the waiters left past the target

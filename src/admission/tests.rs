@@ -335,17 +335,18 @@ fn by_tenant(max: usize, capacity: usize, cap: Option<usize>) -> Arc<Controller>
     })
 }
 
-/// Spawns a waiter of `name` that records when it is served, then holds its
-/// slot until `release` is notified.
-async fn tenant_waiter(
+/// Spawns a waiter named `name`, of tenant `of`, that records when it is
+/// served and gives its slot back at once.
+async fn waiter_as(
     c: &Arc<Controller>,
+    of: ClientKey,
     name: &'static str,
     order: &Arc<std::sync::Mutex<Vec<&'static str>>>,
 ) -> tokio::task::JoinHandle<Result<(), Reason>> {
     let (c, order) = (c.clone(), order.clone());
     let handle = tokio::spawn(async move {
         let permit = c
-            .acquire_as(Priority::Normal, tenant(name))
+            .acquire_as(Priority::Normal, of)
             .await
             .map_err(|r| r.reason())?;
         order.lock().unwrap().push(name);
@@ -354,6 +355,15 @@ async fn tenant_waiter(
     });
     tokio::task::yield_now().await;
     handle
+}
+
+/// A waiter of the tenant `name`.
+async fn tenant_waiter(
+    c: &Arc<Controller>,
+    name: &'static str,
+    order: &Arc<std::sync::Mutex<Vec<&'static str>>>,
+) -> tokio::task::JoinHandle<Result<(), Reason>> {
+    waiter_as(c, tenant(name), name, order).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -565,21 +575,13 @@ fn codel(target_ms: u64) -> Arc<Controller> {
     })
 }
 
-/// Waiter `name` of one tenant; records when it is served.
+/// Waiter `name`, all of one tenant.
 async fn named(
     c: &Arc<Controller>,
     name: &'static str,
     order: &Arc<std::sync::Mutex<Vec<&'static str>>>,
 ) -> tokio::task::JoinHandle<Result<(), Reason>> {
-    let (c, order) = (c.clone(), order.clone());
-    let handle = tokio::spawn(async move {
-        let permit = c.acquire(Priority::Normal).await.map_err(|r| r.reason())?;
-        order.lock().unwrap().push(name);
-        drop(permit);
-        Ok(())
-    });
-    tokio::task::yield_now().await;
-    handle
+    waiter_as(c, tenant("one"), name, order).await
 }
 
 #[tokio::test(start_paused = true)]
