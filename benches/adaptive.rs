@@ -117,6 +117,7 @@ fn run(
         max_outstanding: 4000,
         client_timeout: Duration::from_secs(10),
         headers: http::HeaderMap::new(),
+        body: bytes::Bytes::new(),
     };
     let mut halved_at = 0.0;
     let seconds = rt.block_on(loadgen::run(plan, |i, _| {

@@ -104,6 +104,7 @@ fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str)
         max_outstanding: 4000,
         client_timeout: Duration::from_secs(10),
         headers: http::HeaderMap::new(),
+        body: bytes::Bytes::new(),
     };
     let mut hits = Vec::new();
     let mut received = 0;

@@ -101,6 +101,7 @@ fn main() {
                     max_outstanding: 4000,
                     client_timeout: Duration::from_secs(10),
                     headers,
+                    body: bytes::Bytes::new(),
                 }
             })
             .collect();

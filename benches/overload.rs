@@ -124,6 +124,7 @@ fn main() {
                 max_outstanding: 4000,
                 client_timeout: Duration::from_secs(10),
                 headers: http::HeaderMap::new(),
+                body: bytes::Bytes::new(),
             };
             let mut peak_queue = 0;
             let seconds = rt.block_on(loadgen::run(plan, |_, _| {

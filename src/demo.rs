@@ -50,6 +50,7 @@ fn plan(url: String) -> Result<LoadPlan, http::uri::InvalidUri> {
         max_outstanding: 2000,
         client_timeout: Duration::from_secs(10),
         headers: http::HeaderMap::new(),
+        body: bytes::Bytes::new(),
     })
 }
 

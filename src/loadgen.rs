@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
@@ -83,7 +83,7 @@ pub fn quantile_ms(samples: &[u64], q: f64) -> Option<f64> {
 /// A load run's shape and bounds.
 #[derive(Debug, Clone)]
 pub struct LoadPlan {
-    /// Where requests go (GET).
+    /// Where requests go.
     pub url: http::Uri,
     /// Requests per second for each whole second of the run.
     pub rates: Vec<f64>,
@@ -93,6 +93,8 @@ pub struct LoadPlan {
     pub client_timeout: Duration,
     /// Sent with every request (a tenant's API key, say).
     pub headers: http::HeaderMap,
+    /// Each request's body: empty for a GET, else POSTed.
+    pub body: Bytes,
 }
 
 enum Event {
@@ -108,7 +110,7 @@ enum Event {
 /// Runs `plan`, calling `each_second` with every finished second as it ends.
 /// Returns all seconds; requests still open at the end are abandoned.
 pub async fn run(plan: LoadPlan, mut each_second: impl FnMut(usize, &Second)) -> Vec<Second> {
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(plan.max_outstanding)
         .build(HttpConnector::new());
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
@@ -150,13 +152,23 @@ pub async fn run(plan: LoadPlan, mut each_second: impl FnMut(usize, &Second)) ->
             let (client, tx, outstanding) = (client.clone(), tx.clone(), outstanding.clone());
             let url = plan.url.clone();
             let headers = plan.headers.clone();
+            let body = plan.body.clone();
             let timeout = plan.client_timeout;
             tasks.spawn(async move {
                 let began = Instant::now();
-                let req = Request::get(url).body(Empty::new()).map(|mut req| {
-                    *req.headers_mut() = headers;
-                    req
-                });
+                let method = if body.is_empty() {
+                    http::Method::GET
+                } else {
+                    http::Method::POST
+                };
+                let req = Request::builder()
+                    .method(method)
+                    .uri(url)
+                    .body(Full::new(body))
+                    .map(|mut req| {
+                        *req.headers_mut() = headers;
+                        req
+                    });
                 let answer = match req {
                     Ok(req) => tokio::time::timeout(timeout, async {
                         let res = client.request(req).await.ok()?;

@@ -322,3 +322,51 @@ async fn a_quiet_tenant_is_not_refused_behind_a_flooding_one() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn uploads_are_admitted_by_their_bytes_as_well_as_their_count() {
+    let (up, mut held) = spawn_upstream().await;
+    let route = format!("{}max_inflight_bytes = 100000\n", admission(16, 4, 60_000));
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))
+        .await
+        .unwrap();
+    let hold = format!("http://{}/hold", proxy.proxy_addr());
+    let post = |n: usize| {
+        let hold = hold.clone();
+        tokio::spawn(async move {
+            let req = http::Request::post(&hold)
+                .body(full(vec![b'e'; n]))
+                .unwrap();
+            send(&client(), req).await.0.status().as_u16()
+        })
+    };
+    // Heavier than the whole budget: 413 before it queues or reaches the upstream.
+    assert_eq!(post(200_000).await.unwrap(), 413);
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let first = post(60_000);
+    held.recv().await.unwrap();
+    let second = post(60_000);
+    let status_url = format!("http://{}/status", proxy.admin_addr());
+    loop {
+        let status = json(&get(&status_url).await.1);
+        let a = &status["routes"][0]["admission"];
+        if a["queued"] == 1 {
+            assert_eq!(a["inflight"], 1, "slots are free: the bytes are not");
+            assert_eq!(a["inflight_bytes"], 60_000);
+            assert_eq!(a["bytes_limit"], 100_000);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // A body-less request weighs nothing and passes.
+    let (res, _) = get(&format!("http://{}/x", proxy.proxy_addr())).await;
+    assert_eq!(res.status(), 200);
+    for task in [first, second] {
+        while !task.is_finished() {
+            up.release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    proxy.shutdown().await;
+}

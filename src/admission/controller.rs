@@ -39,6 +39,11 @@ pub struct AdmissionSettings {
     pub max_inflight_per_tenant: Option<usize>,
     /// How the queue is served.
     pub discipline: Discipline,
+    /// Request body bytes admitted at once (`None`: not counted): each
+    /// request weighs its body's declared length.
+    pub max_inflight_bytes: Option<u64>,
+    /// What a body of unknown length (chunked) weighs.
+    pub unknown_length_bytes: u64,
 }
 
 /// How waiters are served.
@@ -80,6 +85,8 @@ impl AdmissionSettings {
         by_tenant: false,
         max_inflight_per_tenant: None,
         discipline: Discipline::Fifo,
+        max_inflight_bytes: None,
+        unknown_length_bytes: 64 * 1024,
     };
 
     /// No limit: every request is admitted at once, and only counted.
@@ -153,6 +160,10 @@ pub struct AdmissionSnapshot {
     pub adaptive: Option<AlgorithmSnapshot>,
     /// The tenants, when the route has a `tenant_key`.
     pub tenants: Option<TenantsSnapshot>,
+    /// Request body bytes admitted and not finished (with `max_inflight_bytes`).
+    pub inflight_bytes: Option<u64>,
+    /// `max_inflight_bytes`.
+    pub bytes_limit: Option<u64>,
 }
 
 /// Tenants at a glance: how many wait, and which wait and shed most (the
@@ -178,7 +189,9 @@ struct State {
     inflight: usize,
     /// The limit in force: `max_inflight`, or less while a slow start ramps up.
     limit: usize,
-    queue: WaitQueue<ClientKey, oneshot::Sender<Grant>>,
+    queue: WaitQueue<ClientKey, Waiter>,
+    /// The admitted requests' weights, summed.
+    inflight_bytes: u64,
     /// Since when the queue has not been empty.
     nonempty_since: Option<Instant>,
     /// Since when it has been empty.
@@ -280,6 +293,7 @@ impl Controller {
                 inflight: 0,
                 limit,
                 queue: WaitQueue::default(),
+                inflight_bytes: 0,
                 nonempty_since: None,
                 empty_since: None,
                 standing: false,
@@ -331,16 +345,41 @@ impl Controller {
 
     /// A slot now, if one is free and nobody waits for one.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        self.try_acquire_as(&everyone())
+        self.try_acquire_as(&everyone(), 0)
     }
 
-    /// A slot now for a request of `tenant`, if one is free, nobody who may
-    /// run waits for one, and the tenant is below its share.
-    pub fn try_acquire_as(self: &Arc<Self>, tenant: &ClientKey) -> Option<Permit> {
+    /// A slot now for a request of `tenant` weighing `weight` bytes, if one
+    /// is free, nobody who may run waits for one, the tenant is below its
+    /// share and the weight fits.
+    pub fn try_acquire_as(self: &Arc<Self>, tenant: &ClientKey, weight: u64) -> Option<Permit> {
         match self.lock() {
             Locked::Unlimited(inflight) => Some(self.count_unlimited(inflight)),
-            Locked::Limited(mut state) => self.take_free_slot(&mut state, tenant, Instant::now()),
+            Locked::Limited(mut state) => {
+                self.take_free_slot(&mut state, tenant, weight, Instant::now())
+            }
         }
+    }
+
+    /// What a request whose body's length is `length` (`None`: unknown)
+    /// weighs: 0 unless bytes are counted.
+    pub fn weight(&self, length: Option<u64>) -> u64 {
+        match self.settings.max_inflight_bytes {
+            None => 0,
+            Some(_) => length.unwrap_or(self.settings.unknown_length_bytes),
+        }
+    }
+
+    /// Whether `weight` could never fit: heavier than `max_inflight_bytes`.
+    pub fn too_heavy(&self, weight: u64) -> bool {
+        self.settings
+            .max_inflight_bytes
+            .is_some_and(|max| weight > max)
+    }
+
+    fn fits(&self, state: &State, weight: u64) -> bool {
+        self.settings
+            .max_inflight_bytes
+            .is_none_or(|max| state.inflight_bytes + weight <= max)
     }
 
     /// Whether requests must say their tenant before [`Self::try_acquire_as`]
@@ -356,29 +395,34 @@ impl Controller {
         // showing one in flight.
         inflight.fetch_add(1, Ordering::Relaxed);
         self.metrics.inflight.increment(1.0);
-        Permit::new(self.clone(), None)
+        Permit::new(self.clone(), None, 0)
     }
 
     fn take_free_slot(
         self: &Arc<Self>,
         state: &mut State,
         tenant: &ClientKey,
+        weight: u64,
         now: Instant,
     ) -> Option<Permit> {
-        if state.inflight >= state.limit {
+        if state.inflight >= state.limit || !self.fits(state, weight) {
             return None;
         }
-        match self.settings.max_inflight_per_tenant {
+        let cap = self.settings.max_inflight_per_tenant;
+        if cap.is_none() && self.settings.max_inflight_bytes.is_none() && state.queue.len() > 0 {
             // Nobody jumps the queue.
-            None if state.queue.len() > 0 => return None,
-            None => {}
-            // Waiters left while a slot is free are all of tenants at their
-            // share (`fill` runs at every release): the slot is this one's
-            // if its own tenant is below its share.
-            Some(cap) if state.holding.get(tenant).copied().unwrap_or(0) >= cap => return None,
-            Some(_) => {}
+            return None;
         }
-        let permit = self.grant(state, tenant);
+        // With shares or bytes, waiters left while a slot is free are all of
+        // tenants at their share or too heavy for the bytes left (`fill`
+        // runs at every release): the slot is this one's if its tenant is
+        // below its share (and it fits, above).
+        if let Some(cap) = cap
+            && state.holding.get(tenant).copied().unwrap_or(0) >= cap
+        {
+            return None;
+        }
+        let permit = self.grant(state, tenant, weight);
         if state.inflight >= state.limit {
             state.rate.saturated(now);
         }
@@ -386,19 +430,21 @@ impl Controller {
         Some(permit)
     }
 
-    /// Takes a slot for `tenant`.
-    fn grant(self: &Arc<Self>, state: &mut State, tenant: &ClientKey) -> Permit {
+    /// Takes a slot, and `weight` bytes, for `tenant`.
+    fn grant(self: &Arc<Self>, state: &mut State, tenant: &ClientKey, weight: u64) -> Permit {
         state.inflight += 1;
+        state.inflight_bytes += weight;
         let tenant = self.settings.max_inflight_per_tenant.map(|_| {
             *state.holding.entry(tenant.clone()).or_default() += 1;
             tenant.clone()
         });
-        Permit::new(self.clone(), tenant)
+        Permit::new(self.clone(), tenant, weight)
     }
 
-    /// Gives back a slot `tenant` held.
-    fn ungrant(state: &mut State, tenant: Option<&ClientKey>) {
+    /// Gives back a slot `tenant` held, and its `weight`.
+    fn ungrant(state: &mut State, tenant: Option<&ClientKey>, weight: u64) {
         state.inflight -= 1;
+        state.inflight_bytes -= weight;
         if let Some(tenant) = tenant
             && let Some(n) = state.holding.get_mut(tenant)
         {
@@ -412,23 +458,29 @@ impl Controller {
     /// Waits for a slot. Cancel-safe: dropping the future leaves the queue at once
     /// and never leaks a slot.
     pub async fn acquire(self: &Arc<Self>, priority: Priority) -> Result<Permit, Rejection> {
-        self.acquire_as(priority, everyone()).await
+        self.acquire_as(priority, everyone(), 0).await
     }
 
-    /// Waits for a slot for a request of `tenant`: tenants that wait are
-    /// served in turn within each class.
+    /// Waits for a slot for a request of `tenant` weighing `weight` bytes:
+    /// tenants that wait are served in turn within each class. A request
+    /// heavier than `max_inflight_bytes` is refused at once (`413`).
     pub async fn acquire_as(
         self: &Arc<Self>,
         priority: Priority,
         tenant: ClientKey,
+        weight: u64,
     ) -> Result<Permit, Rejection> {
+        if self.too_heavy(weight) {
+            return Err(Rejection::new(Reason::BodyTooLarge)
+                .with_cause("the request outweighs max_inflight_bytes"));
+        }
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = match self.lock() {
                 Locked::Unlimited(inflight) => return Ok(self.count_unlimited(inflight)),
                 Locked::Limited(state) => state,
             };
-            if let Some(permit) = self.take_free_slot(&mut state, &tenant, now) {
+            if let Some(permit) = self.take_free_slot(&mut state, &tenant, weight, now) {
                 return Ok(permit);
             }
             state.rate.saturated(now);
@@ -457,19 +509,21 @@ impl Controller {
                 && state.queue.len() >= self.standing_depth(&state, target, now)
                 && let Some(oldest) = state.queue.pop_oldest_up_to(priority)
             {
-                let _ = oldest.send(Err(Reason::QueueFull));
+                let _ = oldest.tx.send(Err(Reason::QueueFull));
             }
             if state.queue.len() >= self.settings.queue_capacity {
                 match state.queue.evict_for(priority, &tenant) {
                     // Dropping its sender wakes the evicted waiter with a refusal.
-                    Some((_, evicted)) => drop(evicted),
+                    Some((_, evicted)) => drop(evicted.tx),
                     None => return Err(self.shed(&mut state, Reason::QueueFull, &tenant, now)),
                 }
             }
             let (tx, rx) = oneshot::channel();
             let id = state.next_id;
             state.next_id += 1;
-            state.queue.push(id, priority, &tenant, tx);
+            state
+                .queue
+                .push(id, priority, &tenant, Waiter { tx, weight });
             self.publish(&mut state);
             (id, rx)
         };
@@ -539,7 +593,12 @@ impl Controller {
 
     /// A permit ended: feed its sample to the algorithm, then hand its slot
     /// (and any the limit gained) to the next waiters, or free it.
-    fn release(self: &Arc<Self>, sample: Option<(Duration, bool)>, tenant: Option<ClientKey>) {
+    fn release(
+        self: &Arc<Self>,
+        sample: Option<(Duration, bool)>,
+        tenant: Option<ClientKey>,
+        weight: u64,
+    ) {
         let mut state = match self.lock() {
             Locked::Unlimited(inflight) => {
                 inflight.fetch_sub(1, Ordering::Relaxed);
@@ -563,7 +622,7 @@ impl Controller {
                 self.metrics.limit.set(limit as f64);
             }
         }
-        Self::ungrant(&mut state, tenant.as_ref());
+        Self::ungrant(&mut state, tenant.as_ref(), weight);
         self.fill(&mut state);
         let still = state.inflight >= state.limit || state.queue.len() > 0;
         state.rate.record(now, saturated, still);
@@ -598,7 +657,7 @@ impl Controller {
         let expired = state.queue.older_than(cutoff);
         if !expired.is_empty() {
             for waiter in expired {
-                let _ = waiter.send(Err(Reason::QueueTimeout));
+                let _ = waiter.tx.send(Err(Reason::QueueTimeout));
             }
             self.publish(state);
         }
@@ -644,15 +703,20 @@ impl Controller {
             let holding = &state.holding;
             let may_run =
                 |t: &ClientKey| cap.is_none_or(|cap| holding.get(t).copied().unwrap_or(0) < cap);
-            let Some((_, tenant, tx)) = state.queue.pop_next(may_run, newest) else {
+            let left = self
+                .settings
+                .max_inflight_bytes
+                .map(|max| max.saturating_sub(state.inflight_bytes));
+            let fits = |w: &Waiter| left.is_none_or(|left| w.weight <= left);
+            let Some((_, tenant, waiter)) = state.queue.pop_next(may_run, fits, newest) else {
                 return;
             };
-            let permit = self.grant(state, &tenant);
-            if let Err(Ok(mut permit)) = tx.send(Ok(permit)) {
+            let permit = self.grant(state, &tenant, waiter.weight);
+            if let Err(Ok(mut permit)) = waiter.tx.send(Ok(permit)) {
                 // The waiter is gone and the permit came back. It must not
                 // release (the lock is held): the slot is simply still free.
                 permit.armed = false;
-                Self::ungrant(state, permit.tenant.as_ref());
+                Self::ungrant(state, permit.tenant.as_ref(), permit.weight);
             }
         }
     }
@@ -696,6 +760,8 @@ impl Controller {
             shed_queue_timeout: self.shed_timeout.load(Ordering::Relaxed),
             adaptive: None,
             tenants: None,
+            inflight_bytes: None,
+            bytes_limit: self.settings.max_inflight_bytes,
         };
         match self.lock() {
             Locked::Unlimited(inflight) => snapshot.inflight = inflight.load(Ordering::Relaxed),
@@ -705,6 +771,10 @@ impl Controller {
                 snapshot.limit = Some(state.limit);
                 snapshot.completion_rate = state.rate.per_second(now);
                 snapshot.adaptive = state.algorithm.as_ref().map(|a| a.snapshot(now));
+                snapshot.inflight_bytes = self
+                    .settings
+                    .max_inflight_bytes
+                    .map(|_| state.inflight_bytes);
                 snapshot.tenants = self.settings.by_tenant.then(|| TenantsSnapshot {
                     waiting: state.queue.tenants(),
                     holding: self
@@ -766,6 +836,12 @@ impl Drop for QueuePlace {
 /// What a waiter is woken with: its slot, or why it was shed.
 type Grant = Result<Permit, Reason>;
 
+/// A request waiting: how to wake it, and what it weighs.
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    weight: u64,
+}
+
 /// A slot at the upstream; released (or handed to the next waiter) on drop.
 #[derive(Debug)]
 pub struct Permit {
@@ -775,15 +851,18 @@ pub struct Permit {
     /// The tenant whose share it counts against (with
     /// `max_inflight_per_tenant`).
     tenant: Option<ClientKey>,
+    /// The bytes it holds (with `max_inflight_bytes`).
+    weight: u64,
 }
 
 impl Permit {
-    fn new(controller: Arc<Controller>, tenant: Option<ClientKey>) -> Self {
+    fn new(controller: Arc<Controller>, tenant: Option<ClientKey>, weight: u64) -> Self {
         Self {
             controller,
             armed: true,
             sample: None,
             tenant,
+            weight,
         }
     }
 
@@ -800,7 +879,7 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
             self.controller
-                .release(self.sample.take(), self.tenant.take());
+                .release(self.sample.take(), self.tenant.take(), self.weight);
         }
     }
 }

@@ -126,15 +126,16 @@ fn wait(
     controller: Arc<Controller>,
     priority: Priority,
     tenant: ClientKey,
+    weight: u64,
     peer: Option<PeerClosed>,
 ) -> BoxFuture<Permit> {
     Box::pin(async move {
         let Some(peer) = peer else {
-            return Ok(controller.acquire_as(priority, tenant).await?);
+            return Ok(controller.acquire_as(priority, tenant, weight).await?);
         };
         tokio::select! {
             biased;
-            permit = controller.acquire_as(priority, tenant) => Ok(permit?),
+            permit = controller.acquire_as(priority, tenant, weight) => Ok(permit?),
             () = peer.closed() => {
                 // Dropping the acquire future left the queue.
                 Err(Rejection::new(Reason::ClientClosed)
@@ -174,7 +175,7 @@ where
     S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
-    B: Send + 'static,
+    B: http_body::Body + Send + 'static,
 {
     type Response = Response<GuardedBody<ResB, Permit>>;
     type Error = BoxError;
@@ -187,11 +188,26 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // What the body weighs: its declared length, none without a body.
+        let body = req.body();
+        let length = if body.is_end_stream() {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        };
+        let weight = self.controller.weight(length);
+        if self.controller.too_heavy(weight) {
+            let refusal = Rejection::new(Reason::BodyTooLarge)
+                .with_cause("the request body outweighs max_inflight_bytes");
+            return ResponseFuture::Refused {
+                rejection: Some(refusal),
+            };
+        }
         // A tenant is needed up front only when its share is capped.
         let tenant = self.controller.caps_tenants().then(|| self.tenant_of(&req));
         let free = match &tenant {
-            Some(tenant) => self.controller.try_acquire_as(tenant),
-            None => self.controller.try_acquire(),
+            Some(tenant) => self.controller.try_acquire_as(tenant, weight),
+            None => self.controller.try_acquire_as(&everyone(), weight),
         };
         if let Some(permit) = free {
             // The common path: a slot at once, no future of our own to box.
@@ -210,7 +226,7 @@ where
         ResponseFuture::Queued {
             future: Box::pin(async move {
                 let start = Instant::now();
-                let permit = wait(controller, priority, tenant, peer).await?;
+                let permit = wait(controller, priority, tenant, weight, peer).await?;
                 let admitted = Instant::now();
                 let result = inner.oneshot(req).await;
                 finish(result, permit, admitted, admitted - start)
@@ -265,6 +281,10 @@ pin_project! {
         Queued {
             future: BoxFuture<Response<GuardedBody<ResB, Permit>>>,
         },
+        /// Heavier than every byte admission may hold: refused at once.
+        Refused {
+            rejection: Option<Rejection>,
+        },
     }
 }
 
@@ -283,6 +303,10 @@ where
                 Poll::Ready(finish(result, permit, at, Duration::ZERO))
             }
             ResponseProj::Queued { future } => future.as_mut().poll(cx),
+            ResponseProj::Refused { rejection } => {
+                let rejection = rejection.take().expect("polled after completion");
+                Poll::Ready(Err(rejection.into()))
+            }
         }
     }
 }

@@ -120,17 +120,28 @@ impl<K: Clone + Eq + Hash, T> WaitQueue<K, T> {
         self.len += 1;
     }
 
-    /// The next waiter to serve: of the highest class with a waiter whose
-    /// tenant `may_run`, the first such tenant in turn's oldest waiter (its
-    /// newest when `newest`: adaptive LIFO); that tenant's turn then goes to
-    /// the back.
+    /// The next waiter to serve: of the highest class with one that `fits`
+    /// and whose tenant `may_run`, the first such tenant in turn's oldest
+    /// waiter (its newest when `newest`: adaptive LIFO); that tenant's turn
+    /// then goes to the back. A waiter that does not fit (too heavy for the
+    /// bytes left) is passed over, not waited for.
     pub(crate) fn pop_next(
         &mut self,
         may_run: impl Fn(&K) -> bool,
+        fits: impl Fn(&T) -> bool,
         newest: bool,
     ) -> Option<(u64, K, T)> {
         for class in self.classes.iter_mut().rev() {
-            let Some(at) = class.turns.iter().position(&may_run) else {
+            let waiters = &class.waiters;
+            let candidate = |t: &K| {
+                let w = waiters.get(t)?;
+                if newest { w.back() } else { w.front() }
+            };
+            let Some(at) = class
+                .turns
+                .iter()
+                .position(|t| may_run(t) && candidate(t).is_some_and(|e| fits(&e.item)))
+            else {
                 continue;
             };
             let tenant = class.turns.remove(at).expect("position is in range");
@@ -298,7 +309,7 @@ mod tests {
     use Priority::*;
 
     fn drain(q: &mut WaitQueue<&'static str, &'static str>) -> Vec<&'static str> {
-        std::iter::from_fn(|| q.pop_next(|_| true, false).map(|(_, _, t)| t)).collect()
+        std::iter::from_fn(|| q.pop_next(|_| true, |_| true, false).map(|(_, _, t)| t)).collect()
     }
 
     #[test]
@@ -331,11 +342,27 @@ mod tests {
         q.push(1, Normal, &"a", "a1");
         q.push(2, Normal, &"b", "b1");
         let next = q
-            .pop_next(|t| *t != "a", false)
+            .pop_next(|t| *t != "a", |_| true, false)
             .map(|(_, t, item)| (t, item));
         assert_eq!(next, Some(("b", "b1")));
-        assert!(q.pop_next(|t| *t != "a", false).is_none());
+        assert!(q.pop_next(|t| *t != "a", |_| true, false).is_none());
         assert_eq!(drain(&mut q), ["a1"]);
+    }
+
+    #[test]
+    fn a_waiter_that_does_not_fit_is_passed_over() {
+        let mut q = WaitQueue::default();
+        q.push(1, Normal, &"a", 1000);
+        q.push(2, Normal, &"b", 10);
+        q.push(3, Critical, &"c", 2000);
+        let next = q.pop_next(|_| true, |w| *w <= 100, false);
+        assert_eq!(
+            next,
+            Some((2, "b", 10)),
+            "the critical and the first are too heavy"
+        );
+        assert!(q.pop_next(|_| true, |w| *w <= 100, false).is_none());
+        assert_eq!(q.pop_next(|_| true, |_| true, false), Some((3, "c", 2000)));
     }
 
     #[test]
@@ -407,7 +434,7 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(q.remove(3, Critical, &"b"), Some(()));
         assert_eq!(q.tenants(), 1);
-        assert!(q.pop_next(|_| true, false).is_some());
+        assert!(q.pop_next(|_| true, |_| true, false).is_some());
         assert_eq!((q.len(), q.tenants()), (0, 0));
     }
 }

@@ -170,7 +170,7 @@ async fn the_slot_is_held_until_a_streaming_body_ends() {
     let layer = AdmissionLayer::with_controller(controller(1, 4, 60_000));
     let c = layer.controller().clone();
     let e = end.clone();
-    let svc = layer.layer(tower::service_fn(move |_req: http::Request<()>| {
+    let svc = layer.layer(tower::service_fn(move |_req: http::Request<String>| {
         let end = e.clone();
         async move {
             let ended = Box::pin(end.notified_owned());
@@ -181,13 +181,17 @@ async fn the_slot_is_held_until_a_streaming_body_ends() {
         }
     }));
 
-    let res = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(http::Request::new(String::new()))
+        .await
+        .unwrap();
     let mut body = res.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "part");
     // Headers and a first chunk are out, the body is not done: still held.
     assert_eq!(c.snapshot().inflight, 1);
-    let second = tokio::spawn(svc.clone().oneshot(http::Request::new(())));
+    let second = tokio::spawn(svc.clone().oneshot(http::Request::new(String::new())));
     tokio::task::yield_now().await;
     assert_eq!(
         c.snapshot().queued,
@@ -346,7 +350,7 @@ async fn waiter_as(
     let (c, order) = (c.clone(), order.clone());
     let handle = tokio::spawn(async move {
         let permit = c
-            .acquire_as(Priority::Normal, of)
+            .acquire_as(Priority::Normal, of, 0)
             .await
             .map_err(|r| r.reason())?;
         order.lock().unwrap().push(name);
@@ -369,7 +373,10 @@ async fn tenant_waiter(
 #[tokio::test(start_paused = true)]
 async fn waiting_tenants_are_served_in_turn() {
     let c = by_tenant(1, 16, None);
-    let held = c.acquire_as(Priority::Normal, tenant("a")).await.unwrap();
+    let held = c
+        .acquire_as(Priority::Normal, tenant("a"), 0)
+        .await
+        .unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for name in ["a", "a", "a", "a", "b", "c", "b"] {
@@ -385,7 +392,10 @@ async fn waiting_tenants_are_served_in_turn() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_refuses_the_flooding_tenant_not_the_quiet_one() {
     let c = by_tenant(1, 4, None);
-    let _held = c.acquire_as(Priority::Normal, tenant("a")).await.unwrap();
+    let _held = c
+        .acquire_as(Priority::Normal, tenant("a"), 0)
+        .await
+        .unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut flood = Vec::new();
     for _ in 0..4 {
@@ -393,7 +403,7 @@ async fn a_full_queue_refuses_the_flooding_tenant_not_the_quiet_one() {
     }
     // The flood's next is refused itself...
     let err = c
-        .acquire_as(Priority::Normal, tenant("a"))
+        .acquire_as(Priority::Normal, tenant("a"), 0)
         .await
         .unwrap_err();
     assert_eq!(err.reason(), Reason::QueueFull);
@@ -414,16 +424,16 @@ async fn a_full_queue_refuses_the_flooding_tenant_not_the_quiet_one() {
 #[tokio::test(start_paused = true)]
 async fn a_tenant_at_its_share_waits_while_others_take_free_slots() {
     let c = by_tenant(4, 16, Some(2));
-    let a1 = c.try_acquire_as(&tenant("a")).unwrap();
-    let _a2 = c.try_acquire_as(&tenant("a")).unwrap();
+    let a1 = c.try_acquire_as(&tenant("a"), 0).unwrap();
+    let _a2 = c.try_acquire_as(&tenant("a"), 0).unwrap();
     assert!(
-        c.try_acquire_as(&tenant("a")).is_none(),
+        c.try_acquire_as(&tenant("a"), 0).is_none(),
         "a is at its share"
     );
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let a3 = tenant_waiter(&c, "a", &order).await;
     // Two slots are free and a waits: b still gets one at once.
-    let b1 = c.try_acquire_as(&tenant("b")).unwrap();
+    let b1 = c.try_acquire_as(&tenant("b"), 0).unwrap();
     let b2 = tenant_waiter(&c, "b", &order).await;
     b2.await.unwrap().unwrap();
     assert!(!a3.is_finished());
@@ -440,8 +450,8 @@ async fn a_tenant_at_its_share_waits_while_others_take_free_slots() {
 /// One step of a generated history.
 #[derive(Debug, Clone)]
 enum Step {
-    /// A request of tenant `0..3` and a class arrives.
-    Arrive(u8, Priority),
+    /// A request of tenant `0..3`, a class and a weight arrives.
+    Arrive(u8, Priority, u64),
     /// The `n`-th held permit (mod how many) is released.
     Complete(usize),
     /// The `n`-th waiter (mod how many) gives up.
@@ -455,7 +465,8 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
     let priority =
         prop::sample::select(vec![Priority::Batch, Priority::Normal, Priority::Critical]);
     prop_oneof![
-        4 => (0u8..3, priority).prop_map(|(t, p)| Step::Arrive(t, p)),
+        4 => (0u8..3, priority, prop::sample::select(vec![0u64, 1, 2, 3]))
+            .prop_map(|(t, p, w)| Step::Arrive(t, p, w)),
         3 => any::<usize>().prop_map(Step::Complete),
         1 => any::<usize>().prop_map(Step::Cancel),
         1 => (1u64..300).prop_map(Step::Wait),
@@ -465,7 +476,7 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
 /// Runs `steps` against a controller (limit 3, queue 4, timeout 200 ms, share
 /// `cap`), checking after every step that neither limit is passed; at the end
 /// every slot and place must be back.
-fn run_history(steps: &[Step], cap: Option<usize>, discipline: Discipline) {
+fn run_history(steps: &[Step], cap: Option<usize>, discipline: Discipline, bytes: Option<u64>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -479,6 +490,7 @@ fn run_history(steps: &[Step], cap: Option<usize>, discipline: Discipline) {
             by_tenant: true,
             max_inflight_per_tenant: cap,
             discipline,
+            max_inflight_bytes: bytes,
             ..AdmissionSettings::DEFAULT
         });
         let (granted_tx, mut granted) = tokio::sync::mpsc::unbounded_channel();
@@ -486,10 +498,10 @@ fn run_history(steps: &[Step], cap: Option<usize>, discipline: Discipline) {
         let mut waiting: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         for step in steps {
             match step {
-                Step::Arrive(t, p) => {
-                    let (c, tx, t, p) = (c.clone(), granted_tx.clone(), *t, *p);
+                Step::Arrive(t, p, w) => {
+                    let (c, tx, t, p, w) = (c.clone(), granted_tx.clone(), *t, *p, *w);
                     waiting.push(tokio::spawn(async move {
-                        if let Ok(permit) = c.acquire_as(p, tenant(&t.to_string())).await {
+                        if let Ok(permit) = c.acquire_as(p, tenant(&t.to_string()), w).await {
                             let _ = tx.send((t, permit));
                         }
                     }));
@@ -515,6 +527,9 @@ fn run_history(steps: &[Step], cap: Option<usize>, discipline: Discipline) {
             let s = c.snapshot();
             assert!(s.inflight <= 3, "{} in flight", s.inflight);
             assert!(s.queued <= 4, "{} queued", s.queued);
+            if let (Some(max), Some(held_bytes)) = (bytes, s.inflight_bytes) {
+                assert!(held_bytes <= max, "{held_bytes} bytes in flight > {max}");
+            }
             if let Some(cap) = cap {
                 for t in 0..3u8 {
                     let n = held.iter().filter(|(h, _)| *h == t).count();
@@ -537,6 +552,7 @@ fn run_history(steps: &[Step], cap: Option<usize>, discipline: Discipline) {
         }
         let s = c.snapshot();
         assert_eq!((s.inflight, s.queued), (0, 0), "a slot or a place leaked");
+        assert_eq!(s.inflight_bytes, bytes.map(|_| 0), "bytes leaked");
         assert_eq!(s.tenants.unwrap().holding, cap.map(|_| 0));
     });
 }
@@ -547,6 +563,7 @@ proptest::proptest! {
         steps in proptest::collection::vec(step(), 1..60),
         cap in proptest::option::of(1usize..3),
         codel in proptest::bool::ANY,
+        bytes in proptest::option::of(3u64..6),
     ) {
         let discipline = if codel {
             Discipline::Codel {
@@ -556,7 +573,7 @@ proptest::proptest! {
         } else {
             Discipline::Fifo
         };
-        run_history(&steps, cap, discipline);
+        run_history(&steps, cap, discipline, bytes);
     }
 }
 
@@ -642,4 +659,69 @@ async fn fifo_keeps_the_oldest_first_however_long_the_queue_stands() {
     w1.await.unwrap().unwrap();
     w2.await.unwrap().unwrap();
     assert_eq!(*order.lock().unwrap(), ["w1", "w2"]);
+}
+
+// === Bytes ===
+
+fn by_bytes(max: usize, bytes: u64) -> Arc<Controller> {
+    Controller::new(AdmissionSettings {
+        max_inflight: max,
+        queue_capacity: 16,
+        queue_timeout: Duration::from_secs(60),
+        max_inflight_bytes: Some(bytes),
+        unknown_length_bytes: 10,
+        ..AdmissionSettings::DEFAULT
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_and_slots_must_both_fit_and_come_back_with_the_slot() {
+    let c = by_bytes(16, 100);
+    let big = c.try_acquire_as(&tenant("x"), 60).unwrap();
+    assert!(
+        c.try_acquire_as(&tenant("x"), 50).is_none(),
+        "60 + 50 > 100"
+    );
+    let small = c.try_acquire_as(&tenant("x"), 40).unwrap();
+    assert_eq!(c.snapshot().inflight_bytes, Some(100));
+    // A waiter too heavy for what is left waits; a light one passes it.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heavy = {
+        let (c, order) = (c.clone(), order.clone());
+        tokio::spawn(async move {
+            let p = c
+                .acquire_as(Priority::Normal, tenant("x"), 70)
+                .await
+                .unwrap();
+            order.lock().unwrap().push("heavy");
+            drop(p);
+        })
+    };
+    tokio::task::yield_now().await;
+    drop(small); // 40 free: not enough for 70
+    assert!(
+        c.try_acquire_as(&tenant("y"), 30).is_some_and(|p| {
+            drop(p);
+            true
+        }),
+        "a light arrival takes free bytes past the heavy waiter"
+    );
+    assert!(!heavy.is_finished());
+    drop(big); // 100 free
+    heavy.await.unwrap();
+    assert_eq!(*order.lock().unwrap(), ["heavy"]);
+    assert_eq!(c.snapshot().inflight_bytes, Some(0));
+    assert_eq!((c.weight(None), c.weight(Some(7))), (10, 7));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_heavier_than_the_budget_is_refused_with_413_at_once() {
+    let c = by_bytes(16, 100);
+    let err = c
+        .acquire_as(Priority::Normal, tenant("x"), 101)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::BodyTooLarge);
+    assert_eq!(err.reason().status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(c.snapshot().queued, 0);
 }

@@ -187,6 +187,14 @@ pub struct AdmissionConfig {
     /// `codel`: the longest wait while it stands (default 5).
     #[serde(default)]
     pub codel_target_ms: Option<Millis>,
+    /// Request body bytes admitted at once: each request weighs its
+    /// declared `Content-Length`. Absent: bytes are not counted.
+    #[serde(default)]
+    pub max_inflight_bytes: Option<ByteSize>,
+    /// What a body of unknown length weighs (needs `max_inflight_bytes`;
+    /// default 65536).
+    #[serde(default)]
+    pub unknown_length_bytes: Option<ByteSize>,
     /// Smallest `Retry-After` (seconds) sent with a 503.
     #[serde(default = "values::default_retry_after_min")]
     pub retry_after_min_s: u64,
@@ -252,6 +260,11 @@ impl From<&AdmissionConfig> for AdmissionSettings {
             by_tenant: c.tenant_key.is_some(),
             max_inflight_per_tenant: c.max_inflight_per_tenant.map(Limit::as_usize),
             discipline: c.discipline(),
+            max_inflight_bytes: c.max_inflight_bytes.map(ByteSize::get),
+            unknown_length_bytes: c.unknown_length_bytes.map_or(
+                AdmissionSettings::DEFAULT.unknown_length_bytes,
+                ByteSize::get,
+            ),
         }
     }
 }
@@ -453,6 +466,36 @@ impl AdmissionConfig {
                     ));
                 }
             }
+        }
+        match (self.max_inflight_bytes, self.unknown_length_bytes) {
+            (None, Some(_)) => {
+                return Err((
+                    format!("{at}.unknown_length_bytes"),
+                    "only applies with max_inflight_bytes".into(),
+                ));
+            }
+            (Some(max), Some(unknown)) if unknown.get() > max.get() => {
+                return Err((
+                    format!("{at}.unknown_length_bytes"),
+                    format!(
+                        "must not exceed max_inflight_bytes ({} > {})",
+                        unknown.get(),
+                        max.get()
+                    ),
+                ));
+            }
+            (Some(max), None) if max.get() < AdmissionSettings::DEFAULT.unknown_length_bytes => {
+                return Err((
+                    format!("{at}.max_inflight_bytes"),
+                    format!(
+                        "below the default unknown_length_bytes ({} < {}): set \
+                         unknown_length_bytes too",
+                        max.get(),
+                        AdmissionSettings::DEFAULT.unknown_length_bytes
+                    ),
+                ));
+            }
+            _ => {}
         }
         if let Some(cap) = self.max_inflight_per_tenant {
             if self.tenant_key.is_none() {

@@ -207,6 +207,26 @@ fn admission_section() {
             "must not exceed max_inflight (5 > 4)",
         ),
         (
+            "unknown_length_bytes = 1000",
+            "route[0].admission.unknown_length_bytes",
+            "only applies with max_inflight_bytes",
+        ),
+        (
+            "max_inflight_bytes = 1000\nunknown_length_bytes = 2000",
+            "route[0].admission.unknown_length_bytes",
+            "must not exceed max_inflight_bytes (2000 > 1000)",
+        ),
+        (
+            "max_inflight_bytes = 1000",
+            "route[0].admission.max_inflight_bytes",
+            "set unknown_length_bytes too",
+        ),
+        (
+            "max_inflight_bytes = 0",
+            "route[0].admission.max_inflight_bytes",
+            "greater than 0",
+        ),
+        (
             "queue_discipline = \"lifo\"",
             "route[0].admission.queue_discipline",
             "unknown variant",
@@ -570,5 +590,26 @@ fn codel_takes_its_defaults_or_the_given_times() {
             interval: Duration::from_millis(200),
             target: Duration::from_millis(10)
         }
+    );
+}
+
+#[test]
+fn a_byte_budget_reaches_the_controller() {
+    use crate::admission::AdmissionSettings;
+    let text = format!(
+        "{ROUTE}[route.admission]\nmax_inflight_bytes = 4194304\nunknown_length_bytes = 1024\n"
+    );
+    let c = Config::parse("t.toml", &text).unwrap();
+    let settings = AdmissionSettings::from(c.routes[0].admission.as_ref().unwrap());
+    assert_eq!(
+        (settings.max_inflight_bytes, settings.unknown_length_bytes),
+        (Some(4 << 20), 1024)
+    );
+    let plain = Config::parse("t.toml", &format!("{ROUTE}[route.admission]\n")).unwrap();
+    let settings = AdmissionSettings::from(plain.routes[0].admission.as_ref().unwrap());
+    assert_eq!(settings.max_inflight_bytes, None);
+    assert_eq!(
+        settings.unknown_length_bytes,
+        AdmissionSettings::DEFAULT.unknown_length_bytes
     );
 }
