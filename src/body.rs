@@ -113,3 +113,66 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
         self.inner.size_hint()
     }
 }
+
+/// Request extension: told the running total of the request body's bytes as
+/// they are sent upstream, by whoever sends them
+/// ([`Forward`](crate::proxy::Forward)). Admission re-weighs a body of
+/// unknown length with it.
+#[derive(Clone)]
+pub struct BodyProgress(pub std::sync::Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for BodyProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BodyProgress")
+    }
+}
+
+pin_project! {
+    /// A body that tells a [`BodyProgress`] its running byte total.
+    #[derive(Debug)]
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        progress: BodyProgress,
+    }
+}
+
+impl<B> Counted<B> {
+    /// Counts `inner`'s data bytes for `progress`.
+    pub fn new(inner: B, progress: BodyProgress) -> Self {
+        Self {
+            inner,
+            seen: 0,
+            progress,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+            && let Some(data) = data
+        {
+            *this.seen += data.len() as u64;
+            (this.progress.0)(*this.seen);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

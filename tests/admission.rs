@@ -370,3 +370,44 @@ async fn uploads_are_admitted_by_their_bytes_as_well_as_their_count() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_chunked_upload_weighs_what_it_streams() {
+    let (up, mut held) = spawn_upstream().await;
+    let route = format!(
+        "{}max_inflight_bytes = 1000000\nunknown_length_bytes = 65536\n",
+        admission(16, 4, 60_000)
+    );
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))
+        .await
+        .unwrap();
+    let hold = format!("http://{}/hold", proxy.proxy_addr());
+    // 300 000 bytes with no Content-Length, held at the upstream once sent.
+    let (body, _) = streamed(300_000, 10_000);
+    let upload = tokio::spawn(async move {
+        let req = http::Request::post(&hold).body(body).unwrap();
+        send(&client(), req).await.0.status().as_u16()
+    });
+    held.recv().await.unwrap();
+    let status_url = format!("http://{}/status", proxy.admin_addr());
+    let bytes = || async {
+        json(&get(&status_url).await.1)["routes"][0]["admission"]["inflight_bytes"].clone()
+    };
+    // Re-weighed in 64 KiB steps past the estimate: 327 680 once all is sent.
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..1000 {
+        seen = bytes().await;
+        if seen == 327_680 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(seen, 327_680);
+    while !upload.is_finished() {
+        up.release.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(upload.await.unwrap(), 200);
+    assert_eq!(bytes().await, 0);
+    proxy.shutdown().await;
+}

@@ -376,6 +376,38 @@ impl Controller {
             .is_some_and(|max| weight > max)
     }
 
+    /// Whether request bytes are counted (`max_inflight_bytes`).
+    pub fn weighs_bytes(&self) -> bool {
+        self.settings.max_inflight_bytes.is_some()
+    }
+
+    /// Re-weighs `permit` as its body streams: the returned progress, told
+    /// the body's running total, adds what passes the estimate to the bytes
+    /// in flight (an admitted request is never cut short; later ones wait),
+    /// and all of it comes back with the slot.
+    pub fn progress(self: &Arc<Self>, permit: &mut Permit) -> crate::body::BodyProgress {
+        let meter = permit.meter.get_or_insert_with(Default::default).clone();
+        let base = permit.weight;
+        let controller = self.clone();
+        crate::body::BodyProgress(Arc::new(move |total| controller.grow(&meter, base, total)))
+    }
+
+    fn grow(&self, meter: &Meter, base: u64, total: u64) {
+        if total <= base + meter.extra.load(Ordering::Relaxed) {
+            return;
+        }
+        let Locked::Limited(mut state) = self.lock() else {
+            return;
+        };
+        let extra = meter.extra.load(Ordering::Relaxed);
+        if meter.released.load(Ordering::Relaxed) || total <= base + extra {
+            return;
+        }
+        let wanted = (total - base).div_ceil(REWEIGH_STEP) * REWEIGH_STEP;
+        state.inflight_bytes += wanted - extra;
+        meter.extra.store(wanted, Ordering::Relaxed);
+    }
+
     fn fits(&self, state: &State, weight: u64) -> bool {
         self.settings
             .max_inflight_bytes
@@ -598,6 +630,7 @@ impl Controller {
         sample: Option<(Duration, bool)>,
         tenant: Option<ClientKey>,
         weight: u64,
+        meter: Option<Arc<Meter>>,
     ) {
         let mut state = match self.lock() {
             Locked::Unlimited(inflight) => {
@@ -622,7 +655,11 @@ impl Controller {
                 self.metrics.limit.set(limit as f64);
             }
         }
-        Self::ungrant(&mut state, tenant.as_ref(), weight);
+        let extra = meter.map_or(0, |m| {
+            m.released.store(true, Ordering::Relaxed);
+            m.extra.load(Ordering::Relaxed)
+        });
+        Self::ungrant(&mut state, tenant.as_ref(), weight + extra);
         self.fill(&mut state);
         let still = state.inflight >= state.limit || state.queue.len() > 0;
         state.rate.record(now, saturated, still);
@@ -853,7 +890,22 @@ pub struct Permit {
     tenant: Option<ClientKey>,
     /// The bytes it holds (with `max_inflight_bytes`).
     weight: u64,
+    /// What its body weighs beyond `weight` as it streams (a body of
+    /// unknown length, re-weighed).
+    meter: Option<Arc<Meter>>,
 }
+
+/// A permit's weight beyond its estimate, as its body streams. Both fields
+/// change only under the controller's lock.
+#[derive(Debug, Default)]
+pub struct Meter {
+    extra: AtomicU64,
+    released: std::sync::atomic::AtomicBool,
+}
+
+/// A body of unknown length is re-weighed in steps of this many bytes: a
+/// lock every 64 KiB streamed, not every frame.
+const REWEIGH_STEP: u64 = 64 * 1024;
 
 impl Permit {
     fn new(controller: Arc<Controller>, tenant: Option<ClientKey>, weight: u64) -> Self {
@@ -863,6 +915,7 @@ impl Permit {
             sample: None,
             tenant,
             weight,
+            meter: None,
         }
     }
 
@@ -878,8 +931,12 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
-            self.controller
-                .release(self.sample.take(), self.tenant.take(), self.weight);
+            self.controller.release(
+                self.sample.take(),
+                self.tenant.take(),
+                self.weight,
+                self.meter.take(),
+            );
         }
     }
 }

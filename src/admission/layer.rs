@@ -187,7 +187,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // What the body weighs: its declared length, none without a body.
         let body = req.body();
         let length = if body.is_end_stream() {
@@ -196,6 +196,8 @@ where
             body.size_hint().exact()
         };
         let weight = self.controller.weight(length);
+        // A body of unknown length is re-weighed as it streams.
+        let reweigh = length.is_none() && self.controller.weighs_bytes();
         if self.controller.too_heavy(weight) {
             let refusal = Rejection::new(Reason::BodyTooLarge)
                 .with_cause("the request body outweighs max_inflight_bytes");
@@ -209,7 +211,11 @@ where
             Some(tenant) => self.controller.try_acquire_as(tenant, weight),
             None => self.controller.try_acquire_as(&everyone(), weight),
         };
-        if let Some(permit) = free {
+        if let Some(mut permit) = free {
+            if reweigh {
+                req.extensions_mut()
+                    .insert(self.controller.progress(&mut permit));
+            }
             // The common path: a slot at once, no future of our own to box.
             return ResponseFuture::Admitted {
                 inner: self.inner.call(req),
@@ -226,7 +232,11 @@ where
         ResponseFuture::Queued {
             future: Box::pin(async move {
                 let start = Instant::now();
-                let permit = wait(controller, priority, tenant, weight, peer).await?;
+                let mut permit = wait(controller.clone(), priority, tenant, weight, peer).await?;
+                if reweigh {
+                    req.extensions_mut()
+                        .insert(controller.progress(&mut permit));
+                }
                 let admitted = Instant::now();
                 let result = inner.oneshot(req).await;
                 finish(result, permit, admitted, admitted - start)

@@ -16,7 +16,7 @@ pub mod retry_after;
 mod tenants;
 
 pub use controller::{
-    AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Discipline, Permit,
+    AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Discipline, Meter, Permit,
     TOP_TENANTS, TenantsSnapshot,
 };
 pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, QueueWait, ResponseFuture};

@@ -725,3 +725,32 @@ async fn a_request_heavier_than_the_budget_is_refused_with_413_at_once() {
     assert_eq!(err.reason().status(), http::StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(c.snapshot().queued, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_of_unknown_length_is_reweighed_as_it_streams_and_given_back_whole() {
+    let c = Controller::new(AdmissionSettings {
+        max_inflight: 16,
+        queue_capacity: 16,
+        queue_timeout: Duration::from_secs(60),
+        max_inflight_bytes: Some(1 << 20),
+        unknown_length_bytes: 64 * 1024,
+        ..AdmissionSettings::DEFAULT
+    });
+    let weight = c.weight(None);
+    let mut permit = c.try_acquire_as(&tenant("x"), weight).unwrap();
+    let progress = c.progress(&mut permit);
+    (progress.0)(10_000);
+    assert_eq!(
+        c.snapshot().inflight_bytes,
+        Some(64 * 1024),
+        "within the estimate"
+    );
+    (progress.0)(200_000);
+    // Past it, in 64 KiB steps: 200 000 - 65 536 rounds up to 3 steps.
+    assert_eq!(c.snapshot().inflight_bytes, Some(64 * 1024 * 4));
+    drop(permit);
+    assert_eq!(c.snapshot().inflight_bytes, Some(0), "all of it back");
+    // A body still streaming after its slot is back adds nothing.
+    (progress.0)(900_000);
+    assert_eq!(c.snapshot().inflight_bytes, Some(0));
+}

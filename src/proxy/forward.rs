@@ -19,7 +19,7 @@ use super::headers;
 use super::pool::{Conn, Pool, Pooled};
 use super::read_timeout::ReadTimeout;
 use super::retry::{self, Reclaim};
-use crate::body::{BoxError, boxed};
+use crate::body::{BodyProgress, BoxError, Counted, boxed};
 use crate::conn::ClientAddr;
 use crate::error::Side;
 use crate::error::{Reason, Rejection};
@@ -207,7 +207,12 @@ where
             parts.uri.clone(),
             parts.headers.clone(),
         );
-        let (body, reclaim) = Reclaim::new(boxed(body));
+        // Told the bytes as they go, when admission re-weighs this body.
+        let body = match parts.extensions.get::<BodyProgress>() {
+            Some(progress) => boxed(Counted::new(body, progress.clone())),
+            None => boxed(body),
+        };
+        let (body, reclaim) = Reclaim::new(body);
         let request = Request::from_parts(parts, body);
         let inner = self.inner.clone();
         Box::pin(async move {
