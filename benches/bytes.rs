@@ -98,10 +98,7 @@ fn main() {
     if only_listing() {
         return;
     }
-    let seconds: usize = std::env::var("RUN_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
+    let seconds: usize = env_number("RUN_SECONDS", 15);
     let dir = work_dir("bytes");
     let rt = runtime();
     println!(

@@ -87,10 +87,7 @@ fn circuit_state() -> Option<u8> {
 }
 
 fn run(rt: &tokio::runtime::Runtime, dir: &std::path::Path, label: &'static str) -> Run {
-    let after: usize = std::env::var("AFTER_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let after: usize = env_number("AFTER_SECONDS", 60);
     let sim = spawn_sim(SIM_PORT, 16, 20);
     let route = config(label == "circuit");
     let proxy = start_proxy(dir, label, &route, (PROXY_PORT, ADMIN_PORT, SIM_PORT));

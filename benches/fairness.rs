@@ -60,10 +60,7 @@ fn main() {
     if only_listing() {
         return;
     }
-    let seconds: usize = std::env::var("RUN_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seconds: usize = env_number("RUN_SECONDS", 20);
     let dir = work_dir("fairness");
     let haproxy = ["/usr/sbin/haproxy", "haproxy"]
         .into_iter()

@@ -76,10 +76,7 @@ fn main() {
     if only_listing() {
         return;
     }
-    let step_seconds: usize = std::env::var("STEP_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
+    let step_seconds: usize = env_number("STEP_SECONDS", 15);
     let dir = work_dir("overload");
     write_configs(&dir);
     let rt = runtime();

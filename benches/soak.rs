@@ -67,10 +67,7 @@ fn main() {
     if only_listing() {
         return;
     }
-    let seconds: u64 = std::env::var("SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+    let seconds: u64 = env_number("SOAK_SECONDS", 600);
     let dir = work_dir("soak");
     let route = "timeout_ms = 1000\nread_timeout_ms = 2000\n\
              [route.admission]\nmax_inflight = 16\nqueue_capacity = 64\nqueue_timeout_ms = 200\n\

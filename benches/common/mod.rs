@@ -115,6 +115,14 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
     out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }
 
+/// The number in environment variable `name` (a run's length), or `default`.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// `cargo test --benches` and `cargo bench -- --list` run bench binaries too;
 /// the scenario benches do nothing then.
 pub fn only_listing() -> bool {
