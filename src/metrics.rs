@@ -29,6 +29,9 @@ pub const CONCURRENCY_LIMIT: &str = "sluicegate_concurrency_limit";
 pub const SHED_TOTAL: &str = "sluicegate_shed_total";
 /// `sluicegate_queue_wait_seconds{route}`: time admitted requests waited.
 pub const QUEUE_WAIT: &str = "sluicegate_queue_wait_seconds";
+/// `sluicegate_queue_timeout_seconds{route}`: the route's `queue_timeout_ms`
+/// (routes with admission), for alerts that compare the wait with it.
+pub const QUEUE_TIMEOUT: &str = "sluicegate_queue_timeout_seconds";
 /// `sluicegate_circuit_state{route}`: 0 closed, 1 open, 2 half-open.
 pub const CIRCUIT_STATE: &str = "sluicegate_circuit_state";
 /// `sluicegate_circuit_transitions_total{route,from,to}`: state changes.
@@ -118,6 +121,11 @@ impl Registry {
             CONCURRENCY_LIMIT.into(),
             None,
             "In-flight limit in force".into(),
+        );
+        r.describe_gauge(
+            QUEUE_TIMEOUT.into(),
+            None,
+            "Longest wait in the admission queue (queue_timeout_ms)".into(),
         );
         r.describe_counter(
             SHED_TOTAL.into(),

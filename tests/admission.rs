@@ -147,6 +147,10 @@ async fn a_full_queue_answers_503_queue_full_at_once_with_retry_after() {
         series(r#"sluicegate_concurrency_limit{route="test"}"#),
         Some(1.0)
     );
+    assert_eq!(
+        series(r#"sluicegate_queue_timeout_seconds{route="test"}"#),
+        Some(60.0)
+    );
     assert_eq!(series(r#"sluicegate_queue_depth{route="test"}"#), Some(0.0));
     assert_eq!(series(r#"sluicegate_inflight{route="test"}"#), Some(0.0));
     assert_eq!(

@@ -17,7 +17,9 @@ use super::tenants::{ShedCounts, TenantCount, everyone};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::client_key::ClientKey;
 use crate::error::{Reason, Rejection};
-use crate::metrics::{CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_WAIT, Registry, SHED_TOTAL};
+use crate::metrics::{
+    CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_TIMEOUT, QUEUE_WAIT, Registry, SHED_TOTAL,
+};
 
 /// The limits a controller enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +106,7 @@ pub struct AdmissionMetrics {
     inflight: Gauge,
     queue_depth: Gauge,
     limit: Gauge,
+    queue_timeout: Gauge,
     shed_full: Counter,
     shed_timeout: Counter,
     queue_wait: Histogram,
@@ -120,6 +123,7 @@ impl AdmissionMetrics {
             inflight: registry.gauge(INFLIGHT, &r),
             queue_depth: registry.gauge(QUEUE_DEPTH, &r),
             limit: registry.gauge(CONCURRENCY_LIMIT, &r),
+            queue_timeout: registry.gauge(QUEUE_TIMEOUT, &r),
             shed_full: shed(Reason::QueueFull),
             shed_timeout: shed(Reason::QueueTimeout),
             queue_wait: registry.histogram(QUEUE_WAIT, &r),
@@ -131,6 +135,7 @@ impl AdmissionMetrics {
             inflight: Gauge::noop(),
             queue_depth: Gauge::noop(),
             limit: Gauge::noop(),
+            queue_timeout: Gauge::noop(),
             shed_full: Counter::noop(),
             shed_timeout: Counter::noop(),
             queue_wait: Histogram::noop(),
@@ -281,6 +286,9 @@ impl Controller {
             .map_or(settings.max_inflight, |a| a.limit());
         if limit != usize::MAX {
             metrics.limit.set(limit as f64);
+            metrics
+                .queue_timeout
+                .set(settings.queue_timeout.as_secs_f64());
         }
         metrics.inflight.set(0.0);
         metrics.queue_depth.set(0.0);
