@@ -145,6 +145,12 @@ pub struct StaticAnswer {
     pub body: bytes::Bytes,
 }
 
+/// The output of a layer future's `Refused` state: the refusal it holds, once
+/// (the decide-first layers refuse in `call` and answer at the first poll).
+pub(crate) fn refused<T>(rejection: &mut Option<Rejection>) -> Result<T, BoxError> {
+    Err(rejection.take().expect("polled after completion").into())
+}
+
 impl Rejection {
     /// A rejection for `reason`.
     pub const fn new(reason: Reason) -> Self {

@@ -57,6 +57,15 @@ async fn the_upstream_never_sees_more_than_max_inflight_with_500_clients() {
     proxy.shutdown().await;
 }
 
+/// Releases the upstream's held requests until `task` has its answer.
+async fn released<T>(up: &Upstream, task: tokio::task::JoinHandle<T>) -> T {
+    while !task.is_finished() {
+        up.release.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.await.unwrap()
+}
+
 type Answer = tokio::task::JoinHandle<(http::Response<()>, bytes::Bytes)>;
 
 /// A route through a held upstream with one request holding the slot and
@@ -218,11 +227,7 @@ async fn arrival_against_a_full_queue(extra: &str, headers: &[(&str, &str)]) -> 
     }
     let mut results = Vec::new();
     for task in [first, waiter, arrival] {
-        while !task.is_finished() {
-            up.release.notify_waiters();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        results.push(task.await.unwrap().0.status().as_u16());
+        results.push(released(&up, task).await.0.status().as_u16());
     }
     proxy.shutdown().await;
     assert_eq!(results[0], 200, "the held request");
@@ -312,11 +317,7 @@ async fn a_quiet_tenant_is_not_refused_behind_a_flooding_one() {
     assert_eq!(tenants["top_shed"][0]["tenant"], "flood", "{status}");
     let mut statuses = Vec::new();
     for task in [first, quiet].into_iter().chain(flood) {
-        while !task.is_finished() {
-            up.release.notify_waiters();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        statuses.push(task.await.unwrap());
+        statuses.push(released(&up, task).await);
     }
     statuses[2..].sort();
     assert_eq!(
@@ -366,11 +367,7 @@ async fn uploads_are_admitted_by_their_bytes_as_well_as_their_count() {
     let (res, _) = get(&format!("http://{}/x", proxy.proxy_addr())).await;
     assert_eq!(res.status(), 200);
     for task in [first, second] {
-        while !task.is_finished() {
-            up.release.notify_waiters();
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(task.await.unwrap(), 200);
+        assert_eq!(released(&up, task).await, 200);
     }
     proxy.shutdown().await;
 }
@@ -407,11 +404,7 @@ async fn a_chunked_upload_weighs_what_it_streams() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(seen, 327_680);
-    while !upload.is_finished() {
-        up.release.notify_waiters();
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(upload.await.unwrap(), 200);
+    assert_eq!(released(&up, upload).await, 200);
     assert_eq!(bytes().await, 0);
     proxy.shutdown().await;
 }

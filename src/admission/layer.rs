@@ -16,7 +16,7 @@ use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
 use crate::client_key::{ClientKey, KeyExtractor};
 use crate::conn::PeerClosed;
-use crate::error::{Reason, Rejection, client_fault};
+use crate::error::{Reason, Rejection, client_fault, refused};
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Admission control for any `Service<http::Request<B>>`.
@@ -188,16 +188,20 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // What the body weighs: its declared length, none without a body.
-        let body = req.body();
-        let length = if body.is_end_stream() {
-            Some(0)
+        // What the body weighs (bytes counted only): its declared length,
+        // none without a body; one of unknown length is re-weighed as it
+        // streams.
+        let (weight, reweigh) = if self.controller.weighs_bytes() {
+            let body = req.body();
+            let length = if body.is_end_stream() {
+                Some(0)
+            } else {
+                body.size_hint().exact()
+            };
+            (self.controller.weight(length), length.is_none())
         } else {
-            body.size_hint().exact()
+            (0, false)
         };
-        let weight = self.controller.weight(length);
-        // A body of unknown length is re-weighed as it streams.
-        let reweigh = length.is_none() && self.controller.weighs_bytes();
         if self.controller.too_heavy(weight) {
             let refusal = Rejection::new(Reason::BodyTooLarge)
                 .with_cause("the request body outweighs max_inflight_bytes");
@@ -313,10 +317,7 @@ where
                 Poll::Ready(finish(result, permit, at, Duration::ZERO))
             }
             ResponseProj::Queued { future } => future.as_mut().poll(cx),
-            ResponseProj::Refused { rejection } => {
-                let rejection = rejection.take().expect("polled after completion");
-                Poll::Ready(Err(rejection.into()))
-            }
+            ResponseProj::Refused { rejection } => Poll::Ready(refused(rejection)),
         }
     }
 }

@@ -167,10 +167,7 @@ impl<K: Clone + Eq + Hash, T> WaitQueue<K, T> {
     /// be served after: every waiter of a higher class, its tenant's own, and
     /// of each other tenant of its class as many as get a turn before it.
     pub(crate) fn ahead_of(&self, priority: Priority, tenant: &K) -> usize {
-        let higher: usize = self.classes[priority.index() + 1..]
-            .iter()
-            .map(Class::len)
-            .sum();
+        let higher = self.above(priority);
         let class = &self.classes[priority.index()];
         let own = class.queued(tenant);
         let others: usize = class
@@ -291,14 +288,8 @@ impl<K: Clone + Eq + Hash, T> WaitQueue<K, T> {
 
     /// Tenants with a waiter.
     pub(crate) fn tenants(&self) -> usize {
-        let mut seen: Vec<&K> = Vec::new();
-        for class in &self.classes {
-            for tenant in class.waiters.keys() {
-                if !seen.contains(&tenant) {
-                    seen.push(tenant);
-                }
-            }
-        }
+        let seen: std::collections::HashSet<&K> =
+            self.classes.iter().flat_map(|c| c.waiters.keys()).collect();
         seen.len()
     }
 }

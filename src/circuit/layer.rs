@@ -15,7 +15,7 @@ use super::breaker::{CallOutcome, CircuitSettings};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
 use crate::body::BoxError;
-use crate::error::Rejection;
+use crate::error::{Rejection, refused};
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
 ///
@@ -208,10 +208,7 @@ where
                     }
                 })
             }
-            ResponseProj::Refused { rejection } => Poll::Ready(Err(rejection
-                .take()
-                .expect("polled after completion")
-                .into())),
+            ResponseProj::Refused { rejection } => Poll::Ready(refused(rejection)),
         }
     }
 }

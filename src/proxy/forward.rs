@@ -150,7 +150,8 @@ impl Inner {
         &self,
         mut request: Request<Reclaim>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
-        for attempt in 1.. {
+        let mut attempt = 1;
+        loop {
             let mut conn = self.pool.checkout().await.map_err(SendError::Connect)?;
             match conn.tx.try_send_request(request).await {
                 Ok(res) => return Ok((res, conn)),
@@ -159,8 +160,8 @@ impl Inner {
                     _ => return Err(SendError::Failed(e.into_error(), conn.exchanges)),
                 },
             }
+            attempt += 1;
         }
-        unreachable!("the loop returns")
     }
 
     /// Sends `request` on a new connection.

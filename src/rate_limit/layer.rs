@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use super::limiter::{RateLimiter, Verdict};
 use crate::body::BoxError;
 use crate::conn::ClientTier;
-use crate::error::{Reason, Rejection};
+use crate::error::{Reason, Rejection, refused};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -184,10 +184,7 @@ where
                     },
                 })
             }
-            ResponseProj::Refused { rejection } => Poll::Ready(Err(rejection
-                .take()
-                .expect("polled after completion")
-                .into())),
+            ResponseProj::Refused { rejection } => Poll::Ready(refused(rejection)),
         }
     }
 }
