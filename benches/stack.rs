@@ -62,7 +62,9 @@ fn bench(c: &mut Criterion) {
     let registry = Registry::new();
     // Timers need a runtime context at build time.
     let _guard = rt.enter();
-    let built = stack::build_with(&config, &registry, |_| tower::service_fn(answer));
+    let built = stack::build_with(&config, &registry, &Default::default(), |_| {
+        tower::service_fn(answer)
+    });
     let inner = tower::service_fn(answer::<Full<Bytes>>);
 
     let mut group = c.benchmark_group("per_request");

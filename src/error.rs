@@ -195,6 +195,11 @@ impl Rejection {
         self.reason
     }
 
+    /// The `Retry-After` it carries (whole seconds).
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after_s
+    }
+
     /// The underlying error, for the log (never for the client).
     pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
         self.cause.as_deref()
@@ -302,6 +307,24 @@ impl fmt::Display for ErrorChain<'_> {
             source = s.source();
         }
         Ok(())
+    }
+}
+
+/// Nothing of the request reached the upstream: no connection could be
+/// opened, or every connection tried gave the request back unsent. Such a
+/// request may be spooled without risk of a second delivery.
+#[derive(Debug)]
+pub struct NotSent(pub BoxError);
+
+impl fmt::Display for NotSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not sent to the upstream")
+    }
+}
+
+impl std::error::Error for NotSent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
     }
 }
 

@@ -77,6 +77,7 @@ pub mod respond;
 pub mod route;
 pub mod server;
 pub mod sim;
+pub mod spool;
 pub mod stack;
 pub mod telemetry;
 pub mod upstream_timeout;

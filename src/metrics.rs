@@ -51,6 +51,25 @@ pub const FRAMING_REFUSED_TOTAL: &str = "sluicegate_framing_refused_total";
 /// `sluicegate_send_timeout_total`: client connections closed because the
 /// client took no response bytes for `send_timeout_ms`.
 pub const SEND_TIMEOUT_TOTAL: &str = "sluicegate_send_timeout_total";
+/// `sluicegate_spool_requests{route}`: spooled requests waiting for delivery.
+pub const SPOOL_REQUESTS: &str = "sluicegate_spool_requests";
+/// `sluicegate_spool_bytes{route}`: the spool's bytes on disk.
+pub const SPOOL_BYTES: &str = "sluicegate_spool_bytes";
+/// `sluicegate_spool_oldest_age_seconds{route}`: how long the oldest spooled
+/// request has waited.
+pub const SPOOL_OLDEST_AGE: &str = "sluicegate_spool_oldest_age_seconds";
+/// `sluicegate_spool_dead_letters{route}`: requests in the dead-letter store.
+pub const SPOOL_DEAD_LETTERS: &str = "sluicegate_spool_dead_letters";
+/// `sluicegate_spooled_total{route}`: requests accepted into the spool (202).
+pub const SPOOLED_TOTAL: &str = "sluicegate_spooled_total";
+/// `sluicegate_replayed_total{route,result}`: deliveries from the spool,
+/// `delivered` or `retried`.
+pub const SPOOL_REPLAYED_TOTAL: &str = "sluicegate_replayed_total";
+/// `sluicegate_dead_lettered_total{route}`: spooled requests given up on.
+pub const SPOOL_DEAD_LETTERED_TOTAL: &str = "sluicegate_dead_lettered_total";
+/// `sluicegate_spool_damaged_records_total{route}`: torn or corrupted records
+/// skipped when the spool was recovered.
+pub const SPOOL_DAMAGED_TOTAL: &str = "sluicegate_spool_damaged_records_total";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";
@@ -137,6 +156,34 @@ impl Registry {
             Some(Unit::Seconds),
             "Time admitted requests waited in the queue".into(),
         );
+        for (name, help) in [
+            (SPOOL_REQUESTS, "Spooled requests waiting for delivery"),
+            (
+                SPOOL_BYTES,
+                "Bytes the spool holds on disk, dead letters included",
+            ),
+            (
+                SPOOL_OLDEST_AGE,
+                "Age of the oldest spooled request waiting",
+            ),
+            (SPOOL_DEAD_LETTERS, "Requests in the dead-letter store"),
+        ] {
+            r.describe_gauge(name.into(), None, help.into());
+        }
+        for (name, help) in [
+            (SPOOLED_TOTAL, "Requests accepted into the spool (202)"),
+            (SPOOL_REPLAYED_TOTAL, "Deliveries from the spool, by result"),
+            (
+                SPOOL_DEAD_LETTERED_TOTAL,
+                "Spooled requests moved to the dead-letter store",
+            ),
+            (
+                SPOOL_DAMAGED_TOTAL,
+                "Damaged spool records skipped at recovery",
+            ),
+        ] {
+            r.describe_counter(name.into(), None, help.into());
+        }
         r.describe_histogram(
             UPSTREAM_DURATION.into(),
             Some(Unit::Seconds),

@@ -17,7 +17,8 @@
 //!    otherwise), matched against the live [`Generation`] (404 when none).
 //! 6. **Per route**, outermost first: observe (counts, access log) → rescue
 //!    (errors become responses, [`crate::respond`]) → body limit (413) →
-//!    rate limit (429) → circuit breaker (503, never queued) → admission
+//!    rate limit (429) → spool (an eligible refusal below becomes a `202`,
+//!    [`crate::spool`]) → circuit breaker (503, never queued) → admission
 //!    (in-flight limit, queue; 503 with `Retry-After`) → upstream timeout
 //!    (504) → forward. A client over its rate is refused before it can count
 //!    as an upstream call; an open circuit never takes a queue slot.
@@ -34,7 +35,8 @@
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
-use tower::util::Either;
+use tower::ServiceExt;
+use tower::util::{BoxCloneService, Either};
 use tower_http::request_id::{
     PropagateRequestId, PropagateRequestIdLayer, SetRequestId, SetRequestIdLayer,
 };
@@ -56,10 +58,15 @@ use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter
 use crate::request_id::SequentialIds;
 use crate::respond::{Rescue, RescueLayer};
 use crate::route::{Generation, Proxy, RouteEntry, RouteTable, Unmatched};
+use crate::spool::{Spool, SpoolLayer, SpoolSettings, Spooling, Spools, replay};
 use crate::upstream_timeout::{UpstreamTimeout, UpstreamTimeoutLayer};
 
 /// One route's stack around an innermost service `S`.
-pub type RouteStack<S> = Observe<Rescue<BodyLimit<Either<RateLimit<Guarded<S>>, Guarded<S>>>>>;
+pub type RouteStack<S> = Observe<Rescue<BodyLimit<Either<RateLimit<Spooled<S>>, Spooled<S>>>>>;
+
+/// A route's stack from the spool down (a pass-through spool on routes
+/// without one).
+pub type Spooled<S> = Spooling<Guarded<S>>;
 
 /// A route's stack from the circuit breaker down (a pass-through breaker on
 /// routes without one).
@@ -97,10 +104,50 @@ pub fn route_stack<S>(
                 .clone()
                 .map(RateLimitLayer::with_limiter),
         )
+        .layer(SpoolLayer::optional(protections.spool.clone()))
+        .service(guarded(route, protections, inner))
+}
+
+/// The route's stack from the circuit breaker down: the live path's, and
+/// the spool replayer's (over its own forwarder).
+fn guarded<S>(route: &RouteConfig, protections: &Protections, inner: S) -> Guarded<S> {
+    ServiceBuilder::new()
         .layer(CircuitBreakerLayer::optional(protections.circuit.clone()))
         .layer(admission_layer(route, protections.admission.clone()))
         .layer(UpstreamTimeoutLayer::new(route.timeout_ms.get()))
         .service(inner)
+}
+
+/// Where `info`'s spool replays to: its live protections, over `forward`.
+pub fn replay_target(info: &RouteInfo, forward: Forward) -> replay::Target {
+    let service = ServiceExt::<replay::ReplayRequest>::map_response(
+        guarded(&info.config, &info.protections, forward),
+        boxed_response,
+    );
+    replay::Target {
+        service: BoxCloneService::new(service),
+        admission: info.protections.admission.clone(),
+        circuit: info.protections.circuit.clone(),
+    }
+}
+
+fn boxed_response<B>(res: http::Response<B>) -> http::Response<crate::body::ProxyBody>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
+    res.map(crate::body::boxed)
+}
+
+/// Opens the spools `config` configures (and recovers what they hold).
+pub fn open_spools(config: &Config, registry: &Registry) -> std::io::Result<Spools> {
+    Spools::open(
+        config.routes.iter().filter_map(|route| {
+            let spool = route.spool.as_ref()?;
+            Some((route.display_name(), SpoolSettings::from(spool)))
+        }),
+        registry,
+    )
 }
 
 /// The route's admission layer over `controller`: its priority rule and, with
@@ -162,11 +209,14 @@ pub struct Protections {
     pub circuit: Option<Arc<Circuit>>,
     /// Admission (unlimited when not configured: it still measures in-flight).
     pub admission: Arc<Controller>,
+    /// Store and forward, when configured (opened once per process).
+    pub spool: Option<Arc<Spool>>,
 }
 
 impl Protections {
-    /// The protections `route` configures, registered in `registry`.
-    pub fn new(route: &RouteConfig, registry: &Registry) -> Self {
+    /// The protections `route` configures, registered in `registry`, with
+    /// its open spool.
+    pub fn new(route: &RouteConfig, registry: &Registry, spool: Option<Arc<Spool>>) -> Self {
         let admission = controller(route, registry);
         let rate_limit = route.rate_limit.as_ref().map(|config| {
             let metrics = RateLimitMetrics::new(route.display_name(), registry);
@@ -176,6 +226,7 @@ impl Protections {
             rate_limit,
             circuit: circuit(route, &admission, registry),
             admission,
+            spool,
         }
     }
 }
@@ -205,10 +256,11 @@ pub struct Built<S> {
 pub(crate) fn route_parts<S>(
     route: &RouteConfig,
     registry: &Registry,
+    spool: Option<Arc<Spool>>,
     make_inner: &mut impl FnMut(&RouteConfig) -> S,
 ) -> (RouteEntry<RouteStack<S>>, RouteInfo) {
     let stats = Arc::new(RouteStats::new(route.display_name(), registry));
-    let protections = Protections::new(route, registry);
+    let protections = Protections::new(route, registry, spool);
     let inner = make_inner(route);
     let entry = RouteEntry {
         name: route.display_name().to_string(),
@@ -224,16 +276,21 @@ pub(crate) fn route_parts<S>(
     (entry, info)
 }
 
-/// Builds the proxy, with `make_inner` giving each route's innermost service.
+/// Builds the proxy, with `make_inner` giving each route's innermost service
+/// and `spools` its open spools.
 pub fn build_with<S>(
     config: &Config,
     registry: &Registry,
+    spools: &Spools,
     mut make_inner: impl FnMut(&RouteConfig) -> S,
 ) -> Built<S> {
     let (entries, routes): (Vec<_>, Vec<_>) = config
         .routes
         .iter()
-        .map(|route| route_parts(route, registry, &mut make_inner))
+        .map(|route| {
+            let spool = spools.get(route.display_name());
+            route_parts(route, registry, spool, &mut make_inner)
+        })
         .unzip();
     let unmatched = Arc::new(Unmatched::new(
         registry.counter(UNMATCHED_TOTAL, &[]),
@@ -256,7 +313,8 @@ pub fn forward(route: &RouteConfig) -> Forward {
     Forward::new(&route.into())
 }
 
-/// Builds the proxy forwarding to the configured upstreams.
-pub fn build(config: &Config, registry: &Registry) -> Built<Forward> {
-    build_with(config, registry, forward)
+/// Builds the proxy forwarding to the configured upstreams, spooling into
+/// `spools`.
+pub fn build(config: &Config, registry: &Registry, spools: &Spools) -> Built<Forward> {
+    build_with(config, registry, spools, forward)
 }

@@ -4,23 +4,12 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
+use support::process::{BIN, Proc, rand_name, write_config};
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
-
-fn write_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluicegate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn check_config(name: &str, text: &str) -> (i32, String) {
     let path = write_config(name, text);
@@ -130,100 +119,6 @@ fn run_refuses_a_bad_config_with_exit_1() {
     let out = Command::new(BIN).arg("-c").arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("route[0].upstream"));
-}
-
-/// The binary, running, with the addresses it logged.
-struct Proc {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    path: std::path::PathBuf,
-}
-
-impl Proc {
-    fn start(config: &str) -> Self {
-        let path = write_config(&format!("run-{}.toml", rand_name()), config);
-        let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("sluicegate did not log its addresses");
-            if line.contains("sluicegate listening") {
-                break line;
-            }
-        };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Proc {
-            proxy: addr("proxy_addr"),
-            admin: addr("admin_addr"),
-            child,
-            path,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Peak resident memory so far (VmHWM), in bytes.
-    fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kb * 1024
-    }
-
-    // A real child process: its deadline is wall-clock time.
-    #[allow(clippy::disallowed_types)]
-    fn wait(mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("sluicegate did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn rand_name() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 fn proc_config(upstream: SocketAddr, extra: &str) -> String {

@@ -152,6 +152,23 @@ fn wait(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueWait(pub Duration);
 
+/// Request extension: a slot granted before the request was made (the
+/// spool's replayer waits for its slot at the lowest priority before it
+/// reads a request from disk). The request takes it instead of waiting.
+#[derive(Debug, Clone)]
+pub struct Granted(Arc<std::sync::Mutex<Option<Permit>>>);
+
+impl Granted {
+    /// Carries `permit` to the admission layer.
+    pub fn new(permit: Permit) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(permit))))
+    }
+
+    fn take(&self) -> Option<Permit> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
 /// Service of [`AdmissionLayer`].
 #[derive(Debug, Clone)]
 pub struct Admission<S> {
@@ -188,6 +205,16 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(permit) = req
+            .extensions_mut()
+            .remove::<Granted>()
+            .and_then(|g| g.take())
+        {
+            return ResponseFuture::Admitted {
+                inner: self.inner.call(req),
+                admitted: Some((permit, Instant::now())),
+            };
+        }
         // What the body weighs (bytes counted only): its declared length,
         // none without a body; one of unknown length is re-weighed as it
         // streams.

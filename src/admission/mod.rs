@@ -19,8 +19,11 @@ pub use controller::{
     AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Discipline, Meter, Permit,
     TOP_TENANTS, TenantsSnapshot,
 };
-pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, QueueWait, ResponseFuture};
+pub use layer::{
+    Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, Granted, QueueWait, ResponseFuture,
+};
 pub use priority::{Priority, PriorityRule, Trust};
+pub use tenants::everyone;
 pub use tenants::{SHED_TENANTS, TenantCount};
 
 #[cfg(test)]

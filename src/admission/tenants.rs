@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::client_key::ClientKey;
 
 /// The tenant of every request on a route without a `tenant_key`.
-pub(crate) fn everyone() -> ClientKey {
+pub fn everyone() -> ClientKey {
     ClientKey::Digest(0)
 }
 

@@ -10,6 +10,7 @@ mod adaptive;
 mod circuit;
 mod error;
 mod rate_limit;
+mod spool;
 mod values;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
 pub use rate_limit::{RateLimitConfig, TierConfig};
+pub use spool::{Fsync, SpoolConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
 /// The configuration that sluicegate runs with when no `--config` is given.
@@ -138,6 +140,9 @@ pub struct RouteConfig {
     /// Per-client rate limit (`[route.rate_limit]`); absent: off.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Store and forward (`[route.spool]`); absent: refusals are answered.
+    #[serde(default)]
+    pub spool: Option<SpoolConfig>,
 }
 
 /// `[route.admission]`: how many requests may be at the upstream at once, and
@@ -363,6 +368,19 @@ impl Config {
                     format!("duplicate route name `{name}` (also route[{first}])"),
                 ));
             }
+            if let Some(spool) = &route.spool
+                && let Some(j) = self.routes[..i]
+                    .iter()
+                    .position(|r| r.spool.as_ref().is_some_and(|s| s.dir == spool.dir))
+            {
+                return Err((
+                    format!("route[{i}].spool.dir"),
+                    format!(
+                        "`{}` is route[{j}]'s spool too: each route needs its own directory",
+                        spool.dir.display()
+                    ),
+                ));
+            }
             let host = route.host.as_deref().map(normalize_host);
             if let Some(first) = places.insert((host, route.path_prefix.as_str()), i) {
                 return Err((
@@ -404,6 +422,9 @@ impl RouteConfig {
                         .into(),
                 ));
             }
+        }
+        if let Some(s) = &self.spool {
+            s.validate(&format!("{at}.spool"))?;
         }
         if let Some(c) = &self.circuit {
             let fixed = self

@@ -613,3 +613,93 @@ fn a_byte_budget_reaches_the_controller() {
         AdmissionSettings::DEFAULT.unknown_length_bytes
     );
 }
+
+#[test]
+fn a_minimal_spool_section_gets_its_defaults() {
+    let text = format!("{ROUTE}[route.spool]\ndir = \"/tmp/s\"\nmax_bytes = 1024\n");
+    let config = Config::parse("t.toml", &text).unwrap();
+    let settings = crate::spool::SpoolSettings::from(config.routes[0].spool.as_ref().unwrap());
+    assert_eq!(settings.max_bytes, 1024);
+    assert_eq!(settings.methods, [http::Method::POST, http::Method::PUT]);
+    assert_eq!(
+        settings.on,
+        [
+            crate::error::Reason::CircuitOpen,
+            crate::error::Reason::QueueFull,
+            crate::error::Reason::QueueTimeout,
+            crate::error::Reason::UpstreamUnavailable
+        ]
+    );
+    assert_eq!(
+        settings.max_attempts,
+        crate::spool::SpoolSettings::DEFAULT_MAX_ATTEMPTS
+    );
+    assert_eq!(settings.idempotency_header, "idempotency-key");
+    assert_eq!(settings.durability, crate::spool::Durability::Always);
+    let batch = format!("{text}fsync = \"batch\"\n");
+    let config = Config::parse("t.toml", &batch).unwrap();
+    let settings = crate::spool::SpoolSettings::from(config.routes[0].spool.as_ref().unwrap());
+    assert_eq!(
+        settings.durability,
+        crate::spool::Durability::Batch(crate::spool::SpoolSettings::DEFAULT_FSYNC_INTERVAL)
+    );
+}
+
+#[test]
+fn bad_spool_values_name_their_key() {
+    let head = format!("{ROUTE}[route.spool]\n");
+    let cases = [
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 0",
+            "max_bytes",
+            "greater than 0",
+        ),
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 10\nmethods = [\"GET\"]",
+            "methods",
+            "cannot be spooled",
+        ),
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 10\nmethods = []",
+            "methods",
+            "at least one",
+        ),
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 10\non = [\"rate_limited\"]",
+            "on",
+            "not a refusal that can be spooled",
+        ),
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 10\nfsync = \"sometimes\"",
+            "fsync",
+            "unknown variant",
+        ),
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 10\nfsync_interval_ms = 5",
+            "fsync_interval_ms",
+            "only applies with fsync = \"batch\"",
+        ),
+        (
+            "dir = \"/tmp/s\"\nmax_bytes = 10\nmax_attempts = 100000",
+            "max_attempts",
+            "at most 65535",
+        ),
+    ];
+    assert_refused(&head, "route[0].spool", &cases);
+    for (lines, missing) in [("dir = \"/tmp/s\"", "max_bytes"), ("max_bytes = 10", "dir")] {
+        let e = err(&format!("{head}{lines}\n"));
+        assert_eq!(e.key(), Some("route[0].spool"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("missing field `{missing}`")),
+            "{e}"
+        );
+    }
+    let two = "[[route]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\n\
+               [route.spool]\ndir = \"/tmp/s\"\nmax_bytes = 10\n\
+               [[route]]\nname = \"b\"\npath_prefix = \"/b\"\nupstream = \"http://127.0.0.1:9\"\n\
+               [route.spool]\ndir = \"/tmp/s\"\nmax_bytes = 10\n";
+    let e = err(two);
+    assert_eq!(e.key(), Some("route[1].spool.dir"), "{e}");
+    assert!(e.to_string().contains("its own directory"), "{e}");
+}

@@ -18,6 +18,8 @@ pub enum Outcome {
     Status(u8),
     /// The proxy answered itself.
     Rejected(Reason),
+    /// Spooled for later delivery (`202`, [`crate::spool`]).
+    Spooled,
     /// The client went away before the response headers.
     Cancelled,
     /// The inner service failed without a response (no rescue below).
@@ -25,7 +27,7 @@ pub enum Outcome {
 }
 
 const STATUS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const OUTCOMES: usize = STATUS_LABELS.len() + Reason::ALL.len() + 2;
+const OUTCOMES: usize = STATUS_LABELS.len() + Reason::ALL.len() + 3;
 
 impl Outcome {
     /// The outcome of a response status.
@@ -38,6 +40,7 @@ impl Outcome {
         match self {
             Outcome::Status(class) => usize::from(class.clamp(1, 5)) - 1,
             Outcome::Rejected(r) => STATUS_LABELS.len() + r as usize,
+            Outcome::Spooled => OUTCOMES - 3,
             Outcome::Cancelled => OUTCOMES - 2,
             Outcome::Error => OUTCOMES - 1,
         }
@@ -47,6 +50,7 @@ impl Outcome {
         match self {
             Outcome::Status(class) => STATUS_LABELS[usize::from(class.clamp(1, 5)) - 1],
             Outcome::Rejected(r) => r.as_str(),
+            Outcome::Spooled => "spooled",
             Outcome::Cancelled => "cancelled",
             Outcome::Error => "error",
         }
@@ -56,7 +60,7 @@ impl Outcome {
         (1..=5)
             .map(Outcome::Status)
             .chain(Reason::ALL.into_iter().map(Outcome::Rejected))
-            .chain([Outcome::Cancelled, Outcome::Error])
+            .chain([Outcome::Spooled, Outcome::Cancelled, Outcome::Error])
     }
 }
 

@@ -22,7 +22,7 @@ use super::retry::{self, Reclaim};
 use crate::body::{BodyProgress, BoxError, Counted, boxed};
 use crate::conn::ClientAddr;
 use crate::error::Side;
-use crate::error::{Reason, Rejection};
+use crate::error::{NotSent, Reason, Rejection};
 
 /// Idle upstream connections kept per route; a bound on the pool's memory and on
 /// the file descriptors it holds.
@@ -137,7 +137,7 @@ fn origin_form(uri: Uri) -> Uri {
 
 /// Why a request got no response.
 enum SendError {
-    /// No connection to send it on.
+    /// No connection to send it on, or every one tried gave it back unsent.
     Connect(BoxError),
     /// The connection failed it.
     Failed(hyper::Error, Arc<super::connector::Exchanges>),
@@ -157,7 +157,8 @@ impl Inner {
                 Ok(res) => return Ok((res, conn)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if attempt < UNSENT_ATTEMPTS => request = unsent,
-                    _ => return Err(SendError::Failed(e.into_error(), conn.exchanges)),
+                    Some(_) => return Err(SendError::Connect(e.into_error().into())),
+                    None => return Err(SendError::Failed(e.into_error(), conn.exchanges)),
                 },
             }
             attempt += 1;
@@ -239,7 +240,7 @@ where
                     inner.send_fresh(request).await.map_err(classify)?
                 }
                 Err(SendError::Failed(err, _)) => return Err(classify(err)),
-                Err(SendError::Connect(err)) => return Err(classify(err)),
+                Err(SendError::Connect(err)) => return Err(classify(NotSent(err))),
             };
             if res.status() == StatusCode::SWITCHING_PROTOCOLS {
                 // Upgrade is stripped from requests, so the upstream was never

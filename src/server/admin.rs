@@ -1,5 +1,6 @@
 //! The admin listener: `/` (a live dashboard), `/metrics`, `/healthz`,
-//! `/readyz`, `/status`, `POST /reload`.
+//! `/readyz`, `/status`, `POST /reload`, and the spools' `/spool` endpoints
+//! ([`spool`]).
 //!
 //! It runs on its own address (loopback by default) so that scraping and probing
 //! never compete with proxied traffic for connections, and it keeps answering
@@ -26,12 +27,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+mod spool;
+
 use super::Shared;
 use crate::admission::AdmissionSnapshot;
 use crate::circuit::CircuitSnapshot;
 use crate::config::ServerConfig;
 use crate::observe::RouteStatsSnapshot;
 use crate::rate_limit::RateLimitSnapshot;
+use crate::spool::SpoolSnapshot;
 use crate::stack::RouteInfo;
 
 /// Who may read `/status` and call `/reload`: anyone on a loopback listener;
@@ -115,6 +119,10 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
     let guarded = Router::new()
         .route("/status", get(status))
         .route("/reload", post(reload))
+        .route("/spool", get(spool::summary))
+        .route("/spool/dead", get(spool::dead_letters))
+        .route("/spool/dead/{id}", axum::routing::delete(spool::forget))
+        .route("/spool/dead/{id}/replay", post(spool::resurrect))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .route("/", get(dashboard))
@@ -293,6 +301,7 @@ struct RouteStatus {
     admission: AdmissionSnapshot,
     circuit: Option<CircuitSnapshot>,
     rate_limit: Option<RateLimitSnapshot>,
+    spool: Option<SpoolSnapshot>,
 }
 
 impl RouteStatus {
@@ -309,6 +318,7 @@ impl RouteStatus {
             admission: p.admission.snapshot(),
             circuit: p.circuit.as_ref().map(|c| c.snapshot()),
             rate_limit: p.rate_limit.as_ref().map(|l| l.snapshot()),
+            spool: p.spool.as_ref().map(|s| s.store().snapshot()),
         }
     }
 }

@@ -26,6 +26,7 @@ use admin::AdminState;
 use crate::config::Config;
 use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL};
 use crate::proxy::Forward;
+use crate::spool;
 use crate::stack::{self, RouteInfo, RouteProxy};
 
 /// How often histogram samples are folded into buckets.
@@ -75,7 +76,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
 /// (in the binary) and `POST /reload` read it again.
 pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Running> {
     let registry = Arc::new(Registry::new());
-    let built = stack::build(&config, &registry);
+    let spools = stack::open_spools(&config, &registry)?;
+    let built = stack::build(&config, &registry, &spools);
     for route in &built.proxy.generation().routes {
         if let Some(limiter) = &route.protections.rate_limit {
             limiter.spawn_pruner(RATE_LIMIT_PRUNE_INTERVAL);
@@ -100,6 +102,13 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         send_timeouts: registry.counter(SEND_TIMEOUT_TOTAL, &[]),
     };
     let (stop, stop_rx) = watch::channel(false);
+    for spool in spools.iter() {
+        tokio::spawn(spool::replay::run(
+            spool.clone(),
+            replay_target(shared.proxy.clone(), spool.route().to_string()),
+            stop_rx.clone(),
+        ));
+    }
     let server = config.server.clone();
     let serving = shared.clone();
     let task = tokio::spawn(async move {
@@ -144,6 +153,31 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         task,
         shared,
     })
+}
+
+/// Looks `route` up in the live routes at each delivery, keeping one
+/// forwarder (one connection pool) while the route's settings stay.
+fn replay_target(
+    proxy: RouteProxy<Forward>,
+    route: String,
+) -> impl FnMut() -> Option<spool::replay::Target> + Send {
+    let mut forward: Option<(crate::config::RouteConfig, Forward)> = None;
+    move || {
+        let generation = proxy.generation();
+        let info = generation
+            .routes
+            .iter()
+            .find(|r| r.config.display_name() == route)?;
+        let current = match &forward {
+            Some((config, f)) if *config == info.config => f.clone(),
+            _ => {
+                let f = stack::forward(&info.config);
+                forward = Some((info.config.clone(), f.clone()));
+                f
+            }
+        };
+        Some(stack::replay_target(info, current))
+    }
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> io::Result<TcpListener> {

@@ -27,6 +27,14 @@ pub enum ReloadError {
     /// The file cannot be read or is invalid: the message `check-config`
     /// prints.
     Invalid(ConfigError),
+    /// A route's `[route.spool]` was added, changed or removed: a spool is
+    /// opened once per process, so that two never write one directory.
+    SpoolNeedsRestart {
+        /// The file.
+        path: PathBuf,
+        /// The route.
+        route: String,
+    },
     /// A `[server]` key changed, which needs a restart.
     NeedsRestart {
         /// The file.
@@ -43,6 +51,12 @@ impl std::fmt::Display for ReloadError {
                 "started with the embedded default config (no --config): there is no file to reload",
             ),
             Self::Invalid(e) => write!(f, "{e}"),
+            Self::SpoolNeedsRestart { path, route } => write!(
+                f,
+                "{}: route `{route}`: [route.spool] cannot be added, changed or removed without a \
+                 restart (the running config stays)",
+                path.display()
+            ),
             Self::NeedsRestart { path, key } => write!(
                 f,
                 "{}: server.{key}: cannot change without a restart (the running config stays)",
@@ -138,6 +152,12 @@ impl Reloader {
                 key,
             });
         }
+        if let Some(route) = spool_change(&current, &new) {
+            return Err(ReloadError::SpoolNeedsRestart {
+                path: path.clone(),
+                route,
+            });
+        }
         let (generation, changes) = rebuild(
             &new,
             &self.registry,
@@ -203,7 +223,10 @@ pub fn rebuild<S: Clone>(
                     &mut changes.added
                 };
                 list.push(name.to_string());
-                let (entry, info) = stack::route_parts(route, registry, &mut make_inner);
+                // The spool stays open across reloads (its settings cannot
+                // change without a restart).
+                let spool = old.and_then(|o| o.protections.spool.clone());
+                let (entry, info) = stack::route_parts(route, registry, spool, &mut make_inner);
                 entries.push(entry);
                 routes.push(info);
             }
@@ -220,6 +243,28 @@ pub fn rebuild<S: Clone>(
         routes,
     };
     (generation, changes)
+}
+
+/// The first route whose `[route.spool]` differs between `old` and `new`.
+fn spool_change(old: &Config, new: &Config) -> Option<String> {
+    let spool_of = |config: &Config, name: &str| {
+        config
+            .routes
+            .iter()
+            .find(|r| r.display_name() == name)
+            .and_then(|r| r.spool.clone())
+    };
+    let names = old
+        .routes
+        .iter()
+        .chain(&new.routes)
+        .map(RouteConfig::display_name);
+    for name in names {
+        if spool_of(old, name) != spool_of(new, name) {
+            return Some(name.to_string());
+        }
+    }
+    None
 }
 
 /// The first `[server]` key that differs.
@@ -262,7 +307,7 @@ mod tests {
 
     fn reloader() -> Arc<Reloader> {
         let registry = Arc::new(Registry::new());
-        let built = stack::build(&config(1000), &registry);
+        let built = stack::build(&config(1000), &registry, &Default::default());
         Arc::new(Reloader::new(
             Some(PathBuf::from("t.toml")),
             config(1000),
@@ -347,7 +392,7 @@ mod tests {
         assert_eq!(timeout, Duration::from_millis(1000));
 
         let registry = Arc::new(Registry::new());
-        let built = stack::build(&config(1000), &registry);
+        let built = stack::build(&config(1000), &registry, &Default::default());
         let embedded = Reloader::new(None, config(1000), registry, built.proxy);
         let err = embedded.reload_with(|_| Ok(config(2000))).unwrap_err();
         assert!(matches!(err, ReloadError::NoFile), "{err:?}");

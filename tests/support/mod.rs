@@ -1,6 +1,9 @@
 //! Shared test parts: a real upstream on 127.0.0.1:0, the real proxy, clients.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod keys;
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::hash::Hasher;

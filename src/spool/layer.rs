@@ -1,0 +1,328 @@
+//! [`SpoolLayer`]: in the request path between the rate limit and the
+//! circuit breaker, so that it sees the circuit's, admission's and the
+//! forwarder's refusals and none of the client's own (README "Store and
+//! forward").
+//!
+//! An eligible request's body is not buffered: it waits in a slot until the
+//! stack below first reads it. A refusal that came before any read (an open
+//! circuit, a full queue, an upstream that could not be reached) finds the
+//! body still there, reads it whole and spools it; a request whose body was
+//! read has reached the upstream and keeps its refusal.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::Spool;
+use super::record::Stored;
+use super::store::now_ms;
+use crate::body::{BoxError, BoxFuture, ProxyBody, full};
+use crate::conn::ClientAddr;
+
+/// Response extension: the request was spooled (`202`), not answered by the
+/// upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spooled(pub Arc<str>);
+
+/// Layer of [`Spooling`]; a pass-through without a spool.
+#[derive(Debug, Clone)]
+pub struct SpoolLayer {
+    spool: Option<Arc<Spool>>,
+}
+
+impl SpoolLayer {
+    /// Spools into `spool`.
+    pub fn new(spool: Arc<Spool>) -> Self {
+        Self { spool: Some(spool) }
+    }
+
+    /// Spools into `spool` when there is one; passes requests on otherwise.
+    pub fn optional(spool: Option<Arc<Spool>>) -> Self {
+        Self { spool }
+    }
+}
+
+impl<S> Layer<S> for SpoolLayer {
+    type Service = Spooling<S>;
+    fn layer(&self, inner: S) -> Spooling<S> {
+        Spooling {
+            inner,
+            spool: self.spool.clone(),
+        }
+    }
+}
+
+/// Service of [`SpoolLayer`].
+#[derive(Debug, Clone)]
+pub struct Spooling<S> {
+    inner: S,
+    spool: Option<Arc<Spool>>,
+}
+
+/// What a spooled request keeps of its head (the stack below takes the
+/// request itself).
+struct Head {
+    method: Method,
+    uri: String,
+    headers: HeaderMap,
+    client: Option<String>,
+}
+
+type Slot<B> = Arc<Mutex<Option<B>>>;
+
+fn take<B>(slot: &Slot<B>) -> Option<B> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+impl<S, B, ResB> Service<Request<B>> for Spooling<S>
+where
+    S: Service<Request<SpoolBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Either<ResB, ProxyBody>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let spool = match &self.spool {
+            Some(spool) if spool.takes(req.method()) => spool.clone(),
+            _ => {
+                return ResponseFuture::Plain {
+                    inner: self.inner.call(req.map(|body| SpoolBody::Live { body })),
+                };
+            }
+        };
+        let (parts, body) = req.into_parts();
+        let head = Head {
+            method: parts.method.clone(),
+            uri: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            headers: parts.headers.clone(),
+            client: parts
+                .extensions
+                .get::<ClientAddr>()
+                .map(|c| c.addr().ip().to_string()),
+        };
+        let slot: Slot<B> = Arc::new(Mutex::new(Some(body)));
+        let body = SpoolBody::Waiting {
+            slot: slot.clone(),
+            body: None,
+        };
+        ResponseFuture::Watching {
+            inner: self.inner.call(Request::from_parts(parts, body)),
+            rescue: Some((spool, slot, head)),
+        }
+    }
+}
+
+pin_project! {
+    /// Future of [`Spooling`].
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = ResponseProj]
+    pub enum ResponseFuture<F, B> {
+        /// Not spoolable: the inner answer as it is.
+        Plain {
+            #[pin]
+            inner: F,
+        },
+        /// Spoolable if refused before its body was read.
+        Watching {
+            #[pin]
+            inner: F,
+            rescue: Option<(Arc<Spool>, Slot<B>, Head)>,
+        },
+        /// Refused: being read and written to the spool.
+        Storing {
+            future: BoxFuture<Response<ProxyBody>>,
+        },
+    }
+}
+
+impl<F, B, ResB, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<Either<ResB, ProxyBody>>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let err = match self.as_mut().project() {
+                ResponseProj::Plain { inner } => {
+                    let res = ready!(inner.poll(cx)).map_err(Into::into)?;
+                    return Poll::Ready(Ok(res.map(Either::Left)));
+                }
+                ResponseProj::Watching { inner, rescue } => match ready!(inner.poll(cx)) {
+                    Ok(res) => return Poll::Ready(Ok(res.map(Either::Left))),
+                    Err(err) => {
+                        let err = err.into();
+                        let (spool, slot, head) = rescue.take().expect("polled after completion");
+                        if !spool.takes_over(&err) {
+                            return Poll::Ready(Err(err));
+                        }
+                        (spool, slot, head, err)
+                    }
+                },
+                ResponseProj::Storing { future } => {
+                    let res = ready!(future.as_mut().poll(cx))?;
+                    return Poll::Ready(Ok(res.map(Either::Right)));
+                }
+            };
+            // Drops the stack's future, and with it the request.
+            let (spool, slot, head, refusal) = err;
+            self.set(ResponseFuture::Storing {
+                future: Box::pin(store(spool, slot, head, refusal)),
+            });
+        }
+    }
+}
+
+/// Reads the refused request's body and spools the request; the refusal
+/// stands when the body was read already or the spool cannot keep it.
+async fn store<B>(
+    spool: Arc<Spool>,
+    slot: Slot<B>,
+    head: Head,
+    refusal: BoxError,
+) -> Result<Response<ProxyBody>, BoxError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let Some(body) = take(&slot) else {
+        return Err(refusal);
+    };
+    // A body over the route's limit, stalled or cut short is the client's
+    // answer (413, 408, 400), as without a spool.
+    let body = body.collect().await.map_err(Into::into)?.to_bytes();
+    let store = spool.store();
+    let id = store.new_id();
+    let mut headers = head.headers;
+    let key = &spool.settings().idempotency_header;
+    if !headers.contains_key(key) {
+        headers.insert(
+            key.clone(),
+            HeaderValue::from_str(&id).expect("ids are hex"),
+        );
+    }
+    let stored = Stored {
+        id,
+        created_ms: now_ms(),
+        client: head.client,
+        method: head.method,
+        uri: head.uri,
+        headers,
+        body,
+    };
+    match store.append(&stored).await {
+        Ok(()) => Ok(accepted(stored.id)),
+        Err(e) => {
+            tracing::warn!(route = spool.route(), error = %e, "cannot spool; the refusal stands");
+            Err(refusal)
+        }
+    }
+}
+
+/// `202 Accepted`: on disk, to be delivered.
+fn accepted(id: String) -> Response<ProxyBody> {
+    let value = HeaderValue::from_str(&id).expect("ids are hex");
+    let mut res = Response::new(full(format!(r#"{{"status":"spooled","id":"{id}"}}"#)));
+    *res.status_mut() = StatusCode::ACCEPTED;
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert("x-sluicegate-spooled", value);
+    res.extensions_mut().insert(Spooled(id.into()));
+    res
+}
+
+pin_project! {
+    /// The request body the stack below a [`SpoolLayer`] reads: the client's
+    /// as it is, or one that stays in its slot, spoolable, until first read.
+    #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
+    #[project = SpoolBodyProj]
+    pub enum SpoolBody<B> {
+        /// Not spoolable.
+        Live {
+            #[pin]
+            body: B,
+        },
+        /// Taken from `slot` at the first read.
+        Waiting {
+            slot: Slot<B>,
+            #[pin]
+            body: Option<B>,
+        },
+    }
+}
+
+impl<B> Body for SpoolBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            SpoolBodyProj::Live { body } => body.poll_frame(cx).map_err(Into::into),
+            SpoolBodyProj::Waiting { slot, mut body } => {
+                if body.is_none() {
+                    body.set(take(slot));
+                }
+                match body.as_pin_mut() {
+                    Some(body) => body.poll_frame(cx).map_err(Into::into),
+                    // Only the spool takes it, after the stack let go.
+                    None => Poll::Ready(Some(Err("request body already taken".into()))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            SpoolBody::Live { body } => body.is_end_stream(),
+            SpoolBody::Waiting { body: Some(b), .. } => b.is_end_stream(),
+            SpoolBody::Waiting { slot, body: None } => slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_none_or(Body::is_end_stream),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            SpoolBody::Live { body } => body.size_hint(),
+            SpoolBody::Waiting { body: Some(b), .. } => b.size_hint(),
+            SpoolBody::Waiting { slot, body: None } => slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+        }
+    }
+}

@@ -1,0 +1,909 @@
+//! The spool's storage: an append-only log of segment files with a CRC per
+//! record, and a directory of dead letters (README "Store and forward").
+//!
+//! One writer thread owns the file being written: it appends accepted
+//! requests, makes them durable (an fsync per request, or one per group
+//! commit), and only then makes them visible to the replayer and answers the
+//! waiting request. Delivered requests get a `Done` record; a segment is
+//! deleted once it and every older one hold nothing left to deliver, so the
+//! `Done` records that cancel an older segment's requests are never deleted
+//! before it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, oneshot};
+
+use super::metrics::SpoolMetrics;
+use super::record::{self, Buried, Entry, Stored};
+use super::{Durability, SpoolSettings};
+
+/// Why a request could not be spooled; it gets the refusal it would have had.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// `max_bytes` or `max_requests` reached.
+    Full,
+    /// Writing or syncing failed (disk full, I/O error).
+    Io(io::Error),
+}
+
+impl std::fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpoolError::Full => f.write_str("spool full"),
+            SpoolError::Io(e) => write!(f, "spool write failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+/// A spooled request waiting for delivery.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: Arc<str>,
+    segment: u64,
+    offset: u64,
+    len: u32,
+    created_ms: u64,
+    attempts: u16,
+    /// Being delivered.
+    taken: bool,
+}
+
+/// A request handed to the replayer: where it is, and how often it was tried.
+#[derive(Debug, Clone)]
+pub struct Next {
+    seq: u64,
+    segment: u64,
+    offset: u64,
+    len: u32,
+    /// Deliveries tried before this one.
+    pub attempts: u16,
+    /// Its frame's length (what admission weighs is its body, a little less).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Segment {
+    bytes: u64,
+    /// Its requests not yet delivered nor buried.
+    live: usize,
+}
+
+/// A dead letter, as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    /// The request's id.
+    pub id: String,
+    /// Its method.
+    pub method: String,
+    /// Its path and query.
+    pub uri: String,
+    /// Its body's length.
+    pub body_bytes: usize,
+    /// The upstream's last status.
+    pub status: Option<u16>,
+    /// The start of the upstream's last answer, or what went wrong.
+    pub excerpt: String,
+    /// Deliveries tried.
+    pub attempts: u16,
+    /// When it was accepted (Unix ms).
+    pub created_ms: u64,
+    /// When it was dead-lettered (Unix ms).
+    pub buried_ms: u64,
+    #[serde(skip)]
+    file_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pending: BTreeMap<u64, Pending>,
+    segments: BTreeMap<u64, Segment>,
+    dead: BTreeMap<String, DeadLetter>,
+    /// Segments, dead letters and writes reserved but not yet committed.
+    bytes: u64,
+    /// Pending requests and writes reserved.
+    requests: usize,
+    next_seq: u64,
+    /// Damaged records skipped at recovery.
+    damaged: u64,
+}
+
+/// What `GET /spool` shows of one spool.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpoolSnapshot {
+    /// Requests waiting for delivery.
+    pub requests: usize,
+    /// Bytes on disk (segments and dead letters).
+    pub bytes: u64,
+    /// `max_bytes`.
+    pub max_bytes: u64,
+    /// Age of the oldest waiting request, in seconds.
+    pub oldest_age_s: f64,
+    /// Requests in the dead-letter store.
+    pub dead_letters: usize,
+    /// Damaged records skipped when the spool was recovered.
+    pub damaged_records: u64,
+}
+
+enum Job {
+    Put {
+        frame: Vec<u8>,
+        id: Arc<str>,
+        created_ms: u64,
+        ack: oneshot::Sender<io::Result<()>>,
+    },
+    Done(Vec<u8>),
+}
+
+/// One route's spool on disk.
+pub struct Store {
+    dir: PathBuf,
+    max_bytes: u64,
+    max_requests: usize,
+    state: Mutex<State>,
+    jobs: mpsc::Sender<Job>,
+    /// The segment the writer appends to: never deleted.
+    active: AtomicU64,
+    /// Told when a request becomes deliverable.
+    ready: Notify,
+    ids: Ids,
+    metrics: SpoolMetrics,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unique, time-ordered ids: the process's start (µs) and a counter.
+#[derive(Debug)]
+struct Ids {
+    epoch: u64,
+    next: AtomicU64,
+}
+
+impl Ids {
+    fn new() -> Self {
+        Self {
+            epoch: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:013x}{n:07x}", self.epoch)
+    }
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A segment file's size before the writer starts the next one: small
+/// enough that delivering frees space steadily, large enough that files stay
+/// few.
+fn segment_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 16).clamp(4 * 1024, 64 * 1024 * 1024)
+}
+
+fn segment_path(dir: &Path, no: u64) -> PathBuf {
+    dir.join(format!("{no:020}.seg"))
+}
+
+fn dead_dir(dir: &Path) -> PathBuf {
+    dir.join("dead")
+}
+
+fn dead_path(dir: &Path, id: &str) -> PathBuf {
+    dead_dir(dir).join(format!("{id}.dead"))
+}
+
+/// Ids are hex; anything else never names a file.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+impl Store {
+    /// Opens (creating) the spool in `settings.dir` and recovers what is in
+    /// it: every intact request waits for delivery again, damaged records
+    /// are skipped, logged and counted.
+    pub fn open(settings: &SpoolSettings, metrics: SpoolMetrics) -> io::Result<Arc<Self>> {
+        let dir = settings.dir.clone();
+        let context = |what: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("spool {}: {what}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(dead_dir(&dir)).map_err(|e| context("cannot create", e))?;
+        let lock = File::create(dir.join("LOCK")).map_err(|e| context("cannot create LOCK", e))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("spool {}: in use by another process", dir.display()),
+            )
+        })?;
+        let mut state = State::default();
+        let last = recover_segments(&dir, &mut state).map_err(|e| context("cannot read", e))?;
+        recover_dead(&dir, &mut state).map_err(|e| context("cannot read dead letters", e))?;
+        if state.damaged > 0 {
+            tracing::error!(
+                dir = %dir.display(),
+                damaged = state.damaged,
+                "spool: damaged records skipped at recovery (torn writes or corrupted files)"
+            );
+            metrics.damaged.increment(state.damaged);
+        }
+        let active = last + 1;
+        let file = open_segment(&dir, active).map_err(|e| context("cannot create a segment", e))?;
+        state.segments.insert(active, Segment::default());
+        let recovered = state.pending.len();
+        let (tx, rx) = mpsc::channel();
+        let store = Arc::new(Self {
+            dir,
+            max_bytes: settings.max_bytes,
+            max_requests: settings.max_requests,
+            state: Mutex::new(state),
+            jobs: tx,
+            active: AtomicU64::new(active),
+            ready: Notify::new(),
+            ids: Ids::new(),
+            metrics,
+        });
+        store.prune(&mut store.lock());
+        if recovered > 0 {
+            tracing::info!(dir = %store.dir.display(), requests = recovered, "spool recovered");
+        }
+        store.refresh();
+        let writer = Writer {
+            _lock: lock,
+            store: Arc::downgrade(&store),
+            dir: store.dir.clone(),
+            durability: settings.durability,
+            segment_bytes: segment_bytes(settings.max_bytes),
+            active: Active {
+                no: active,
+                file,
+                len: 0,
+                unsynced: false,
+                puts: 0,
+            },
+        };
+        std::thread::Builder::new()
+            .name("sluicegate-spool".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, job: Job) {
+        // The writer lives as long as the store; a send fails only while the
+        // process exits.
+        let _ = self.jobs.send(job);
+    }
+
+    /// A new id (and idempotency key).
+    pub fn new_id(&self) -> String {
+        self.ids.next()
+    }
+
+    /// Writes `request` and resolves once it is durable and deliverable.
+    pub async fn append(&self, request: &Stored) -> Result<(), SpoolError> {
+        let frame = Entry::Put(request.clone()).encode();
+        let len = frame.len() as u64;
+        {
+            let mut state = self.lock();
+            if state.bytes + len > self.max_bytes || state.requests >= self.max_requests {
+                return Err(SpoolError::Full);
+            }
+            state.bytes += len;
+            state.requests += 1;
+        }
+        let (ack, done) = oneshot::channel();
+        self.send(Job::Put {
+            frame,
+            id: request.id.as_str().into(),
+            created_ms: request.created_ms,
+            ack,
+        });
+        let result = match done.await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::other("the spool writer stopped")),
+        };
+        result.map_err(SpoolError::Io)
+    }
+
+    /// The oldest request not being delivered, marked as being delivered.
+    pub fn next(&self) -> Option<Next> {
+        let mut state = self.lock();
+        let (seq, p) = state.pending.iter_mut().find(|(_, p)| !p.taken)?;
+        p.taken = true;
+        Some(Next {
+            seq: *seq,
+            segment: p.segment,
+            offset: p.offset,
+            len: p.len,
+            attempts: p.attempts,
+            bytes: u64::from(p.len),
+        })
+    }
+
+    /// Resolves when a request may have become deliverable.
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Reads `next` back from its segment.
+    pub async fn read(&self, next: &Next) -> io::Result<Stored> {
+        let path = segment_path(&self.dir, next.segment);
+        let (offset, len) = (next.offset, next.len as usize);
+        let entry = tokio::task::spawn_blocking(move || -> io::Result<Entry> {
+            let file = File::open(&path)?;
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, offset)?;
+            record::frame_at(&buf)
+                .map(|(_, entry)| entry)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record damaged"))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        match entry {
+            Entry::Put(stored) => Ok(stored),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "not a request")),
+        }
+    }
+
+    /// `next` was delivered: gone from the spool.
+    pub fn delivered(&self, next: &Next) {
+        self.remove(next.seq);
+    }
+
+    /// `next` failed and will be tried again (counted as an attempt when
+    /// `attempted`, not when the proxy held it back itself).
+    pub fn retry(&self, next: &Next, attempted: bool) {
+        let mut state = self.lock();
+        if let Some(p) = state.pending.get_mut(&next.seq) {
+            p.taken = false;
+            if attempted {
+                p.attempts = p.attempts.saturating_add(1);
+            }
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    fn remove(&self, seq: u64) {
+        let mut state = self.lock();
+        let Some(p) = state.pending.remove(&seq) else {
+            return;
+        };
+        state.requests -= 1;
+        if let Some(seg) = state.segments.get_mut(&p.segment) {
+            seg.live -= 1;
+        }
+        self.prune(&mut state);
+        drop(state);
+        self.send(Job::Done(Entry::Done(p.id.to_string()).encode()));
+        self.refresh();
+    }
+
+    /// Deletes the oldest segments while they hold nothing to deliver.
+    fn prune(&self, state: &mut State) {
+        let active = self.active.load(Ordering::SeqCst);
+        while let Some((&no, seg)) = state.segments.first_key_value() {
+            if no == active || seg.live > 0 {
+                break;
+            }
+            state.bytes -= seg.bytes;
+            state.segments.remove(&no);
+            if let Err(e) = std::fs::remove_file(segment_path(&self.dir, no)) {
+                tracing::warn!(error = %e, segment = no, "spool: cannot delete a delivered segment");
+            }
+        }
+    }
+
+    /// Moves `next` (read as `request`) to the dead-letter store.
+    pub async fn bury(&self, next: &Next, buried: Buried) -> io::Result<()> {
+        let path = dead_path(&self.dir, &buried.request.id);
+        let frame = Entry::Dead(buried.clone()).encode();
+        let file_bytes = frame.len() as u64;
+        tokio::task::spawn_blocking(move || write_durably(&path, &frame))
+            .await
+            .map_err(io::Error::other)??;
+        let letter = dead_letter(&buried, file_bytes);
+        {
+            let mut state = self.lock();
+            state.bytes += file_bytes;
+            state.dead.insert(letter.id.clone(), letter);
+        }
+        self.metrics.dead_lettered.increment(1);
+        self.remove(next.seq);
+        Ok(())
+    }
+
+    /// Dead letters after `after` (by id, oldest first), at most `limit`.
+    pub fn dead_letters(&self, after: Option<&str>, limit: usize) -> Vec<DeadLetter> {
+        let state = self.lock();
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(id.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        state
+            .dead
+            .range((from, std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    /// Whether dead letter `id` is here.
+    pub fn has_dead(&self, id: &str) -> bool {
+        self.lock().dead.contains_key(id)
+    }
+
+    /// Sends dead letter `id` back to be delivered: `Ok(false)` when there
+    /// is none.
+    pub async fn resurrect(&self, id: &str) -> Result<bool, SpoolError> {
+        if !valid_id(id) || !self.lock().dead.contains_key(id) {
+            return Ok(false);
+        }
+        let path = dead_path(&self.dir, id);
+        let read = path.clone();
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(read))
+            .await
+            .map_err(|e| SpoolError::Io(io::Error::other(e)))?
+            .map_err(SpoolError::Io)?;
+        let Some((_, Entry::Dead(buried))) = record::frame_at(&bytes) else {
+            return Err(SpoolError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "dead letter damaged",
+            )));
+        };
+        self.append(&buried.request).await?;
+        self.forget(id).await.map_err(SpoolError::Io)?;
+        Ok(true)
+    }
+
+    /// Deletes dead letter `id`: `Ok(false)` when there is none.
+    pub async fn forget(&self, id: &str) -> io::Result<bool> {
+        if !valid_id(id) {
+            return Ok(false);
+        }
+        let Some(letter) = self.lock().dead.remove(id) else {
+            return Ok(false);
+        };
+        let path = dead_path(&self.dir, id);
+        tokio::task::spawn_blocking(move || std::fs::remove_file(path))
+            .await
+            .map_err(io::Error::other)??;
+        self.lock().bytes -= letter.file_bytes;
+        self.refresh();
+        Ok(true)
+    }
+
+    /// The spool's counts.
+    pub fn snapshot(&self) -> SpoolSnapshot {
+        let state = self.lock();
+        let oldest = state.pending.values().next().map(|p| p.created_ms);
+        SpoolSnapshot {
+            requests: state.pending.len(),
+            bytes: state.bytes,
+            max_bytes: self.max_bytes,
+            oldest_age_s: oldest.map_or(0.0, |t| now_ms().saturating_sub(t) as f64 / 1000.0),
+            dead_letters: state.dead.len(),
+            damaged_records: state.damaged,
+        }
+    }
+
+    /// Sets the gauges from the state.
+    pub fn refresh(&self) {
+        let snapshot = self.snapshot();
+        self.metrics.requests.set(snapshot.requests as f64);
+        self.metrics.bytes.set(snapshot.bytes as f64);
+        self.metrics.oldest_age.set(snapshot.oldest_age_s);
+        self.metrics.dead_letters.set(snapshot.dead_letters as f64);
+    }
+
+    /// The spool's metrics.
+    pub fn metrics(&self) -> &SpoolMetrics {
+        &self.metrics
+    }
+}
+
+fn dead_letter(b: &Buried, file_bytes: u64) -> DeadLetter {
+    DeadLetter {
+        id: b.request.id.clone(),
+        method: b.request.method.to_string(),
+        uri: b.request.uri.clone(),
+        body_bytes: b.request.body.len(),
+        status: b.status,
+        excerpt: b.excerpt.clone(),
+        attempts: b.attempts,
+        created_ms: b.request.created_ms,
+        buried_ms: b.buried_ms,
+        file_bytes,
+    }
+}
+
+/// Writes `bytes` to `path` so that it is whole or absent after a crash.
+fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn open_segment(dir: &Path, no: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, no))?;
+    // The new name must survive a crash too.
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+/// Reads every segment into `state`; returns the newest segment's number.
+fn recover_segments(dir: &Path, state: &mut State) -> io::Result<u64> {
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    numbers.sort_unstable();
+    let mut by_id: HashMap<String, u64> = HashMap::new();
+    for &no in &numbers {
+        let buf = std::fs::read(segment_path(dir, no))?;
+        let scan = record::scan(&buf);
+        state.damaged += scan.damaged;
+        state.bytes += buf.len() as u64;
+        state.segments.insert(
+            no,
+            Segment {
+                bytes: buf.len() as u64,
+                live: 0,
+            },
+        );
+        for found in scan.found {
+            match found.entry {
+                Entry::Put(stored) => {
+                    let seq = state.next_seq;
+                    state.next_seq += 1;
+                    if let Some(old) = by_id.insert(stored.id.clone(), seq) {
+                        // The same request spooled twice (a dead letter sent
+                        // back): delivered once.
+                        forget_pending(state, old);
+                    }
+                    state.pending.insert(
+                        seq,
+                        Pending {
+                            id: stored.id.into(),
+                            segment: no,
+                            offset: found.offset,
+                            len: found.len,
+                            created_ms: stored.created_ms,
+                            attempts: 0,
+                            taken: false,
+                        },
+                    );
+                    if let Some(seg) = state.segments.get_mut(&no) {
+                        seg.live += 1;
+                    }
+                }
+                Entry::Done(id) => {
+                    if let Some(seq) = by_id.remove(&id) {
+                        forget_pending(state, seq);
+                    }
+                }
+                Entry::Dead(_) => state.damaged += 1,
+            }
+        }
+    }
+    state.requests = state.pending.len();
+    Ok(numbers.last().copied().unwrap_or(0))
+}
+
+fn forget_pending(state: &mut State, seq: u64) {
+    if let Some(p) = state.pending.remove(&seq)
+        && let Some(seg) = state.segments.get_mut(&p.segment)
+    {
+        seg.live -= 1;
+    }
+}
+
+fn recover_dead(dir: &Path, state: &mut State) -> io::Result<()> {
+    for entry in std::fs::read_dir(dead_dir(dir))? {
+        let path = entry?.path();
+        match path.extension().and_then(|e| e.to_str()) {
+            // Never renamed into place: never acknowledged as buried (the
+            // request is still in the log).
+            Some("tmp") => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Some("dead") => {
+                let bytes = std::fs::read(&path)?;
+                state.bytes += bytes.len() as u64;
+                match record::frame_at(&bytes) {
+                    Some((_, Entry::Dead(buried))) => {
+                        let letter = dead_letter(&buried, bytes.len() as u64);
+                        state.dead.insert(letter.id.clone(), letter);
+                    }
+                    _ => {
+                        tracing::error!(file = %path.display(), "spool: damaged dead letter kept");
+                        state.damaged += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The file the writer appends to.
+struct Active {
+    no: u64,
+    file: File,
+    len: u64,
+    unsynced: bool,
+    /// Requests committed to it.
+    puts: usize,
+}
+
+/// A request written, waiting for its commit.
+struct Written {
+    id: Arc<str>,
+    created_ms: u64,
+    offset: u64,
+    len: u32,
+    ack: oneshot::Sender<io::Result<()>>,
+}
+
+struct Writer {
+    /// Held until the writer has written everything it was sent: one
+    /// process per spool directory.
+    _lock: File,
+    store: std::sync::Weak<Store>,
+    dir: PathBuf,
+    durability: Durability,
+    segment_bytes: u64,
+    active: Active,
+}
+
+/// How long the writer leaves `Done` records unsynced while idle.
+const IDLE_SYNC: Duration = Duration::from_secs(1);
+
+impl Writer {
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Written> = Vec::new();
+        // The commit deadline of the batch being gathered. The writer thread
+        // is not on tokio's clock.
+        #[allow(clippy::disallowed_types)]
+        let mut deadline: Option<std::time::Instant> = None;
+        loop {
+            #[allow(clippy::disallowed_types)]
+            let wait = deadline.map_or(IDLE_SYNC, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            });
+            match jobs.recv_timeout(wait) {
+                Ok(Job::Done(frame)) => {
+                    let drained = self.write_marker(&frame);
+                    // Nothing left in the file to deliver: a new segment, so
+                    // that this one can go.
+                    if drained
+                        && self.active.puts > 0
+                        && batch.is_empty()
+                        && let Some(store) = self.store.upgrade()
+                    {
+                        self.rotate(&store);
+                    }
+                }
+                Ok(Job::Put {
+                    frame,
+                    id,
+                    created_ms,
+                    ack,
+                }) => {
+                    let offset = self.active.len;
+                    let len = frame.len() as u32;
+                    if let Err(e) = self.write(&frame) {
+                        self.fail(
+                            std::mem::take(&mut batch),
+                            Some((frame.len() as u64, ack)),
+                            e,
+                        );
+                        deadline = None;
+                        continue;
+                    }
+                    batch.push(Written {
+                        id,
+                        created_ms,
+                        offset,
+                        len,
+                        ack,
+                    });
+                    match self.durability {
+                        Durability::Always => self.commit(&mut batch),
+                        #[allow(clippy::disallowed_types)]
+                        Durability::Batch(interval) => {
+                            deadline.get_or_insert_with(|| std::time::Instant::now() + interval);
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if batch.is_empty() {
+                        if self.active.unsynced {
+                            let _ = self.active.file.sync_data();
+                            self.active.unsynced = false;
+                        }
+                    } else {
+                        self.commit(&mut batch);
+                    }
+                    deadline = None;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if !batch.is_empty() {
+                        self.commit(&mut batch);
+                    }
+                    let _ = self.active.file.sync_data();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.active.file.write_all(frame)?;
+        self.active.len += frame.len() as u64;
+        self.active.unsynced = true;
+        Ok(())
+    }
+
+    /// A `Done` record: synced with the next commit (a killed process loses
+    /// nothing the kernel has; a lost one only means a duplicate delivery).
+    /// Returns whether the active segment has nothing left to deliver.
+    fn write_marker(&mut self, frame: &[u8]) -> bool {
+        match self.write(frame) {
+            Ok(()) => {
+                // Gone: the process is stopping; the record is written all
+                // the same.
+                let Some(store) = self.store.upgrade() else {
+                    return false;
+                };
+                let mut state = store.lock();
+                state.bytes += frame.len() as u64;
+                state.segments.get_mut(&self.active.no).is_some_and(|seg| {
+                    seg.bytes += frame.len() as u64;
+                    seg.live == 0
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "spool: cannot record a delivery");
+                false
+            }
+        }
+    }
+
+    /// Syncs the batch and makes it deliverable, then answers it.
+    fn commit(&mut self, batch: &mut Vec<Written>) {
+        let written = std::mem::take(batch);
+        if let Err(e) = self.active.file.sync_data() {
+            self.fail(written, None, e);
+            return;
+        }
+        self.active.unsynced = false;
+        let Some(store) = self.store.upgrade() else {
+            return;
+        };
+        {
+            let mut state = store.lock();
+            for w in &written {
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                state.pending.insert(
+                    seq,
+                    Pending {
+                        id: w.id.clone(),
+                        segment: self.active.no,
+                        offset: w.offset,
+                        len: w.len,
+                        created_ms: w.created_ms,
+                        attempts: 0,
+                        taken: false,
+                    },
+                );
+                let seg = state.segments.entry(self.active.no).or_default();
+                seg.live += 1;
+                seg.bytes += u64::from(w.len);
+            }
+        }
+        self.active.puts += written.len();
+        store.metrics.spooled.increment(written.len() as u64);
+        for w in written {
+            let _ = w.ack.send(Ok(()));
+        }
+        store.ready.notify_one();
+        if self.active.len >= self.segment_bytes {
+            self.rotate(&store);
+        }
+        store.refresh();
+    }
+
+    /// The batch is lost: its reservations are returned, its writers told,
+    /// the file cut back to its last commit and a new segment started.
+    fn fail(
+        &mut self,
+        written: Vec<Written>,
+        unwritten: Option<(u64, oneshot::Sender<io::Result<()>>)>,
+        error: io::Error,
+    ) {
+        tracing::error!(error = %error, "spool: write failed; those requests get their refusal");
+        let committed = written.first().map_or(self.active.len, |w| w.offset);
+        let _ = self.active.file.set_len(committed);
+        self.active.len = committed;
+        let Some(store) = self.store.upgrade() else {
+            return;
+        };
+        let lost = written.iter().map(|w| u64::from(w.len)).sum::<u64>()
+            + unwritten.as_ref().map_or(0, |(len, _)| *len);
+        let acks: Vec<_> = written
+            .into_iter()
+            .map(|w| w.ack)
+            .chain(unwritten.map(|(_, ack)| ack))
+            .collect();
+        {
+            let mut state = store.lock();
+            state.bytes -= lost;
+            state.requests -= acks.len();
+        }
+        for ack in acks {
+            let _ = ack.send(Err(io::Error::new(error.kind(), error.to_string())));
+        }
+        self.rotate(&store);
+    }
+
+    fn rotate(&mut self, store: &Store) {
+        let no = self.active.no + 1;
+        match open_segment(&self.dir, no) {
+            Ok(file) => {
+                let _ = self.active.file.sync_data();
+                self.active = Active {
+                    no,
+                    file,
+                    len: 0,
+                    unsynced: false,
+                    puts: 0,
+                };
+                let mut state = store.lock();
+                state.segments.insert(no, Segment::default());
+                store.active.store(no, Ordering::SeqCst);
+                store.prune(&mut state);
+            }
+            Err(e) => tracing::warn!(error = %e, "spool: cannot start a new segment"),
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Store and forward through the whole proxy: refusals become `202`s on
+//! disk, the replayer delivers them once the upstream can take them, poison
+//! ends in the dead-letter store and the admin API handles it, a full spool
+//! refuses as the proxy would without one.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use serde_json::Value;
+use support::keys::{reserve_addr, serve_keys};
+use support::*;
+
+fn spool_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("sluicegate-spool-it-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn post(url: &str, key: Option<&str>, body: &str) -> Request<TestBody> {
+    let mut req = Request::post(url).header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    req.body(full(body.to_string())).unwrap()
+}
+
+async fn spool_status(admin: std::net::SocketAddr) -> Value {
+    let (_, body) = get(&format!("http://{admin}/spool")).await;
+    json(&body)["routes"][0].clone()
+}
+
+/// Polls `check` every 20 ms until it holds, for at most `limit` (real
+/// time: the proxy and the upstream are real).
+async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let tries = limit.as_millis() / 20;
+    for _ in 0..tries {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within {limit:?}: {what}");
+}
+
+#[tokio::test]
+async fn refusals_are_spooled_and_delivered_once_the_upstream_is_back() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("deliver");
+    let route = format!(
+        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    let client = client();
+    for i in 0..20 {
+        let req = post(
+            &format!("{base}/ingest"),
+            Some(&format!("k{i}")),
+            &format!("event {i}"),
+        );
+        let (res, body) = send(&client, req).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "{body:?}");
+        let doc = json(&body);
+        assert_eq!(doc["status"], "spooled");
+        assert_eq!(
+            res.headers()["x-sluicegate-spooled"],
+            doc["id"].as_str().unwrap()
+        );
+    }
+    // No key: one is generated (the spool id) and sent with it.
+    let (res, body) = send(&client, post(&format!("{base}/ingest"), None, "keyless")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let generated = json(&body)["id"].as_str().unwrap().to_string();
+    // A read is never spooled: the refusal stands.
+    let (res, _) = get(&format!("{base}/ingest")).await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+
+    let admin = proxy.admin_addr();
+    assert_eq!(spool_status(admin).await["requests"], 21);
+    let (_, metrics) = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(
+        metric(&metrics, r#"sluicegate_spooled_total{route="test"}"#),
+        Some(21.0)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"sluicegate_requests_total{route="test",outcome="spooled"}"#
+        ),
+        Some(21.0)
+    );
+    assert_eq!(
+        metric(&metrics, r#"sluicegate_spool_requests{route="test"}"#),
+        Some(21.0)
+    );
+
+    let keys = serve_keys(upstream).await;
+    eventually(Duration::from_secs(20), "the spool empties", async || {
+        spool_status(admin).await["requests"] == 0
+    })
+    .await;
+    let seen = keys.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 21, "{:?}", seen.keys());
+    for i in 0..20 {
+        let (count, body) = &seen[&format!("k{i}")];
+        assert_eq!(*count, 1);
+        assert_eq!(body, &format!("event {i}"));
+    }
+    assert_eq!(seen[&generated].1, "keyless");
+    let (_, metrics) = get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"sluicegate_replayed_total{route="test",result="delivered"}"#
+        ),
+        Some(21.0)
+    );
+    assert_eq!(
+        metric(&metrics, r#"sluicegate_spool_requests{route="test"}"#),
+        Some(0.0)
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn poison_is_dead_lettered_listed_sent_back_and_deleted() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("poison");
+    let route = format!(
+        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    let admin = format!("http://{}", proxy.admin_addr());
+    let client = client();
+    for (path, key) in [("/poison/1", "p1"), ("/ingest", "ok"), ("/poison/2", "p2")] {
+        let (res, _) = send(&client, post(&format!("{base}{path}"), Some(key), "{}")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    let keys = serve_keys(upstream).await;
+    eventually(Duration::from_secs(20), "two dead letters", async || {
+        let s = spool_status(proxy.admin_addr()).await;
+        s["requests"] == 0 && s["dead_letters"] == 2
+    })
+    .await;
+    assert_eq!(keys.counts().get("ok"), Some(&1));
+    let (res, body) = get(&format!("{admin}/spool/dead?route=test")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let dead = json(&body)["dead"].as_array().unwrap().clone();
+    assert_eq!(dead.len(), 2);
+    let by_uri = |uri: &str| dead.iter().find(|d| d["uri"] == uri).unwrap().clone();
+    let (p1, p2) = (by_uri("/poison/1"), by_uri("/poison/2"));
+    assert_eq!(p1["status"], 400);
+    assert_eq!(p1["excerpt"], "bad event");
+    assert_eq!(p1["attempts"], 1, "a 4xx is not tried again");
+    // Paged.
+    let (_, body) = get(&format!("{admin}/spool/dead?limit=1")).await;
+    let page = json(&body);
+    assert_eq!(page["dead"].as_array().unwrap().len(), 1);
+    let (_, body) = get(&format!(
+        "{admin}/spool/dead?limit=1&after={}",
+        page["next"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(json(&body)["dead"].as_array().unwrap().len(), 1);
+
+    let p2_id = p2["id"].as_str().unwrap();
+    let delete = |id: &str| {
+        Request::delete(format!("{admin}/spool/dead/{id}"))
+            .body(full(""))
+            .unwrap()
+    };
+    let (res, _) = send(&client, delete(p2_id)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let (res, _) = send(&client, delete(p2_id)).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    let p1_id = p1["id"].as_str().unwrap();
+    let replay = |json: bool| {
+        let mut req = Request::post(format!("{admin}/spool/dead/{p1_id}/replay"));
+        if json {
+            req = req.header("content-type", "application/json");
+        }
+        req.body(full("{}")).unwrap()
+    };
+    // A plain form post (what any web page can send) is refused.
+    let (res, _) = send(&client, replay(false)).await;
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    keys.poison_ok.store(true, Ordering::SeqCst);
+    let (res, body) = send(&client, replay(true)).await;
+    assert_eq!(res.status(), StatusCode::OK, "{body:?}");
+    assert_eq!(json(&body)["status"], "requeued");
+    eventually(
+        Duration::from_secs(20),
+        "the replayed dead letter arrives",
+        async || keys.counts().get("p1") == Some(&1),
+    )
+    .await;
+    let s = spool_status(proxy.admin_addr()).await;
+    assert_eq!(s["dead_letters"], 0);
+    assert_eq!(
+        keys.counts().get("p2"),
+        None,
+        "a deleted dead letter is gone"
+    );
+    let (_, metrics) = get(&format!("{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(
+        metric(&metrics, r#"sluicegate_dead_lettered_total{route="test"}"#),
+        Some(2.0)
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_full_spool_refuses_as_without_one_and_takes_again_once_delivered() {
+    let (upstream, mut held) = spawn_upstream().await;
+    let dir = spool_dir("full");
+    let route = format!(
+        "[route.admission]\nmax_inflight = 1\nqueue_capacity = 0\n\
+         [route.spool]\ndir = \"{}\"\nmax_bytes = 8192\n",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream.addr.unwrap(), "/", &route))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    let client = client();
+    let hold = |client: &_| {
+        let req = Request::get(format!("{base}/hold")).body(full("")).unwrap();
+        let client: hyper_util::client::legacy::Client<_, TestBody> = Clone::clone(client);
+        tokio::spawn(async move { send(&client, req).await })
+    };
+    let first = hold(&client);
+    held.recv().await.unwrap();
+    let body = "x".repeat(1000);
+    let mut accepted = 0;
+    let refusal = loop {
+        let (res, answer) = send(&client, post(&format!("{base}/ingest"), None, &body)).await;
+        match res.status() {
+            StatusCode::ACCEPTED => accepted += 1,
+            _ => break (res, answer),
+        }
+        assert!(accepted < 20, "max_bytes is not enforced");
+    };
+    assert!(accepted >= 3, "{accepted}");
+    let (res, answer) = refusal;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(json(&answer)["reason"], "queue_full");
+
+    upstream.release.notify_one();
+    first.await.unwrap();
+    let admin = proxy.admin_addr();
+    eventually(
+        Duration::from_secs(20),
+        "delivered and the space freed",
+        async || {
+            let s = spool_status(admin).await;
+            s["requests"] == 0 && s["bytes"].as_u64().unwrap() < 4096
+        },
+    )
+    .await;
+    let second = hold(&client);
+    held.recv().await.unwrap();
+    let (res, _) = send(&client, post(&format!("{base}/ingest"), None, &body)).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    upstream.release.notify_one();
+    second.await.unwrap();
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An upstream that reads the start of each request and closes the
+/// connection: the request reached it, so it must not be spooled (it may
+/// have been processed), whatever `on` says.
+#[tokio::test]
+async fn a_request_that_reached_the_upstream_is_never_spooled() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = arrived.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 64];
+            if stream.read(&mut buf).await.unwrap_or(0) > 0 {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            drop(stream);
+        }
+    });
+    let dir = spool_dir("reached");
+    let route = format!(
+        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    // With a body and without: an empty one is never read by the forwarder,
+    // yet its head reached the upstream.
+    for body in ["{}", ""] {
+        let (res, _) = send(&client(), post(&url, Some("k"), body)).await;
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY, "body {body:?}");
+    }
+    assert!(arrived.load(Ordering::SeqCst) >= 2);
+    assert_eq!(spool_status(proxy.admin_addr()).await["requests"], 0);
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A spool is opened once per process: a reload may change the route around
+/// it (which keeps it) but not the spool itself.
+#[tokio::test]
+async fn a_reload_keeps_the_spool_and_refuses_to_change_it() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("reload");
+    let text = |timeout: u64, max_bytes: u64| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [[route]]\nname = \"test\"\nupstream = \"http://{upstream}\"\ntimeout_ms = {timeout}\n\
+             [route.spool]\ndir = \"{}\"\nmax_bytes = {max_bytes}\n",
+            dir.display()
+        )
+    };
+    let path = std::env::temp_dir().join(format!(
+        "sluicegate-spool-reload-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text(30000, 1 << 20)).unwrap();
+    let config = sluicegate::config::Config::load(&path).unwrap();
+    let proxy = sluicegate::server::start_from(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    let (res, _) = send(&client(), post(&url, Some("before"), "{}")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
+    std::fs::write(&path, text(20000, 1 << 20)).unwrap();
+    let changes = proxy.reload().unwrap();
+    assert_eq!(changes.changed, ["test"]);
+    let (res, _) = send(&client(), post(&url, Some("after"), "{}")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(spool_status(proxy.admin_addr()).await["requests"], 2);
+
+    std::fs::write(&path, text(20000, 2 << 20)).unwrap();
+    let err = proxy.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("route `test`: [route.spool] cannot be"),
+        "{err}"
+    );
+
+    let keys = serve_keys(upstream).await;
+    eventually(Duration::from_secs(20), "both delivered", async || {
+        keys.distinct() == 2
+    })
+    .await;
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(path);
+}
