@@ -55,6 +55,9 @@ pub const SEND_TIMEOUT_TOTAL: &str = "sluicegate_send_timeout_total";
 pub const SPOOL_REQUESTS: &str = "sluicegate_spool_requests";
 /// `sluicegate_spool_bytes{route}`: the spool's bytes on disk.
 pub const SPOOL_BYTES: &str = "sluicegate_spool_bytes";
+/// `sluicegate_spool_max_bytes{route}`: the spool's `max_bytes`, for alerts
+/// on how full it is.
+pub const SPOOL_MAX_BYTES: &str = "sluicegate_spool_max_bytes";
 /// `sluicegate_spool_oldest_age_seconds{route}`: how long the oldest spooled
 /// request has waited.
 pub const SPOOL_OLDEST_AGE: &str = "sluicegate_spool_oldest_age_seconds";
@@ -167,6 +170,7 @@ impl Registry {
                 "Age of the oldest spooled request waiting",
             ),
             (SPOOL_DEAD_LETTERS, "Requests in the dead-letter store"),
+            (SPOOL_MAX_BYTES, "The spool's max_bytes"),
         ] {
             r.describe_gauge(name.into(), None, help.into());
         }

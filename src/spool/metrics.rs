@@ -4,7 +4,7 @@ use metrics::{Counter, Gauge};
 
 use crate::metrics::{
     Registry, SPOOL_BYTES, SPOOL_DAMAGED_TOTAL, SPOOL_DEAD_LETTERED_TOTAL, SPOOL_DEAD_LETTERS,
-    SPOOL_OLDEST_AGE, SPOOL_REPLAYED_TOTAL, SPOOL_REQUESTS, SPOOLED_TOTAL,
+    SPOOL_MAX_BYTES, SPOOL_OLDEST_AGE, SPOOL_REPLAYED_TOTAL, SPOOL_REQUESTS, SPOOLED_TOTAL,
 };
 
 /// One route's spool metrics.
@@ -14,6 +14,7 @@ pub struct SpoolMetrics {
     pub(crate) bytes: Gauge,
     pub(crate) oldest_age: Gauge,
     pub(crate) dead_letters: Gauge,
+    pub(crate) max_bytes: Gauge,
     pub(crate) spooled: Counter,
     pub(crate) delivered: Counter,
     pub(crate) retried: Counter,
@@ -36,6 +37,7 @@ impl SpoolMetrics {
             bytes: registry.gauge(SPOOL_BYTES, &labels),
             oldest_age: registry.gauge(SPOOL_OLDEST_AGE, &labels),
             dead_letters: registry.gauge(SPOOL_DEAD_LETTERS, &labels),
+            max_bytes: registry.gauge(SPOOL_MAX_BYTES, &labels),
             spooled: registry.counter(SPOOLED_TOTAL, &labels),
             delivered: replayed("delivered"),
             retried: replayed("retried"),

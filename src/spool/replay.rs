@@ -5,7 +5,7 @@
 //!
 //! - 2xx: delivered, gone from the spool.
 //! - 408, 429, 5xx, no answer after sending (timeout, reset): tried again
-//!   after a backoff (doubling from 100 ms to 30 s, at least the upstream's
+//!   after a backoff (doubling from 100 ms to 10 s, at least the upstream's
 //!   `Retry-After`), which pauses the whole route's replay: the upstream is
 //!   pushing back, not this one request. At `max_attempts`: a dead letter.
 //! - Any other status: a dead letter at once (the request itself is wrong).
@@ -41,8 +41,12 @@ pub const MAX_INFLIGHT: usize = 32;
 
 /// First backoff after a failed delivery.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest backoff.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest backoff of our own (an upstream's `Retry-After` may ask for more,
+/// up to [`RETRY_AFTER_MAX`]): short enough that replay resumes soon after an
+/// outage ends.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest `Retry-After` obeyed.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 /// Pause when admission has no slot to give (its queue full).
 const NO_SLOT_PAUSE: Duration = Duration::from_millis(20);
 /// Bytes of a refusing answer kept with a dead letter.
@@ -96,7 +100,7 @@ impl Backoff {
         self.failures += 1;
         // Full jitter above half the step: replicas do not retry in step.
         let step = step.mul_f64(0.5 + self.jitter.unit() / 2.0);
-        let wait = step.max(at_least.unwrap_or_default()).min(BACKOFF_MAX);
+        let wait = step.max(at_least.unwrap_or_default().min(RETRY_AFTER_MAX));
         let until = Instant::now() + wait;
         self.until = Some(self.until.map_or(until, |u| u.max(until)));
     }
@@ -146,6 +150,8 @@ pub async fn run(
             }
         }
     });
+    let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let reader = tokio::spawn(read_ahead(spool.clone(), ahead_tx));
     loop {
         if *stop.borrow() {
             break;
@@ -181,22 +187,10 @@ pub async fn run(
             slot = slots.clone().acquire_owned() => slot.expect("never closed"),
             _ = stop.changed() => continue,
         };
-        let Some(next) = store.next() else {
-            tokio::select! {
-                () = store.ready() => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        };
-        let stored = match store.read(&next).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                // Cannot be read back: nothing left to deliver or to bury.
-                tracing::error!(route = spool.route(), error = %e, "spool: a record cannot be read back; dropped");
-                store.metrics().damaged.increment(1);
-                store.delivered(&next);
-                continue;
-            }
+        // Read ahead of the grant, so that a freed slot is used at once.
+        let (next, stored) = tokio::select! {
+            read = ahead.recv() => read.expect("the reader lives as long as the loop"),
+            _ = stop.changed() => continue,
         };
         let weight = target.admission.weight(Some(stored.body.len() as u64));
         let permit = tokio::select! {
@@ -227,10 +221,43 @@ pub async fn run(
             drop(slot);
         });
     }
+    reader.abort();
+    ahead.close();
+    while let Ok((next, _)) = ahead.try_recv() {
+        store.retry(&next, false);
+    }
     // Let deliveries in flight finish (each within the route's timeout).
     let _ = slots.acquire_many(MAX_INFLIGHT as u32).await;
     refresher.abort();
     store.refresh();
+}
+
+/// Requests read from disk ahead of their grant, at most.
+const READ_AHEAD: usize = 4;
+
+/// Reads the oldest requests not being delivered into `ahead`, in order.
+async fn read_ahead(spool: Arc<Spool>, ahead: tokio::sync::mpsc::Sender<(Next, Stored)>) {
+    let store = spool.store();
+    loop {
+        let Ok(room) = ahead.reserve().await else {
+            return;
+        };
+        let next = loop {
+            match store.next() {
+                Some(next) => break next,
+                None => store.ready().await,
+            }
+        };
+        match store.read(&next).await {
+            Ok(stored) => room.send((next, stored)),
+            Err(e) => {
+                // Cannot be read back: nothing left to deliver or to bury.
+                tracing::error!(route = spool.route(), error = %e, "spool: a record cannot be read back; dropped");
+                store.metrics().damaged.increment(1);
+                store.delivered(&next);
+            }
+        }
+    }
 }
 
 /// The spooled request as it is sent again.
@@ -422,8 +449,8 @@ mod tests {
             assert!(*wait >= step / 2 && *wait <= step, "{i}: {wait:?}");
         }
         b.until = None;
-        b.failed(Some(Duration::from_secs(7)));
-        assert!(b.until.unwrap() - start >= Duration::from_secs(7));
+        b.failed(Some(Duration::from_secs(70)));
+        assert!(b.until.unwrap() - start >= Duration::from_secs(70));
         b.succeeded();
         assert_eq!(b.failures, 0);
         assert!(b.until.is_none());

@@ -519,6 +519,7 @@ impl Store {
         self.metrics.bytes.set(snapshot.bytes as f64);
         self.metrics.oldest_age.set(snapshot.oldest_age_s);
         self.metrics.dead_letters.set(snapshot.dead_letters as f64);
+        self.metrics.max_bytes.set(snapshot.max_bytes as f64);
     }
 
     /// The spool's metrics.
