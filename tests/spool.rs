@@ -376,3 +376,115 @@ async fn a_reload_keeps_the_spool_and_refuses_to_change_it() {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_file(path);
 }
+
+/// The upstream pushing back (503 + Retry-After): the replayer waits at
+/// least that long between attempts; an upstream that keeps failing (500)
+/// dead-letters the request after `max_attempts`.
+#[tokio::test]
+async fn pushback_is_honoured_and_attempts_are_bounded() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("pushback");
+    let route = format!(
+        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\nmax_attempts = 3\n",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    let (res, _) = send(&client(), post(&url, Some("later"), "{}")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let keys = serve_keys(upstream).await;
+    keys.refuse_with.store(503, Ordering::SeqCst);
+    eventually(Duration::from_secs(20), "two refusals", async || {
+        keys.refused_at.lock().unwrap().len() >= 2
+    })
+    .await;
+    keys.refuse_with.store(0, Ordering::SeqCst);
+    let at = keys.refused_at.lock().unwrap().clone();
+    assert!(
+        at[1] - at[0] >= Duration::from_millis(950),
+        "Retry-After: 1 not honoured: {:?}",
+        at[1] - at[0]
+    );
+    eventually(Duration::from_secs(20), "delivered", async || {
+        keys.counts().get("later") == Some(&1)
+    })
+    .await;
+
+    // Failing for good: three attempts, then a dead letter.
+    keys.refuse_with.store(500, Ordering::SeqCst);
+    keys.refused_at.lock().unwrap().clear();
+    // The upstream is up: a live request is answered by it, not spooled.
+    let (res, _) = send(&client(), post(&url, Some("live"), "{}")).await;
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let admin = proxy.admin_addr();
+    assert_eq!(spool_status(admin).await["requests"], 0);
+    proxy.shutdown().await;
+
+    // Spooled while the upstream is down, then it answers 500 every time.
+    let down = reserve_addr();
+    let route = format!(
+        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\nmax_attempts = 3\n",
+        spool_dir("attempts").display()
+    );
+    let proxy = sluicegate::server::start(config(down, "/", &route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    let (res, _) = send(&client(), post(&url, Some("doomed"), "{}")).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let keys = serve_keys(down).await;
+    keys.refuse_with.store(500, Ordering::SeqCst);
+    let admin = proxy.admin_addr();
+    eventually(Duration::from_secs(30), "dead-lettered", async || {
+        spool_status(admin).await["dead_letters"] == 1
+    })
+    .await;
+    assert_eq!(keys.refused_at.lock().unwrap().len(), 3);
+    let (_, body) = get(&format!("http://{admin}/spool/dead")).await;
+    let dead = &json(&body)["dead"][0];
+    assert_eq!(dead["status"], 500);
+    assert_eq!(dead["attempts"], 3);
+    assert_eq!(dead["excerpt"], "not now");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(spool_dir("attempts"));
+}
+
+/// Nothing is replayed while the circuit is open, however long the spool
+/// waits; the spool takes the circuit's refusals meanwhile.
+#[tokio::test]
+async fn nothing_is_replayed_while_the_circuit_is_open() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("circuit");
+    let route = format!(
+        "[route.circuit]\nfailure_threshold = 1\nopen_ms = 600000\nmax_open_ms = 600000\n\
+         [route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    // The first fails to connect (spooled) and opens the circuit; the rest
+    // are refused by the open circuit (spooled too).
+    for i in 0..5 {
+        let (res, _) = send(&client(), post(&url, Some(&format!("c{i}")), "{}")).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    let (_, metrics) = get(&format!("http://{}/metrics", proxy.admin_addr())).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(
+        metric(&metrics, r#"sluicegate_circuit_state{route="test"}"#),
+        Some(1.0)
+    );
+    let keys = serve_keys(upstream).await;
+    // A negative check: a replayer that ignored the circuit would deliver
+    // within milliseconds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(keys.distinct(), 0, "replayed through an open circuit");
+    assert_eq!(spool_status(proxy.admin_addr()).await["requests"], 5);
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -104,11 +104,6 @@ impl Backoff {
         let until = Instant::now() + wait;
         self.until = Some(self.until.map_or(until, |u| u.max(until)));
     }
-
-    fn pause(&mut self, wait: Duration) {
-        let until = Instant::now() + wait;
-        self.until = Some(self.until.map_or(until, |u| u.max(until)));
-    }
 }
 
 /// How a delivery went.
@@ -152,64 +147,64 @@ pub async fn run(
     });
     let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(read_ahead(spool.clone(), ahead_tx));
-    loop {
-        if *stop.borrow() {
-            break;
-        }
+    let paused = |backoff: &Mutex<Backoff>| {
         let until = backoff.lock().unwrap_or_else(|e| e.into_inner()).until;
-        if let Some(until) = until.filter(|u| *u > Instant::now()) {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        let Some(target) = target() else {
-            // The route is gone (a reload removed it): its spool waits.
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        };
-        if target
-            .circuit
-            .as_ref()
-            .is_some_and(|c| c.state() == CircuitState::Open)
-        {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
+        until.filter(|u| *u > Instant::now())
+    };
+    'requests: loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            _ = stop.changed() => continue,
+            _ = stopped(&mut stop) => break,
         };
         // Read ahead of the grant, so that a freed slot is used at once.
         let (next, stored) = tokio::select! {
             read = ahead.recv() => read.expect("the reader lives as long as the loop"),
-            _ = stop.changed() => continue,
+            _ = stopped(&mut stop) => break,
         };
-        let weight = target.admission.weight(Some(stored.body.len() as u64));
-        let permit = tokio::select! {
-            permit = target.admission.acquire_as(Priority::Batch, everyone(), weight) => permit,
-            _ = stop.changed() => {
-                store.retry(&next, false);
-                continue;
-            }
-        };
-        let permit = match permit {
-            Ok(permit) => permit,
-            Err(_) => {
-                // No slot, not even a place in the queue: live traffic has them.
-                store.retry(&next, false);
-                backoff
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .pause(NO_SLOT_PAUSE);
-                continue;
+        // Until this request may go: no backoff in force, the route there,
+        // its circuit not open, a slot granted.
+        let (target, permit) = loop {
+            let wait = match (paused(&backoff), target()) {
+                (Some(until), _) => until,
+                // The route is gone (a reload removed it): its spool waits.
+                (None, None) => Instant::now() + Duration::from_secs(1),
+                (None, Some(target))
+                    if target
+                        .circuit
+                        .as_ref()
+                        .is_some_and(|c| c.state() == CircuitState::Open) =>
+                {
+                    Instant::now() + Duration::from_millis(100)
+                }
+                (None, Some(target)) => {
+                    let weight = target.admission.weight(Some(stored.body.len() as u64));
+                    let acquire = target
+                        .admission
+                        .acquire_as(Priority::Batch, everyone(), weight);
+                    let permit = tokio::select! {
+                        permit = acquire => permit,
+                        _ = stopped(&mut stop) => {
+                            store.retry(&next, false);
+                            break 'requests;
+                        }
+                    };
+                    match permit {
+                        // Another delivery may have failed while this one
+                        // waited: then it waits too.
+                        Ok(permit) if paused(&backoff).is_none() => break (target, permit),
+                        Ok(_) => continue,
+                        // No slot, not even a place in the queue: live
+                        // traffic has them.
+                        Err(_) => Instant::now() + NO_SLOT_PAUSE,
+                    }
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(wait) => {}
+                _ = stopped(&mut stop) => {
+                    store.retry(&next, false);
+                    break 'requests;
+                }
             }
         };
         let request = replay_request(stored.clone(), Granted::new(permit));
@@ -230,6 +225,11 @@ pub async fn run(
     let _ = slots.acquire_many(MAX_INFLIGHT as u32).await;
     refresher.abort();
     store.refresh();
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Requests read from disk ahead of their grant, at most.

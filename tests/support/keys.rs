@@ -25,6 +25,10 @@ pub struct Keys {
     pub poison_ok: AtomicBool,
     /// How long each answer takes (after the key is counted).
     pub delay: Mutex<std::time::Duration>,
+    /// Answer this status (with `Retry-After: 1`) instead, when not 0.
+    pub refuse_with: std::sync::atomic::AtomicU16,
+    /// When each refusal was answered.
+    pub refused_at: Mutex<Vec<tokio::time::Instant>>,
 }
 
 impl Keys {
@@ -88,6 +92,18 @@ async fn handle(
             .body(Full::new(Bytes::from_static(b"broken body")))
             .unwrap());
     };
+    let refuse = keys.refuse_with.load(Ordering::SeqCst);
+    if refuse != 0 {
+        keys.refused_at
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        return Ok(Response::builder()
+            .status(refuse)
+            .header("retry-after", "1")
+            .body(Full::new(Bytes::from_static(b"not now")))
+            .unwrap());
+    }
     if poison && !keys.poison_ok.load(Ordering::SeqCst) {
         return Ok(Response::builder()
             .status(StatusCode::BAD_REQUEST)
