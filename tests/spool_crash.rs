@@ -213,3 +213,86 @@ async fn flipped_bytes_in_a_spool_file_cost_only_their_record() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A tmpfs of `size`, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// `None` where this process may not mount (not root, no CAP_SYS_ADMIN).
+    fn mount(name: &str, size: &str) -> Option<Self> {
+        let dir = spool_dir(name);
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The disk fills before `max_bytes`: the write fails, the client gets the
+/// refusal it would have had without a spool (503 + Retry-After), and every
+/// request acknowledged before is delivered after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_as_without_a_spool_and_loses_nothing() {
+    let Some(disk) = SmallDisk::mount("disk", "256k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let upstream = reserve_addr();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworker_threads = 2\n\
+         [[route]]\nname = \"t\"\nupstream = \"http://{upstream}\"\n\
+         [route.circuit]\nfailure_threshold = 1\nopen_ms = 600000\nmax_open_ms = 600000\n\
+         [route.spool]\ndir = \"{}\"\nmax_bytes = 104857600\n",
+        disk.0.join("spool").display()
+    );
+    let proc = Proc::start(&config);
+    let client = client();
+    let mut acked = Vec::new();
+    let refusal = loop {
+        let key = format!("disk-{}", acked.len());
+        let req = Request::post(format!("http://{}/ingest", proc.proxy))
+            .header("idempotency-key", &key)
+            .body(full("e".repeat(4096)))
+            .unwrap();
+        let (res, body) = send(&client, req).await;
+        if res.status() != StatusCode::ACCEPTED {
+            break (res, body);
+        }
+        acked.push(key);
+        assert!(
+            acked.len() < 200,
+            "a 256 KiB disk took {} requests",
+            acked.len()
+        );
+    };
+    let (res, body) = refusal;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(json(&body)["reason"], "circuit_open");
+    assert!(acked.len() > 10, "{}", acked.len());
+    proc.signal("TERM");
+    assert!(proc.wait(Duration::from_secs(10)).success());
+
+    let keys = serve_keys(upstream).await;
+    let proc = Proc::start(&config);
+    eventually(Duration::from_secs(30), "the spool empties", async || {
+        spool_status(proc.admin).await["requests"] == 0
+    })
+    .await;
+    let counts = keys.counts();
+    for key in &acked {
+        assert_eq!(counts.get(key), Some(&1), "{key}");
+    }
+    drop(proc);
+}

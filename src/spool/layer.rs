@@ -217,6 +217,8 @@ where
     let store = spool.store();
     let id = store.new_id();
     let mut headers = head.headers;
+    // The body is whole now: a replay has nothing to wait for.
+    headers.remove(http::header::EXPECT);
     let key = &spool.settings().idempotency_header;
     if !headers.contains_key(key) {
         headers.insert(
