@@ -34,6 +34,25 @@ async fn spool_status(admin: std::net::SocketAddr) -> Value {
     json(&body)["routes"][0].clone()
 }
 
+/// A proxy on `upstream` whose route has `before` (other sections) and a
+/// 1 MiB spool in a fresh directory named `name`, with `spool` keys added.
+async fn start_spooling(
+    upstream: std::net::SocketAddr,
+    name: &str,
+    before: &str,
+    spool: &str,
+) -> (sluicegate::server::Running, PathBuf) {
+    let dir = spool_dir(name);
+    let route = format!(
+        "{before}[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n{spool}",
+        dir.display()
+    );
+    let proxy = sluicegate::server::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    (proxy, dir)
+}
+
 /// Polls `check` every 20 ms until it holds, for at most `limit` (real
 /// time: the proxy and the upstream are real).
 async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -50,14 +69,7 @@ async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() ->
 #[tokio::test]
 async fn refusals_are_spooled_and_delivered_once_the_upstream_is_back() {
     let upstream = reserve_addr();
-    let dir = spool_dir("deliver");
-    let route = format!(
-        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
-        dir.display()
-    );
-    let proxy = sluicegate::server::start(config(upstream, "/", &route))
-        .await
-        .unwrap();
+    let (proxy, dir) = start_spooling(upstream, "deliver", "", "").await;
     let base = format!("http://{}", proxy.proxy_addr());
     let client = client();
     for i in 0..20 {
@@ -136,14 +148,7 @@ async fn refusals_are_spooled_and_delivered_once_the_upstream_is_back() {
 #[tokio::test]
 async fn poison_is_dead_lettered_listed_sent_back_and_deleted() {
     let upstream = reserve_addr();
-    let dir = spool_dir("poison");
-    let route = format!(
-        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
-        dir.display()
-    );
-    let proxy = sluicegate::server::start(config(upstream, "/", &route))
-        .await
-        .unwrap();
+    let (proxy, dir) = start_spooling(upstream, "poison", "", "").await;
     let base = format!("http://{}", proxy.proxy_addr());
     let admin = format!("http://{}", proxy.admin_addr());
     let client = client();
@@ -305,14 +310,7 @@ async fn a_request_that_reached_the_upstream_is_never_spooled() {
             drop(stream);
         }
     });
-    let dir = spool_dir("reached");
-    let route = format!(
-        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
-        dir.display()
-    );
-    let proxy = sluicegate::server::start(config(upstream, "/", &route))
-        .await
-        .unwrap();
+    let (proxy, dir) = start_spooling(upstream, "reached", "", "").await;
     let url = format!("http://{}/ingest", proxy.proxy_addr());
     // With a body and without: an empty one is never read by the forwarder,
     // yet its head reached the upstream.
@@ -383,14 +381,7 @@ async fn a_reload_keeps_the_spool_and_refuses_to_change_it() {
 #[tokio::test]
 async fn pushback_is_honoured_and_attempts_are_bounded() {
     let upstream = reserve_addr();
-    let dir = spool_dir("pushback");
-    let route = format!(
-        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\nmax_attempts = 3\n",
-        dir.display()
-    );
-    let proxy = sluicegate::server::start(config(upstream, "/", &route))
-        .await
-        .unwrap();
+    let (proxy, dir) = start_spooling(upstream, "pushback", "", "max_attempts = 3\n").await;
     let url = format!("http://{}/ingest", proxy.proxy_addr());
     let (res, _) = send(&client(), post(&url, Some("later"), "{}")).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
@@ -424,13 +415,7 @@ async fn pushback_is_honoured_and_attempts_are_bounded() {
 
     // Spooled while the upstream is down, then it answers 500 every time.
     let down = reserve_addr();
-    let route = format!(
-        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\nmax_attempts = 3\n",
-        spool_dir("attempts").display()
-    );
-    let proxy = sluicegate::server::start(config(down, "/", &route))
-        .await
-        .unwrap();
+    let (proxy, attempts_dir) = start_spooling(down, "attempts", "", "max_attempts = 3\n").await;
     let url = format!("http://{}/ingest", proxy.proxy_addr());
     let (res, _) = send(&client(), post(&url, Some("doomed"), "{}")).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
@@ -449,7 +434,7 @@ async fn pushback_is_honoured_and_attempts_are_bounded() {
     assert_eq!(dead["excerpt"], "not now");
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_dir_all(spool_dir("attempts"));
+    let _ = std::fs::remove_dir_all(attempts_dir);
 }
 
 /// Nothing is replayed while the circuit is open, however long the spool
@@ -457,15 +442,9 @@ async fn pushback_is_honoured_and_attempts_are_bounded() {
 #[tokio::test]
 async fn nothing_is_replayed_while_the_circuit_is_open() {
     let upstream = reserve_addr();
-    let dir = spool_dir("circuit");
-    let route = format!(
-        "[route.circuit]\nfailure_threshold = 1\nopen_ms = 600000\nmax_open_ms = 600000\n\
-         [route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
-        dir.display()
-    );
-    let proxy = sluicegate::server::start(config(upstream, "/", &route))
-        .await
-        .unwrap();
+    let circuit =
+        "[route.circuit]\nfailure_threshold = 1\nopen_ms = 600000\nmax_open_ms = 600000\n";
+    let (proxy, dir) = start_spooling(upstream, "circuit", circuit, "").await;
     let url = format!("http://{}/ingest", proxy.proxy_addr());
     // The first fails to connect (spooled) and opens the circuit; the rest
     // are refused by the open circuit (spooled too).

@@ -95,14 +95,17 @@ fn request(store: &Store, body: &str) -> Stored {
     }
 }
 
-fn bodies(store: &Store) -> Vec<String> {
+async fn append_all(store: &Store, bodies: impl Iterator<Item = String>) {
+    for body in bodies {
+        store.append(&request(store, &body)).await.unwrap();
+    }
+}
+
+/// Takes every deliverable request's body, oldest first.
+async fn bodies(store: &Store) -> Vec<String> {
     let mut out = Vec::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     while let Some(next) = store.next() {
-        let stored = rt.block_on(store.read(&next)).unwrap();
+        let stored = store.read(&next).await.unwrap();
         out.push(String::from_utf8(stored.body.to_vec()).unwrap());
     }
     out
@@ -122,21 +125,11 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 async fn acknowledged_requests_survive_a_reopen_in_order() {
     let dir = TempDir::new("reopen");
     let store = open(dir.path(), 1 << 20);
-    for i in 0..5 {
-        store
-            .append(&request(&store, &format!("r{i}")))
-            .await
-            .unwrap();
-    }
+    append_all(&store, (0..5).map(|i| format!("r{i}"))).await;
     assert_eq!(store.snapshot().requests, 5);
     close(store);
     let store = open(dir.path(), 1 << 20);
-    let got = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || bodies(&store)
-    })
-    .await
-    .unwrap();
+    let got = bodies(&store).await;
     assert_eq!(got, ["r0", "r1", "r2", "r3", "r4"]);
 }
 
@@ -145,12 +138,7 @@ async fn delivered_requests_are_gone_and_their_segments_deleted() {
     let dir = TempDir::new("delivered");
     // 4 KiB segments: many of them.
     let store = open(dir.path(), 64 * 1024);
-    for i in 0..40 {
-        store
-            .append(&request(&store, &format!("{i:0>200}")))
-            .await
-            .unwrap();
-    }
+    append_all(&store, (0..40).map(|i| format!("{i:0>200}"))).await;
     assert!(segments(dir.path()).len() > 2);
     let mut delivered = 0;
     while let Some(next) = store.next() {
@@ -240,12 +228,7 @@ async fn a_flipped_byte_costs_one_record() {
 async fn a_torn_tail_is_skipped_and_never_appended_to() {
     let dir = TempDir::new("torn");
     let store = open(dir.path(), 1 << 20);
-    for i in 0..3 {
-        store
-            .append(&request(&store, &format!("t{i}")))
-            .await
-            .unwrap();
-    }
+    append_all(&store, (0..3).map(|i| format!("t{i}"))).await;
     close(store);
     let file = &segments(dir.path())[0];
     let len = std::fs::metadata(file).unwrap().len();
@@ -260,12 +243,7 @@ async fn a_torn_tail_is_skipped_and_never_appended_to() {
     store.append(&request(&store, "after")).await.unwrap();
     close(store);
     let store = open(dir.path(), 1 << 20);
-    let got = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || bodies(&store)
-    })
-    .await
-    .unwrap();
+    let got = bodies(&store).await;
     assert_eq!(got, ["t0", "t1", "after"]);
 }
 
@@ -273,12 +251,7 @@ async fn a_torn_tail_is_skipped_and_never_appended_to() {
 async fn dead_letters_are_kept_listed_sent_back_and_deleted() {
     let dir = TempDir::new("dead");
     let store = open(dir.path(), 1 << 20);
-    for i in 0..3 {
-        store
-            .append(&request(&store, &format!("d{i}")))
-            .await
-            .unwrap();
-    }
+    append_all(&store, (0..3).map(|i| format!("d{i}"))).await;
     for _ in 0..2 {
         let next = store.next().unwrap();
         let stored = store.read(&next).await.unwrap();
@@ -314,12 +287,7 @@ async fn dead_letters_are_kept_listed_sent_back_and_deleted() {
     assert!(!store.forget(&dead[1].id).await.unwrap());
     assert!(!store.resurrect("../../etc").await.unwrap());
     assert_eq!(store.snapshot().dead_letters, 0);
-    let got = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || bodies(&store)
-    })
-    .await
-    .unwrap();
+    let got = bodies(&store).await;
     assert_eq!(got, ["d2", "d0"]);
 }
 
