@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
     let registry = Registry::new();
     // Timers need a runtime context at build time.
     let _guard = rt.enter();
-    let built = stack::build_with(&config, &registry, &Default::default(), |_| {
+    let built = stack::build_with(&config, &registry, stack::Opened::none(), |_| {
         tower::service_fn(answer)
     });
     let inner = tower::service_fn(answer::<Full<Bytes>>);

@@ -37,18 +37,27 @@ pub enum ClientKey {
 
 impl ClientKey {
     /// The key a tier lists (`keys = [...]`), as requests will produce it.
-    pub fn listed(source: &KeySource, text: &str, hasher: &RandomState) -> Self {
+    pub fn listed(source: &KeySource, text: &str, hasher: &Digests) -> Self {
         match (source, text.parse::<IpAddr>()) {
             (KeySource::Ip, Ok(ip)) => ClientKey::Ip(ip),
             _ => Self::value(text.as_bytes(), hasher),
         }
     }
 
-    fn value(bytes: &[u8], hasher: &RandomState) -> Self {
+    fn value(bytes: &[u8], hasher: &Digests) -> Self {
         if bytes.len() <= MAX_KEY_BYTES {
             ClientKey::Value(bytes.into())
         } else {
-            ClientKey::Digest(hasher.hash_one(bytes))
+            ClientKey::Digest(hasher.digest(bytes))
+        }
+    }
+
+    /// The key as bytes that mean the same on every replica (Redis keys).
+    pub fn shared_bytes(&self) -> Vec<u8> {
+        match self {
+            ClientKey::Ip(ip) => format!("ip:{ip}").into_bytes(),
+            ClientKey::Value(v) => [b"v:".as_slice(), v].concat(),
+            ClientKey::Digest(d) => format!("d:{d:016x}").into_bytes(),
         }
     }
 }
@@ -62,7 +71,30 @@ impl ClientKey {
 pub struct KeyExtractor {
     header: Option<HeaderName>,
     trusted: Vec<ipnet::IpNet>,
-    hasher: RandomState,
+    hasher: Digests,
+}
+
+/// How keys longer than 64 bytes are digested.
+#[derive(Debug, Clone)]
+pub enum Digests {
+    /// Keyed per process (no one can aim collisions at the map): local
+    /// state.
+    Random(RandomState),
+    /// The same on every replica (SHA-1, truncated): state shared through
+    /// Redis.
+    Stable,
+}
+
+impl Digests {
+    fn digest(&self, bytes: &[u8]) -> u64 {
+        match self {
+            Digests::Random(state) => state.hash_one(bytes),
+            Digests::Stable => {
+                let sum = sha1_smol::Sha1::from(bytes).digest().bytes();
+                u64::from_be_bytes(sum[..8].try_into().expect("20 bytes"))
+            }
+        }
+    }
 }
 
 impl KeyExtractor {
@@ -74,12 +106,19 @@ impl KeyExtractor {
                 KeySource::Header(name) => Some(name.clone()),
             },
             trusted,
-            hasher: RandomState::new(),
+            hasher: Digests::Random(RandomState::new()),
         }
     }
 
+    /// The same, digesting long keys the same way on every replica (for
+    /// state shared through Redis).
+    pub fn shared(mut self) -> Self {
+        self.hasher = Digests::Stable;
+        self
+    }
+
     /// The hasher for long keys (tiers must hash their keys the same way).
-    pub fn hasher(&self) -> &RandomState {
+    pub fn hasher(&self) -> &Digests {
         &self.hasher
     }
 

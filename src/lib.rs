@@ -61,6 +61,7 @@ pub mod body;
 pub mod body_limit;
 pub mod circuit;
 pub mod client_key;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod demo;

@@ -51,6 +51,11 @@ pub const FRAMING_REFUSED_TOTAL: &str = "sluicegate_framing_refused_total";
 /// `sluicegate_send_timeout_total`: client connections closed because the
 /// client took no response bytes for `send_timeout_ms`.
 pub const SEND_TIMEOUT_TOTAL: &str = "sluicegate_send_timeout_total";
+/// `sluicegate_cluster_up`: 1 while Redis answers (`[cluster]`), else 0.
+pub const CLUSTER_UP: &str = "sluicegate_cluster_up";
+/// `sluicegate_cluster_fallback_total{route}`: rate-limit decisions made by
+/// the route's fallback because Redis was down or slow.
+pub const CLUSTER_FALLBACK_TOTAL: &str = "sluicegate_cluster_fallback_total";
 /// `sluicegate_spool_requests{route}`: spooled requests waiting for delivery.
 pub const SPOOL_REQUESTS: &str = "sluicegate_spool_requests";
 /// `sluicegate_spool_bytes{route}`: the spool's bytes on disk.
@@ -158,6 +163,16 @@ impl Registry {
             QUEUE_WAIT.into(),
             Some(Unit::Seconds),
             "Time admitted requests waited in the queue".into(),
+        );
+        r.describe_gauge(
+            CLUSTER_UP.into(),
+            None,
+            "1 while the cluster's Redis answers, else 0".into(),
+        );
+        r.describe_counter(
+            CLUSTER_FALLBACK_TOTAL.into(),
+            None,
+            "Rate-limit decisions made by the route's fallback while Redis was down or slow".into(),
         );
         for (name, help) in [
             (SPOOL_REQUESTS, "Spooled requests waiting for delivery"),

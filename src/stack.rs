@@ -49,12 +49,16 @@ use crate::circuit::{
     Circuit, CircuitBreaker, CircuitBreakerLayer, CircuitMetrics, CircuitSettings, FailurePolicy,
     SlowStart,
 };
+use crate::cluster::Cluster;
 use crate::config::{Config, RouteConfig, normalize_host};
 use crate::error::StaticAnswer;
+use crate::metrics::CLUSTER_FALLBACK_TOTAL;
 use crate::metrics::{INVALID_TOTAL, Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
 use crate::proxy::Forward;
-use crate::rate_limit::{RateLimit, RateLimitLayer, RateLimitMetrics, RateLimiter};
+use crate::rate_limit::{
+    RateLimit, RateLimitLayer, RateLimitMetrics, RateLimitSettings, RateLimiter, Scope,
+};
 use crate::request_id::SequentialIds;
 use crate::respond::{Rescue, RescueLayer};
 use crate::route::{Generation, Proxy, RouteEntry, RouteTable, Unmatched};
@@ -200,6 +204,27 @@ fn circuit(
     Some(Arc::new(circuit))
 }
 
+/// What a process opens once and its routes share across reloads: the
+/// spools and the connection to the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened<'a> {
+    /// The routes' spools, by name.
+    pub spools: &'a Spools,
+    /// The cluster's Redis, with `[cluster]`.
+    pub cluster: Option<&'a Arc<Cluster>>,
+}
+
+impl Opened<'static> {
+    /// Nothing opened (no spools, no cluster): for embedding and benches.
+    pub fn none() -> Self {
+        static NONE: std::sync::LazyLock<Spools> = std::sync::LazyLock::new(Spools::default);
+        Self {
+            spools: &NONE,
+            cluster: None,
+        }
+    }
+}
+
 /// A route's protections, shared between its stack and the admin listener.
 #[derive(Debug, Clone)]
 pub struct Protections {
@@ -215,13 +240,24 @@ pub struct Protections {
 
 impl Protections {
     /// The protections `route` configures, registered in `registry`, with
-    /// its open spool.
-    pub fn new(route: &RouteConfig, registry: &Registry, spool: Option<Arc<Spool>>) -> Self {
+    /// what the process opened once (its spool, the cluster connection).
+    pub fn new(route: &RouteConfig, registry: &Registry, opened: Opened<'_>) -> Self {
         let admission = controller(route, registry);
+        let name = route.display_name();
         let rate_limit = route.rate_limit.as_ref().map(|config| {
-            let metrics = RateLimitMetrics::new(route.display_name(), registry);
-            Arc::new(RateLimiter::with_settings(&config.into(), metrics))
+            let metrics = RateLimitMetrics::new(name, registry);
+            let settings = RateLimitSettings::from(config);
+            let limiter = RateLimiter::with_settings(&settings, metrics);
+            Arc::new(match (settings.scope, opened.cluster) {
+                (Scope::Cluster(fallback), Some(cluster)) => {
+                    let fallbacks = registry.counter(CLUSTER_FALLBACK_TOTAL, &[("route", name)]);
+                    limiter.shared_on(cluster.clone(), name, fallback, fallbacks)
+                }
+                // Validation ties scope = "cluster" to a [cluster] section.
+                _ => limiter,
+            })
         });
+        let spool = opened.spools.get(name);
         Self {
             rate_limit,
             circuit: circuit(route, &admission, registry),
@@ -256,11 +292,11 @@ pub struct Built<S> {
 pub(crate) fn route_parts<S>(
     route: &RouteConfig,
     registry: &Registry,
-    spool: Option<Arc<Spool>>,
+    opened: Opened<'_>,
     make_inner: &mut impl FnMut(&RouteConfig) -> S,
 ) -> (RouteEntry<RouteStack<S>>, RouteInfo) {
     let stats = Arc::new(RouteStats::new(route.display_name(), registry));
-    let protections = Protections::new(route, registry, spool);
+    let protections = Protections::new(route, registry, opened);
     let inner = make_inner(route);
     let entry = RouteEntry {
         name: route.display_name().to_string(),
@@ -277,20 +313,17 @@ pub(crate) fn route_parts<S>(
 }
 
 /// Builds the proxy, with `make_inner` giving each route's innermost service
-/// and `spools` its open spools.
+/// and `opened` what the process opened once.
 pub fn build_with<S>(
     config: &Config,
     registry: &Registry,
-    spools: &Spools,
+    opened: Opened<'_>,
     mut make_inner: impl FnMut(&RouteConfig) -> S,
 ) -> Built<S> {
     let (entries, routes): (Vec<_>, Vec<_>) = config
         .routes
         .iter()
-        .map(|route| {
-            let spool = spools.get(route.display_name());
-            route_parts(route, registry, spool, &mut make_inner)
-        })
+        .map(|route| route_parts(route, registry, opened, &mut make_inner))
         .unzip();
     let unmatched = Arc::new(Unmatched::new(
         registry.counter(UNMATCHED_TOTAL, &[]),
@@ -313,8 +346,8 @@ pub fn forward(route: &RouteConfig) -> Forward {
     Forward::new(&route.into())
 }
 
-/// Builds the proxy forwarding to the configured upstreams, spooling into
-/// `spools`.
-pub fn build(config: &Config, registry: &Registry, spools: &Spools) -> Built<Forward> {
-    build_with(config, registry, spools, forward)
+/// Builds the proxy forwarding to the configured upstreams, with what the
+/// process opened once.
+pub fn build(config: &Config, registry: &Registry, opened: Opened<'_>) -> Built<Forward> {
+    build_with(config, registry, opened, forward)
 }

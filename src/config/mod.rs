@@ -25,7 +25,7 @@ use crate::proxy::ForwardSettings;
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
-pub use rate_limit::{RateLimitConfig, TierConfig};
+pub use rate_limit::{QuotaFallback, RateLimitConfig, ScopeConfig, TierConfig};
 pub use spool::{Fsync, SpoolConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
@@ -45,6 +45,71 @@ pub struct Config {
     /// The routes, in file order (`[[route]]`).
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// State shared by every replica (`[cluster]`); absent: all local.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the Redis that replicas share quotas on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port/db`; the password may come from
+    /// `REDIS_PASSWORD` instead.
+    pub redis_url: String,
+    /// Longest a request waits on Redis before its route's fallback decides.
+    #[serde(default = "default_cluster_timeout")]
+    pub timeout_ms: Millis,
+    /// Prefix of every key the proxy writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_cluster_timeout() -> Millis {
+    Millis::from_ms(20)
+}
+
+fn default_key_prefix() -> String {
+    "sluicegate".into()
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.redis_url.starts_with("rediss://") {
+            return Err((
+                "cluster.redis_url".into(),
+                "rediss:// (TLS) is not built in: use redis:// on a private network or a \
+                 TLS-terminating sidecar"
+                    .into(),
+            ));
+        }
+        if !self.redis_url.starts_with("redis://") {
+            return Err((
+                "cluster.redis_url".into(),
+                format!("`{}`: expected redis://host:port/db", self.redis_url),
+            ));
+        }
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str()) {
+            return Err(("cluster.redis_url".into(), e.to_string()));
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains([' ', ':']) {
+            return Err((
+                "cluster.key_prefix".into(),
+                "must be a non-empty word without spaces or colons".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl From<&ClusterConfig> for crate::cluster::ClusterSettings {
+    fn from(c: &ClusterConfig) -> Self {
+        Self {
+            redis_url: c.redis_url.clone(),
+            timeout: c.timeout_ms.get(),
+            key_prefix: c.key_prefix.clone(),
+        }
+    }
 }
 
 /// `[server]`: how the proxy listens and shuts down.
@@ -359,8 +424,22 @@ impl Config {
         // What spans routes: names, and (host, path prefix) pairs, are unique.
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut places: HashMap<(Option<String>, &str), usize> = HashMap::new();
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(&format!("route[{i}]"))?;
+            if self.cluster.is_none()
+                && route
+                    .rate_limit
+                    .as_ref()
+                    .is_some_and(|r| r.scope == rate_limit::ScopeConfig::Cluster)
+            {
+                return Err((
+                    format!("route[{i}].rate_limit.scope"),
+                    "\"cluster\" needs a [cluster] section with redis_url".into(),
+                ));
+            }
             let name = route.display_name();
             if let Some(first) = names.insert(name, i) {
                 return Err((

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Deserializer};
 
 use crate::admission::Priority;
-use crate::rate_limit::{KeySource, Rate, RateLimitSettings, Tier};
+use crate::rate_limit::{Fallback, KeySource, Rate, RateLimitSettings, Scope, Tier};
 
 /// `[route.rate_limit]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -29,6 +29,38 @@ pub struct RateLimitConfig {
     /// Per-key overrides (`[[route.rate_limit.tier]]`), for API-key plans.
     #[serde(default, rename = "tier")]
     pub tiers: Vec<TierConfig>,
+    /// `"local"` (each replica counts alone) or `"cluster"` (every replica
+    /// shares each client's bucket on Redis; needs `[cluster]`).
+    #[serde(default)]
+    pub scope: ScopeConfig,
+    /// `cluster`: who decides while Redis is down or slow: `"local"` (this
+    /// replica's own bucket at the same rate), `"allow"` or `"deny"`.
+    #[serde(default)]
+    pub fallback: Option<QuotaFallback>,
+}
+
+/// `scope`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeConfig {
+    /// Per replica.
+    #[default]
+    Local,
+    /// Shared on Redis.
+    Cluster,
+}
+
+/// `fallback`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaFallback {
+    /// The local limiter at the same rate.
+    #[default]
+    Local,
+    /// Let every request through.
+    Allow,
+    /// Refuse every request (429).
+    Deny,
 }
 
 /// `[[route.rate_limit.tier]]`: these keys get their own rate.
@@ -116,6 +148,12 @@ impl RateLimitConfig {
                 "must be greater than 0 (got 0)".into(),
             ));
         }
+        if self.scope == ScopeConfig::Local && self.fallback.is_some() {
+            return Err((
+                format!("{at}.fallback"),
+                "only applies with scope = \"cluster\"".into(),
+            ));
+        }
         let mut seen = std::collections::HashMap::new();
         for (i, tier) in self.tiers.iter().enumerate() {
             let at = format!("{at}.tier[{i}]");
@@ -166,6 +204,14 @@ impl From<&RateLimitConfig> for RateLimitSettings {
                     keys: t.keys.clone(),
                 })
                 .collect(),
+            scope: match c.scope {
+                ScopeConfig::Local => Scope::Local,
+                ScopeConfig::Cluster => Scope::Cluster(match c.fallback.unwrap_or_default() {
+                    QuotaFallback::Local => Fallback::Local,
+                    QuotaFallback::Allow => Fallback::Allow,
+                    QuotaFallback::Deny => Fallback::Deny,
+                }),
+            },
         }
     }
 }

@@ -334,8 +334,54 @@ fn a_minimal_rate_limit_section_is_the_runtime_default() {
         trusted_proxies: Vec::new(),
         max_keys: RateLimitSettings::DEFAULT_MAX_KEYS,
         tiers: Vec::new(),
+        scope: crate::rate_limit::Scope::Local,
     };
     assert_eq!(settings, want);
+}
+
+#[test]
+fn a_cluster_scope_needs_a_cluster_and_takes_its_fallback() {
+    use crate::rate_limit::{Fallback, RateLimitSettings, Scope};
+    let cluster = "[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\n";
+    let route = format!("{ROUTE}[route.rate_limit]\nper_second = 5\nscope = \"cluster\"\n");
+    let e = err(&route);
+    assert_eq!(e.key(), Some("route[0].rate_limit.scope"), "{e}");
+    assert!(e.to_string().contains("needs a [cluster] section"), "{e}");
+    let c = Config::parse("t.toml", &format!("{cluster}{route}")).unwrap();
+    let cfg = c.cluster.as_ref().unwrap();
+    assert_eq!(cfg.timeout_ms.get(), std::time::Duration::from_millis(20));
+    assert_eq!(cfg.key_prefix, "sluicegate");
+    let settings = RateLimitSettings::from(c.routes[0].rate_limit.as_ref().unwrap());
+    assert_eq!(settings.scope, Scope::Cluster(Fallback::Local));
+    let deny = format!("{cluster}{route}fallback = \"deny\"\n");
+    let c = Config::parse("t.toml", &deny).unwrap();
+    let settings = RateLimitSettings::from(c.routes[0].rate_limit.as_ref().unwrap());
+    assert_eq!(settings.scope, Scope::Cluster(Fallback::Deny));
+    let cases = [
+        (
+            "redis_url = \"rediss://h:1/0\"",
+            "redis_url",
+            "not built in",
+        ),
+        (
+            "redis_url = \"http://h:1/0\"",
+            "redis_url",
+            "expected redis://",
+        ),
+        (
+            "redis_url = \"redis://h:1/0\"\nkey_prefix = \"a b\"",
+            "key_prefix",
+            "without spaces",
+        ),
+    ];
+    for (lines, key, problem) in cases {
+        let e = err(&format!("[cluster]\n{lines}\n{ROUTE}"));
+        assert_eq!(e.key(), Some(format!("cluster.{key}").as_str()), "{e}");
+        assert!(e.to_string().contains(problem), "{e}");
+    }
+    let local = format!("{ROUTE}[route.rate_limit]\nper_second = 5\nfallback = \"allow\"\n");
+    let e = err(&local);
+    assert_eq!(e.key(), Some("route[0].rate_limit.fallback"), "{e}");
 }
 
 /// An empty `[route.circuit]` is the breaker's own default, written once in

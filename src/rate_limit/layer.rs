@@ -7,10 +7,10 @@ use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, HeaderName, Request, Response};
 use pin_project_lite::pin_project;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 use super::limiter::{RateLimiter, Verdict};
-use crate::body::BoxError;
+use crate::body::{BoxError, BoxFuture};
 use crate::conn::ClientTier;
 use crate::error::{Reason, Rejection, refused};
 
@@ -100,14 +100,45 @@ fn fields(verdict: &Verdict) -> HeaderMap {
     headers
 }
 
+/// The refusal of a client over its rate.
+fn over_rate(verdict: &Verdict, secs: u64) -> Rejection {
+    Rejection::new(Reason::RateLimited)
+        .with_retry_after(secs)
+        .with_headers(fields(verdict))
+}
+
+/// The inner answer with the client's `RateLimit` fields: on a response,
+/// and on a refusal further down (a full queue, an open circuit), which
+/// still tells the client where it stands with its rate.
+fn with_fields<ResB>(
+    result: Result<Response<ResB>, BoxError>,
+    verdict: Verdict,
+) -> Result<Response<ResB>, BoxError> {
+    match result {
+        Ok(mut res) => {
+            let headers = res.headers_mut();
+            headers.insert(RATELIMIT_POLICY, verdict.policy);
+            headers.insert(RATELIMIT, verdict.state);
+            Ok(res)
+        }
+        Err(err) => match err.downcast::<Rejection>() {
+            Ok(rejection) => Err(rejection.with_headers(fields(&verdict)).into()),
+            Err(err) => Err(err),
+        },
+    }
+}
+
 impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
     S::Error: Into<BoxError>,
+    B: Send + 'static,
+    ResB: Send + 'static,
 {
     type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, ResB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The verdict is per request (the key is in the request); readiness
@@ -120,13 +151,30 @@ where
             .limiter
             .extractor()
             .key(req.headers(), req.extensions());
+        if self.limiter.is_shared() {
+            // A round trip to Redis first: the request waits in a future of
+            // its own, with the service made ready (this one keeps a clone).
+            let limiter = self.limiter.clone();
+            let clone = self.inner.clone();
+            let inner = std::mem::replace(&mut self.inner, clone);
+            return ResponseFuture::Deciding {
+                future: Box::pin(async move {
+                    let verdict = limiter.decide(&key).await;
+                    if let Some(secs) = verdict.retry_after_s {
+                        return Err(over_rate(&verdict, secs).into());
+                    }
+                    if let Some(tier) = &verdict.tier {
+                        req.extensions_mut().insert(ClientTier(tier.clone()));
+                    }
+                    let result = inner.oneshot(req).await.map_err(Into::into);
+                    with_fields(result, verdict)
+                }),
+            };
+        }
         let verdict = self.limiter.check(&key);
         if let Some(secs) = verdict.retry_after_s {
-            let refusal = Rejection::new(Reason::RateLimited)
-                .with_retry_after(secs)
-                .with_headers(fields(&verdict));
             return ResponseFuture::Refused {
-                rejection: Some(refusal),
+                rejection: Some(over_rate(&verdict, secs)),
             };
         }
         if let Some(tier) = &verdict.tier {
@@ -143,12 +191,16 @@ pin_project! {
     /// Future of [`RateLimit`].
     #[allow(missing_docs)] // pin-project-lite allows no docs on variant fields
     #[project = ResponseProj]
-    pub enum ResponseFuture<F> {
+    pub enum ResponseFuture<F, ResB> {
         /// Within its rate: the answer gets the client's `RateLimit` fields.
         Called {
             #[pin]
             inner: F,
             verdict: Option<Verdict>,
+        },
+        /// Decided on the cluster's Redis, then called.
+        Deciding {
+            future: BoxFuture<Response<ResB>>,
         },
         /// Over its rate.
         Refused {
@@ -157,7 +209,7 @@ pin_project! {
     }
 }
 
-impl<F, ResB, E> Future for ResponseFuture<F>
+impl<F, ResB, E> Future for ResponseFuture<F, ResB>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
     E: Into<BoxError>,
@@ -169,21 +221,9 @@ where
             ResponseProj::Called { inner, verdict } => {
                 let result = ready!(inner.poll(cx)).map_err(Into::into);
                 let verdict = verdict.take().expect("polled after completion");
-                Poll::Ready(match result {
-                    Ok(mut res) => {
-                        let headers = res.headers_mut();
-                        headers.insert(RATELIMIT_POLICY, verdict.policy);
-                        headers.insert(RATELIMIT, verdict.state);
-                        Ok(res)
-                    }
-                    // A refusal further down (a full queue, an open circuit)
-                    // still tells the client where it stands with its rate.
-                    Err(err) => match err.downcast::<Rejection>() {
-                        Ok(rejection) => Err(rejection.with_headers(fields(&verdict)).into()),
-                        Err(err) => Err(err),
-                    },
-                })
+                Poll::Ready(with_fields(result, verdict))
             }
+            ResponseProj::Deciding { future } => future.as_mut().poll(cx),
             ResponseProj::Refused { rejection } => Poll::Ready(refused(rejection)),
         }
     }

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::store::CappedStore;
 use crate::client_key::{ClientKey, KeyExtractor, KeySource};
+use crate::cluster::Cluster;
 use crate::metrics::{RATE_LIMIT_KEYS, RATE_LIMIT_OVERFLOW_TOTAL, RATE_LIMITED_TOTAL, Registry};
 
 /// governor's clock, read from tokio's, so that rate limits run on the paused
@@ -57,6 +58,13 @@ impl Rate {
             .max(1)
     }
 
+    /// The GCRA's emission interval and tolerance, as governor derives them
+    /// from [`Rate::quota`].
+    fn gcra(&self) -> (Duration, Duration) {
+        let t = Duration::from_secs_f64(1.0 / self.per_second).max(Duration::from_nanos(1));
+        (t, t * (self.burst() - 1))
+    }
+
     fn quota(&self) -> Quota {
         let period = Duration::from_secs_f64(1.0 / self.per_second).max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(self.burst()).unwrap_or(NonZeroU32::MIN);
@@ -80,6 +88,32 @@ pub struct RateLimitSettings {
     pub max_keys: usize,
     /// Per-key overrides.
     pub tiers: Vec<Tier>,
+    /// Whose buckets: this replica's, or every replica's on Redis.
+    pub scope: Scope,
+}
+
+/// Where a limiter's buckets live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// In this process.
+    #[default]
+    Local,
+    /// On the cluster's Redis, shared by every replica; the fallback decides
+    /// while Redis is down or slow.
+    Cluster(Fallback),
+}
+
+/// Who decides while Redis cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// This replica's own bucket at the same rate: the fleet admits at most
+    /// N× for the while.
+    Local,
+    /// Every request goes.
+    Allow,
+    /// Every request is refused (429).
+    Deny,
 }
 
 impl RateLimitSettings {
@@ -154,6 +188,21 @@ impl Bucket {
             .unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 
+    /// The answer: refused for `retry_after_s`, or allowed with `remaining`.
+    fn verdict(&self, retry_after_s: Option<u64>, remaining: u32) -> Verdict {
+        let reset = match retry_after_s {
+            // Until a token is back, then the rest of the burst.
+            Some(s) => s + self.reset_after(1),
+            None => self.reset_after(remaining),
+        };
+        Verdict {
+            retry_after_s,
+            policy: self.policy.clone(),
+            state: self.state(remaining, reset),
+            tier: self.tier.clone(),
+        }
+    }
+
     /// Seconds until `remaining` (of the burst) is back to the full burst.
     fn reset_after(&self, remaining: u32) -> u64 {
         let missing = f64::from(self.rate.burst().saturating_sub(remaining));
@@ -224,6 +273,17 @@ pub struct RateLimiter {
     tier_of: HashMap<ClientKey, usize>,
     max_keys: usize,
     metrics: RateLimitMetrics,
+    /// `scope = "cluster"`: where the buckets are.
+    shared: Option<SharedBuckets>,
+}
+
+/// A limiter's buckets on the cluster's Redis.
+#[derive(Debug)]
+struct SharedBuckets {
+    cluster: Arc<Cluster>,
+    route: String,
+    fallback: Fallback,
+    fallbacks: Counter,
 }
 
 impl RateLimiter {
@@ -255,12 +315,18 @@ impl RateLimiter {
             tier_of: HashMap::new(),
             max_keys,
             metrics,
+            shared: None,
         }
     }
 
     /// The limiter `settings` describe (a `[route.rate_limit]` section).
     pub fn with_settings(settings: &RateLimitSettings, metrics: RateLimitMetrics) -> Self {
         let extractor = KeyExtractor::new(&settings.key, settings.trusted_proxies.clone());
+        // Shared buckets: long keys must digest the same on every replica.
+        let extractor = match settings.scope {
+            Scope::Local => extractor,
+            Scope::Cluster(_) => extractor.shared(),
+        };
         let mut limiter = Self::build(extractor, settings.rate, settings.max_keys, metrics);
         for tier in &settings.tiers {
             // A tier holds only its listed keys: its store never overflows.
@@ -281,6 +347,82 @@ impl RateLimiter {
         limiter
     }
 
+    /// Keeps the buckets on `cluster` (`scope = "cluster"`), for `route`,
+    /// with `fallback` deciding while Redis cannot; `fallbacks` counts those
+    /// decisions.
+    pub fn shared_on(
+        mut self,
+        cluster: Arc<Cluster>,
+        route: &str,
+        fallback: Fallback,
+        fallbacks: Counter,
+    ) -> Self {
+        debug_assert!(
+            matches!(self.extractor.hasher(), crate::client_key::Digests::Stable),
+            "a shared limiter is built from settings with scope = cluster"
+        );
+        self.shared = Some(SharedBuckets {
+            cluster,
+            route: route.to_string(),
+            fallback,
+            fallbacks,
+        });
+        self
+    }
+
+    /// Whether decisions are made on Redis ([`RateLimiter::decide`]).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The cluster's state, when shared.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.shared.as_ref().map(|s| &s.cluster)
+    }
+
+    /// [`RateLimiter::check`] on the shared bucket: one round trip to Redis,
+    /// at most `timeout_ms`; the fallback decides when Redis cannot.
+    pub async fn decide(&self, key: &ClientKey) -> Verdict {
+        let Some(shared) = &self.shared else {
+            return self.check(key);
+        };
+        let bucket = self.bucket_of(key);
+        let (t, tau) = bucket.rate.gcra();
+        let redis_key = shared
+            .cluster
+            .key(&shared.route, &bucket.name, &key.shared_bytes());
+        match shared.cluster.gcra(&redis_key, t, tau, 1, None).await {
+            Ok(reply) if reply.allowed => {
+                // governor's remaining burst: what fits before tat - tau.
+                let room = (t + tau).saturating_sub(reply.tat_ahead).min(tau);
+                let remaining = (room.as_nanos() / t.as_nanos().max(1)) as u32;
+                bucket.verdict(None, remaining)
+            }
+            Ok(reply) => {
+                self.metrics.limited.increment(1);
+                let secs = reply.wait.as_secs_f64().ceil().max(1.0) as u64;
+                bucket.verdict(Some(secs), 0)
+            }
+            Err(_) => {
+                shared.fallbacks.increment(1);
+                match shared.fallback {
+                    Fallback::Local => self.check(key),
+                    Fallback::Allow => bucket.verdict(None, bucket.rate.burst()),
+                    Fallback::Deny => {
+                        self.metrics.limited.increment(1);
+                        bucket.verdict(Some(1), 0)
+                    }
+                }
+            }
+        }
+    }
+
+    fn bucket_of(&self, key: &ClientKey) -> &Bucket {
+        self.tier_of
+            .get(key)
+            .map_or(&self.default, |&i| &self.tiers[i])
+    }
+
     /// The key extractor.
     pub fn extractor(&self) -> &KeyExtractor {
         &self.extractor
@@ -288,10 +430,7 @@ impl RateLimiter {
 
     /// Counts one request of `key` and says whether it may go on.
     pub fn check(&self, key: &ClientKey) -> Verdict {
-        let bucket = self
-            .tier_of
-            .get(key)
-            .map_or(&self.default, |&i| &self.tiers[i]);
+        let bucket = self.bucket_of(key);
         let (retry_after_s, remaining) = match bucket.governor.check_key(key) {
             Ok(snapshot) => (None, snapshot.remaining_burst_capacity()),
             Err(not_until) => {
@@ -301,17 +440,7 @@ impl RateLimiter {
                 (Some(secs), 0)
             }
         };
-        let reset = match retry_after_s {
-            // Until a token is back, then the rest of the burst.
-            Some(s) => s + bucket.reset_after(1),
-            None => bucket.reset_after(remaining),
-        };
-        Verdict {
-            retry_after_s,
-            policy: bucket.policy.clone(),
-            state: bucket.state(remaining, reset),
-            tier: bucket.tier.clone(),
-        }
+        bucket.verdict(retry_after_s, remaining)
     }
 
     /// Forgets clients whose bucket has refilled (forgetting them changes

@@ -3,6 +3,11 @@
 //! per-key tiers, `429` + `Retry-After`, and the IETF `RateLimit` fields on
 //! every response.
 //!
+//! With `scope = "cluster"` each client's bucket lives on the cluster's Redis
+//! instead ([`crate::cluster`]), shared by every replica, decided by one Lua
+//! script per request on Redis's clock, with a fallback while Redis cannot
+//! answer.
+//!
 //! Memory is bounded: at most `max_keys` clients are tracked (past that, new
 //! ones share one overflow bucket), and clients whose bucket has refilled are
 //! forgotten on a timer.
@@ -14,8 +19,8 @@ mod store;
 pub use crate::client_key::{ClientKey, KeyExtractor, KeySource};
 pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
 pub use limiter::{
-    Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter, Tier, TokioClock,
-    Verdict,
+    Fallback, Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter, Scope,
+    Tier, TokioClock, Verdict,
 };
 pub use store::CappedStore;
 

@@ -285,6 +285,8 @@ struct StatusDocument {
     draining: bool,
     unmatched_requests: u64,
     invalid_requests: u64,
+    /// `[cluster]`: whether Redis answers.
+    cluster: Option<crate::cluster::ClusterSnapshot>,
     routes: Vec<RouteStatus>,
 }
 
@@ -332,6 +334,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<StatusDocument> {
         draining: shared.draining.load(Ordering::SeqCst),
         unmatched_requests: unmatched.get(),
         invalid_requests: unmatched.invalid(),
+        cluster: shared.cluster.as_ref().map(|c| c.snapshot()),
         routes: shared
             .proxy
             .generation()

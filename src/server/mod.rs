@@ -23,11 +23,12 @@ use tokio::task::JoinHandle;
 
 use admin::AdminState;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL};
 use crate::proxy::Forward;
 use crate::spool;
-use crate::stack::{self, RouteInfo, RouteProxy};
+use crate::stack::{self, Opened, RouteInfo, RouteProxy};
 
 /// How often histogram samples are folded into buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     /// Set once the drain starts (`/readyz` turns 503).
     draining: AtomicBool,
     reloader: Reloader,
+    /// The cluster's Redis, with `[cluster]`.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// How the drain went.
@@ -77,7 +80,19 @@ pub async fn start(config: Config) -> io::Result<Running> {
 pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Running> {
     let registry = Arc::new(Registry::new());
     let spools = stack::open_spools(&config, &registry)?;
-    let built = stack::build(&config, &registry, &spools);
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let cluster = Cluster::new(c.into(), &registry).map_err(io::Error::other)?;
+            cluster.spawn_prober();
+            Some(cluster)
+        }
+        None => None,
+    };
+    let opened = Opened {
+        spools: &spools,
+        cluster: cluster.as_ref(),
+    };
+    let built = stack::build(&config, &registry, opened);
     for route in &built.proxy.generation().routes {
         if let Some(limiter) = &route.protections.rate_limit {
             limiter.spawn_pruner(RATE_LIMIT_PRUNE_INTERVAL);
@@ -91,7 +106,15 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         registry: registry.clone(),
         proxy: built.proxy.clone(),
         draining: AtomicBool::new(false),
-        reloader: Reloader::new(path, config.clone(), registry.clone(), built.proxy),
+        reloader: Reloader::new(
+            path,
+            config.clone(),
+            registry.clone(),
+            built.proxy,
+            spools.clone(),
+            cluster.clone(),
+        ),
+        cluster,
     });
     let admin_state = AdminState::new(
         shared.clone(),

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 
 use metrics::Counter;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError, RouteConfig, ServerConfig};
 use crate::metrics::{CONFIG_RELOAD_TOTAL, Registry};
 use crate::proxy::Forward;
 use crate::route::{Generation, RouteTable};
-use crate::stack::{self, RouteProxy, Routes};
+use crate::spool::Spools;
+use crate::stack::{self, Opened, RouteProxy, Routes};
 
 /// Why a reload was refused; the running config stays in every case.
 #[derive(Debug)]
@@ -74,6 +76,9 @@ pub struct Reloader {
     config: Mutex<Config>,
     registry: Arc<Registry>,
     proxy: RouteProxy<Forward>,
+    /// What the process opened once; reloads keep it.
+    spools: Spools,
+    cluster: Option<Arc<Cluster>>,
     ok: Counter,
     refused: Counter,
 }
@@ -92,6 +97,8 @@ impl Reloader {
         config: Config,
         registry: Arc<Registry>,
         proxy: RouteProxy<Forward>,
+        spools: Spools,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         let result = |r: &str| registry.counter(CONFIG_RELOAD_TOTAL, &[("result", r)]);
         Self {
@@ -101,6 +108,8 @@ impl Reloader {
             config: Mutex::new(config),
             registry,
             proxy,
+            spools,
+            cluster,
         }
     }
 
@@ -152,16 +161,27 @@ impl Reloader {
                 key,
             });
         }
+        if current.cluster != new.cluster {
+            return Err(ReloadError::NeedsRestart {
+                path: path.clone(),
+                key: "cluster",
+            });
+        }
         if let Some(route) = spool_change(&current, &new) {
             return Err(ReloadError::SpoolNeedsRestart {
                 path: path.clone(),
                 route,
             });
         }
+        let opened = Opened {
+            spools: &self.spools,
+            cluster: self.cluster.as_ref(),
+        };
         let (generation, changes) = rebuild(
             &new,
             &self.registry,
             &self.proxy.generation(),
+            opened,
             stack::forward,
         );
         for route in &generation.routes {
@@ -198,6 +218,7 @@ pub fn rebuild<S: Clone>(
     config: &Config,
     registry: &Registry,
     current: &Routes<S>,
+    opened: Opened<'_>,
     mut make_inner: impl FnMut(&RouteConfig) -> S,
 ) -> (Routes<S>, RouteChanges) {
     let mut changes = RouteChanges::default();
@@ -223,10 +244,9 @@ pub fn rebuild<S: Clone>(
                     &mut changes.added
                 };
                 list.push(name.to_string());
-                // The spool stays open across reloads (its settings cannot
-                // change without a restart).
-                let spool = old.and_then(|o| o.protections.spool.clone());
-                let (entry, info) = stack::route_parts(route, registry, spool, &mut make_inner);
+                // The spool and the cluster connection stay open across
+                // reloads (their settings cannot change without a restart).
+                let (entry, info) = stack::route_parts(route, registry, opened, &mut make_inner);
                 entries.push(entry);
                 routes.push(info);
             }
@@ -307,12 +327,14 @@ mod tests {
 
     fn reloader() -> Arc<Reloader> {
         let registry = Arc::new(Registry::new());
-        let built = stack::build(&config(1000), &registry, &Default::default());
+        let built = stack::build(&config(1000), &registry, Opened::none());
         Arc::new(Reloader::new(
             Some(PathBuf::from("t.toml")),
             config(1000),
             registry,
             built.proxy,
+            Spools::default(),
+            None,
         ))
     }
 
@@ -392,8 +414,15 @@ mod tests {
         assert_eq!(timeout, Duration::from_millis(1000));
 
         let registry = Arc::new(Registry::new());
-        let built = stack::build(&config(1000), &registry, &Default::default());
-        let embedded = Reloader::new(None, config(1000), registry, built.proxy);
+        let built = stack::build(&config(1000), &registry, Opened::none());
+        let embedded = Reloader::new(
+            None,
+            config(1000),
+            registry,
+            built.proxy,
+            Spools::default(),
+            None,
+        );
         let err = embedded.reload_with(|_| Ok(config(2000))).unwrap_err();
         assert!(matches!(err, ReloadError::NoFile), "{err:?}");
     }

@@ -3,6 +3,7 @@
 
 pub mod keys;
 pub mod process;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

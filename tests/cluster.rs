@@ -1,0 +1,332 @@
+//! Quotas shared by every replica on a real Redis (`[cluster]`,
+//! `scope = "cluster"`): three proxies admit one key's quota together, Redis
+//! down or frozen is decided by the fallback within the timeout, and the Lua
+//! GCRA decides as governor does.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use sluicegate::server::Running;
+use support::redis::RedisServer;
+use support::*;
+use tokio::time::Instant;
+
+const RATE: f64 = 20.0;
+const BURST: u32 = 10;
+
+fn cluster_config(upstream: SocketAddr, redis: &str, scope: &str, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [cluster]\nredis_url = \"{redis}\"\ntimeout_ms = 50\n\
+         [[route]]\nname = \"test\"\nupstream = \"http://{upstream}\"\n\
+         [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = {RATE}\nburst = {BURST}\n\
+         scope = \"{scope}\"\n{extra}"
+    )
+}
+
+async fn start(text: &str) -> Running {
+    let config = sluicegate::config::Config::parse("cluster.toml", text).unwrap();
+    sluicegate::server::start(config).await.unwrap()
+}
+
+async fn call(proxy: &Running, key: &str) -> StatusCode {
+    let req = Request::get(format!("http://{}/x", proxy.proxy_addr()))
+        .header("x-api-key", key)
+        .body(full(""))
+        .unwrap();
+    client()
+        .request(req)
+        .await
+        .map_or(StatusCode::from_u16(599).unwrap(), |r| r.status())
+}
+
+async fn metrics(proxy: &Running) -> String {
+    let (_, body) = get(&format!("http://{}/metrics", proxy.admin_addr())).await;
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Waits (bounded, real time) until Redis is seen up by `proxy`.
+async fn until_up(proxy: &Running) {
+    for _ in 0..250 {
+        if metric(&metrics(proxy).await, "sluicegate_cluster_up") == Some(1.0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the cluster never came up");
+}
+
+/// Sends one key's requests round robin over `proxies` for `window`:
+/// (admitted, what one shared bucket admits over the time actually taken).
+async fn hammer(proxies: &[Running], key: &str, window: Duration) -> (u64, f64) {
+    let start = Instant::now();
+    let mut admitted = 0;
+    let mut i = 0;
+    while start.elapsed() < window {
+        let status = call(&proxies[i % proxies.len()], key).await;
+        assert!(status == 200 || status == 429, "{status}");
+        admitted += u64::from(status == 200);
+        i += 1;
+    }
+    let quota = f64::from(BURST) + RATE * start.elapsed().as_secs_f64();
+    (admitted, quota)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_admit_one_quota_together() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (up, _) = spawn_upstream().await;
+    let upstream = up.addr.unwrap();
+    let mut shared = Vec::new();
+    for _ in 0..3 {
+        shared.push(start(&cluster_config(upstream, &redis.url(), "cluster", "")).await);
+    }
+    for proxy in &shared {
+        until_up(proxy).await;
+    }
+    let (admitted, quota) = hammer(&shared, "fleet-key", Duration::from_secs(3)).await;
+    let error = (admitted as f64 - quota) / quota;
+    eprintln!(
+        "cluster: the fleet admitted {admitted} against {quota:.1} ({:+.1} %)",
+        error * 100.0
+    );
+    assert!(
+        error.abs() <= 0.05,
+        "the fleet admitted {admitted} against a quota of {quota:.1} ({:+.1} %)",
+        error * 100.0
+    );
+    // Every replica answered with the same RateLimit fields' policy.
+    let (res, _) = send(
+        &client(),
+        Request::get(format!("http://{}/x", shared[0].proxy_addr()))
+            .header("x-api-key", "other")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=10;w=1");
+    for proxy in shared {
+        assert_eq!(
+            metric(
+                &metrics(&proxy).await,
+                r#"sluicegate_cluster_fallback_total{route="test"}"#
+            ),
+            Some(0.0)
+        );
+        proxy.shutdown().await;
+    }
+
+    // The same fleet with local buckets admits about three times as much.
+    let mut local = Vec::new();
+    for _ in 0..3 {
+        local.push(start(&cluster_config(upstream, &redis.url(), "local", "")).await);
+    }
+    let (admitted, quota) = hammer(&local, "fleet-key", Duration::from_secs(3)).await;
+    eprintln!(
+        "local: three limiters admitted {admitted} against {quota:.1} ({:.2}x)",
+        admitted as f64 / quota
+    );
+    assert!(
+        admitted as f64 > 2.5 * quota,
+        "three local limiters admitted {admitted} against one quota of {quota:.1}"
+    );
+    for proxy in local {
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_falls_back_without_a_5xx_and_shares_again_when_back() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let (up, _) = spawn_upstream().await;
+    let proxy = start(&cluster_config(
+        up.addr.unwrap(),
+        &redis.url(),
+        "cluster",
+        "",
+    ))
+    .await;
+    until_up(&proxy).await;
+    assert_eq!(call(&proxy, "k").await, StatusCode::OK);
+    redis.kill();
+    // Decided by the local bucket meanwhile: never a 5xx, and limited.
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(call(&proxy, "k").await);
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS));
+    let text = metrics(&proxy).await;
+    assert_eq!(metric(&text, "sluicegate_cluster_up"), Some(0.0));
+    let fallbacks = metric(&text, r#"sluicegate_cluster_fallback_total{route="test"}"#).unwrap();
+    assert!(fallbacks >= 39.0, "{fallbacks}");
+    let (_, status) = get(&format!("http://{}/status", proxy.admin_addr())).await;
+    assert_eq!(json(&status)["cluster"]["up"], false);
+
+    redis.restart();
+    until_up(&proxy).await;
+    let before = metric(
+        &metrics(&proxy).await,
+        r#"sluicegate_cluster_fallback_total{route="test"}"#,
+    );
+    assert_eq!(call(&proxy, "fresh").await, StatusCode::OK);
+    let after = metric(
+        &metrics(&proxy).await,
+        r#"sluicegate_cluster_fallback_total{route="test"}"#,
+    );
+    assert_eq!(
+        before, after,
+        "decided by the fallback although Redis is back"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_and_deny_fallbacks_decide_while_redis_is_gone() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    redis.kill();
+    let (up, _) = spawn_upstream().await;
+    let allow = start(&cluster_config(
+        up.addr.unwrap(),
+        &url,
+        "cluster",
+        "fallback = \"allow\"\n",
+    ))
+    .await;
+    let deny = start(&cluster_config(
+        up.addr.unwrap(),
+        &url,
+        "cluster",
+        "fallback = \"deny\"\n",
+    ))
+    .await;
+    for _ in 0..30 {
+        assert_eq!(call(&allow, "k").await, StatusCode::OK);
+        assert_eq!(call(&deny, "k").await, StatusCode::TOO_MANY_REQUESTS);
+    }
+    allow.shutdown().await;
+    deny.shutdown().await;
+}
+
+/// Redis frozen (SIGSTOP: connections open, nothing answered): a request is
+/// decided by the fallback within the timeout, not when Redis wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_decided_within_the_timeout() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (up, _) = spawn_upstream().await;
+    let proxy = start(&cluster_config(
+        up.addr.unwrap(),
+        &redis.url(),
+        "cluster",
+        "fallback = \"allow\"\n",
+    ))
+    .await;
+    until_up(&proxy).await;
+    assert_eq!(call(&proxy, "k").await, StatusCode::OK);
+    redis.pause();
+    let started = Instant::now();
+    let status = call(&proxy, "k").await;
+    let took = started.elapsed();
+    redis.resume();
+    assert_eq!(status, StatusCode::OK);
+    // timeout_ms = 50; generous for a loaded machine, far below "when Redis
+    // wakes" (never, here, until resumed).
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    let text = metrics(&proxy).await;
+    assert!(metric(&text, r#"sluicegate_cluster_fallback_total{route="test"}"#).unwrap() >= 1.0);
+    proxy.shutdown().await;
+}
+
+/// The Lua script decides every arrival as governor does for the same
+/// quota, with Redis's TIME replaced by the arrival's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lua_gcra_decides_as_governor_does() {
+    use std::num::NonZeroU32;
+
+    use governor::clock::FakeRelativeClock;
+    use governor::{Quota, RateLimiter};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as Cases, TestRunner};
+    use sluicegate::cluster::{Cluster, ClusterSettings};
+
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let registry = sluicegate::metrics::Registry::new();
+    let cluster = Cluster::new(
+        ClusterSettings {
+            redis_url: redis.url(),
+            timeout: Duration::from_secs(2),
+            key_prefix: "prop".into(),
+        },
+        &registry,
+    )
+    .unwrap();
+    cluster.spawn_prober();
+    for _ in 0..250 {
+        if cluster.is_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cluster.is_up());
+
+    // Rates of a second or slower, so that each key's TTL (in Redis's real
+    // time) outlives the case.
+    let cases = (
+        1u64..=4,                                          // period, seconds
+        1u32..=5,                                          // burst
+        proptest::collection::vec(0u64..3_000_000, 1..40), // gaps between arrivals, µs
+    );
+    let mut runner = TestRunner::new(Cases::with_cases(64));
+    let handle = tokio::runtime::Handle::current();
+    let case = std::sync::atomic::AtomicU64::new(0);
+    let result = runner.run(&cases, |(period_s, burst, gaps)| {
+        let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!("case-{n}").into_bytes();
+        let period = Duration::from_secs(period_s);
+        let quota = Quota::with_period(period)
+            .unwrap()
+            .allow_burst(NonZeroU32::new(burst).unwrap());
+        let clock = FakeRelativeClock::default();
+        let local = RateLimiter::direct_with_clock(quota, clock.clone());
+        let tau = period * (burst - 1);
+        // Far from zero, as Redis's clock is.
+        let mut now = Duration::from_secs(1_700_000_000);
+        for gap in gaps {
+            now += Duration::from_micros(gap);
+            clock.advance(Duration::from_micros(gap));
+            let want = local.check().is_ok();
+            let got = tokio::task::block_in_place(|| {
+                handle.block_on(cluster.gcra(&key, period, tau, 1, Some(now)))
+            })
+            .unwrap()
+            .allowed;
+            prop_assert_eq!(
+                got,
+                want,
+                "period {:?} burst {} at {:?}",
+                period,
+                burst,
+                now
+            );
+        }
+        Ok(())
+    });
+    result.unwrap();
+}
