@@ -249,9 +249,9 @@ impl Protections {
             let settings = RateLimitSettings::from(config);
             let limiter = RateLimiter::with_settings(&settings, metrics);
             Arc::new(match (settings.scope, opened.cluster) {
-                (Scope::Cluster(fallback), Some(cluster)) => {
+                (Scope::Cluster { fallback, sync }, Some(cluster)) => {
                     let fallbacks = registry.counter(CLUSTER_FALLBACK_TOTAL, &[("route", name)]);
-                    limiter.shared_on(cluster.clone(), name, fallback, fallbacks)
+                    limiter.shared_on(cluster.clone(), name, fallback, sync, fallbacks)
                 }
                 // Validation ties scope = "cluster" to a [cluster] section.
                 _ => limiter,

@@ -18,11 +18,22 @@ const RATE: f64 = 20.0;
 const BURST: u32 = 10;
 
 fn cluster_config(upstream: SocketAddr, redis: &str, scope: &str, extra: &str) -> String {
+    rated_config(upstream, redis, scope, RATE, BURST, extra)
+}
+
+fn rated_config(
+    upstream: SocketAddr,
+    redis: &str,
+    scope: &str,
+    rate: f64,
+    burst: u32,
+    extra: &str,
+) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [cluster]\nredis_url = \"{redis}\"\ntimeout_ms = 50\n\
          [[route]]\nname = \"test\"\nupstream = \"http://{upstream}\"\n\
-         [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = {RATE}\nburst = {BURST}\n\
+         [route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = {rate}\nburst = {burst}\n\
          scope = \"{scope}\"\n{extra}"
     )
 }
@@ -62,6 +73,17 @@ async fn until_up(proxy: &Running) {
 /// Sends one key's requests round robin over `proxies` for `window`:
 /// (admitted, what one shared bucket admits over the time actually taken).
 async fn hammer(proxies: &[Running], key: &str, window: Duration) -> (u64, f64) {
+    hammer_at(proxies, key, window, RATE, BURST).await
+}
+
+/// [`hammer`] for a route of `rate` and `burst`.
+async fn hammer_at(
+    proxies: &[Running],
+    key: &str,
+    window: Duration,
+    rate: f64,
+    burst: u32,
+) -> (u64, f64) {
     let start = Instant::now();
     let mut admitted = 0;
     let mut i = 0;
@@ -71,7 +93,7 @@ async fn hammer(proxies: &[Running], key: &str, window: Duration) -> (u64, f64) 
         admitted += u64::from(status == 200);
         i += 1;
     }
-    let quota = f64::from(BURST) + RATE * start.elapsed().as_secs_f64();
+    let quota = f64::from(burst) + rate * start.elapsed().as_secs_f64();
     (admitted, quota)
 }
 
@@ -329,4 +351,103 @@ async fn the_lua_gcra_decides_as_governor_does() {
         Ok(())
     });
     result.unwrap();
+}
+
+/// Calls of the GCRA script Redis has served (`INFO commandstats`).
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// `sync_ms`: each replica takes tokens in batches. At its limit the fleet
+/// never admits more than the quota (every token comes from Redis), a little
+/// less at worst; below it, a replica spends its batch without asking Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_tokens_stay_within_the_quota_with_fewer_round_trips() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (up, _) = spawn_upstream().await;
+    // (admitted / quota, script calls per request), by (mode, rate).
+    let mut results = Vec::new();
+    for (rate, burst) in [(200.0, 50), (5000.0, 500)] {
+        for (mode, extra) in [("exact", ""), ("sync_ms = 50", "sync_ms = 50\n")] {
+            let mut fleet = Vec::new();
+            for _ in 0..3 {
+                let text = rated_config(
+                    up.addr.unwrap(),
+                    &redis.url(),
+                    "cluster",
+                    rate,
+                    burst,
+                    extra,
+                );
+                fleet.push(start(&text).await);
+            }
+            for proxy in &fleet {
+                until_up(proxy).await;
+            }
+            let calls = script_calls(&redis).await;
+            let key = format!("batch-{mode}-{rate}");
+            let start = Instant::now();
+            let (admitted, quota) =
+                hammer_at(&fleet, &key, Duration::from_secs(2), rate, burst).await;
+            let sent = (
+                start.elapsed().as_secs_f64(),
+                script_calls(&redis).await - calls,
+            );
+            let share = admitted as f64 / quota.min(f64::MAX);
+            eprintln!(
+                "{rate}/s, {mode}: admitted {admitted} against {quota:.1} ({:+.1} %), {} script calls in {:.1} s",
+                (share - 1.0) * 100.0,
+                sent.1,
+                sent.0
+            );
+            results.push((share, sent.1 as f64 / admitted.max(1) as f64));
+            for proxy in fleet {
+                proxy.shutdown().await;
+            }
+        }
+    }
+    let (exact, _) = results[0];
+    let (batched, _) = results[1];
+    assert!(
+        (exact - 1.0).abs() <= 0.05,
+        "exact: {exact:.3} of the quota"
+    );
+    assert!(
+        batched <= 1.02,
+        "batched admitted {batched:.3} of the quota"
+    );
+    assert!(
+        batched >= 0.85,
+        "batched admitted only {batched:.3} of the quota"
+    );
+    // Below the limit: every request admitted, a round trip per batch.
+    let (_, exact_calls) = results[2];
+    let (_, batched_calls) = results[3];
+    assert!(
+        exact_calls >= 0.99,
+        "exact: {exact_calls:.2} calls per request"
+    );
+    assert!(
+        batched_calls * 10.0 < exact_calls,
+        "batched: {batched_calls:.3} calls per request against {exact_calls:.3}"
+    );
 }

@@ -61,7 +61,9 @@ impl std::error::Error for ClusterError {}
 /// One GCRA decision from Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcraReply {
-    /// Whether the request may go.
+    /// Requests granted (of the `n` asked): 0 is a refusal.
+    pub granted: u32,
+    /// Whether at least one was granted.
     pub allowed: bool,
     /// Refused: how long until it would be allowed.
     pub wait: Duration,
@@ -196,9 +198,9 @@ impl Cluster {
         key
     }
 
-    /// Counts `n` requests of `key` at `t` per request with a tolerance of
-    /// `tau` (governor's GCRA), on Redis's clock or at `now` when given (for
-    /// tests). Never waits longer than `timeout_ms`.
+    /// Counts up to `n` requests of `key` (as many as fit) at `t` per request
+    /// with a tolerance of `tau` (governor's GCRA), on Redis's clock or at
+    /// `now` when given (for tests). Never waits longer than `timeout_ms`.
     pub async fn gcra(
         &self,
         key: &[u8],
@@ -241,11 +243,12 @@ impl Cluster {
             Err(_) => Err(ClusterError::Timeout),
         };
         match result {
-            Ok((allowed, wait, ahead)) => {
+            Ok((granted, wait, ahead)) => {
                 self.set_up(true, "command");
                 let us = |v: i64| Duration::from_micros(v.max(0) as u64);
                 Ok(GcraReply {
-                    allowed: allowed == 1,
+                    granted: granted.clamp(0, i64::from(n)) as u32,
+                    allowed: granted > 0,
                     wait: us(wait),
                     tat_ahead: us(ahead),
                 })

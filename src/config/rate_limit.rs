@@ -37,6 +37,10 @@ pub struct RateLimitConfig {
     /// replica's own bucket at the same rate), `"allow"` or `"deny"`.
     #[serde(default)]
     pub fallback: Option<QuotaFallback>,
+    /// `cluster`: 0 (exact: a round trip per request), or how long each
+    /// replica may spend tokens it took from Redis in a batch.
+    #[serde(default)]
+    pub sync_ms: u64,
 }
 
 /// `scope`.
@@ -148,10 +152,22 @@ impl RateLimitConfig {
                 "must be greater than 0 (got 0)".into(),
             ));
         }
-        if self.scope == ScopeConfig::Local && self.fallback.is_some() {
+        if self.scope == ScopeConfig::Local {
+            let set = [
+                ("fallback", self.fallback.is_some()),
+                ("sync_ms", self.sync_ms > 0),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+                return Err((
+                    format!("{at}.{key}"),
+                    "only applies with scope = \"cluster\"".into(),
+                ));
+            }
+        }
+        if self.sync_ms > 60_000 {
             return Err((
-                format!("{at}.fallback"),
-                "only applies with scope = \"cluster\"".into(),
+                format!("{at}.sync_ms"),
+                format!("must be at most 60000 (got {})", self.sync_ms),
             ));
         }
         let mut seen = std::collections::HashMap::new();
@@ -206,11 +222,14 @@ impl From<&RateLimitConfig> for RateLimitSettings {
                 .collect(),
             scope: match c.scope {
                 ScopeConfig::Local => Scope::Local,
-                ScopeConfig::Cluster => Scope::Cluster(match c.fallback.unwrap_or_default() {
-                    QuotaFallback::Local => Fallback::Local,
-                    QuotaFallback::Allow => Fallback::Allow,
-                    QuotaFallback::Deny => Fallback::Deny,
-                }),
+                ScopeConfig::Cluster => Scope::Cluster {
+                    fallback: match c.fallback.unwrap_or_default() {
+                        QuotaFallback::Local => Fallback::Local,
+                        QuotaFallback::Allow => Fallback::Allow,
+                        QuotaFallback::Deny => Fallback::Deny,
+                    },
+                    sync: (c.sync_ms > 0).then(|| std::time::Duration::from_millis(c.sync_ms)),
+                },
             },
         }
     }

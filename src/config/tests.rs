@@ -352,11 +352,26 @@ fn a_cluster_scope_needs_a_cluster_and_takes_its_fallback() {
     assert_eq!(cfg.timeout_ms.get(), std::time::Duration::from_millis(20));
     assert_eq!(cfg.key_prefix, "sluicegate");
     let settings = RateLimitSettings::from(c.routes[0].rate_limit.as_ref().unwrap());
-    assert_eq!(settings.scope, Scope::Cluster(Fallback::Local));
-    let deny = format!("{cluster}{route}fallback = \"deny\"\n");
+    assert_eq!(
+        settings.scope,
+        Scope::Cluster {
+            fallback: Fallback::Local,
+            sync: None
+        }
+    );
+    let deny = format!("{cluster}{route}fallback = \"deny\"\nsync_ms = 10\n");
     let c = Config::parse("t.toml", &deny).unwrap();
     let settings = RateLimitSettings::from(c.routes[0].rate_limit.as_ref().unwrap());
-    assert_eq!(settings.scope, Scope::Cluster(Fallback::Deny));
+    assert_eq!(
+        settings.scope,
+        Scope::Cluster {
+            fallback: Fallback::Deny,
+            sync: Some(std::time::Duration::from_millis(10))
+        }
+    );
+    let local_sync = format!("{ROUTE}[route.rate_limit]\nper_second = 5\nsync_ms = 10\n");
+    let e = err(&local_sync);
+    assert_eq!(e.key(), Some("route[0].rate_limit.sync_ms"), "{e}");
     let cases = [
         (
             "redis_url = \"rediss://h:1/0\"",

@@ -100,7 +100,13 @@ pub enum Scope {
     Local,
     /// On the cluster's Redis, shared by every replica; the fallback decides
     /// while Redis is down or slow.
-    Cluster(Fallback),
+    Cluster {
+        /// Who decides while Redis cannot.
+        fallback: Fallback,
+        /// `sync_ms`: each replica takes tokens in batches and spends them
+        /// for up to this long; `None`: one round trip per request.
+        sync: Option<Duration>,
+    },
 }
 
 /// Who decides while Redis cannot.
@@ -284,6 +290,80 @@ struct SharedBuckets {
     route: String,
     fallback: Fallback,
     fallbacks: Counter,
+    /// `sync_ms`: tokens taken from Redis in a batch, spent here until
+    /// they run out or the time is up. At most `max_keys` clients.
+    sync: Option<Duration>,
+    batches: std::sync::Mutex<HashMap<(usize, ClientKey), Batch>>,
+    max_batches: usize,
+}
+
+/// What this replica knows of one client without asking Redis: tokens it
+/// took in a batch and has not spent (`sync_ms`), or that Redis refused it
+/// until a time (no token can appear sooner: exact, and a client hammering
+/// past its quota costs no round trips).
+#[derive(Debug, Clone, Copy)]
+enum Batch {
+    Tokens {
+        left: u32,
+        until: tokio::time::Instant,
+    },
+    Refused {
+        until: tokio::time::Instant,
+    },
+}
+
+/// A decision made here from a [`Batch`].
+enum Spent {
+    /// A token spent; this many left.
+    Allowed(u32),
+    /// Still refused for this long.
+    Refused(Duration),
+}
+
+impl SharedBuckets {
+    /// Decides from `key`'s batch in `bucket`, if it still holds.
+    fn spend(&self, bucket: usize, key: &ClientKey) -> Option<Spent> {
+        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = (bucket, key.clone());
+        let now = tokio::time::Instant::now();
+        let spent = match batches.get_mut(&entry)? {
+            Batch::Tokens { left, until } if *left > 0 && *until > now => {
+                *left -= 1;
+                Spent::Allowed(*left)
+            }
+            Batch::Refused { until } if *until > now => Spent::Refused(*until - now),
+            _ => {
+                batches.remove(&entry);
+                return None;
+            }
+        };
+        Some(spent)
+    }
+
+    /// Remembers `batch` for `key`.
+    fn keep(&self, bucket: usize, key: &ClientKey, batch: Batch) {
+        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        if batches.len() >= self.max_batches {
+            batches.retain(|_, b| match b {
+                Batch::Tokens { left, until } => *left > 0 && *until > now,
+                Batch::Refused { until } => *until > now,
+            });
+            if batches.len() >= self.max_batches {
+                // Full of live batches: unspent tokens are lost (the fleet
+                // admits less, never more), a refusal is asked again.
+                return;
+            }
+        }
+        batches.insert((bucket, key.clone()), batch);
+    }
+}
+
+/// Tokens a replica takes at once: what the rate makes in `sync`, at least
+/// 1, at most the burst.
+fn batch_size(rate: &Rate, sync: Duration) -> u32 {
+    let made = (rate.per_second * sync.as_secs_f64()).ceil();
+    made.clamp(1.0, f64::from(rate.burst())) as u32
 }
 
 impl RateLimiter {
@@ -325,7 +405,7 @@ impl RateLimiter {
         // Shared buckets: long keys must digest the same on every replica.
         let extractor = match settings.scope {
             Scope::Local => extractor,
-            Scope::Cluster(_) => extractor.shared(),
+            Scope::Cluster { .. } => extractor.shared(),
         };
         let mut limiter = Self::build(extractor, settings.rate, settings.max_keys, metrics);
         for tier in &settings.tiers {
@@ -355,6 +435,7 @@ impl RateLimiter {
         cluster: Arc<Cluster>,
         route: &str,
         fallback: Fallback,
+        sync: Option<Duration>,
         fallbacks: Counter,
     ) -> Self {
         debug_assert!(
@@ -366,6 +447,9 @@ impl RateLimiter {
             route: route.to_string(),
             fallback,
             fallbacks,
+            sync,
+            batches: std::sync::Mutex::new(HashMap::new()),
+            max_batches: self.max_keys,
         });
         self
     }
@@ -386,20 +470,39 @@ impl RateLimiter {
         let Some(shared) = &self.shared else {
             return self.check(key);
         };
+        let index = self.tier_of.get(key).copied().unwrap_or(usize::MAX);
         let bucket = self.bucket_of(key);
+        match shared.spend(index, key) {
+            Some(Spent::Allowed(left)) => return bucket.verdict(None, left),
+            Some(Spent::Refused(wait)) => {
+                self.metrics.limited.increment(1);
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                return bucket.verdict(Some(secs), 0);
+            }
+            None => {}
+        }
+        let n = shared.sync.map_or(1, |sync| batch_size(&bucket.rate, sync));
         let (t, tau) = bucket.rate.gcra();
         let redis_key = shared
             .cluster
             .key(&shared.route, &bucket.name, &key.shared_bytes());
-        match shared.cluster.gcra(&redis_key, t, tau, 1, None).await {
+        match shared.cluster.gcra(&redis_key, t, tau, n, None).await {
             Ok(reply) if reply.allowed => {
-                // governor's remaining burst: what fits before tat - tau.
+                let kept = reply.granted - 1;
+                if let (Some(sync), true) = (shared.sync, kept > 0) {
+                    let until = tokio::time::Instant::now() + sync;
+                    shared.keep(index, key, Batch::Tokens { left: kept, until });
+                }
+                // governor's remaining burst: what fits before tat - tau,
+                // and the tokens this replica holds.
                 let room = (t + tau).saturating_sub(reply.tat_ahead).min(tau);
                 let remaining = (room.as_nanos() / t.as_nanos().max(1)) as u32;
-                bucket.verdict(None, remaining)
+                bucket.verdict(None, remaining + kept)
             }
             Ok(reply) => {
                 self.metrics.limited.increment(1);
+                let until = tokio::time::Instant::now() + reply.wait;
+                shared.keep(index, key, Batch::Refused { until });
                 let secs = reply.wait.as_secs_f64().ceil().max(1.0) as u64;
                 bucket.verdict(Some(secs), 0)
             }
