@@ -151,27 +151,34 @@ where
             .limiter
             .extractor()
             .key(req.headers(), req.extensions());
-        if self.limiter.is_shared() {
-            // A round trip to Redis first: the request waits in a future of
-            // its own, with the service made ready (this one keeps a clone).
-            let limiter = self.limiter.clone();
-            let clone = self.inner.clone();
-            let inner = std::mem::replace(&mut self.inner, clone);
-            return ResponseFuture::Deciding {
-                future: Box::pin(async move {
-                    let verdict = limiter.decide(&key).await;
-                    if let Some(secs) = verdict.retry_after_s {
-                        return Err(over_rate(&verdict, secs).into());
-                    }
-                    if let Some(tier) = &verdict.tier {
-                        req.extensions_mut().insert(ClientTier(tier.clone()));
-                    }
-                    let result = inner.oneshot(req).await.map_err(Into::into);
-                    with_fields(result, verdict)
-                }),
-            };
-        }
-        let verdict = self.limiter.check(&key);
+        let here = if self.limiter.is_shared() {
+            self.limiter.decide_here(&key)
+        } else {
+            Ok(self.limiter.check(&key))
+        };
+        let verdict = match here {
+            Ok(verdict) => verdict,
+            Err(ask) => {
+                // A round trip to Redis first: the request waits in a future of
+                // its own, with the service made ready (this one keeps a clone).
+                let limiter = self.limiter.clone();
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                return ResponseFuture::Deciding {
+                    future: Box::pin(async move {
+                        let verdict = limiter.ask(&key, ask).await;
+                        if let Some(secs) = verdict.retry_after_s {
+                            return Err(over_rate(&verdict, secs).into());
+                        }
+                        if let Some(tier) = &verdict.tier {
+                            req.extensions_mut().insert(ClientTier(tier.clone()));
+                        }
+                        let result = inner.oneshot(req).await.map_err(Into::into);
+                        with_fields(result, verdict)
+                    }),
+                };
+            }
+        };
         if let Some(secs) = verdict.retry_after_s {
             return ResponseFuture::Refused {
                 rejection: Some(over_rate(&verdict, secs)),

@@ -293,16 +293,27 @@ struct SharedBuckets {
     /// `sync_ms`: tokens taken from Redis in a batch, spent here until
     /// they run out or the time is up. At most `max_keys` clients.
     sync: Option<Duration>,
-    batches: std::sync::Mutex<HashMap<(usize, ClientKey), Batch>>,
+    /// By client: a key is in one bucket only (its tier's, or the default).
+    batches: std::sync::Mutex<HashMap<ClientKey, Batch>>,
     max_batches: usize,
 }
 
 /// What this replica knows of one client without asking Redis: tokens it
 /// took in a batch and has not spent (`sync_ms`), or that Redis refused it
 /// until a time (no token can appear sooner: exact, and a client hammering
-/// past its quota costs no round trips).
+/// past its quota costs no round trips); and how many to ask for next.
 #[derive(Debug, Clone, Copy)]
-enum Batch {
+struct Batch {
+    state: Held,
+    /// The next batch's size: doubled when one was spent in time, halved
+    /// when one ran out of time unspent, so that a replica asks for about
+    /// what it spends in `sync_ms` (its share of the client's traffic) and
+    /// the tokens it takes and loses stay few.
+    size: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Held {
     Tokens {
         left: u32,
         until: tokio::time::Instant,
@@ -310,6 +321,24 @@ enum Batch {
     Refused {
         until: tokio::time::Instant,
     },
+    /// A request is asking Redis for the next batch: the others ask for one
+    /// token each meanwhile, so that concurrent misses do not each take a
+    /// batch (and lose all but one).
+    Fetching {
+        since: tokio::time::Instant,
+    },
+    Nothing,
+}
+
+/// How long a fetch may stay unanswered before another request fetches.
+const FETCH_STALE: Duration = Duration::from_secs(1);
+
+/// What to ask Redis for when the batch does not decide.
+#[derive(Debug)]
+pub struct Ask {
+    tokens: u32,
+    /// This request fetches the batch (and keeps what it gets).
+    fetcher: bool,
 }
 
 /// A decision made here from a [`Batch`].
@@ -321,33 +350,60 @@ enum Spent {
 }
 
 impl SharedBuckets {
-    /// Decides from `key`'s batch in `bucket`, if it still holds.
-    fn spend(&self, bucket: usize, key: &ClientKey) -> Option<Spent> {
+    /// Decides from `key`'s batch if it still holds; else what to ask Redis
+    /// for (at most `cap` tokens).
+    fn spend(&self, key: &ClientKey, cap: u32) -> Result<Spent, Ask> {
         let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = (bucket, key.clone());
         let now = tokio::time::Instant::now();
-        let spent = match batches.get_mut(&entry)? {
-            Batch::Tokens { left, until } if *left > 0 && *until > now => {
-                *left -= 1;
-                Spent::Allowed(*left)
-            }
-            Batch::Refused { until } if *until > now => Spent::Refused(*until - now),
-            _ => {
-                batches.remove(&entry);
-                return None;
-            }
+        let Some(batch) = batches.get_mut(key) else {
+            drop(batches);
+            // First sight: one token, and a batch entry to grow from.
+            self.keep(key, Held::Fetching { since: now }, 1);
+            return Err(Ask {
+                tokens: 1,
+                fetcher: true,
+            });
         };
-        Some(spent)
+        match batch.state {
+            Held::Fetching { since } if now - since < FETCH_STALE => {
+                return Err(Ask {
+                    tokens: 1,
+                    fetcher: false,
+                });
+            }
+            Held::Tokens { left, until } if left > 0 && until > now => {
+                batch.state = Held::Tokens {
+                    left: left - 1,
+                    until,
+                };
+                return Ok(Spent::Allowed(left - 1));
+            }
+            Held::Refused { until } if until > now => return Ok(Spent::Refused(until - now)),
+            Held::Tokens { left: 0, .. } => batch.size = batch.size.saturating_mul(2).min(cap),
+            Held::Tokens { .. } => batch.size = (batch.size / 2).max(1),
+            Held::Refused { .. } | Held::Fetching { .. } | Held::Nothing => {}
+        }
+        batch.state = Held::Fetching { since: now };
+        Err(Ask {
+            tokens: batch.size.min(cap).max(1),
+            fetcher: true,
+        })
     }
 
-    /// Remembers `batch` for `key`.
-    fn keep(&self, bucket: usize, key: &ClientKey, batch: Batch) {
+    /// Remembers what `key` holds now, asked with `size`.
+    fn keep(&self, key: &ClientKey, state: Held, size: u32) {
         let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-        let now = tokio::time::Instant::now();
+        if let Some(batch) = batches.get_mut(key) {
+            batch.state = state;
+            return;
+        }
         if batches.len() >= self.max_batches {
-            batches.retain(|_, b| match b {
-                Batch::Tokens { left, until } => *left > 0 && *until > now,
-                Batch::Refused { until } => *until > now,
+            let now = tokio::time::Instant::now();
+            batches.retain(|_, b| match b.state {
+                Held::Tokens { left, until } => left > 0 && until > now,
+                Held::Refused { until } => until > now,
+                Held::Fetching { since } => now - since < FETCH_STALE,
+                Held::Nothing => false,
             });
             if batches.len() >= self.max_batches {
                 // Full of live batches: unspent tokens are lost (the fleet
@@ -355,13 +411,13 @@ impl SharedBuckets {
                 return;
             }
         }
-        batches.insert((bucket, key.clone()), batch);
+        batches.insert(key.clone(), Batch { state, size });
     }
 }
 
-/// Tokens a replica takes at once: what the rate makes in `sync`, at least
-/// 1, at most the burst.
-fn batch_size(rate: &Rate, sync: Duration) -> u32 {
+/// The largest batch a replica takes: what the rate makes in `sync`, at
+/// least 1, at most the burst.
+fn batch_cap(rate: &Rate, sync: Duration) -> u32 {
     let made = (rate.per_second * sync.as_secs_f64()).ceil();
     made.clamp(1.0, f64::from(rate.burst())) as u32
 }
@@ -464,24 +520,23 @@ impl RateLimiter {
         self.shared.as_ref().map(|s| &s.cluster)
     }
 
-    /// [`RateLimiter::check`] on the shared bucket: one round trip to Redis,
-    /// at most `timeout_ms`; the fallback decides when Redis cannot.
+    /// [`RateLimiter::check`] on the shared bucket: one round trip to Redis
+    /// unless the batch decides, at most `timeout_ms`; the fallback decides
+    /// when Redis cannot.
     pub async fn decide(&self, key: &ClientKey) -> Verdict {
+        match self.decide_here(key) {
+            Ok(verdict) => verdict,
+            Err(ask) => self.ask(key, ask).await,
+        }
+    }
+
+    /// Asks Redis what [`RateLimiter::decide_here`] could not decide.
+    pub async fn ask(&self, key: &ClientKey, ask: Ask) -> Verdict {
         let Some(shared) = &self.shared else {
             return self.check(key);
         };
-        let index = self.tier_of.get(key).copied().unwrap_or(usize::MAX);
+        let Ask { tokens: n, fetcher } = ask;
         let bucket = self.bucket_of(key);
-        match shared.spend(index, key) {
-            Some(Spent::Allowed(left)) => return bucket.verdict(None, left),
-            Some(Spent::Refused(wait)) => {
-                self.metrics.limited.increment(1);
-                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                return bucket.verdict(Some(secs), 0);
-            }
-            None => {}
-        }
-        let n = shared.sync.map_or(1, |sync| batch_size(&bucket.rate, sync));
         let (t, tau) = bucket.rate.gcra();
         let redis_key = shared
             .cluster
@@ -489,9 +544,15 @@ impl RateLimiter {
         match shared.cluster.gcra(&redis_key, t, tau, n, None).await {
             Ok(reply) if reply.allowed => {
                 let kept = reply.granted - 1;
-                if let (Some(sync), true) = (shared.sync, kept > 0) {
-                    let until = tokio::time::Instant::now() + sync;
-                    shared.keep(index, key, Batch::Tokens { left: kept, until });
+                if fetcher {
+                    let held = match shared.sync {
+                        Some(sync) => Held::Tokens {
+                            left: kept,
+                            until: tokio::time::Instant::now() + sync,
+                        },
+                        None => Held::Nothing,
+                    };
+                    shared.keep(key, held, n);
                 }
                 // governor's remaining burst: what fits before tat - tau,
                 // and the tokens this replica holds.
@@ -502,11 +563,16 @@ impl RateLimiter {
             Ok(reply) => {
                 self.metrics.limited.increment(1);
                 let until = tokio::time::Instant::now() + reply.wait;
-                shared.keep(index, key, Batch::Refused { until });
+                if fetcher {
+                    shared.keep(key, Held::Refused { until }, n);
+                }
                 let secs = reply.wait.as_secs_f64().ceil().max(1.0) as u64;
                 bucket.verdict(Some(secs), 0)
             }
             Err(_) => {
+                if fetcher {
+                    shared.keep(key, Held::Nothing, n);
+                }
                 shared.fallbacks.increment(1);
                 match shared.fallback {
                     Fallback::Local => self.check(key),
@@ -518,6 +584,28 @@ impl RateLimiter {
                 }
             }
         }
+    }
+
+    /// A shared limiter's decision that needs no round trip (a token of the
+    /// client's batch, or a refusal Redis gave that still holds), or what to
+    /// ask Redis for ([`RateLimiter::ask`]).
+    pub fn decide_here(&self, key: &ClientKey) -> Result<Verdict, Ask> {
+        let Some(shared) = &self.shared else {
+            return Err(Ask {
+                tokens: 1,
+                fetcher: false,
+            });
+        };
+        let bucket = self.bucket_of(key);
+        let cap = shared.sync.map_or(1, |sync| batch_cap(&bucket.rate, sync));
+        Ok(match shared.spend(key, cap)? {
+            Spent::Allowed(left) => bucket.verdict(None, left),
+            Spent::Refused(wait) => {
+                self.metrics.limited.increment(1);
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                bucket.verdict(Some(secs), 0)
+            }
+        })
     }
 
     fn bucket_of(&self, key: &ClientKey) -> &Bucket {

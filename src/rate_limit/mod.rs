@@ -19,8 +19,8 @@ mod store;
 pub use crate::client_key::{ClientKey, KeyExtractor, KeySource};
 pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
 pub use limiter::{
-    Fallback, Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter, Scope,
-    Tier, TokioClock, Verdict,
+    Ask, Fallback, Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter,
+    Scope, Tier, TokioClock, Verdict,
 };
 pub use store::CappedStore;
 
