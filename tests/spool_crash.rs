@@ -157,8 +157,10 @@ async fn nothing_acknowledged_is_lost_across_kill_9() {
         .iter()
         .filter(|k| !in_flight_at_kills.contains(**k))
         .count();
+    // In flight at the replay kill: up to REPLAY_INFLIGHT at the upstream,
+    // and as many answered whose delivery the writer had not yet recorded.
     assert!(
-        replay_twice <= REPLAY_INFLIGHT,
+        replay_twice <= 2 * REPLAY_INFLIGHT,
         "{replay_twice} delivered twice: more than were in flight"
     );
     eprintln!(
