@@ -451,3 +451,45 @@ async fn batched_tokens_stay_within_the_quota_with_fewer_round_trips() {
         "batched: {batched_calls:.3} calls per request against {exact_calls:.3}"
     );
 }
+
+/// Tiers keep their own rate and their own shared bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_work_unchanged_on_shared_buckets() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (up, _) = spawn_upstream().await;
+    let tier = "[[route.rate_limit.tier]]\nname = \"trial\"\nkeys = [\"trial-key\"]\nper_second = 1\nburst = 1\n";
+    let a = start(&cluster_config(
+        up.addr.unwrap(),
+        &redis.url(),
+        "cluster",
+        tier,
+    ))
+    .await;
+    let b = start(&cluster_config(
+        up.addr.unwrap(),
+        &redis.url(),
+        "cluster",
+        tier,
+    ))
+    .await;
+    until_up(&a).await;
+    until_up(&b).await;
+    assert_eq!(call(&a, "trial-key").await, StatusCode::OK);
+    // The other replica shares the trial bucket: its one token is spent.
+    let req = Request::get(format!("http://{}/x", b.proxy_addr()))
+        .header("x-api-key", "trial-key")
+        .body(full(""))
+        .unwrap();
+    let (res, _) = send(&client(), req).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["ratelimit-policy"], "\"trial\";q=1;w=1");
+    assert!(res.headers().contains_key("retry-after"));
+    // Default keys keep the route's rate.
+    for _ in 0..5 {
+        assert_eq!(call(&b, "plain").await, StatusCode::OK);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
