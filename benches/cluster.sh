@@ -65,7 +65,6 @@ for p in $UP $((BASE_PORT + 10)) $((BASE_PORT + 12)) $((BASE_PORT + 14)); do
 done
 sleep 1 # the cluster's prober sees Redis up
 
-to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
 run() { # name port round
   local out="$work/$1.$3.txt"
   redis-cli -p "$REDIS" config resetstat >/dev/null
@@ -88,8 +87,6 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-stat() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
 echo
 echo "$(nproc) cores, $ROUNDS rounds x ${DURATION}s, wrk -t1 -c$CONNS, one key, medians"
 echo

@@ -37,3 +37,12 @@ http {
 }
 CONF
 }
+
+# wrk's --latency figures in microseconds ("123.00us", "1.20ms", "2s").
+to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
+
+# The median of the numbers on stdin, one a line.
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# The median of column $2 of the rows of $work/results named $1.
+stat() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }

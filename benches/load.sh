@@ -66,8 +66,6 @@ for port in $UP $HA $SG; do
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
 done
 
-# wrk's --latency table in microseconds: "50%  123.00us" etc.
-to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
 run() { # name port round
   local out="$work/$1.$3.txt"
   wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$2/" > "$out"
@@ -84,8 +82,6 @@ for round in $(seq "$ROUNDS"); do
   run sluicegate $SG "$round"
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-stat() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
 echo
 echo "$(nproc) cores, $ROUNDS rounds x ${DURATION}s, wrk -t1 -c$CONNS, medians"
 echo

@@ -70,6 +70,14 @@ async fn until_up(proxy: &Running) {
     panic!("the cluster never came up");
 }
 
+/// A replica on `upstream` sharing `redis` (`extra` in its rate limit),
+/// once it sees Redis up.
+async fn replica(upstream: SocketAddr, redis: &RedisServer, extra: &str) -> Running {
+    let proxy = start(&cluster_config(upstream, &redis.url(), "cluster", extra)).await;
+    until_up(&proxy).await;
+    proxy
+}
+
 /// Sends one key's requests round robin over `proxies` for `window`:
 /// (admitted, what one shared bucket admits over the time actually taken).
 async fn hammer(proxies: &[Running], key: &str, window: Duration) -> (u64, f64) {
@@ -168,14 +176,7 @@ async fn redis_killed_falls_back_without_a_5xx_and_shares_again_when_back() {
         return;
     };
     let (up, _) = spawn_upstream().await;
-    let proxy = start(&cluster_config(
-        up.addr.unwrap(),
-        &redis.url(),
-        "cluster",
-        "",
-    ))
-    .await;
-    until_up(&proxy).await;
+    let proxy = replica(up.addr.unwrap(), &redis, "").await;
     assert_eq!(call(&proxy, "k").await, StatusCode::OK);
     redis.kill();
     // Decided by the local bucket meanwhile: never a 5xx, and limited.
@@ -251,14 +252,7 @@ async fn a_frozen_redis_is_decided_within_the_timeout() {
         return;
     };
     let (up, _) = spawn_upstream().await;
-    let proxy = start(&cluster_config(
-        up.addr.unwrap(),
-        &redis.url(),
-        "cluster",
-        "fallback = \"allow\"\n",
-    ))
-    .await;
-    until_up(&proxy).await;
+    let proxy = replica(up.addr.unwrap(), &redis, "fallback = \"allow\"\n").await;
     assert_eq!(call(&proxy, "k").await, StatusCode::OK);
     redis.pause();
     let started = Instant::now();
