@@ -10,3 +10,6 @@ if ! command -v promtool >/dev/null; then
 fi
 promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts_test.yml
+# Every dashboard expression and every metric the rules use, against a real
+# Prometheus scraping a running proxy.
+bash scripts/check-prometheus-live.sh

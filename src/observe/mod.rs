@@ -6,7 +6,9 @@
 //! gauges belong to admission, which knows when a slot is taken and freed.
 
 mod layer;
+mod process;
 mod stats;
 
 pub use layer::{Observe, ObserveFuture, ObserveLayer};
+pub use process::ProcessMetrics;
 pub use stats::{Outcome, RouteStats, RouteStatsSnapshot};

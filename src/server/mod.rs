@@ -30,7 +30,8 @@ use crate::proxy::Forward;
 use crate::spool;
 use crate::stack::{self, Opened, RouteInfo, RouteProxy};
 
-/// How often histogram samples are folded into buckets.
+/// How often histogram samples are folded into buckets and the process's
+/// resources read.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A running proxy. Dropping it does not stop it; call [`Running::shutdown`].
@@ -225,10 +226,12 @@ async fn drain(graceful: GracefulShutdown, timeout: Duration) -> DrainReport {
 }
 
 async fn upkeep(registry: Arc<Registry>) {
+    let process = crate::observe::ProcessMetrics::new(&registry);
     let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
     loop {
         tick.tick().await;
         registry.run_upkeep();
+        process.update();
     }
 }
 
