@@ -24,10 +24,7 @@ source benches/lib.sh
 ensure_packages nginx:nginx wrk:wrk redis-server:redis-server
 
 cargo build --release --quiet
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 
 nginx_upstream_conf "$work/nginx.conf" "$UP"
 nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)

@@ -35,10 +35,7 @@ ensure_packages nginx:nginx haproxy:haproxy h2load:nghttp2-client valgrind:valgr
 
 cargo build --release --quiet --bin sluicegate --example bare_proxy
 bin=${CARGO_TARGET_DIR:-target}/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 
 nginx_upstream_conf "$work/nginx.conf" "$UP"
 cat > "$work/haproxy.cfg" <<CONF

@@ -46,3 +46,11 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 
 # The median of column $2 of the rows of $work/results named $1.
 stat() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$work/results" | median; }
+
+# A scratch folder ($work) and the background processes to stop ($pids,
+# append with `pids+=($!)`), both cleaned up when the script exits.
+scratch() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}

@@ -35,10 +35,7 @@ if [ ! -x "$oha" ]; then
 fi
 
 cargo build --release --quiet
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 
 nginx_upstream_conf "$work/nginx.conf" "$UP"
 cat > "$work/haproxy.cfg" <<CONF

@@ -16,10 +16,7 @@ BASE_PORT=${BASE_PORT:-18380}
 SIM=$BASE_PORT PX=$((BASE_PORT + 1)) ADMIN=$((BASE_PORT + 2)) PROM=$((BASE_PORT + 3)) NO_REDIS=$((BASE_PORT + 4))
 cargo build --quiet --bin sluicegate
 bin=${CARGO_TARGET_DIR:-target}/debug/sluicegate
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 
 cat > "$work/sluicegate.toml" <<CONF
 [server]
