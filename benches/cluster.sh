@@ -67,9 +67,7 @@ run() { # name port round
   redis-cli -p "$REDIS" config resetstat >/dev/null
   wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'x-api-key: tenant-1' "http://127.0.0.1:$2/" > "$out"
   local rps p50 p99
-  rps=$(awk '/Requests\/sec/ {print $2}' "$out")
-  p50=$(awk '$1=="50%" {print $2}' "$out" | to_us)
-  p99=$(awk '$1=="99%" {print $2}' "$out" | to_us)
+  read -r rps p50 p99 <<< "$(wrk_figures "$out")"
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
   reqs=$(awk '/requests in/ {print $1}' "$out")
   calls=$(redis-cli -p "$REDIS" info commandstats | awk -F'[=,]' '/cmdstat_eval(sha)?:/ {n+=$2} END {print n+0}')

@@ -41,6 +41,13 @@ CONF
 # wrk's --latency figures in microseconds ("123.00us", "1.20ms", "2s").
 to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
 
+# "req/s p50 p99" (microseconds) of a `wrk --latency` report in $1.
+wrk_figures() {
+  echo "$(awk '/Requests\/sec/ {print $2}' "$1")" \
+    "$(awk '$1=="50%" {print $2}' "$1" | to_us)" \
+    "$(awk '$1=="99%" {print $2}' "$1" | to_us)"
+}
+
 # The median of the numbers on stdin, one a line.
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 

@@ -76,9 +76,7 @@ run() { # name port round
   local out="$work/$1.$3.txt"
   wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$2/" > "$out"
   local rps p50 p99
-  rps=$(awk '/Requests\/sec/ {print $2}' "$out")
-  p50=$(awk '$1=="50%" {print $2}' "$out" | to_us)
-  p99=$(awk '$1=="99%" {print $2}' "$out" | to_us)
+  read -r rps p50 p99 <<< "$(wrk_figures "$out")"
   echo "$1 $rps $p50 $p99" >> "$work/results"
   echo "round $3 $1: $rps req/s, p50 ${p50}us, p99 ${p99}us" >&2
 }

@@ -332,7 +332,7 @@ async fn the_lua_gcra_decides_as_governor_does() {
                 handle.block_on(cluster.gcra(&key, period, tau, 1, Some(now)))
             })
             .unwrap()
-            .allowed;
+            .allowed();
             prop_assert_eq!(
                 got,
                 want,

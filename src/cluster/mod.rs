@@ -63,12 +63,17 @@ impl std::error::Error for ClusterError {}
 pub struct GcraReply {
     /// Requests granted (of the `n` asked): 0 is a refusal.
     pub granted: u32,
-    /// Whether at least one was granted.
-    pub allowed: bool,
     /// Refused: how long until it would be allowed.
     pub wait: Duration,
     /// The theoretical arrival time after the decision, from now.
     pub tat_ahead: Duration,
+}
+
+impl GcraReply {
+    /// Whether at least one request was granted.
+    pub fn allowed(&self) -> bool {
+        self.granted > 0
+    }
 }
 
 /// What `/status` shows of the cluster.
@@ -248,7 +253,6 @@ impl Cluster {
                 let us = |v: i64| Duration::from_micros(v.max(0) as u64);
                 Ok(GcraReply {
                     granted: granted.clamp(0, i64::from(n)) as u32,
-                    allowed: granted > 0,
                     wait: us(wait),
                     tat_ahead: us(ahead),
                 })

@@ -24,7 +24,9 @@ const TICKS_PER_SECOND: u64 = 100;
 impl ProcessMetrics {
     /// Registers the collector's metrics.
     pub fn new(registry: &Registry) -> Self {
-        let start = crate::spool::store::now_ms() as f64 / 1000.0;
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let this = Self {
             cpu_seconds: registry.counter("process_cpu_seconds_total", &[]),
             resident_bytes: registry.gauge("process_resident_memory_bytes", &[]),

@@ -520,17 +520,9 @@ impl RateLimiter {
         self.shared.as_ref().map(|s| &s.cluster)
     }
 
-    /// [`RateLimiter::check`] on the shared bucket: one round trip to Redis
-    /// unless the batch decides, at most `timeout_ms`; the fallback decides
-    /// when Redis cannot.
-    pub async fn decide(&self, key: &ClientKey) -> Verdict {
-        match self.decide_here(key) {
-            Ok(verdict) => verdict,
-            Err(ask) => self.ask(key, ask).await,
-        }
-    }
-
-    /// Asks Redis what [`RateLimiter::decide_here`] could not decide.
+    /// Asks Redis what [`RateLimiter::decide_here`] could not decide: one
+    /// round trip, at most `timeout_ms`; the fallback decides when Redis
+    /// cannot.
     pub async fn ask(&self, key: &ClientKey, ask: Ask) -> Verdict {
         let Some(shared) = &self.shared else {
             return self.check(key);
@@ -542,7 +534,7 @@ impl RateLimiter {
             .cluster
             .key(&shared.route, &bucket.name, &key.shared_bytes());
         match shared.cluster.gcra(&redis_key, t, tau, n, None).await {
-            Ok(reply) if reply.allowed => {
+            Ok(reply) if reply.allowed() => {
                 let kept = reply.granted - 1;
                 if fetcher {
                     let held = match shared.sync {

@@ -277,6 +277,24 @@ pin_project! {
     }
 }
 
+impl<B: Body> SpoolBody<B> {
+    /// `f` of the body, wherever it is now (`gone` once the spool took it).
+    fn with_body<T>(&self, f: impl FnOnce(&B) -> T, gone: impl FnOnce() -> T) -> T {
+        match self {
+            SpoolBody::Live { body }
+            | SpoolBody::Waiting {
+                body: Some(body), ..
+            } => f(body),
+            SpoolBody::Waiting { slot, body: None } => {
+                match slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    Some(body) => f(body),
+                    None => gone(),
+                }
+            }
+        }
+    }
+}
+
 impl<B> Body for SpoolBody<B>
 where
     B: Body<Data = Bytes>,
@@ -305,26 +323,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            SpoolBody::Live { body } => body.is_end_stream(),
-            SpoolBody::Waiting { body: Some(b), .. } => b.is_end_stream(),
-            SpoolBody::Waiting { slot, body: None } => slot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_none_or(Body::is_end_stream),
-        }
+        self.with_body(B::is_end_stream, || true)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            SpoolBody::Live { body } => body.size_hint(),
-            SpoolBody::Waiting { body: Some(b), .. } => b.size_hint(),
-            SpoolBody::Waiting { slot, body: None } => slot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
-        }
+        self.with_body(B::size_hint, || SizeHint::with_exact(0))
     }
 }

@@ -141,6 +141,8 @@ enum Job {
         ack: oneshot::Sender<io::Result<()>>,
     },
     Done(Vec<u8>),
+    /// Segments with nothing left to deliver, to delete.
+    Delete(Vec<u64>),
 }
 
 /// One route's spool on disk.
@@ -264,7 +266,8 @@ impl Store {
             ids: Ids::new(),
             metrics,
         });
-        store.prune(&mut store.lock());
+        let delivered = store.prune(&mut store.lock());
+        delete_segments(&store.dir, &delivered);
         if recovered > 0 {
             tracing::info!(dir = %store.dir.display(), requests = recovered, "spool recovered");
         }
@@ -398,25 +401,30 @@ impl Store {
         if let Some(seg) = state.segments.get_mut(&p.segment) {
             seg.live -= 1;
         }
-        self.prune(&mut state);
+        let delivered = self.prune(&mut state);
         drop(state);
         self.send(Job::Done(Entry::Done(p.id.to_string()).encode()));
+        if !delivered.is_empty() {
+            // Deleted by the writer thread, not on the request's worker.
+            self.send(Job::Delete(delivered));
+        }
         self.refresh();
     }
 
-    /// Deletes the oldest segments while they hold nothing to deliver.
-    fn prune(&self, state: &mut State) {
+    /// Forgets the oldest segments while they hold nothing to deliver, and
+    /// returns them for deleting ([`delete_segments`]).
+    fn prune(&self, state: &mut State) -> Vec<u64> {
         let active = self.active.load(Ordering::SeqCst);
+        let mut delivered = Vec::new();
         while let Some((&no, seg)) = state.segments.first_key_value() {
             if no == active || seg.live > 0 {
                 break;
             }
             state.bytes -= seg.bytes;
             state.segments.remove(&no);
-            if let Err(e) = std::fs::remove_file(segment_path(&self.dir, no)) {
-                tracing::warn!(error = %e, segment = no, "spool: cannot delete a delivered segment");
-            }
+            delivered.push(no);
         }
+        delivered
     }
 
     /// Moves `next` (read as `request`) to the dead-letter store.
@@ -554,6 +562,14 @@ fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+fn delete_segments(dir: &Path, numbers: &[u64]) {
+    for &no in numbers {
+        if let Err(e) = std::fs::remove_file(segment_path(dir, no)) {
+            tracing::warn!(error = %e, segment = no, "spool: cannot delete a delivered segment");
+        }
+    }
 }
 
 fn open_segment(dir: &Path, no: u64) -> io::Result<File> {
@@ -723,6 +739,7 @@ impl Writer {
                         self.rotate(&store);
                     }
                 }
+                Ok(Job::Delete(numbers)) => delete_segments(&self.dir, &numbers),
                 Ok(Job::Put {
                     frame,
                     id,
@@ -899,10 +916,13 @@ impl Writer {
                     unsynced: false,
                     puts: 0,
                 };
-                let mut state = store.lock();
-                state.segments.insert(no, Segment::default());
-                store.active.store(no, Ordering::SeqCst);
-                store.prune(&mut state);
+                let delivered = {
+                    let mut state = store.lock();
+                    state.segments.insert(no, Segment::default());
+                    store.active.store(no, Ordering::SeqCst);
+                    store.prune(&mut state)
+                };
+                delete_segments(&self.dir, &delivered);
             }
             Err(e) => tracing::warn!(error = %e, "spool: cannot start a new segment"),
         }

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 /// What the upstream received.
@@ -58,21 +57,7 @@ pub fn reserve_addr() -> SocketAddr {
 pub async fn serve_keys(addr: SocketAddr) -> Arc<Keys> {
     let listener = TcpListener::bind(addr).await.unwrap();
     let keys = Arc::new(Keys::default());
-    let state = keys.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    super::serve_http1(listener, keys.clone(), handle);
     keys
 }
 

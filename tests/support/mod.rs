@@ -84,22 +84,36 @@ pub async fn spawn_upstream() -> (Arc<Upstream>, mpsc::UnboundedReceiver<()>) {
         held: tokio::sync::Mutex::new(Some(held_tx)),
         ..Default::default()
     });
-    let s = state.clone();
+    serve_http1(listener, state.clone(), handle);
+    (state, held_rx)
+}
+
+/// Serves HTTP/1.1 on `listener` until it fails, each request answered by
+/// `handle` with the shared `state`.
+pub fn serve_http1<S, F, B>(
+    listener: TcpListener,
+    state: Arc<S>,
+    handle: fn(Arc<S>, Request<Incoming>) -> F,
+) where
+    S: Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let s = s.clone();
+            let state = state.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
+                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
         }
     });
-    (state, held_rx)
 }
 
 async fn handle(
