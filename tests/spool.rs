@@ -97,8 +97,19 @@ async fn refusals_are_spooled_and_delivered_once_the_upstream_is_back() {
 
     let admin = proxy.admin_addr();
     assert_eq!(spool_status(admin).await["requests"], 21);
+    // /status carries each route's spool, which the dashboard draws.
+    let (_, status) = get(&format!("http://{admin}/status")).await;
+    assert_eq!(json(&status)["routes"][0]["spool"]["requests"], 21);
+    let (_, page) = get(&format!("http://{admin}/")).await;
+    assert!(String::from_utf8_lossy(&page).contains("r.spool"));
     let (_, metrics) = get(&format!("http://{admin}/metrics")).await;
     let metrics = String::from_utf8_lossy(&metrics);
+    let age = metric(
+        &metrics,
+        r#"sluicegate_spool_oldest_age_seconds{route="test"}"#,
+    );
+    assert!(age.is_some_and(|a| a >= 0.0), "{age:?}");
+    assert!(metric(&metrics, r#"sluicegate_spool_bytes{route="test"}"#).unwrap() > 0.0);
     assert_eq!(
         metric(&metrics, r#"sluicegate_spooled_total{route="test"}"#),
         Some(21.0)
