@@ -67,6 +67,7 @@ pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod jitter;
+pub mod latency;
 pub mod loadgen;
 pub mod metrics;
 pub mod normalize;

@@ -459,7 +459,7 @@ async fn slow_headers_are_cut_off_at_the_header_read_timeout() {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_admin_listener_serves_a_live_dashboard() {
     let (up, _) = spawn_upstream().await;
     let proxy = sluicegate::start(config(up.addr.unwrap(), "/", ""))
@@ -474,8 +474,10 @@ async fn the_admin_listener_serves_a_live_dashboard() {
             .starts_with("text/html")
     );
     let page = String::from_utf8_lossy(&body);
-    // It renders what /status says, polling it.
-    assert!(page.contains("fetch(\"/status\""), "{page}");
+    // It renders what /status and /status/history say, polling them, with the
+    // embedded chart library.
+    assert!(page.contains("getJson(\"/status\")"), "{page}");
+    assert!(page.contains("getJson(\"/status/history\")"), "{page}");
     for field in [
         "inflight",
         "queue_capacity",
@@ -485,5 +487,42 @@ async fn the_admin_listener_serves_a_live_dashboard() {
     ] {
         assert!(page.contains(field), "the page does not show {field}");
     }
+    for (asset, kind) in [
+        ("uplot-1.6.32.min.js", "text/javascript"),
+        ("uplot-1.6.32.min.css", "text/css"),
+    ] {
+        assert!(page.contains(&format!("/assets/{asset}")), "{asset}");
+        let (res, _) = get(&format!("http://{}/assets/{asset}", proxy.admin_addr())).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(
+            res.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(kind)
+        );
+    }
+    let (res, _) = get(&format!("http://{}/assets/nope.js", proxy.admin_addr())).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    // One sample a second: past the first (the baseline), a request, three
+    // seconds, and the history has it.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (res, _) = get(&format!("http://{}/x", proxy.proxy_addr())).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let (_, body) = get(&format!("http://{}/status/history", proxy.admin_addr())).await;
+    let doc = json(&body);
+    let route = &doc["routes"][0];
+    assert_eq!(route["name"], "test");
+    let t = route["t"].as_array().unwrap();
+    assert!(t.len() >= 2, "{doc}");
+    let offered: u64 = route["offered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(offered, 1, "{doc}");
+    assert_eq!(doc["capacity"], 300);
     proxy.shutdown().await;
 }

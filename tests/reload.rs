@@ -195,9 +195,19 @@ async fn off_loopback_status_and_reload_need_the_admin_token() {
         .await
         .unwrap();
     let admin = format!("127.0.0.1:{}", proxy.admin_addr().port());
-    let (res, body) = get(&format!("http://{admin}/status")).await;
-    assert_eq!(res.status(), StatusCode::FORBIDDEN);
-    assert!(String::from_utf8_lossy(&body).contains("admin_token"));
+    for path in ["/status", "/status/history"] {
+        let (res, body) = get(&format!("http://{admin}{path}")).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{path}");
+        assert!(String::from_utf8_lossy(&body).contains("admin_token"));
+    }
+    // The page and its chart library hold no data: open to all.
+    assert_eq!(
+        get(&format!("http://{admin}/")).await.0.status(),
+        StatusCode::OK
+    );
+    let (res, js) = get(&format!("http://{admin}/assets/uplot-1.6.32.min.js")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(String::from_utf8_lossy(&js).contains("uPlot"));
     // Scrapers and probes need no token.
     assert_eq!(
         get(&format!("http://{admin}/metrics")).await.0.status(),
@@ -214,19 +224,21 @@ async fn off_loopback_status_and_reload_need_the_admin_token() {
         .await
         .unwrap();
     let admin = format!("127.0.0.1:{}", proxy.admin_addr().port());
-    let status = |auth: Option<&str>| {
-        let mut req = Request::get(format!("http://{admin}/status"));
-        if let Some(a) = auth {
-            req = req.header("authorization", a);
-        }
-        req.body(full("")).unwrap()
-    };
-    let (res, _) = send(&client(), status(None)).await;
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(res.headers()["www-authenticate"], "Bearer");
-    let (res, _) = send(&client(), status(Some("Bearer wrong-token-wrong-token"))).await;
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    let (res, _) = send(&client(), status(Some("Bearer 0123456789abcdef-secret"))).await;
-    assert_eq!(res.status(), StatusCode::OK);
+    for path in ["/status", "/status/history"] {
+        let status = |auth: Option<&str>| {
+            let mut req = Request::get(format!("http://{admin}{path}"));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            req.body(full("")).unwrap()
+        };
+        let (res, _) = send(&client(), status(None)).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(res.headers()["www-authenticate"], "Bearer");
+        let (res, _) = send(&client(), status(Some("Bearer wrong-token-wrong-token"))).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let (res, _) = send(&client(), status(Some("Bearer 0123456789abcdef-secret"))).await;
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
     proxy.shutdown().await;
 }

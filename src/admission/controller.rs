@@ -17,6 +17,7 @@ use super::tenants::{ShedCounts, TenantCount, everyone};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::client_key::ClientKey;
 use crate::error::{Reason, Rejection};
+use crate::latency::LatencySketch;
 use crate::metrics::{
     CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_TIMEOUT, QUEUE_WAIT, Registry, SHED_TOTAL,
 };
@@ -110,6 +111,8 @@ pub struct AdmissionMetrics {
     shed_full: Counter,
     shed_timeout: Counter,
     queue_wait: Histogram,
+    /// The same waits, for the dashboard's per-second quantiles.
+    queue_wait_sketch: Arc<LatencySketch>,
 }
 
 impl AdmissionMetrics {
@@ -127,7 +130,13 @@ impl AdmissionMetrics {
             shed_full: shed(Reason::QueueFull),
             shed_timeout: shed(Reason::QueueTimeout),
             queue_wait: registry.histogram(QUEUE_WAIT, &r),
+            queue_wait_sketch: Arc::default(),
         }
+    }
+
+    fn record_wait(&self, waited: Duration) {
+        self.queue_wait.record(waited.as_secs_f64());
+        self.queue_wait_sketch.record(waited);
     }
 
     fn noop() -> Self {
@@ -139,6 +148,7 @@ impl AdmissionMetrics {
             shed_full: Counter::noop(),
             shed_timeout: Counter::noop(),
             queue_wait: Histogram::noop(),
+            queue_wait_sketch: Arc::default(),
         }
     }
 }
@@ -579,7 +589,7 @@ impl Controller {
         let tenant = place.leave();
         let reason = match outcome {
             Ok(Ok(Ok(permit))) => {
-                self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
+                self.metrics.record_wait(now.elapsed());
                 return Ok(permit);
             }
             // Shed by the queue (a standing queue's target, or room made).
@@ -588,7 +598,7 @@ impl Controller {
             Err(_) => match rx.try_recv() {
                 // A slot granted at the last moment is still taken.
                 Ok(Ok(permit)) => {
-                    self.metrics.queue_wait.record(now.elapsed().as_secs_f64());
+                    self.metrics.record_wait(now.elapsed());
                     return Ok(permit);
                 }
                 Ok(Err(reason)) => reason,
@@ -790,6 +800,11 @@ impl Controller {
             Locked::Unlimited(_) => usize::MAX,
             Locked::Limited(state) => state.limit,
         }
+    }
+
+    /// The queue waits of admitted requests recorded so far.
+    pub fn queue_wait(&self) -> &LatencySketch {
+        &self.metrics.queue_wait_sketch
     }
 
     /// The live state.

@@ -96,12 +96,16 @@ pub struct CircuitSnapshot {
     pub open_remaining_ms: Option<u64>,
     /// The admission limit while a slow start ramps it up.
     pub slow_start_limit: Option<usize>,
+    /// State changes since the route was built (the dashboard marks them).
+    pub transitions: u64,
 }
 
 struct State {
     breaker: Breaker,
     /// When the slow start began, while it runs.
     ramp_since: Option<Instant>,
+    /// State changes so far.
+    transitions: u64,
 }
 
 /// One route's circuit breaker, shared by its services.
@@ -130,6 +134,7 @@ impl Circuit {
             state: Mutex::new(State {
                 breaker: Breaker::new(settings, Instant::now()),
                 ramp_since: None,
+                transitions: 0,
             }),
             policy,
             metrics: CircuitMetrics::noop(),
@@ -210,6 +215,7 @@ impl Circuit {
     }
 
     fn on_transition(&self, state: &mut State, t: Transition, now: Instant) {
+        state.transitions += 1;
         self.metrics.state.set(t.to.gauge());
         if let Some((_, counter)) = self
             .metrics
@@ -261,6 +267,7 @@ impl Circuit {
                 .ramp_since
                 .and(self.slow_start.as_ref())
                 .map(|s| s.controller.limit()),
+            transitions: state.transitions,
         }
     }
 

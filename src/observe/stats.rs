@@ -9,6 +9,7 @@ use metrics::{Counter, Histogram};
 use serde::Serialize;
 
 use crate::error::Reason;
+use crate::latency::LatencySketch;
 use crate::metrics::{REQUESTS_TOTAL, Registry, UPSTREAM_DURATION};
 
 /// How a request ended, the `outcome` label of `sluicegate_requests_total`.
@@ -76,6 +77,8 @@ pub struct RouteStats {
     name: Arc<str>,
     outcomes: Box<[OutcomeCount]>,
     upstream_duration: Histogram,
+    /// The same durations, for the dashboard's per-second quantiles.
+    upstream_sketch: LatencySketch,
 }
 
 impl std::fmt::Debug for RouteStats {
@@ -101,6 +104,7 @@ impl RouteStats {
             name: name.into(),
             outcomes,
             upstream_duration: registry.histogram(UPSTREAM_DURATION, &[("route", name)]),
+            upstream_sketch: LatencySketch::default(),
         }
     }
 
@@ -125,6 +129,17 @@ impl RouteStats {
     /// of the request body).
     pub fn record_upstream_duration(&self, elapsed: std::time::Duration) {
         self.upstream_duration.record(elapsed.as_secs_f64());
+        self.upstream_sketch.record(elapsed);
+    }
+
+    /// The upstream durations recorded so far.
+    pub fn upstream_latency(&self) -> &LatencySketch {
+        &self.upstream_sketch
+    }
+
+    /// Every outcome's count so far, in [`Outcome::all`] order.
+    pub fn counts(&self) -> impl Iterator<Item = (Outcome, u64)> + '_ {
+        Outcome::all().map(|o| (o, self.count(o)))
     }
 
     /// The live state for `/status`.

@@ -1,5 +1,6 @@
-//! The admin listener: `/` (a live dashboard), `/metrics`, `/healthz`,
-//! `/readyz`, `/status`, `POST /reload`, and the spools' `/spool` endpoints
+//! The admin listener: `/` (a live dashboard, [`dashboard`]), `/metrics`,
+//! `/healthz`, `/readyz`, `/status`, `/status/history` (the last minutes,
+//! [`super::history`]), `POST /reload`, and the spools' `/spool` endpoints
 //! ([`spool`]).
 //!
 //! It runs on its own address (loopback by default) so that scraping and probing
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+mod dashboard;
 mod spool;
 
 use super::Shared;
@@ -118,6 +120,7 @@ impl AdminState {
 pub(crate) fn router(state: Arc<AdminState>) -> Router {
     let guarded = Router::new()
         .route("/status", get(status))
+        .route("/status/history", get(history))
         .route("/reload", post(reload))
         .route("/spool", get(spool::summary))
         .route("/spool/dead", get(spool::dead_letters))
@@ -125,24 +128,13 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/spool/dead/{id}/replay", post(spool::resurrect))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
-        .route("/", get(dashboard))
+        .route("/", get(dashboard::page))
+        .route("/assets/{name}", get(dashboard::asset))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(guarded)
         .with_state(state)
-}
-
-/// A page that polls `/status` every second. It holds no data itself, so it is
-/// served without the token; its requests to `/status` carry one when needed.
-async fn dashboard() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        include_str!("dashboard.html"),
-    )
 }
 
 async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
@@ -323,6 +315,11 @@ impl RouteStatus {
             spool: p.spool.as_ref().map(|s| s.store().snapshot()),
         }
     }
+}
+
+/// The routes' last minutes, one sample a second ([`super::history`]).
+async fn history(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    Json(state.shared.history.document())
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Json<StatusDocument> {

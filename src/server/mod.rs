@@ -4,6 +4,7 @@
 pub mod admin;
 mod client_io;
 mod framing;
+mod history;
 mod listener;
 mod reload;
 
@@ -56,6 +57,8 @@ pub(crate) struct Shared {
     reloader: Reloader,
     /// The cluster's Redis, with `[cluster]`.
     cluster: Option<Arc<Cluster>>,
+    /// The routes' last minutes, for the dashboard.
+    history: history::History,
 }
 
 /// How the drain went.
@@ -116,6 +119,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             cluster.clone(),
         ),
         cluster,
+        history: history::History::default(),
     });
     let admin_state = AdminState::new(
         shared.clone(),
@@ -145,6 +149,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             admin_stop_rx,
         ));
         let upkeep = tokio::spawn(upkeep(registry));
+        let sampler = tokio::spawn(sample_history(serving.clone()));
         let graceful = GracefulShutdown::new();
         listener::accept_loop(
             listener,
@@ -158,6 +163,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         serving.draining.store(true, Ordering::SeqCst);
         let report = drain(graceful, Duration::from_millis(server.drain_timeout_ms)).await;
         upkeep.abort();
+        sampler.abort();
         admin_stop.send_replace(true);
         // Admin requests are short; do not let a stuck scraper hold the exit.
         let admin_abort = admin.abort_handle();
@@ -232,6 +238,21 @@ async fn upkeep(registry: Arc<Registry>) {
         tick.tick().await;
         registry.run_upkeep();
         process.update();
+    }
+}
+
+/// Samples every route into the history each [`history::SAMPLE_INTERVAL`].
+async fn sample_history(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(history::SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        shared
+            .history
+            .sample(&shared.proxy.generation().routes, unix);
     }
 }
 
