@@ -7,8 +7,14 @@
 # The image's config is the repository's config.toml with both listeners on
 # 0.0.0.0, so that traffic and probes from outside the container reach them; the
 # upstream stays http://127.0.0.1:9000, which is the application in a sidecar's pod.
+#
+# The base images are build arguments so that a machine without a registry can
+# build from local stand-ins (scripts/check-docker.sh does, in CI).
 
-FROM rust:1-bookworm AS build
+ARG BUILDER_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -20,7 +26,7 @@ RUN cargo build --release --locked --bin sluicegate \
         config.toml > config.container.toml \
  && ./target/release/sluicegate check-config config.container.toml
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sluicegate
 COPY --from=build /src/target/release/sluicegate /usr/local/bin/sluicegate
 COPY --from=build /src/config.container.toml /etc/sluicegate/config.toml
