@@ -17,15 +17,38 @@ use tokio::net::TcpStream;
 pub struct ClientAddr {
     addr: SocketAddr,
     ip: HeaderValue,
+    tls: bool,
 }
 
 impl ClientAddr {
-    /// The client at `addr`.
+    /// The client at `addr`, over plain TCP.
     pub fn new(addr: SocketAddr) -> Self {
         // Formatted once per connection, not once per request.
         let ip = HeaderValue::try_from(addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { addr, ip }
+        Self {
+            addr,
+            ip,
+            tls: false,
+        }
+    }
+
+    /// The client at `addr`, over TLS.
+    pub fn tls(addr: SocketAddr) -> Self {
+        Self {
+            tls: true,
+            ..Self::new(addr)
+        }
+    }
+
+    /// Whether the client connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The scheme the client used, as `X-Forwarded-Proto` says it.
+    pub fn proto_header(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.tls { "https" } else { "http" })
     }
 
     /// The connection's peer address.

@@ -55,6 +55,12 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::load(&file) {
             Ok(config) => {
+                // The certificate files too: a start would read them.
+                let tls = config.server.tls.as_ref();
+                if let Some(Err(e)) = tls.map(sluicegate::server::tls::server_config) {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
                 println!(
                     "{}: configuration OK ({} route(s))",
                     file.display(),

@@ -51,6 +51,10 @@ pub const FRAMING_REFUSED_TOTAL: &str = "sluicegate_framing_refused_total";
 /// `sluicegate_send_timeout_total`: client connections closed because the
 /// client took no response bytes for `send_timeout_ms`.
 pub const SEND_TIMEOUT_TOTAL: &str = "sluicegate_send_timeout_total";
+/// `sluicegate_tls_handshake_failures_total`: client connections to a TLS
+/// listener that closed before a handshake completed (a bad or missing
+/// client certificate, no common protocol, plain HTTP, a timeout).
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "sluicegate_tls_handshake_failures_total";
 /// `sluicegate_cluster_up`: 1 while Redis answers (`[cluster]`), else 0.
 pub const CLUSTER_UP: &str = "sluicegate_cluster_up";
 /// `sluicegate_cluster_fallback_total{route}`: rate-limit decisions made by

@@ -120,7 +120,7 @@ proptest! {
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .collect();
         let mut request = map.clone();
-        let client = HeaderValue::try_from(IpAddr::from(ip).to_string()).unwrap();
+        let client = sluicegate::conn::ClientAddr::new(std::net::SocketAddr::new(IpAddr::from(ip), 4000));
         prepare_request(&mut request, Version::HTTP_11, &Uri::from_static("/"), Some(&client));
         let mut response = map;
         prepare_response(&mut response, Version::HTTP_11);

@@ -11,6 +11,7 @@ mod circuit;
 mod error;
 mod rate_limit;
 mod spool;
+mod tls;
 mod values;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
 pub use rate_limit::{QuotaFallback, RateLimitConfig, ScopeConfig, TierConfig};
 pub use spool::{Fsync, SpoolConfig};
+pub use tls::ServerTlsConfig;
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
 /// The configuration that sluicegate runs with when no `--config` is given.
@@ -143,6 +145,8 @@ pub struct ServerConfig {
     /// Bearer token for `/status` and `/reload` when the admin listener is not
     /// on loopback.
     pub admin_token: Option<String>,
+    /// `[server.tls]`: TLS on the proxy listener.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +163,7 @@ impl Default for ServerConfig {
             max_header_bytes: Limit::new(64 * 1024),
             http2_max_concurrent_streams: Limit::new(128),
             admin_token: None,
+            tls: None,
         }
     }
 }

@@ -192,10 +192,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let client = parts
-            .extensions
-            .get::<ClientAddr>()
-            .map(ClientAddr::ip_header);
+        let client = parts.extensions.get::<ClientAddr>();
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client);
         parts.uri = origin_form(std::mem::take(&mut parts.uri));
         if !parts.headers.contains_key(HOST) {

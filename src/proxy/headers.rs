@@ -4,6 +4,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
+use crate::conn::ClientAddr;
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
 /// the non-standard ones proxies have always dropped.
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -83,15 +85,14 @@ fn remove_connection_named(headers: &mut HeaderMap) {
 
 /// Rewrites a request's headers for the upstream hop.
 ///
-/// `client` is the address of the peer that sent the request, as a header
-/// value (made once per connection: see [`crate::conn::ClientAddr`]); the host
-/// is the authority the client asked for (the `Host` header, or the HTTP/2
-/// `:authority`).
+/// `client` is the peer that sent the request (its address formatted once
+/// per connection, and whether it came over TLS); the host is the authority
+/// the client asked for (the `Host` header, or the HTTP/2 `:authority`).
 pub fn prepare_request(
     headers: &mut HeaderMap,
     version: Version,
     uri: &Uri,
-    client: Option<&HeaderValue>,
+    client: Option<&ClientAddr>,
 ) {
     remove_hop_by_hop(headers);
     let host = match headers.get(header::HOST) {
@@ -108,10 +109,11 @@ pub fn prepare_request(
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    if let Some(ip) = client {
-        append_list(headers, &X_FORWARDED_FOR, ip);
+    if let Some(client) = client {
+        append_list(headers, &X_FORWARDED_FOR, client.ip_header());
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = client.map_or(HeaderValue::from_static("http"), ClientAddr::proto_header);
+    headers.insert(X_FORWARDED_PROTO.clone(), proto);
     append_list(headers, &header::VIA, &via_entry(version));
 }
 
@@ -202,13 +204,18 @@ mod tests {
             ("via", "1.1 edge"),
         ]);
         let uri: Uri = "/ingest".parse().unwrap();
-        let client = HeaderValue::from_static("192.0.2.1");
+        let client = ClientAddr::new("192.0.2.1:5000".parse().unwrap());
         prepare_request(&mut h, Version::HTTP_11, &uri, Some(&client));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.1, 192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["host"], "api.example.com");
         assert_eq!(h["via"], "1.1 edge, 1.1 sluicegate");
+        // Over TLS the client used https, whatever it claimed.
+        let mut h = map(&[("x-forwarded-proto", "http")]);
+        let tls = ClientAddr::tls("192.0.2.1:5000".parse().unwrap());
+        prepare_request(&mut h, Version::HTTP_2, &uri, Some(&tls));
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]

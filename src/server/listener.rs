@@ -1,5 +1,6 @@
 //! The proxy listener: accept loop with a connection cap, HTTP/1.1 and h2c on
-//! one port, header-read timeout, graceful drain.
+//! one port (or HTTP/1.1 and h2 over TLS, chosen by ALPN, with
+//! `[server.tls]`), header-read timeout, graceful drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +11,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 use super::client_io::ClientIo;
 use super::framing::FramingGuard;
+use super::tls::TlsListener;
+use crate::body::BoxError;
 use crate::config::ServerConfig;
 use crate::conn::{ClientAddr, PeerClosed};
 use crate::error::Side;
@@ -52,11 +56,14 @@ pub(super) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor
 }
 
 /// What the listener counts.
+#[derive(Clone)]
 pub(super) struct Counters {
     /// Heads the framing guard refused.
     pub(super) framing_refused: metrics::Counter,
     /// Connections closed past `send_timeout_ms`.
     pub(super) send_timeouts: metrics::Counter,
+    /// TLS handshakes that failed or timed out.
+    pub(super) tls_failed: metrics::Counter,
 }
 
 /// Accepts connections until `stop` turns true, serving each with `service`.
@@ -71,8 +78,10 @@ pub(super) async fn accept_loop(
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
     counters: Counters,
+    tls: Option<&Arc<TlsListener>>,
 ) {
     let builder = Arc::new(http_builder(server));
+    let tls = tls.cloned();
     let max_head = server.max_header_bytes.as_usize();
     let slots = Arc::new(Semaphore::new(
         server.max_connections.as_usize().min(MAX_PERMITS),
@@ -102,11 +111,84 @@ pub(super) async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set TCP_NODELAY failed");
         }
+        let conn = Connection {
+            builder: builder.clone(),
+            service: service.clone(),
+            max_head,
+            body_timeout: server.body_read_timeout_ms.get(),
+            counters: counters.clone(),
+        };
         let stream = Arc::new(stream);
+        let io = ClientIo::new(
+            stream.clone(),
+            server.send_timeout_ms.get(),
+            counters.send_timeouts.clone(),
+        );
+        match &tls {
+            None => {
+                let served = graceful.watch(conn.serve(io, stream, ClientAddr::new(peer)));
+                tokio::spawn(async move {
+                    if let Err(e) = served.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            Some(tls) => {
+                // The handshake runs in the connection's own task, bounded by
+                // the head timeout as nginx bounds it by client_header_timeout.
+                let acceptor = tls.acceptor();
+                let watcher = graceful.watcher();
+                let handshake_timeout = server.header_read_timeout_ms.get();
+                tokio::spawn(async move {
+                    let accepted = handshake(acceptor, io, &stream, handshake_timeout).await;
+                    let served = match accepted {
+                        Ok(tls_io) => conn.serve(tls_io, stream, ClientAddr::tls(peer)),
+                        Err(why) => {
+                            conn.counters.tls_failed.increment(1);
+                            tracing::debug!(%peer, error = %why, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    if let Err(e) = watcher.watch(served).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+/// What serving one client connection needs, whatever its transport.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: ProxyService,
+    max_head: usize,
+    body_timeout: Duration,
+    counters: Counters,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` (plain or TLS) for `client`;
+    /// `stream` is the socket underneath, watched for the peer closing.
+    fn serve<I>(
+        self,
+        io: I,
+        stream: Arc<TcpStream>,
+        client: ClientAddr,
+    ) -> impl hyper_util::server::graceful::GracefulConnection<Error = BoxError> + 'static
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let peer_closed = PeerClosed::new(Arc::downgrade(&stream));
-        let client = ClientAddr::new(peer);
-        let service = service.clone();
-        let body_timeout = server.body_read_timeout_ms.get();
+        let Self {
+            builder,
+            service,
+            max_head,
+            body_timeout,
+            counters,
+        } = self;
         let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ext = req.extensions_mut();
             ext.insert(client.clone());
@@ -118,30 +200,46 @@ pub(super) async fn accept_loop(
             let req = req.map(|body| ReadTimeout::new(body, body_timeout, Side::Client));
             service.clone().oneshot(req)
         });
-        let io = ClientIo::new(
-            stream,
-            server.send_timeout_ms.get(),
-            counters.send_timeouts.clone(),
-        );
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(FramingGuard::new(
-                    io,
-                    max_head,
-                    counters.framing_refused.clone(),
-                )),
-                hyper_service,
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        let guarded = FramingGuard::new(io, max_head, counters.framing_refused.clone());
+        builder
+            .serve_connection(TokioIo::new(guarded), hyper_service)
+            .into_owned()
     }
 }
+
+/// The TLS handshake on `io`, within `timeout`. A client that speaks plain
+/// HTTP to the TLS port gets a `400` saying so (as nginx answers), not a
+/// silent close.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    io: ClientIo,
+    stream: &TcpStream,
+    timeout: Duration,
+) -> Result<tokio_rustls::server::TlsStream<ClientIo>, String> {
+    let accept = async {
+        let mut first = [0u8; 1];
+        let n = stream.peek(&mut first).await.map_err(|e| e.to_string())?;
+        if n == 1 && first[0].is_ascii_uppercase() {
+            let mut io = io;
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                 connection: close\r\ncontent-length: {}\r\n\r\n{PLAIN_HTTP_TO_TLS}",
+                PLAIN_HTTP_TO_TLS.len()
+            );
+            let _ = io.write_all(answer.as_bytes()).await;
+            let _ = io.shutdown().await;
+            return Err("a plain HTTP request on the TLS port".to_string());
+        }
+        acceptor.accept(io).await.map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, accept)
+        .await
+        .map_err(|_| format!("no handshake within {timeout:?}"))?
+}
+
+/// The body of the answer to plain HTTP on the TLS port.
+const PLAIN_HTTP_TO_TLS: &str =
+    r#"{"error":"bad_request","message":"this port speaks TLS: use https:// (HTTP over TLS)"}"#;
 
 /// Resolves once `stop` is true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {

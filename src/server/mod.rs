@@ -7,6 +7,7 @@ mod framing;
 mod history;
 mod listener;
 mod reload;
+pub mod tls;
 
 pub use reload::{ReloadError, Reloader, RouteChanges, rebuild};
 
@@ -26,7 +27,9 @@ use admin::AdminState;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::metrics::{FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL};
+use crate::metrics::{
+    FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL, TLS_HANDSHAKE_FAILURES_TOTAL,
+};
 use crate::proxy::Forward;
 use crate::spool;
 use crate::stack::{self, Opened, RouteInfo, RouteProxy};
@@ -102,6 +105,14 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             limiter.spawn_pruner(RATE_LIMIT_PRUNE_INTERVAL);
         }
     }
+    let tls = match &config.server.tls {
+        Some(files) => {
+            Some(Arc::new(tls::TlsListener::new(files).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidInput, e)
+            })?))
+        }
+        None => None,
+    };
     let listener = bind(config.server.listen, "server.listen").await?;
     let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
     let proxy_addr = listener.local_addr()?;
@@ -117,6 +128,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             built.proxy,
             spools.clone(),
             cluster.clone(),
+            tls.clone(),
         ),
         cluster,
         history: history::History::default(),
@@ -128,6 +140,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
     let counters = listener::Counters {
         framing_refused: registry.counter(FRAMING_REFUSED_TOTAL, &[]),
         send_timeouts: registry.counter(SEND_TIMEOUT_TOTAL, &[]),
+        tls_failed: registry.counter(TLS_HANDSHAKE_FAILURES_TOTAL, &[]),
     };
     let (stop, stop_rx) = watch::channel(false);
     for spool in spools.iter() {
@@ -158,6 +171,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
             &graceful,
             stop_rx,
             counters,
+            tls.as_ref(),
         )
         .await;
         serving.draining.store(true, Ordering::SeqCst);

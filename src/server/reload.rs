@@ -6,7 +6,10 @@
 //! and changed routes start fresh. An invalid file is refused with the same
 //! message `check-config` prints, and the running config keeps serving.
 //! `[server]` settings (listeners, timeouts, limits of the listener) need a
-//! restart: a reload that changes them is refused, naming the key.
+//! restart: a reload that changes them is refused, naming the key. The one
+//! exception is `[server.tls]`'s files: every reload reads them again, so a
+//! rotated certificate serves new connections (turning TLS on or off needs a
+//! restart).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,8 @@ use crate::proxy::Forward;
 use crate::route::{Generation, RouteTable};
 use crate::spool::Spools;
 use crate::stack::{self, Opened, RouteProxy, Routes};
+
+use super::tls::{self, TlsError, TlsListener};
 
 /// Why a reload was refused; the running config stays in every case.
 #[derive(Debug)]
@@ -36,6 +41,13 @@ pub enum ReloadError {
         path: PathBuf,
         /// The route.
         route: String,
+    },
+    /// `[server.tls]`'s files cannot be read or do not make a certificate.
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// The key, the file and the problem.
+        error: TlsError,
     },
     /// A `[server]` key changed, which needs a restart.
     NeedsRestart {
@@ -59,6 +71,11 @@ impl std::fmt::Display for ReloadError {
                  restart (the running config stays)",
                 path.display()
             ),
+            Self::Tls { path, error } => write!(
+                f,
+                "{}: {error} (the running config and certificate stay)",
+                path.display()
+            ),
             Self::NeedsRestart { path, key } => write!(
                 f,
                 "{}: server.{key}: cannot change without a restart (the running config stays)",
@@ -79,6 +96,8 @@ pub struct Reloader {
     /// What the process opened once; reloads keep it.
     spools: Spools,
     cluster: Option<Arc<Cluster>>,
+    /// The listener's TLS, with `[server.tls]`.
+    tls: Option<Arc<TlsListener>>,
     ok: Counter,
     refused: Counter,
 }
@@ -99,6 +118,7 @@ impl Reloader {
         proxy: RouteProxy<Forward>,
         spools: Spools,
         cluster: Option<Arc<Cluster>>,
+        tls: Option<Arc<TlsListener>>,
     ) -> Self {
         let result = |r: &str| registry.counter(CONFIG_RELOAD_TOTAL, &[("result", r)]);
         Self {
@@ -110,6 +130,7 @@ impl Reloader {
             proxy,
             spools,
             cluster,
+            tls,
         }
     }
 
@@ -173,6 +194,17 @@ impl Reloader {
                 route,
             });
         }
+        // Built before anything is swapped: a broken certificate refuses the
+        // whole reload.
+        let tls = match (&self.tls, &new.server.tls) {
+            (Some(_), Some(files)) => {
+                Some(tls::server_config(files).map_err(|error| ReloadError::Tls {
+                    path: path.clone(),
+                    error,
+                })?)
+            }
+            _ => None, // server_change refused turning TLS on or off
+        };
         let opened = Opened {
             spools: &self.spools,
             cluster: self.cluster.as_ref(),
@@ -194,6 +226,9 @@ impl Reloader {
             }
         }
         self.proxy.swap(generation);
+        if let (Some(listener), Some(config)) = (&self.tls, tls) {
+            listener.install(config);
+        }
         *current = new;
         Ok(changes)
     }
@@ -307,6 +342,9 @@ fn server_change(old: &ServerConfig, new: &ServerConfig) -> Option<&'static str>
         http2_max_concurrent_streams,
         admin_token,
     );
+    if old.tls.is_some() != new.tls.is_some() {
+        return Some("tls");
+    }
     None
 }
 
@@ -334,6 +372,7 @@ mod tests {
             registry,
             built.proxy,
             Spools::default(),
+            None,
             None,
         ))
     }
@@ -421,6 +460,7 @@ mod tests {
             registry,
             built.proxy,
             Spools::default(),
+            None,
             None,
         );
         let err = embedded.reload_with(|_| Ok(config(2000))).unwrap_err();

@@ -4,6 +4,7 @@
 pub mod keys;
 pub mod process;
 pub mod redis;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

@@ -1,0 +1,149 @@
+//! TLS on the proxy listener (`[server.tls]`): rustls with the ring provider,
+//! TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`, optional client certificates.
+//!
+//! [`TlsListener`] holds the rustls configuration in force behind an
+//! `ArcSwap`: each handshake takes the current one, and a reload swaps in a
+//! new one built from the files as they are now, so that a rotated
+//! certificate serves new connections without a restart while open ones
+//! keep theirs. A reload that cannot build it changes nothing.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ServerTlsConfig;
+
+/// Why a TLS configuration could not be built: the key (`server.tls.*`), the
+/// file, and the problem.
+#[derive(Debug)]
+pub struct TlsError {
+    key: &'static str,
+    path: String,
+    message: String,
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = \"{}\": {}", self.key, self.path, self.message)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+fn error(key: &'static str, path: &Path, message: impl fmt::Display) -> TlsError {
+    TlsError {
+        key,
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// The provider every TLS configuration of the process uses.
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain (the leaf first).
+pub(crate) fn read_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| error(key, path, pem_problem(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(key, path, pem_problem(e)))?;
+    if certs.is_empty() {
+        return Err(error(key, path, "no CERTIFICATE in the file"));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key.
+pub(crate) fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| error(key, path, pem_problem(e)))
+}
+
+/// Reads PEM CA certificates into a root store.
+pub(crate) fn read_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(key, path)? {
+        roots
+            .add(cert)
+            .map_err(|e| error(key, path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+fn pem_problem(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => format!("cannot read: {e}"),
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind".into(),
+        other => format!("not valid PEM: {other:?}"),
+    }
+}
+
+/// Builds the listener's rustls configuration from the files `config` names.
+pub fn server_config(config: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = read_certs("server.tls.cert_file", &config.cert_file)?;
+    let key = read_key("server.tls.key_file", &config.key_file)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| error("server.tls", &config.cert_file, e))?;
+    let builder = match &config.client_ca_file {
+        Some(path) => {
+            let roots = read_roots("server.tls.client_ca_file", path)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| error("server.tls.client_ca_file", path, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_single_cert(certs, key).map_err(|e| {
+        error(
+            "server.tls.key_file",
+            &config.key_file,
+            format!("does not match the certificate or is unusable: {e}"),
+        )
+    })?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// The listener's TLS configuration in force, swapped by reloads.
+pub struct TlsListener {
+    current: ArcSwap<rustls::ServerConfig>,
+}
+
+impl fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsListener").finish_non_exhaustive()
+    }
+}
+
+impl TlsListener {
+    /// Reads the files `config` names.
+    pub fn new(config: &ServerTlsConfig) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: ArcSwap::new(server_config(config)?),
+        })
+    }
+
+    /// Serves new connections with `config` (built by [`server_config`]
+    /// when a reload reads the files again).
+    pub fn install(&self, config: Arc<rustls::ServerConfig>) {
+        self.current.store(config);
+    }
+
+    /// An acceptor with the configuration in force.
+    pub(super) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+}
