@@ -99,7 +99,7 @@ impl Reason {
     }
 
     /// A short human text for the body's `error` field.
-    const fn message(self) -> &'static str {
+    pub const fn message(self) -> &'static str {
         match self {
             Reason::QueueFull => "overloaded: admission queue full",
             Reason::QueueTimeout => "overloaded: waited too long in the admission queue",

@@ -66,6 +66,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod error;
+pub mod grpc;
 pub mod jitter;
 pub mod latency;
 pub mod loadgen;

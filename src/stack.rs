@@ -52,6 +52,7 @@ use crate::circuit::{
 use crate::cluster::Cluster;
 use crate::config::{Config, RouteConfig, normalize_host};
 use crate::error::StaticAnswer;
+use crate::grpc::{GrpcAnswers, GrpcAnswersLayer};
 use crate::metrics::CLUSTER_FALLBACK_TOTAL;
 use crate::metrics::{INVALID_TOTAL, Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
@@ -66,7 +67,8 @@ use crate::spool::{Spool, SpoolLayer, SpoolSettings, Spooling, Spools, replay};
 use crate::upstream_timeout::{UpstreamTimeout, UpstreamTimeoutLayer};
 
 /// One route's stack around an innermost service `S`.
-pub type RouteStack<S> = Observe<Rescue<BodyLimit<Either<RateLimit<Spooled<S>>, Spooled<S>>>>>;
+pub type RouteStack<S> =
+    Observe<GrpcAnswers<Rescue<BodyLimit<Either<RateLimit<Spooled<S>>, Spooled<S>>>>>>;
 
 /// A route's stack from the spool down (a pass-through spool on routes
 /// without one).
@@ -100,6 +102,7 @@ pub fn route_stack<S>(
 ) -> RouteStack<S> {
     ServiceBuilder::new()
         .layer(ObserveLayer::new(stats.clone()))
+        .layer(GrpcAnswersLayer)
         .layer(RescueLayer::new(stats.name().clone()))
         .layer(BodyLimitLayer::new(route.max_body_bytes.get()))
         .option_layer(

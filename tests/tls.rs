@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use sluicegate::config::Config;
-use support::tls::{Ca, connect, connector, get_over, scratch_dir, write};
+use support::process::scratch_dir;
+use support::tls::{Ca, connect, connector, get_over, write};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -100,7 +100,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let spool = match &self.spool {
-            Some(spool) if spool.takes(req.method()) => spool.clone(),
+            // A gRPC call needs its response message, which a 202 cannot
+            // carry: it keeps its refusal (as a gRPC status).
+            Some(spool) if spool.takes(req.method()) && !crate::grpc::is_grpc(&req) => {
+                spool.clone()
+            }
             _ => {
                 return ResponseFuture::Plain {
                     inner: self.inner.call(req.map(|body| SpoolBody::Live { body })),

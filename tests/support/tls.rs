@@ -2,7 +2,7 @@
 //! HTTP/1.1 or h2 over them.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -59,17 +59,6 @@ impl Ca {
             der: cert.der().clone(),
         }
     }
-}
-
-/// A directory under the target dir, fresh for each test.
-pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        super::process::rand_name()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Writes `leaf` as `cert.pem` and `key.pem` in `dir`, and `ca` as `ca.pem`.

@@ -1,0 +1,17 @@
+//! gRPC spoken natively: a gRPC client refused by the proxy gets a gRPC
+//! status it understands, with the pushback its retry policy obeys, instead of
+//! an HTTP 503 with a JSON body (which gRPC libraries turn into an opaque
+//! UNAVAILABLE).
+//!
+//! [`GrpcAnswersLayer`] sits just above the rescue layer: a request with
+//! `content-type: application/grpc*` whose answer the proxy made itself (the
+//! [`Rejected`](crate::error::Rejected) extension) is rewritten into a
+//! trailers-only response: HTTP 200, `grpc-status`, `grpc-message` and, when
+//! the refusal has a `Retry-After`, `grpc-retry-pushback-ms` from the same
+//! computation ([`status`] maps reasons to codes).
+
+mod answer;
+pub mod status;
+
+pub use answer::{GrpcAnswers, GrpcAnswersLayer, is_grpc};
+pub use status::Code;
