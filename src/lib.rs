@@ -83,6 +83,7 @@ pub mod sim;
 pub mod spool;
 pub mod stack;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream_timeout;
 
 pub use config::Config;

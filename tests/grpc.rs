@@ -4,8 +4,13 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
+
 use http::{Request, StatusCode};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use support::grpc::{Answer, spans, spawn_receiver};
 use support::*;
+use tonic::Code;
 
 fn grpc_call(url: String) -> Request<TestBody> {
     Request::post(url)
@@ -98,4 +103,70 @@ async fn an_unreachable_upstream_is_unavailable() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+fn http2_route(extra: &str) -> String {
+    format!("upstream_protocol = \"http2\"\n{extra}")
+}
+
+async fn otlp_client(
+    proxy: &sluicegate::server::Running,
+) -> TraceServiceClient<tonic::transport::Channel> {
+    let url = format!("http://{}", proxy.proxy_addr());
+    TraceServiceClient::connect(url).await.unwrap()
+}
+
+#[tokio::test]
+async fn grpc_calls_pass_over_h2c_with_trailers_intact() {
+    let (receiver, addr) = spawn_receiver().await;
+    let proxy = sluicegate::start(config(addr, "/", &http2_route("")))
+        .await
+        .unwrap();
+    let mut client = otlp_client(&proxy).await;
+    let res = client.export(spans(5)).await.unwrap();
+    assert_eq!(res.metadata().get("x-receiver").unwrap(), "stub");
+    assert_eq!(receiver.spans.load(Ordering::SeqCst), 5);
+    // An error status travels in the trailers: it must arrive as sent.
+    receiver.answer(Answer::InvalidArgument);
+    let status = client.export(spans(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "bad spans");
+    // Many calls at once share few connections.
+    receiver.answer(Answer::Ok);
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.export(spans(2)).await.map(|_| ()) })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(receiver.spans.load(Ordering::SeqCst), 105);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_reach_a_tonic_client_as_grpc_statuses_with_pushback() {
+    let (receiver, addr) = spawn_receiver().await;
+    let limit = "[route.rate_limit]\nkey = \"ip\"\nper_second = 1\nburst = 1\n";
+    let proxy = sluicegate::start(config(addr, "/", &http2_route(limit)))
+        .await
+        .unwrap();
+    let mut client = otlp_client(&proxy).await;
+    client.export(spans(1)).await.unwrap();
+    let status = client.export(spans(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let pushback: u64 = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("pushback")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1000..=60_000).contains(&pushback), "{pushback}");
+    assert!(status.message().contains("rate_limited"), "{status:?}");
+    assert_eq!(receiver.calls.load(Ordering::SeqCst), 1);
+    proxy.shutdown().await;
 }

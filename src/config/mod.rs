@@ -21,14 +21,14 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER, Discipline, PriorityRule};
-use crate::proxy::ForwardSettings;
+use crate::proxy::{ForwardSettings, UpstreamClientTls, UpstreamProtocol};
 
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
 pub use circuit::{CircuitConfig, FallbackConfig};
 pub use error::ConfigError;
 pub use rate_limit::{QuotaFallback, RateLimitConfig, ScopeConfig, TierConfig};
 pub use spool::{Fsync, SpoolConfig};
-pub use tls::ServerTlsConfig;
+pub use tls::{ServerTlsConfig, UpstreamTlsConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
 
 /// The configuration that sluicegate runs with when no `--config` is given.
@@ -213,6 +213,16 @@ pub struct RouteConfig {
     /// Store and forward (`[route.spool]`); absent: refusals are answered.
     #[serde(default)]
     pub spool: Option<SpoolConfig>,
+    /// What the route speaks to its upstream: `http1` or `http2`.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+    /// How an `https://` upstream is verified (`[route.upstream_tls]`).
+    #[serde(default)]
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+    /// The client TLS of an `https://` upstream, built from `upstream_tls`
+    /// (or the defaults) when the config is read.
+    #[serde(skip)]
+    pub upstream_client_tls: Option<UpstreamClientTls>,
 }
 
 /// `[route.admission]`: how many requests may be at the upstream at once, and
@@ -352,11 +362,64 @@ impl From<&RouteConfig> for ForwardSettings {
             connect_timeout: route.connect_timeout_ms.get(),
             pool_idle_timeout: route.pool_idle_timeout_ms.get(),
             read_timeout: route.read_timeout_ms.get(),
+            protocol: route.upstream_protocol,
+            tls: route.upstream_client_tls.clone(),
         }
     }
 }
 
 impl RouteConfig {
+    /// Builds the client TLS of an `https://` upstream from its files.
+    fn read_upstream_tls(&mut self, at: &str) -> Result<(), (String, String)> {
+        if self.upstream.scheme() != &http::uri::Scheme::HTTPS {
+            return Ok(());
+        }
+        let section = format!("{at}.upstream_tls");
+        let tls = self.upstream_tls.clone().unwrap_or(UpstreamTlsConfig {
+            ca_file: None,
+            server_name: None,
+            cert_file: None,
+            key_file: None,
+        });
+        let host = self.upstream.authority().host();
+        let name = tls.server_name.clone().unwrap_or_else(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
+            (
+                format!("{section}.server_name"),
+                format!("`{name}` is not a DNS name or an IP address"),
+            )
+        })?;
+        let cert_and_key = match (&tls.cert_file, &tls.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err((
+                    format!("{section}.key_file"),
+                    "needed with cert_file".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    format!("{section}.cert_file"),
+                    "needed with key_file".into(),
+                ));
+            }
+        };
+        let alpn: &[&[u8]] = match self.upstream_protocol {
+            UpstreamProtocol::Http1 => &[b"http/1.1"],
+            UpstreamProtocol::Http2 => &[b"h2"],
+        };
+        let (config, files) =
+            crate::tls::client_config(&section, tls.ca_file.as_deref(), cert_and_key, alpn)
+                .map_err(|e| (e.key().to_string(), e.problem()))?;
+        self.upstream_client_tls = Some(UpstreamClientTls::new(config, server_name, files));
+        Ok(())
+    }
+
     /// The route's name as it appears in metrics and logs.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(self.path_prefix.as_str())
@@ -413,11 +476,16 @@ impl Config {
     /// Parses and validates configuration text; `file` is only used in messages.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::toml(file, text, &e))?;
-        let config: Config =
+        let mut config: Config =
             serde_path_to_error::deserialize(de).map_err(|e| ConfigError::field(file, text, &e))?;
         config
             .validate()
             .map_err(|(key, msg)| ConfigError::new(file, key, msg))?;
+        for (i, route) in config.routes.iter_mut().enumerate() {
+            route
+                .read_upstream_tls(&format!("route[{i}]"))
+                .map_err(|(key, msg)| ConfigError::new(file, key, msg))?;
+        }
         Ok(config)
     }
 
@@ -509,6 +577,15 @@ impl RouteConfig {
         }
         if let Some(s) = &self.spool {
             s.validate(&format!("{at}.spool"))?;
+        }
+        if self.upstream_tls.is_some() && self.upstream.scheme() != &http::uri::Scheme::HTTPS {
+            return Err((
+                format!("{at}.upstream_tls"),
+                format!(
+                    "the upstream is `{:?}`: TLS to it needs an https:// upstream",
+                    self.upstream
+                ),
+            ));
         }
         if let Some(c) = &self.circuit {
             let fixed = self

@@ -22,3 +22,24 @@ pub struct ServerTlsConfig {
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
 }
+
+/// `[route.upstream_tls]`: how an `https://` upstream is verified, and the
+/// client certificate shown to it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM: the CAs that may sign the upstream's certificate; default: the
+    /// webpki (Mozilla) roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The name sent as SNI and verified in the certificate; default: the
+    /// upstream's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM: a client certificate and chain, for mutual TLS to the upstream.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM: its private key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}

@@ -135,7 +135,7 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
-    /// `http`.
+    /// `http` or `https`.
     pub fn scheme(&self) -> &Scheme {
         &self.scheme
     }
@@ -155,7 +155,7 @@ impl fmt::Debug for UpstreamUrl {
 impl TryFrom<String> for UpstreamUrl {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let hint = "expected http://host:port, e.g. \"http://127.0.0.1:9000\"";
+        let hint = "expected http://host:port or https://host:port, e.g. \"http://127.0.0.1:9000\"";
         let uri: http::Uri = s
             .parse()
             .map_err(|e| format!("`{s}` is not a URL ({e}); {hint}"))?;
@@ -163,9 +163,9 @@ impl TryFrom<String> for UpstreamUrl {
             .scheme()
             .cloned()
             .ok_or_else(|| format!("`{s}` has no scheme; {hint}"))?;
-        if scheme != Scheme::HTTP {
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(format!(
-                "`{s}`: scheme `{scheme}` is not supported, only `http`; {hint}"
+                "`{s}`: scheme `{scheme}` is not supported, only `http` and `https`; {hint}"
             ));
         }
         let authority = uri

@@ -25,6 +25,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tower::Service;
 
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::upstream::UpstreamClientTls;
 use crate::body::BoxError;
 
 /// What one connection has done: requests written and answers begun, counted
@@ -62,11 +68,84 @@ impl Exchanges {
 /// An upstream TCP stream that counts its exchanges.
 #[derive(Debug)]
 pub struct TrackedStream {
-    inner: TcpStream,
+    inner: UpstreamIo,
     exchanges: Arc<Exchanges>,
 }
 
+/// An upstream connection: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $call:expr) => {
+        match $self.get_mut() {
+            UpstreamIo::Plain($io) => {
+                let $io = Pin::new($io);
+                $call
+            }
+            UpstreamIo::Tls($io) => {
+                let $io = Pin::new($io.as_mut());
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write(cx, data))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_shutdown(cx))
+    }
+}
+
 impl TrackedStream {
+    /// Whether TLS negotiated `protocol` by ALPN (`None`: plain TCP).
+    pub(super) fn alpn_is(&self, protocol: &[u8]) -> Option<bool> {
+        match &self.inner {
+            UpstreamIo::Plain(_) => None,
+            UpstreamIo::Tls(tls) => Some(tls.get_ref().1.alpn_protocol() == Some(protocol)),
+        }
+    }
+
     /// What this connection has carried so far.
     pub(super) fn exchanges(&self) -> Arc<Exchanges> {
         self.exchanges.clone()
@@ -126,16 +205,40 @@ impl AsyncWrite for TrackedStream {
     }
 }
 
-/// hyper-util's HTTP connector, handing out [`TrackedStream`]s.
-#[derive(Debug, Clone)]
+/// hyper-util's HTTP connector, handing out [`TrackedStream`]s: over TLS
+/// when given a client configuration (the handshake bounded by `timeout`,
+/// as the TCP connect is).
+#[derive(Clone)]
 pub struct Connector {
     http: HttpConnector,
+    tls: Option<(TlsConnector, ServerName<'static>, Duration)>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("tls", &self.tls.as_ref().map(|(_, name, _)| name))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connector {
-    /// Wraps `http`.
+    /// Wraps `http`, plain TCP.
     pub fn new(http: HttpConnector) -> Self {
-        Self { http }
+        Self { http, tls: None }
+    }
+
+    /// Wraps `http`, TLS to `tls.server_name` over it.
+    pub fn with_tls(mut http: HttpConnector, tls: &UpstreamClientTls, timeout: Duration) -> Self {
+        http.enforce_http(false);
+        Self {
+            http,
+            tls: Some((
+                TlsConnector::from(tls.config.clone()),
+                tls.server_name.clone(),
+                timeout,
+            )),
+        }
     }
 }
 
@@ -150,10 +253,23 @@ impl Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let connecting = self.http.call(uri);
+        let tls = self.tls.clone();
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
+            let inner = match tls {
+                None => UpstreamIo::Plain(stream),
+                Some((connector, name, timeout)) => {
+                    let handshake = tokio::time::timeout(timeout, connector.connect(name, stream))
+                        .await
+                        .map_err(|_| {
+                            format!("no TLS handshake with the upstream within {timeout:?}")
+                        })?
+                        .map_err(|e| format!("TLS handshake with the upstream failed: {e}"))?;
+                    UpstreamIo::Tls(Box::new(handshake))
+                }
+            };
             Ok(TokioIo::new(TrackedStream {
-                inner: stream,
+                inner,
                 exchanges: Arc::default(),
             }))
         })

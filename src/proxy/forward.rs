@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::HOST;
+use http::header::{HOST, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -15,10 +15,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
 use super::connector::Connector;
+use super::h2::H2Pool;
 use super::headers;
 use super::pool::{Conn, Pool, Pooled};
 use super::read_timeout::ReadTimeout;
 use super::retry::{self, Reclaim};
+use super::upstream::{UpstreamClientTls, UpstreamProtocol};
 use crate::body::{BodyProgress, BoxError, Counted, boxed};
 use crate::conn::ClientAddr;
 use crate::error::Side;
@@ -45,10 +47,20 @@ pub struct ForwardSettings {
     pub pool_idle_timeout: Duration,
     /// Longest pause between two reads of an upstream response body.
     pub read_timeout: Duration,
+    /// HTTP/1.1 or HTTP/2.
+    pub protocol: UpstreamProtocol,
+    /// The client TLS, for an `https://` upstream.
+    pub tls: Option<UpstreamClientTls>,
+}
+
+/// The connections of one route, by protocol.
+enum Upstream {
+    Http1(Pool),
+    Http2(H2Pool),
 }
 
 /// Builds the connection pool for one route.
-fn pool(settings: &ForwardSettings) -> Pool {
+fn pool(settings: &ForwardSettings) -> Upstream {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
@@ -59,14 +71,21 @@ fn pool(settings: &ForwardSettings) -> Pool {
         .path_and_query("/")
         .build()
         .expect("a scheme and an authority make a URI");
-    // Shorter than the application server's own idle timeout, so that the
-    // proxy, not the server, closes an idle connection.
-    Pool::new(
-        Connector::new(http),
-        target,
-        settings.pool_idle_timeout,
-        POOL_MAX_IDLE,
-    )
+    let connector = match &settings.tls {
+        Some(tls) => Connector::with_tls(http, tls, settings.connect_timeout),
+        None => Connector::new(http),
+    };
+    match settings.protocol {
+        // Shorter than the application server's own idle timeout, so that
+        // the proxy, not the server, closes an idle connection.
+        UpstreamProtocol::Http1 => Upstream::Http1(Pool::new(
+            connector,
+            target,
+            settings.pool_idle_timeout,
+            POOL_MAX_IDLE,
+        )),
+        UpstreamProtocol::Http2 => Upstream::Http2(H2Pool::new(connector, target)),
+    }
 }
 
 /// The innermost service of a route: rewrites the request for the upstream, sends
@@ -82,7 +101,8 @@ pub struct Forward {
 }
 
 struct Inner {
-    pool: Pool,
+    upstream: Upstream,
+    scheme: Scheme,
     read_timeout: Duration,
     authority: Authority,
     /// The `Host` sent when the request has none (HTTP/2 clients send
@@ -113,7 +133,8 @@ impl Forward {
         };
         Self {
             inner: Arc::new(Inner {
-                pool: pool(settings),
+                upstream: pool(settings),
+                scheme: settings.scheme.clone(),
                 read_timeout: settings.read_timeout,
                 authority: authority.clone(),
                 host: HeaderValue::from_str(host).expect("an authority is a valid Host"),
@@ -147,12 +168,12 @@ impl Inner {
     /// Sends `request` on a pooled connection; a request hyper gives back
     /// unsent (its connection closed as it was checked out) goes on the next.
     async fn send(
-        &self,
+        pool: &Pool,
         mut request: Request<Reclaim>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
         let mut attempt = 1;
         loop {
-            let mut conn = self.pool.checkout().await.map_err(SendError::Connect)?;
+            let mut conn = pool.checkout().await.map_err(SendError::Connect)?;
             match conn.tx.try_send_request(request).await {
                 Ok(res) => return Ok((res, conn)),
                 Err(mut e) => match e.take_message() {
@@ -167,10 +188,10 @@ impl Inner {
 
     /// Sends `request` on a new connection.
     async fn send_fresh(
-        &self,
+        pool: &Pool,
         request: Request<Reclaim>,
     ) -> Result<(Response<Incoming>, Conn), BoxError> {
-        let mut conn = self.pool.connect().await?;
+        let mut conn = pool.connect().await?;
         let res = conn.tx.send_request(request).await?;
         Ok((res, conn))
     }
@@ -183,7 +204,7 @@ where
 {
     type Response = Response<ReadTimeout<Pooled>>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+    type Future = ForwardFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The pool opens connections on demand; readiness is admission's job.
@@ -193,7 +214,34 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let client = parts.extensions.get::<ClientAddr>();
+        // gRPC needs `te: trailers` end to end; it is hop-by-hop otherwise.
+        let te_trailers = parts.headers.get(TE).is_some_and(|v| v == "trailers");
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client);
+        // Told the bytes as they go, when admission re-weighs this body.
+        let body = match parts.extensions.get::<BodyProgress>() {
+            Some(progress) => boxed(Counted::new(body, progress.clone())),
+            None => boxed(body),
+        };
+        match &self.inner.upstream {
+            Upstream::Http1(_) => self.call_http1(parts, body),
+            Upstream::Http2(_) => {
+                if te_trailers {
+                    parts
+                        .headers
+                        .insert(TE, HeaderValue::from_static("trailers"));
+                }
+                self.call_http2(parts, body)
+            }
+        }
+    }
+}
+
+impl Forward {
+    fn call_http1(
+        &self,
+        mut parts: http::request::Parts,
+        body: crate::body::ProxyBody,
+    ) -> ForwardFuture {
         parts.uri = origin_form(std::mem::take(&mut parts.uri));
         if !parts.headers.contains_key(HOST) {
             parts.headers.insert(HOST, self.inner.host.clone());
@@ -206,16 +254,14 @@ where
             parts.uri.clone(),
             parts.headers.clone(),
         );
-        // Told the bytes as they go, when admission re-weighs this body.
-        let body = match parts.extensions.get::<BodyProgress>() {
-            Some(progress) => boxed(Counted::new(body, progress.clone())),
-            None => boxed(body),
-        };
         let (body, reclaim) = Reclaim::new(body);
         let request = Request::from_parts(parts, body);
         let inner = self.inner.clone();
         Box::pin(async move {
-            let (mut res, conn) = match inner.send(request).await {
+            let Upstream::Http1(pool) = &inner.upstream else {
+                unreachable!("call_http1 on an HTTP/2 route")
+            };
+            let (res, conn) = match Inner::send(pool, request).await {
                 Ok(sent) => sent,
                 Err(SendError::Failed(err, exchanges))
                     if retry::lost_the_idle_race(&err, &exchanges) =>
@@ -234,27 +280,81 @@ where
                     *request.method_mut() = method;
                     *request.uri_mut() = uri;
                     *request.headers_mut() = headers;
-                    inner.send_fresh(request).await.map_err(classify)?
+                    Inner::send_fresh(pool, request).await.map_err(classify)?
                 }
                 Err(SendError::Failed(err, _)) => return Err(classify(err)),
                 Err(SendError::Connect(err)) => return Err(classify(NotSent(err))),
             };
-            if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-                // Upgrade is stripped from requests, so the upstream was never
-                // asked to switch; passing a 101 on would turn the client's
-                // connection into an opaque tunnel.
-                let err = Rejection::new(Reason::UpstreamUnavailable)
-                    .with_cause("upstream answered 101 Switching Protocols unasked");
-                return Err(err.into());
-            }
-            let version = res.version();
-            headers::prepare_response(res.headers_mut(), version);
-            let read_timeout = inner.read_timeout;
-            let pool = inner.pool.clone();
-            Ok(res.map(|body| {
-                ReadTimeout::new(Pooled::new(body, conn, pool), read_timeout, Side::Upstream)
-            }))
+            let (head, body) = res.into_parts();
+            inner.answer(head, Pooled::new(body, conn, pool.clone()))
         })
+    }
+
+    fn call_http2(
+        &self,
+        mut parts: http::request::Parts,
+        body: crate::body::ProxyBody,
+    ) -> ForwardFuture {
+        // The name the client asked for travels as `:authority`, as Host does
+        // over HTTP/1.1.
+        let authority = parts
+            .headers
+            .remove(HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| self.inner.authority.clone());
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from_parts({
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(self.inner.scheme.clone());
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path);
+            uri
+        })
+        .expect("a scheme, an authority and a path make a URI");
+        parts.version = Version::HTTP_2;
+        let request = Request::from_parts(parts, Reclaim::sent(body));
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let Upstream::Http2(pool) = &inner.upstream else {
+                unreachable!("call_http2 on an HTTP/1.1 route")
+            };
+            let stream = pool.stream().await.map_err(|e| classify(NotSent(e)))?;
+            let mut tx = stream.sender();
+            tx.ready().await.map_err(|e| classify(NotSent(e.into())))?;
+            let res = tx.send_request(request).await.map_err(classify)?;
+            let (head, body) = res.into_parts();
+            inner.answer(head, Pooled::multiplexed(body, stream))
+        })
+    }
+}
+
+type ForwardFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ReadTimeout<Pooled>>, BoxError>> + Send>>;
+
+impl Inner {
+    /// The upstream's response, checked and rewritten for the client.
+    fn answer(
+        &self,
+        mut head: http::response::Parts,
+        body: Pooled,
+    ) -> Result<Response<ReadTimeout<Pooled>>, BoxError> {
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            // Upgrade is stripped from requests, so the upstream was never
+            // asked to switch; passing a 101 on would turn the client's
+            // connection into an opaque tunnel.
+            let err = Rejection::new(Reason::UpstreamUnavailable)
+                .with_cause("upstream answered 101 Switching Protocols unasked");
+            return Err(err.into());
+        }
+        headers::prepare_response(&mut head.headers, head.version);
+        Ok(Response::from_parts(
+            head,
+            ReadTimeout::new(body, self.read_timeout, Side::Upstream),
+        ))
     }
 }
 

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::connector::{Connector, Exchanges};
+use super::h2::Stream;
 use super::retry::Reclaim;
 use crate::body::BoxError;
 
@@ -225,13 +226,27 @@ pub struct Pooled {
     /// Until the body ends (or fails, or is dropped unread: then the
     /// connection closes with it).
     conn: Option<(Conn, Pool)>,
+    /// Over HTTP/2: the stream, until the body ends.
+    stream: Option<Stream>,
 }
 
 impl Pooled {
+    /// `body`, giving `conn` back to `pool` once read to the end.
     pub(super) fn new(body: Incoming, conn: Conn, pool: Pool) -> Self {
         Self {
             body,
             conn: Some((conn, pool)),
+            stream: None,
+        }
+    }
+
+    /// A body on a multiplexed (HTTP/2) connection: its stream is counted
+    /// until the body is done.
+    pub(super) fn multiplexed(body: Incoming, stream: Stream) -> Self {
+        Self {
+            body,
+            conn: None,
+            stream: Some(stream),
         }
     }
 
@@ -252,8 +267,14 @@ impl Body for Pooled {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         match &frame {
-            None => self.give_back(),
-            Some(Err(_)) => self.conn = None,
+            None => {
+                self.give_back();
+                self.stream = None;
+            }
+            Some(Err(_)) => {
+                self.conn = None;
+                self.stream = None;
+            }
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)

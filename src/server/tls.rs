@@ -8,86 +8,15 @@
 //! keep theirs. A reload that cannot build it changes nothing.
 
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerTlsConfig;
-
-/// Why a TLS configuration could not be built: the key (`server.tls.*`), the
-/// file, and the problem.
-#[derive(Debug)]
-pub struct TlsError {
-    key: &'static str,
-    path: String,
-    message: String,
-}
-
-impl fmt::Display for TlsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} = \"{}\": {}", self.key, self.path, self.message)
-    }
-}
-
-impl std::error::Error for TlsError {}
-
-fn error(key: &'static str, path: &Path, message: impl fmt::Display) -> TlsError {
-    TlsError {
-        key,
-        path: path.display().to_string(),
-        message: message.to_string(),
-    }
-}
-
-/// The provider every TLS configuration of the process uses.
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads a PEM certificate chain (the leaf first).
-pub(crate) fn read_certs(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(key, path, pem_problem(e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(key, path, pem_problem(e)))?;
-    if certs.is_empty() {
-        return Err(error(key, path, "no CERTIFICATE in the file"));
-    }
-    Ok(certs)
-}
-
-/// Reads a PEM private key.
-pub(crate) fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| error(key, path, pem_problem(e)))
-}
-
-/// Reads PEM CA certificates into a root store.
-pub(crate) fn read_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(key, path)? {
-        roots
-            .add(cert)
-            .map_err(|e| error(key, path, format!("not a usable CA certificate: {e}")))?;
-    }
-    Ok(roots)
-}
-
-fn pem_problem(e: rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::Io(e) => format!("cannot read: {e}"),
-        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind".into(),
-        other => format!("not valid PEM: {other:?}"),
-    }
-}
+pub use crate::tls::TlsError;
+use crate::tls::{error, provider, read_certs, read_key, read_roots};
 
 /// Builds the listener's rustls configuration from the files `config` names.
 pub fn server_config(config: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {

@@ -1,6 +1,7 @@
 //! Shared test parts: a real upstream on 127.0.0.1:0, the real proxy, clients.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod grpc;
 pub mod keys;
 pub mod process;
 pub mod redis;

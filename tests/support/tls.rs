@@ -137,3 +137,96 @@ pub async fn get_over(
     let body = body.collect().await?.to_bytes();
     Ok((Response::from_parts(parts, ()), body))
 }
+
+/// A TLS server config for `leaf`, offering `alpn`, requiring a client
+/// certificate from `client_ca` when given.
+pub fn server_config(leaf: &Leaf, ca: &Ca, alpn: &[&[u8]], client_ca: Option<&Ca>) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(client_ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(client_ca.der.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = builder
+        .with_single_cert(vec![leaf.der.clone(), ca.der.clone()], key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// What a TLS upstream saw.
+#[derive(Default)]
+pub struct TlsUpstream {
+    /// The SNI of each handshake that completed.
+    pub sni: std::sync::Mutex<Vec<Option<String>>>,
+    /// Handshakes that failed.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+/// Serves `service` over TLS with `config` on 127.0.0.1:0, HTTP/1.1 or h2 by
+/// ALPN; returns its address and what it saw.
+pub async fn serve_tls<S, B>(
+    config: Arc<rustls::ServerConfig>,
+    service: S,
+) -> (SocketAddr, Arc<TlsUpstream>)
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(TlsUpstream::default());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let state = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let service = service.clone();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(tls) => tls,
+                    Err(_) => {
+                        state.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_string);
+                state.sni.lock().unwrap().push(sni);
+                let svc = hyper::service::service_fn(move |req| {
+                    let mut service = service.clone();
+                    async move {
+                        std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+                        service.call(req).await
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
