@@ -74,6 +74,7 @@ pin_project! {
         #[pin]
         inner: B,
         guard: Option<G>,
+        on_trailers: Option<fn(&mut G, &http::HeaderMap)>,
     }
 }
 
@@ -83,7 +84,15 @@ impl<B, G> GuardedBody<B, G> {
         Self {
             inner,
             guard: Some(guard),
+            on_trailers: None,
         }
+    }
+
+    /// Shows the body's trailers, if it has some, to the guard before it is
+    /// let go (a gRPC status arrives there).
+    pub fn on_trailers(mut self, f: fn(&mut G, &http::HeaderMap)) -> Self {
+        self.on_trailers = Some(f);
+        self
     }
 }
 
@@ -98,6 +107,12 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         if ended(&frame, &*this.inner).is_some() {
+            if let (Some(f), Some(guard), Some(Ok(frame))) =
+                (this.on_trailers, this.guard.as_mut(), &frame)
+                && let Some(trailers) = frame.trailers_ref()
+            {
+                f(guard, trailers);
+            }
             // Done now (the last byte is read), not at the next poll or when the
             // connection gets around to dropping the body.
             this.guard.take();

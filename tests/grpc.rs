@@ -170,3 +170,43 @@ async fn refusals_reach_a_tonic_client_as_grpc_statuses_with_pushback() {
     assert_eq!(receiver.calls.load(Ordering::SeqCst), 1);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn unavailable_opens_the_circuit_and_invalid_argument_does_not() {
+    let (receiver, addr) = spawn_receiver().await;
+    let circuit = "[route.circuit]\nfailure_threshold = 3\nopen_ms = 60000\n";
+    let proxy = sluicegate::start(config(addr, "/", &http2_route(circuit)))
+        .await
+        .unwrap();
+    let mut client = otlp_client(&proxy).await;
+    // The client's own faults, however many: the upstream is healthy.
+    receiver.answer(Answer::InvalidArgument);
+    for _ in 0..10 {
+        let status = client.export(spans(1)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let (_, body) = get(&format!("http://{}/status", proxy.admin_addr())).await;
+    assert_eq!(json(&body)["routes"][0]["circuit"]["state"], "closed");
+    // UNAVAILABLE in the trailers: failures, and the circuit opens.
+    receiver.answer(Answer::Unavailable);
+    for _ in 0..3 {
+        let status = client.export(spans(1)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "receiver down",
+            "the upstream's own answer"
+        );
+    }
+    let calls = receiver.calls.load(Ordering::SeqCst);
+    let status = client.export(spans(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("circuit_open"), "{status:?}");
+    assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+    assert_eq!(
+        receiver.calls.load(Ordering::SeqCst),
+        calls,
+        "refused before the upstream"
+    );
+    proxy.shutdown().await;
+}

@@ -92,7 +92,11 @@ async fn an_upstream_the_ca_did_not_sign_is_never_sent_to() {
     let leaf = impostor.issue(&["upstream.test"]);
     let dir = scratch_dir("upstream-tls-bad");
     let ca_file = write_pem(&dir, "ca.pem", &ca.pem);
-    let (addr, seen) = serve_tls(server_config(&leaf, &impostor, &[b"http/1.1"], None), echo()).await;
+    let (addr, seen) = serve_tls(
+        server_config(&leaf, &impostor, &[b"http/1.1"], None),
+        echo(),
+    )
+    .await;
     let text = route(
         addr,
         &format!("ca_file = \"{ca_file}\"\nserver_name = \"upstream.test\"\n"),

@@ -949,6 +949,14 @@ impl Permit {
     pub fn record(&mut self, rtt: Duration, overloaded: bool) {
         self.sample = Some((rtt, overloaded));
     }
+
+    /// Marks the recorded sample an overload signal after all (a gRPC
+    /// status in the trailers said so).
+    pub fn overloaded(&mut self) {
+        if let Some((_, overloaded)) = &mut self.sample {
+            *overloaded = true;
+        }
+    }
 }
 
 impl Drop for Permit {

@@ -276,6 +276,11 @@ where
     }
 }
 
+/// Whether a gRPC verdict is an overload signal for the adaptive limit.
+fn overloads(verdict: crate::grpc::Verdict) -> bool {
+    !matches!(verdict, crate::grpc::Verdict::Healthy)
+}
+
 /// The admitted request's answer: its sample for the limit, its queue wait,
 /// and a body that holds the slot until it ends.
 fn finish<ResB, E: Into<BoxError>>(
@@ -291,9 +296,28 @@ fn finish<ResB, E: Into<BoxError>>(
                 .extensions()
                 .get::<UpstreamLatency>()
                 .map_or_else(|| admitted.elapsed(), |l| l.0);
-            permit.record(rtt, res.status().is_server_error());
+            // gRPC says how a call went in grpc-status: in the headers of a
+            // trailers-only answer, else in the trailers, read as they pass.
+            let grpc = crate::grpc::is_grpc_response(&res);
+            let grpc_overload = grpc && crate::grpc::verdict(res.headers()).is_some_and(overloads);
+            permit.record(rtt, res.status().is_server_error() || grpc_overload);
             res.extensions_mut().insert(QueueWait(waited));
-            Ok(res.map(|body| GuardedBody::new(body, permit)))
+            let trailed = grpc
+                && !res
+                    .headers()
+                    .contains_key(&crate::grpc::status::GRPC_STATUS);
+            Ok(res.map(|body| {
+                let body = GuardedBody::new(body, permit);
+                if trailed {
+                    body.on_trailers(|permit, trailers| {
+                        if crate::grpc::verdict(trailers).is_some_and(overloads) {
+                            permit.overloaded();
+                        }
+                    })
+                } else {
+                    body
+                }
+            }))
         }
         Err(err) => {
             // A body over its limit, stalled, cut short or malformed is the

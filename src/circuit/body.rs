@@ -68,6 +68,9 @@ pin_project! {
         #[pin]
         inner: B,
         pending: Option<Undecided>,
+        // A gRPC response: its trailers' grpc-status decides, and an end
+        // without one is the upstream breaking the protocol.
+        grpc: bool,
     }
 }
 
@@ -77,13 +80,15 @@ impl<B> CircuitBody<B> {
         Self {
             inner,
             pending: None,
+            grpc: false,
         }
     }
 }
 
 impl<B: Body> CircuitBody<B> {
     /// Reports to `pending` how `inner` ends: at once when it already has.
-    pub(super) fn watch(inner: B, pending: Undecided) -> Self {
+    /// `grpc`: a gRPC response whose status is still to come in trailers.
+    pub(super) fn watch(inner: B, pending: Undecided, grpc: bool) -> Self {
         if inner.is_end_stream() {
             pending.decide(Some(CallOutcome::Success));
             return Self::passthrough(inner);
@@ -91,6 +96,7 @@ impl<B: Body> CircuitBody<B> {
         Self {
             inner,
             pending: Some(pending),
+            grpc,
         }
     }
 }
@@ -108,10 +114,17 @@ impl<B: Body> Body for CircuitBody<B> {
         if let Some(whole) = ended(&frame, &*this.inner)
             && let Some(pending) = this.pending.take()
         {
-            pending.decide(Some(if whole {
-                CallOutcome::Success
-            } else {
-                CallOutcome::Failure { retry_after: None }
+            let trailers = match &frame {
+                Some(Ok(f)) => f.trailers_ref(),
+                _ => None,
+            };
+            let grpc = trailers.and_then(FailurePolicy::classify_grpc);
+            pending.decide(Some(match (whole, *this.grpc, grpc) {
+                (false, _, _) => CallOutcome::Failure { retry_after: None },
+                (true, _, Some(outcome)) => outcome,
+                // A gRPC body that ends without a status: a broken upstream.
+                (true, true, None) => CallOutcome::Failure { retry_after: None },
+                (true, false, None) => CallOutcome::Success,
             }));
         }
         Poll::Ready(frame)

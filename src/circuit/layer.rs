@@ -194,7 +194,12 @@ where
                     Ok(res) => match pending.policy().classify(&res, start.elapsed()) {
                         // A success is only one once its body has arrived.
                         CallOutcome::Success => {
-                            Ok(res.map(|body| CircuitBody::watch(body, pending)))
+                            // Trailers-only gRPC answers were decided by their headers.
+                            let grpc = crate::grpc::is_grpc_response(&res)
+                                && !res
+                                    .headers()
+                                    .contains_key(&crate::grpc::status::GRPC_STATUS);
+                            Ok(res.map(|body| CircuitBody::watch(body, pending, grpc)))
                         }
                         failure => {
                             pending.decide(Some(failure));

@@ -8,6 +8,7 @@ use super::breaker::CallOutcome;
 use crate::admission::QueueWait;
 use crate::body::{BoxError, find_cause};
 use crate::error::{Reason, Rejection, client_fault};
+use crate::grpc;
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Failure = connect error, timeout, a status in `statuses`, a status in
@@ -58,8 +59,20 @@ impl FailurePolicy {
     }
 
     /// Classifies a response that took `elapsed` since the breaker let it through.
+    ///
+    /// A gRPC response says how the call went in `grpc-status`: in its headers
+    /// when trailers-only (decided here), else in its trailers (decided by
+    /// [`CircuitBody`](super::CircuitBody) at the end, from
+    /// [`classify_grpc`](Self::classify_grpc)).
     pub fn classify<B>(&self, res: &Response<B>, elapsed: Duration) -> CallOutcome {
         let status = res.status();
+        if status == StatusCode::OK
+            && grpc::is_grpc_response(res)
+            && let Some(outcome) = Self::classify_grpc(res.headers())
+            && outcome != CallOutcome::Success
+        {
+            return outcome;
+        }
         let retry_after = if self.backpressure.contains(&status) {
             retry_after(res.headers())
         } else {
@@ -74,6 +87,17 @@ impl FailurePolicy {
             return CallOutcome::Failure { retry_after: None };
         }
         CallOutcome::Success
+    }
+
+    /// The outcome a `grpc-status` in `headers` says, if there is one.
+    pub fn classify_grpc(headers: &HeaderMap) -> Option<CallOutcome> {
+        Some(match grpc::verdict(headers)? {
+            grpc::Verdict::Healthy => CallOutcome::Success,
+            grpc::Verdict::Failing => CallOutcome::Failure { retry_after: None },
+            grpc::Verdict::Backpressure(d) => CallOutcome::Failure {
+                retry_after: Some(d),
+            },
+        })
     }
 
     /// Classifies an error of the services below. `None`: neither.

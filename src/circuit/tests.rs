@@ -464,3 +464,57 @@ async fn bodyless_successes_reset_the_consecutive_failures() {
     assert_eq!(circuit.state(), Closed, "{:?}", circuit.snapshot());
     assert_eq!(circuit.snapshot().consecutive_failures, 2);
 }
+
+/// A gRPC answer streamed as a data frame, then trailers with `code`.
+struct GrpcBody(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for GrpcBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn grpc_answer(code: &'static str) -> http::Response<GrpcBody> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+    let frames = [
+        http_body::Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\0")),
+        http_body::Frame::trailers(trailers),
+    ];
+    http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(GrpcBody(frames.into_iter().collect()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn grpc_statuses_in_trailers_are_the_calls_outcome() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    for (code, opens) in [("14", true), ("4", true), ("3", false), ("0", false)] {
+        let layer = CircuitBreakerLayer::new(CircuitSettings {
+            failure_threshold: 3,
+            ..CircuitSettings::default()
+        });
+        let circuit = layer.circuit().unwrap().clone();
+        let svc = layer.layer(tower::service_fn(move |_: http::Request<()>| async move {
+            Ok::<_, crate::body::BoxError>(grpc_answer(code))
+        }));
+        for _ in 0..3 {
+            let res = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+            // Decided only once the trailers have passed.
+            assert_eq!(circuit.state(), Closed);
+            res.into_body().collect().await.unwrap();
+        }
+        let state = circuit.state();
+        assert_eq!(state == Open, opens, "grpc-status {code}: {state:?}");
+    }
+}

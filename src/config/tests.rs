@@ -54,7 +54,10 @@ fn upstream_tls_and_protocol() {
     let route = &config.routes[0];
     assert_eq!(route.upstream_protocol, UpstreamProtocol::Http2);
     let tls = route.upstream_client_tls.as_ref().unwrap();
-    assert_eq!(format!("{:?}", tls.server_name), "DnsName(\"api.example.com\")");
+    assert_eq!(
+        format!("{:?}", tls.server_name),
+        "DnsName(\"api.example.com\")"
+    );
     assert_eq!(tls.config.alpn_protocols, vec![b"h2".to_vec()]);
     let plain = Config::parse("t.toml", ROUTE).unwrap();
     assert!(plain.routes[0].upstream_client_tls.is_none());
@@ -63,16 +66,36 @@ fn upstream_tls_and_protocol() {
         https,
         "route[0]",
         &[
-            ("upstream_protocol = \"http3\"", "upstream_protocol", "http1"),
-            ("[route.upstream_tls]\nca_file = \"/nonexistent/ca.pem\"", "upstream_tls.ca_file", "cannot read"),
-            ("[route.upstream_tls]\ncert_file = \"/x.pem\"", "upstream_tls.key_file", "needed with cert_file"),
-            ("[route.upstream_tls]\nserver_name = \"not a name!\"", "upstream_tls.server_name", "not a DNS name"),
+            (
+                "upstream_protocol = \"http3\"",
+                "upstream_protocol",
+                "http1",
+            ),
+            (
+                "[route.upstream_tls]\nca_file = \"/nonexistent/ca.pem\"",
+                "upstream_tls.ca_file",
+                "cannot read",
+            ),
+            (
+                "[route.upstream_tls]\ncert_file = \"/x.pem\"",
+                "upstream_tls.key_file",
+                "needed with cert_file",
+            ),
+            (
+                "[route.upstream_tls]\nserver_name = \"not a name!\"",
+                "upstream_tls.server_name",
+                "not a DNS name",
+            ),
         ],
     );
     assert_refused(
         ROUTE,
         "route[0]",
-        &[("[route.upstream_tls]\nserver_name = \"x\"", "upstream_tls", "needs an https:// upstream")],
+        &[(
+            "[route.upstream_tls]\nserver_name = \"x\"",
+            "upstream_tls",
+            "needs an https:// upstream",
+        )],
     );
 }
 

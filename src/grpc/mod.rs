@@ -14,4 +14,4 @@ mod answer;
 pub mod status;
 
 pub use answer::{GrpcAnswers, GrpcAnswersLayer, is_grpc};
-pub use status::Code;
+pub use status::{Code, Verdict, is_grpc_response, verdict};

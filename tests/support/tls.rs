@@ -140,7 +140,12 @@ pub async fn get_over(
 
 /// A TLS server config for `leaf`, offering `alpn`, requiring a client
 /// certificate from `client_ca` when given.
-pub fn server_config(leaf: &Leaf, ca: &Ca, alpn: &[&[u8]], client_ca: Option<&Ca>) -> Arc<rustls::ServerConfig> {
+pub fn server_config(
+    leaf: &Leaf,
+    ca: &Ca,
+    alpn: &[&[u8]],
+    client_ca: Option<&Ca>,
+) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -209,7 +214,9 @@ where
                 let tls = match acceptor.accept(tcp).await {
                     Ok(tls) => tls,
                     Err(_) => {
-                        state.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        state
+                            .refused
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         return;
                     }
                 };
