@@ -64,6 +64,7 @@ pub mod client_key;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod demo;
 pub mod error;
 pub mod grpc;

@@ -24,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ended};
+use crate::deadline::{ClientDeadline, Deadline};
 use crate::error::{Reason, Rejection};
 
 /// Response extension: the upstream's own time, from the end of the request
@@ -79,6 +80,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let now = Instant::now();
+        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
         // A body already at its end will never be polled: the clock starts now.
         let (signal, sent) = if req.body().is_end_stream() {
             (None, None)
@@ -87,12 +89,14 @@ where
             (Some(tx), Some(rx))
         };
         let req = req.map(|inner| SentBody { inner, signal });
+        let until = cut_at(now + self.timeout, deadline);
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: tokio::time::sleep(self.timeout),
+            sleep: tokio::time::sleep_until(until),
             sent,
             started: now,
             timeout: self.timeout,
+            deadline,
         }
     }
 }
@@ -110,7 +114,14 @@ pin_project! {
         // When the clock started (the call, then the end of the body).
         started: Instant,
         timeout: Duration,
+        // The client's deadline: never waited past, whenever the body ends.
+        deadline: Option<Instant>,
     }
+}
+
+/// The earlier of the route's timeout and the client's deadline.
+fn cut_at(timeout: Instant, deadline: Option<Instant>) -> Instant {
+    deadline.map_or(timeout, |d| d.min(timeout))
 }
 
 impl<F, ResB, E> Future for ResponseFuture<F>
@@ -137,16 +148,23 @@ where
             *this.sent = None;
             let now = Instant::now();
             *this.started = now;
-            this.sleep.as_mut().reset(now + *this.timeout);
+            this.sleep
+                .as_mut()
+                .reset(cut_at(now + *this.timeout, *this.deadline));
         }
         ready!(this.sleep.poll(cx));
-        let cause = format!(
-            "no response headers within {} ms of the request's end",
-            this.timeout.as_millis()
-        );
-        Poll::Ready(Err(Rejection::new(Reason::UpstreamTimeout)
-            .with_cause(cause)
-            .into()))
+        let rejection = Rejection::new(Reason::UpstreamTimeout);
+        let rejection = match *this.deadline {
+            // The client's budget, not the upstream's: see ClientDeadline.
+            Some(d) if d <= Instant::now() && d < *this.started + *this.timeout => {
+                rejection.with_cause(ClientDeadline)
+            }
+            _ => rejection.with_cause(format!(
+                "no response headers within {} ms of the request's end",
+                this.timeout.as_millis()
+            )),
+        };
+        Poll::Ready(Err(rejection.into()))
     }
 }
 

@@ -210,3 +210,42 @@ async fn unavailable_opens_the_circuit_and_invalid_argument_does_not() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_clients_grpc_timeout_bounds_the_upstream_call() {
+    let (receiver, addr) = spawn_receiver().await;
+    // One failure would open the circuit: a client's short deadline must
+    // not count as one.
+    let circuit = "[route.circuit]\nfailure_threshold = 1\nopen_ms = 60000\n";
+    let proxy = sluicegate::start(config(addr, "/", &http2_route(circuit)))
+        .await
+        .unwrap();
+    let mut client = otlp_client(&proxy).await;
+    receiver.answer(Answer::Slow);
+    // The deadline as the wire carries it, from a client without a timer
+    // of its own (tonic's would race the proxy's answer).
+    let url = format!(
+        "http://{}/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        proxy.proxy_addr()
+    );
+    let mut call = grpc_call(url);
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("200m"));
+    let start = tokio::time::Instant::now();
+    let (res, _) = send(&h2c_client(), call).await;
+    assert_eq!(res.headers()["grpc-status"], "4", "{:?}", res.headers());
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "the call outlived the client's deadline: {:?}",
+        start.elapsed()
+    );
+    let (_, body) = get(&format!("http://{}/status", proxy.admin_addr())).await;
+    let status = json(&body);
+    assert_eq!(
+        status["routes"][0]["circuit"]["state"], "closed",
+        "{status}"
+    );
+    // Without a deadline the slow call completes.
+    client.export(spans(1)).await.unwrap();
+    proxy.shutdown().await;
+}

@@ -16,6 +16,7 @@ use super::retry_after::{CompletionRate, jitter, retry_after_secs};
 use super::tenants::{ShedCounts, TenantCount, everyone};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::client_key::ClientKey;
+use crate::deadline::Deadline;
 use crate::error::{Reason, Rejection};
 use crate::latency::LatencySketch;
 use crate::metrics::{
@@ -520,6 +521,19 @@ impl Controller {
         tenant: ClientKey,
         weight: u64,
     ) -> Result<Permit, Rejection> {
+        self.acquire_before(priority, tenant, weight, None).await
+    }
+
+    /// As [`acquire_as`](Self::acquire_as), for a client that stops waiting
+    /// at `deadline`: a predicted wait beyond it is refused at once, and no
+    /// wait outlasts it.
+    pub async fn acquire_before(
+        self: &Arc<Self>,
+        priority: Priority,
+        tenant: ClientKey,
+        weight: u64,
+        deadline: Option<Deadline>,
+    ) -> Result<Permit, Rejection> {
         if self.too_heavy(weight) {
             return Err(Rejection::new(Reason::BodyTooLarge)
                 .with_cause("the request outweighs max_inflight_bytes"));
@@ -548,6 +562,8 @@ impl Controller {
                     self.settings.queue_timeout,
                 ),
             };
+            // The client's own deadline, when sooner, is the wait allowed.
+            let allowed = deadline.map_or(allowed, |d| allowed.min(d.remaining(now)));
             if let Some(wait) = state.rate.time_for(ahead + 1, now)
                 && wait > allowed
             {
@@ -584,7 +600,10 @@ impl Controller {
             tenant,
             left: false,
         };
-        let outcome = tokio::time::timeout(self.settings.queue_timeout, &mut rx).await;
+        let patience = deadline.map_or(self.settings.queue_timeout, |d| {
+            self.settings.queue_timeout.min(d.remaining(now))
+        });
+        let outcome = tokio::time::timeout(patience, &mut rx).await;
         // Out of the queue in every case below (a granted waiter already is).
         let tenant = place.leave();
         let reason = match outcome {

@@ -16,6 +16,7 @@ use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
 use crate::client_key::{ClientKey, KeyExtractor};
 use crate::conn::PeerClosed;
+use crate::deadline::Deadline;
 use crate::error::{Reason, Rejection, client_fault, refused};
 use crate::upstream_timeout::UpstreamLatency;
 
@@ -128,14 +129,16 @@ fn wait(
     tenant: ClientKey,
     weight: u64,
     peer: Option<PeerClosed>,
+    deadline: Option<Deadline>,
 ) -> BoxFuture<Permit> {
     Box::pin(async move {
+        let acquire = controller.acquire_before(priority, tenant, weight, deadline);
         let Some(peer) = peer else {
-            return Ok(controller.acquire_as(priority, tenant, weight).await?);
+            return Ok(acquire.await?);
         };
         tokio::select! {
             biased;
-            permit = controller.acquire_as(priority, tenant, weight) => Ok(permit?),
+            permit = acquire => Ok(permit?),
             () = peer.closed() => {
                 // Dropping the acquire future left the queue.
                 Err(Rejection::new(Reason::ClientClosed)
@@ -256,6 +259,7 @@ where
         let priority = self.priority.of(&req);
         let tenant = tenant.unwrap_or_else(|| self.tenant_of(&req));
         let peer = req.extensions().get::<PeerClosed>().cloned();
+        let deadline = req.extensions().get::<Deadline>().copied();
         let controller = self.controller.clone();
         // The service made ready goes with the request; this one keeps a clone.
         let clone = self.inner.clone();
@@ -263,7 +267,8 @@ where
         ResponseFuture::Queued {
             future: Box::pin(async move {
                 let start = Instant::now();
-                let mut permit = wait(controller.clone(), priority, tenant, weight, peer).await?;
+                let mut permit =
+                    wait(controller.clone(), priority, tenant, weight, peer, deadline).await?;
                 if reweigh {
                     req.extensions_mut()
                         .insert(controller.progress(&mut permit));
@@ -320,9 +325,11 @@ fn finish<ResB, E: Into<BoxError>>(
             }))
         }
         Err(err) => {
-            // A body over its limit, stalled, cut short or malformed is the
-            // client's doing, not load: no sample.
-            if client_fault(err.as_ref()).is_none() {
+            // A body over its limit, stalled, cut short or malformed, or a
+            // client deadline that ran out, is the client's doing, not load:
+            // no sample.
+            let deadline = crate::body::find_cause::<crate::deadline::ClientDeadline>(err.as_ref());
+            if client_fault(err.as_ref()).is_none() && deadline.is_none() {
                 permit.record(admitted.elapsed(), true);
             }
             Err(err)

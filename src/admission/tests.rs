@@ -754,3 +754,39 @@ async fn a_body_of_unknown_length_is_reweighed_as_it_streams_and_given_back_whol
     (progress.0)(900_000);
     assert_eq!(c.snapshot().inflight_bytes, Some(0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_clients_deadline_bounds_the_wait_and_the_prediction() {
+    use crate::deadline::Deadline;
+    let c = controller(1, 10, 10_000);
+    // Teach the estimator: one completion per second.
+    for _ in 0..5 {
+        let p = c.acquire(Priority::Normal).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(p);
+    }
+    let held = c.acquire(Priority::Normal).await.unwrap();
+    let start = tokio::time::Instant::now();
+    // A second to wait, and the client gives up in 300 ms: refused now,
+    // where queue_timeout_ms (10 s) alone would have queued it.
+    let soon = Some(Deadline(start + Duration::from_millis(300)));
+    let err = c
+        .acquire_before(Priority::Normal, everyone(), 0, soon)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::QueueFull);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    // With time enough it queues, and waits no longer than the deadline.
+    drop(held);
+    let _held = c.acquire(Priority::Normal).await.unwrap();
+    let later = Some(Deadline(
+        tokio::time::Instant::now() + Duration::from_millis(1500),
+    ));
+    let start = tokio::time::Instant::now();
+    let err = c
+        .acquire_before(Priority::Normal, everyone(), 0, later)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::QueueTimeout);
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
+}

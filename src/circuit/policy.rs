@@ -7,6 +7,7 @@ use http::{HeaderMap, Response, StatusCode, header};
 use super::breaker::CallOutcome;
 use crate::admission::QueueWait;
 use crate::body::{BoxError, find_cause};
+use crate::deadline::ClientDeadline;
 use crate::error::{Reason, Rejection, client_fault};
 use crate::grpc;
 use crate::upstream_timeout::UpstreamLatency;
@@ -105,6 +106,9 @@ impl FailurePolicy {
         let err: &(dyn std::error::Error + 'static) = err.as_ref();
         if client_fault(err).is_some() {
             return None; // the client's body, not the upstream
+        }
+        if find_cause::<ClientDeadline>(err).is_some() {
+            return None; // the client's deadline ran out, not the upstream
         }
         if let Some(rejection) = find_cause::<Rejection>(err) {
             return match rejection.reason() {

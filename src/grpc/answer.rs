@@ -9,8 +9,12 @@ use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::status::{Code, GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, encode_message};
+use super::status::{
+    Code, GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GRPC_TIMEOUT, encode_message,
+    parse_timeout,
+};
 use crate::body::{ProxyBody, full};
+use crate::deadline::Deadline;
 use crate::error::Rejected;
 
 /// Whether `req` is a gRPC call (`application/grpc`, `application/grpc+proto`,
@@ -50,9 +54,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let grpc = is_grpc(&req);
+        if grpc && let Some(timeout) = req.headers().get(&GRPC_TIMEOUT).and_then(parse_timeout) {
+            let deadline = Deadline(tokio::time::Instant::now() + timeout);
+            req.extensions_mut().insert(deadline);
+        }
         GrpcAnswersFuture {
-            grpc: is_grpc(&req),
+            grpc,
             inner: self.inner.call(req),
         }
     }

@@ -8,7 +8,8 @@
 //! [`Rejected`](crate::error::Rejected) extension) is rewritten into a
 //! trailers-only response: HTTP 200, `grpc-status`, `grpc-message` and, when
 //! the refusal has a `Retry-After`, `grpc-retry-pushback-ms` from the same
-//! computation ([`status`] maps reasons to codes).
+//! computation ([`status`] maps reasons to codes). A call's `grpc-timeout`
+//! becomes its [`Deadline`](crate::deadline::Deadline).
 
 mod answer;
 pub mod status;

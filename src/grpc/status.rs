@@ -8,6 +8,8 @@ use crate::error::Reason;
 pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// `grpc-message`.
 pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// `grpc-timeout`: the client's deadline, relative.
+pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// `grpc-retry-pushback-ms`: how long the client's retry policy waits.
 pub static GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
@@ -188,5 +190,44 @@ mod verdicts {
             )))
         );
         assert_eq!(verdict(&headers(&[])), None);
+    }
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`), as the gRPC HTTP/2 protocol spec defines it.
+pub fn parse_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = value.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod timeouts {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_values() {
+        let t = |s: &'static str| parse_timeout(&http::HeaderValue::from_static(s));
+        assert_eq!(t("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(t("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(t("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(t("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "123456789S", "1.5S", "-1S", "10x"] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
     }
 }

@@ -21,6 +21,8 @@ pub enum Answer {
     Ok = 0,
     Unavailable = 1,
     InvalidArgument = 2,
+    /// Answers OK after two seconds.
+    Slow = 3,
 }
 
 /// What the receiver saw, and its switch.
@@ -56,6 +58,7 @@ impl TraceService for Stub {
         match self.0.answer.load(Ordering::SeqCst) {
             1 => return Err(Status::unavailable("receiver down")),
             2 => return Err(Status::invalid_argument("bad spans")),
+            3 => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
             _ => {}
         }
         let spans: usize = request
