@@ -9,6 +9,7 @@ use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use super::details;
 use super::status::{
     Code, GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GRPC_TIMEOUT, encode_message,
     parse_timeout,
@@ -113,12 +114,18 @@ fn as_grpc(res: Response<ProxyBody>) -> Response<ProxyBody> {
         GRPC_STATUS.clone(),
         HeaderValue::from_static(Code::of(reason).as_str()),
     );
-    let message = encode_message(&format!("sluicegate: {} ({reason})", reason.message()));
-    if let Ok(v) = HeaderValue::try_from(message) {
+    let text = format!("sluicegate: {} ({reason})", reason.message());
+    if let Ok(v) = HeaderValue::try_from(encode_message(&text)) {
         headers.insert(GRPC_MESSAGE.clone(), v);
     }
     if let Some(ms) = pushback_ms {
         headers.insert(GRPC_RETRY_PUSHBACK_MS.clone(), HeaderValue::from(ms));
+        let code = Code::of(reason) as u8;
+        let delay = std::time::Duration::from_millis(ms);
+        headers.insert(
+            details::GRPC_STATUS_DETAILS.clone(),
+            details::retry_info(code, &text, delay),
+        );
     }
     // An empty body ends the stream with the headers: trailers-only.
     Response::from_parts(parts, full(bytes::Bytes::new()))

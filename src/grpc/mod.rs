@@ -8,10 +8,13 @@
 //! [`Rejected`](crate::error::Rejected) extension) is rewritten into a
 //! trailers-only response: HTTP 200, `grpc-status`, `grpc-message` and, when
 //! the refusal has a `Retry-After`, `grpc-retry-pushback-ms` from the same
-//! computation ([`status`] maps reasons to codes). A call's `grpc-timeout`
+//! computation, and `grpc-status-details-bin` with a `RetryInfo` of the same
+//! delay, which OpenTelemetry exporters wait ([`details`]; [`status`] maps
+//! reasons to codes). A call's `grpc-timeout`
 //! becomes its [`Deadline`](crate::deadline::Deadline).
 
 mod answer;
+pub mod details;
 pub mod status;
 
 pub use answer::{GrpcAnswers, GrpcAnswersLayer, is_grpc};
