@@ -249,3 +249,102 @@ async fn the_clients_grpc_timeout_bounds_the_upstream_call() {
     client.export(spans(1)).await.unwrap();
     proxy.shutdown().await;
 }
+
+/// A bidirectional streaming echo served by tonic (its generic server, as
+/// generated code uses it): each message is answered as it arrives, then the
+/// stream ends with ABORTED in the trailers, after the data.
+async fn spawn_streaming_echo() -> std::net::SocketAddr {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as Msg;
+    use tokio_stream::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let echo = tower::service_fn(
+                            |req: tonic::Request<tonic::Streaming<Msg>>| async move {
+                                let replies = req.into_inner().map(|m| m).chain(
+                                    tokio_stream::once(Err(tonic::Status::aborted("stream done"))),
+                                );
+                                let stream: std::pin::Pin<
+                                    Box<
+                                        dyn tokio_stream::Stream<Item = Result<Msg, tonic::Status>>
+                                            + Send,
+                                    >,
+                                > = Box::pin(replies);
+                                Ok::<_, tonic::Status>(tonic::Response::new(stream))
+                            },
+                        );
+                        let mut grpc = tonic::server::Grpc::new(
+                            tonic_prost::ProstCodec::<Msg, Msg>::default(),
+                        );
+                        Ok::<_, std::convert::Infallible>(grpc.streaming(echo, req).await)
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_bidirectional_stream_passes_message_by_message_with_its_trailers() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as Msg;
+    let addr = spawn_streaming_echo().await;
+    let circuit = "[route.circuit]\nfailure_threshold = 1\n";
+    let proxy = sluicegate::start(config(addr, "/", &http2_route(circuit)))
+        .await
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.proxy_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let path = http::uri::PathAndQuery::from_static("/test.Echo/Stream");
+    tx.send(spans(1)).await.unwrap();
+    let res = grpc
+        .streaming(
+            tonic::Request::new(outbound),
+            path,
+            tonic_prost::ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .unwrap();
+    let mut inbound = res.into_inner();
+    // Ping-pong: each reply comes before the next message is sent, which a
+    // proxy buffering either body would deadlock.
+    for n in 1..=5usize {
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(5), inbound.message())
+            .await
+            .expect("a reply per message, as it is sent")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.resource_spans[0].scope_spans[0].spans.len(), n);
+        if n < 5 {
+            tx.send(spans(n + 1)).await.unwrap();
+        }
+    }
+    drop(tx);
+    // The status after the data, in the trailers, as the upstream sent it.
+    let end = inbound.message().await.unwrap_err();
+    assert_eq!(end.code(), Code::Aborted);
+    assert_eq!(end.message(), "stream done");
+    // ABORTED is the application's word, not a failure of the upstream.
+    let (_, body) = get(&format!("http://{}/status", proxy.admin_addr())).await;
+    assert_eq!(json(&body)["routes"][0]["circuit"]["state"], "closed");
+    proxy.shutdown().await;
+}
