@@ -348,3 +348,57 @@ async fn a_bidirectional_stream_passes_message_by_message_with_its_trailers() {
     assert_eq!(json(&body)["routes"][0]["circuit"]["state"], "closed");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_grpc_timeout_shorter_than_the_predicted_wait_is_refused_at_once() {
+    let (receiver, addr) = spawn_receiver().await;
+    // One call at a time, 100 ms each: 10 calls a second, and a queue that
+    // would let a call wait up to 10 s.
+    let route =
+        "[route.admission]\nmax_inflight = 1\nqueue_capacity = 16\nqueue_timeout_ms = 10000\n";
+    let proxy = sluicegate::start(config(addr, "/", &http2_route(route)))
+        .await
+        .unwrap();
+    receiver.answer(Answer::Busy);
+    let client = otlp_client(&proxy).await;
+    // A standing line of four: the drain rate is learnt, and a newcomer's
+    // predicted wait is about half a second.
+    let line: Vec<_> = (0..12)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.export(spans(1)).await.map(|_| ()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // 50 ms left to wait: refused now, not queued to time out later.
+    let url = format!(
+        "http://{}{}",
+        proxy.proxy_addr(),
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    );
+    let mut call = grpc_call(url.clone());
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("50m"));
+    let (res, _) = send(&h2c_client(), call).await;
+    assert_eq!(res.headers()["grpc-status"], "8", "{:?}", res.headers());
+    let message = res.headers()["grpc-message"].to_str().unwrap().to_string();
+    assert!(
+        message.contains("queue_full"),
+        "refused at once, not after waiting: {message}"
+    );
+    assert!(res.headers().contains_key("grpc-retry-pushback-ms"));
+    // A deadline the line fits in is queued and served.
+    let mut call = grpc_call(url);
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("30S"));
+    let (res, _) = send(&h2c_client(), call).await;
+    assert!(
+        res.headers().get("grpc-status").is_none_or(|s| s == "0"),
+        "{:?}",
+        res.headers()
+    );
+    for call in line {
+        call.await.unwrap().unwrap();
+    }
+    proxy.shutdown().await;
+}

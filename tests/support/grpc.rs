@@ -23,6 +23,8 @@ pub enum Answer {
     InvalidArgument = 2,
     /// Answers OK after two seconds.
     Slow = 3,
+    /// Answers OK after 100 ms.
+    Busy = 4,
 }
 
 /// What the receiver saw, and its switch.
@@ -59,6 +61,7 @@ impl TraceService for Stub {
             1 => return Err(Status::unavailable("receiver down")),
             2 => return Err(Status::invalid_argument("bad spans")),
             3 => tokio::time::sleep(std::time::Duration::from_secs(2)).await,
+            4 => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
             _ => {}
         }
         let spans: usize = request
