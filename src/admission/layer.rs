@@ -208,6 +208,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let grpc = req.extensions().get::<crate::grpc::GrpcCall>().is_some();
         if let Some(permit) = req
             .extensions_mut()
             .remove::<Granted>()
@@ -216,6 +217,7 @@ where
             return ResponseFuture::Admitted {
                 inner: self.inner.call(req),
                 admitted: Some((permit, Instant::now())),
+                grpc,
             };
         }
         // What the body weighs (bytes counted only): its declared length,
@@ -254,6 +256,7 @@ where
             return ResponseFuture::Admitted {
                 inner: self.inner.call(req),
                 admitted: Some((permit, Instant::now())),
+                grpc,
             };
         }
         let priority = self.priority.of(&req);
@@ -275,7 +278,7 @@ where
                 }
                 let admitted = Instant::now();
                 let result = inner.oneshot(req).await;
-                finish(result, permit, admitted, admitted - start)
+                finish(result, permit, admitted, admitted - start, grpc)
             }),
         }
     }
@@ -293,6 +296,7 @@ fn finish<ResB, E: Into<BoxError>>(
     mut permit: Permit,
     admitted: Instant,
     waited: Duration,
+    grpc_call: bool,
 ) -> Result<Response<GuardedBody<ResB, Permit>>, BoxError> {
     match result.map_err(Into::into) {
         Ok(mut res) => {
@@ -303,7 +307,7 @@ fn finish<ResB, E: Into<BoxError>>(
                 .map_or_else(|| admitted.elapsed(), |l| l.0);
             // gRPC says how a call went in grpc-status: in the headers of a
             // trailers-only answer, else in the trailers, read as they pass.
-            let grpc = crate::grpc::is_grpc_response(&res);
+            let grpc = grpc_call && crate::grpc::is_grpc_response(&res);
             let grpc_overload = grpc && crate::grpc::verdict(res.headers()).is_some_and(overloads);
             permit.record(rtt, res.status().is_server_error() || grpc_overload);
             res.extensions_mut().insert(QueueWait(waited));
@@ -347,6 +351,7 @@ pin_project! {
             #[pin]
             inner: F,
             admitted: Option<(Permit, Instant)>,
+            grpc: bool,
         },
         /// Waiting in the queue, then called: boxed, so that only a request
         /// that waits pays for the waiting state.
@@ -369,10 +374,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseProj::Admitted { inner, admitted } => {
+            ResponseProj::Admitted {
+                inner,
+                admitted,
+                grpc,
+            } => {
                 let result = ready!(inner.poll(cx));
                 let (permit, at) = admitted.take().expect("polled after completion");
-                Poll::Ready(finish(result, permit, at, Duration::ZERO))
+                Poll::Ready(finish(result, permit, at, Duration::ZERO, *grpc))
             }
             ResponseProj::Queued { future } => future.as_mut().poll(cx),
             ResponseProj::Refused { rejection } => Poll::Ready(refused(rejection)),

@@ -134,6 +134,7 @@ where
         let start = Instant::now();
         match circuit.acquire(start) {
             Ok(ticket) => ResponseFuture::Called {
+                grpc: req.extensions().get::<crate::grpc::GrpcCall>().is_some(),
                 inner: self.inner.call(req),
                 pending: Some(Undecided::new(circuit.clone(), ticket)),
                 start,
@@ -159,6 +160,7 @@ pin_project! {
         Called {
             #[pin]
             inner: F,
+            grpc: bool,
             pending: Option<Undecided>,
             start: Instant,
         },
@@ -185,17 +187,19 @@ where
             }
             ResponseProj::Called {
                 inner,
+                grpc,
                 pending,
                 start,
             } => {
                 let result = ready!(inner.poll(cx)).map_err(Into::into);
                 let pending = pending.take().expect("polled after completion");
                 Poll::Ready(match result {
-                    Ok(res) => match pending.policy().classify(&res, start.elapsed()) {
+                    Ok(res) => match pending.policy().classify_call(&res, start.elapsed(), *grpc) {
                         // A success is only one once its body has arrived.
                         CallOutcome::Success => {
                             // Trailers-only gRPC answers were decided by their headers.
-                            let grpc = crate::grpc::is_grpc_response(&res)
+                            let grpc = *grpc
+                                && crate::grpc::is_grpc_response(&res)
                                 && !res
                                     .headers()
                                     .contains_key(&crate::grpc::status::GRPC_STATUS);

@@ -66,8 +66,20 @@ impl FailurePolicy {
     /// [`CircuitBody`](super::CircuitBody) at the end, from
     /// [`classify_grpc`](Self::classify_grpc)).
     pub fn classify<B>(&self, res: &Response<B>, elapsed: Duration) -> CallOutcome {
+        self.classify_call(res, elapsed, true)
+    }
+
+    /// As [`classify`](Self::classify), told whether the request was a gRPC
+    /// call (only then is the response's content type worth a look).
+    pub fn classify_call<B>(
+        &self,
+        res: &Response<B>,
+        elapsed: Duration,
+        grpc_call: bool,
+    ) -> CallOutcome {
         let status = res.status();
-        if status == StatusCode::OK
+        if grpc_call
+            && status == StatusCode::OK
             && grpc::is_grpc_response(res)
             && let Some(outcome) = Self::classify_grpc(res.headers())
             && outcome != CallOutcome::Success

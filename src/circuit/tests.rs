@@ -509,7 +509,10 @@ async fn grpc_statuses_in_trailers_are_the_calls_outcome() {
             Ok::<_, crate::body::BoxError>(grpc_answer(code))
         }));
         for _ in 0..3 {
-            let res = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+            // Marked as the gRPC layer above marks a gRPC call.
+            let mut req = http::Request::new(());
+            req.extensions_mut().insert(crate::grpc::GrpcCall);
+            let res = svc.clone().oneshot(req).await.unwrap();
             // Decided only once the trailers have passed.
             assert_eq!(circuit.state(), Closed);
             res.into_body().collect().await.unwrap();

@@ -26,6 +26,11 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Request extension on a gRPC call, so that the layers below tell one by
+/// an extension lookup instead of matching the content type again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcCall;
+
 /// Layer rewriting the proxy's own answers to gRPC calls (see the module).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcAnswersLayer;
@@ -57,6 +62,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let grpc = is_grpc(&req);
+        if grpc {
+            req.extensions_mut().insert(GrpcCall);
+        }
         if grpc && let Some(timeout) = req.headers().get(&GRPC_TIMEOUT).and_then(parse_timeout) {
             let deadline = Deadline(tokio::time::Instant::now() + timeout);
             req.extensions_mut().insert(deadline);

@@ -214,8 +214,10 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let client = parts.extensions.get::<ClientAddr>();
-        // gRPC needs `te: trailers` end to end; it is hop-by-hop otherwise.
-        let te_trailers = parts.headers.get(TE).is_some_and(|v| v == "trailers");
+        // gRPC needs `te: trailers` end to end; it is hop-by-hop otherwise
+        // (looked up only where it can travel).
+        let h2 = matches!(self.inner.upstream, Upstream::Http2(_));
+        let te_trailers = h2 && parts.headers.get(TE).is_some_and(|v| v == "trailers");
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client);
         // Told the bytes as they go, when admission re-weighs this body.
         let body = match parts.extensions.get::<BodyProgress>() {
