@@ -402,3 +402,65 @@ async fn a_grpc_timeout_shorter_than_the_predicted_wait_is_refused_at_once() {
     }
     proxy.shutdown().await;
 }
+
+/// An h2c upstream that answers with the request's trailers as its own.
+async fn spawn_trailer_echo() -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let collected = req.into_body().collect().await?;
+                        let trailers = collected.trailers().cloned().unwrap_or_default();
+                        let data = collected.to_bytes();
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(data)),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                        Ok::<_, hyper::Error>(http::Response::new(body))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn trailers_travel_both_ways_over_http2() {
+    use http_body_util::BodyExt;
+    let addr = spawn_trailer_echo().await;
+    let proxy = sluicegate::start(config(addr, "/", &http2_route("")))
+        .await
+        .unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static("c0ffee"));
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"payload",
+        ))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let body: TestBody = http_body_util::StreamBody::new(tokio_stream::iter(frames)).boxed();
+    let req = Request::post(format!("http://{}/upload", proxy.proxy_addr()))
+        .body(body)
+        .unwrap();
+    let res = h2c_client().request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let collected = res.into_body().collect().await.unwrap();
+    let back = collected.trailers().cloned().expect("response trailers");
+    assert_eq!(
+        back["x-checksum"], "c0ffee",
+        "the request's trailers reached the upstream"
+    );
+    assert_eq!(collected.to_bytes(), "payload");
+    proxy.shutdown().await;
+}
