@@ -38,23 +38,7 @@ bin=${CARGO_TARGET_DIR:-target}/release
 scratch
 
 nginx_upstream_conf "$work/nginx.conf" "$UP"
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 1024
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$PX
-  default_backend be
-backend be
-  server up 127.0.0.1:$UP
-CONF
+haproxy_conf "$work/haproxy.cfg" 1024 "127.0.0.1:$PX" "$UP"
 sluicegate_config() { # extra route lines
   cat <<CONF
 [server]

@@ -38,6 +38,30 @@ http {
 CONF
 }
 
+# Writes to $1 HAProxy's config for the like-for-like comparisons: one
+# thread, keep-alive both sides, `http-reuse always`, `maxconn` $2, the
+# frontend bound as "$3" (an address, and `ssl crt ...` for TLS), the one
+# backend server 127.0.0.1:$4.
+haproxy_conf() {
+  cat > "$1" <<CONF
+global
+  nbthread 1
+  maxconn $2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind $3
+  default_backend be
+backend be
+  server up 127.0.0.1:$4
+CONF
+}
+
 # wrk's --latency figures in microseconds ("123.00us", "1.20ms", "2s").
 to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
 

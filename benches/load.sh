@@ -38,23 +38,7 @@ cargo build --release --quiet
 scratch
 
 nginx_upstream_conf "$work/nginx.conf" "$UP"
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$HA
-  default_backend be
-backend be
-  server up 127.0.0.1:$UP
-CONF
+haproxy_conf "$work/haproxy.cfg" 4096 "127.0.0.1:$HA" "$UP"
 cat > "$work/sluicegate.toml" <<CONF
 [server]
 listen = "127.0.0.1:$SG"

@@ -46,23 +46,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
 
 nginx_upstream_conf "$work/nginx.conf" "$UP"
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$HA ssl crt $work/haproxy.pem alpn h2,http/1.1
-  default_backend be
-backend be
-  server up 127.0.0.1:$UP
-CONF
+haproxy_conf "$work/haproxy.cfg" 4096 "127.0.0.1:$HA ssl crt $work/haproxy.pem alpn h2,http/1.1" "$UP"
 cat > "$work/sluicegate.toml" <<CONF
 [server]
 listen = "127.0.0.1:$SG"
