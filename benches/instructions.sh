@@ -78,24 +78,8 @@ command_of() {
 }
 
 # Runs target $1 under callgrind for $2 requests; prints the total.
-measure() {
-  local out="$work/$1.$2.cg"
-  # shellcheck disable=SC2046
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
-    --dump-instr=no --compress-strings=no $(command_of "$1") 2>"$work/$1.$2.log" &
-  local pid=$!
-  local up=""
-  for _ in $(seq 300); do
-    if curl -fs "http://127.0.0.1:$PX/" >/dev/null 2>&1; then up=1; break; fi
-    sleep 0.1
-  done
-  [ -n "$up" ] || { echo "$1 did not start:" >&2; cat "$work/$1.$2.log" >&2; exit 1; }
-  h2load --h1 -n "$2" -c 4 "http://127.0.0.1:$PX/" > "$work/$1.$2.h2load"
-  grep -q " 0 failed, 0 errored" "$work/$1.$2.h2load" || { cat "$work/$1.$2.h2load" >&2; exit 1; }
-  # HAProxy's soft stop is SIGUSR1; the others drain on SIGTERM.
-  if [ "$1" = haproxy ]; then kill -USR1 "$pid"; else kill -TERM "$pid"; fi
-  wait "$pid" || true
-  awk '/^summary:/ {print $2}' "$out"
+measure() { # target n
+  callgrind_run "$1" "http://127.0.0.1:$PX/" "$2" "$(command_of "$1")"
 }
 
 # The functions of target $1 by cost per request, largest first: inclusive

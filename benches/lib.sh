@@ -62,6 +62,29 @@ backend be
 CONF
 }
 
+# Runs target $1 (a name for the files in $work) under callgrind, started by
+# command $4 (word-split), until $2 (a URL, https allowed) answers, then
+# `h2load --h1 -c 4` sends it $3 requests, all of which must succeed; stops it
+# (HAProxy's soft stop is SIGUSR1, the others drain on SIGTERM) and prints the
+# instructions counted.
+callgrind_run() {
+  local out="$work/$1.$3.cg" pid up=""
+  # shellcheck disable=SC2086
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    --dump-instr=no --compress-strings=no $4 2>"$work/$1.$3.log" &
+  pid=$!
+  for _ in $(seq 300); do
+    if curl -kfs "$2" >/dev/null 2>&1; then up=1; break; fi
+    sleep 0.1
+  done
+  [ -n "$up" ] || { echo "$1 did not start:" >&2; cat "$work/$1.$3.log" >&2; exit 1; }
+  h2load --h1 -n "$3" -c 4 "$2" > "$work/$1.$3.h2load"
+  grep -q " 0 failed, 0 errored" "$work/$1.$3.h2load" || { cat "$work/$1.$3.h2load" >&2; exit 1; }
+  case "$1" in haproxy) kill -USR1 "$pid" ;; *) kill -TERM "$pid" ;; esac
+  wait "$pid" || true
+  awk '/^summary:/ {print $2}' "$out"
+}
+
 # wrk's --latency figures in microseconds ("123.00us", "1.20ms", "2s").
 to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000000} else print v}'; }
 

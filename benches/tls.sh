@@ -104,18 +104,7 @@ pids=("${pids[0]}")
 
 # Instructions: each server alone under callgrind, SMALL then LARGE requests.
 measure() { # target n
-  local out="$work/$1.$2.cg" port
-  port=$(port_of "$1")
-  # shellcheck disable=SC2046
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
-    --dump-instr=no --compress-strings=no $(command_of "$1") 2>"$work/$1.$2.log" &
-  local pid=$!
-  wait_up "$port" || { echo "$1 did not start:" >&2; cat "$work/$1.$2.log" >&2; exit 1; }
-  h2load --h1 -n "$2" -c 4 "https://127.0.0.1:$port/" > "$work/$1.$2.h2load"
-  grep -q " 0 failed, 0 errored" "$work/$1.$2.h2load" || { cat "$work/$1.$2.h2load" >&2; exit 1; }
-  if [ "$1" = haproxy ]; then kill -USR1 "$pid"; else kill -TERM "$pid"; fi
-  wait "$pid" || true
-  awk '/^summary:/ {print $2}' "$out"
+  callgrind_run "$1" "https://127.0.0.1:$(port_of "$1")/" "$2" "$(command_of "$1")"
 }
 declare -A per_request
 for t in haproxy sluicegate; do

@@ -53,37 +53,56 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads a PEM certificate chain (the leaf first).
-pub(crate) fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(key, path, pem_problem(e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(key, path, pem_problem(e)))?;
-    if certs.is_empty() {
-        return Err(error(key, path, "no CERTIFICATE in the file"));
-    }
-    Ok(certs)
+/// A PEM file's bytes, read once: what is parsed from them, and what tells
+/// a rotation, are then the same contents.
+pub(crate) struct PemFile<'a> {
+    key: &'a str,
+    path: &'a Path,
+    bytes: Vec<u8>,
 }
 
-/// Reads a PEM private key.
-pub(crate) fn read_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| error(key, path, pem_problem(e)))
-}
-
-/// Reads PEM CA certificates into a root store.
-pub(crate) fn read_roots(key: &str, path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(key, path)? {
-        roots
-            .add(cert)
-            .map_err(|e| error(key, path, format!("not a usable CA certificate: {e}")))?;
+impl<'a> PemFile<'a> {
+    /// Reads the file at `path`, named by config `key`.
+    pub(crate) fn read(key: &'a str, path: &'a Path) -> Result<Self, TlsError> {
+        let bytes =
+            std::fs::read(path).map_err(|e| error(key, path, format!("cannot read: {e}")))?;
+        Ok(Self { key, path, bytes })
     }
-    Ok(roots)
+
+    fn error(&self, message: impl fmt::Display) -> TlsError {
+        error(self.key, self.path, message)
+    }
+
+    /// A certificate chain (the leaf first).
+    pub(crate) fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = CertificateDer::pem_slice_iter(&self.bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(pem_problem(e)))?;
+        if certs.is_empty() {
+            return Err(self.error("no CERTIFICATE in the file"));
+        }
+        Ok(certs)
+    }
+
+    /// A private key.
+    pub(crate) fn private_key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.bytes).map_err(|e| self.error(pem_problem(e)))
+    }
+
+    /// CA certificates, as a root store.
+    pub(crate) fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in self.certs()? {
+            roots
+                .add(cert)
+                .map_err(|e| self.error(format!("not a usable CA certificate: {e}")))?;
+        }
+        Ok(roots)
+    }
 }
 
 fn pem_problem(e: rustls::pki_types::pem::Error) -> String {
     match e {
-        rustls::pki_types::pem::Error::Io(e) => format!("cannot read: {e}"),
         rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind".into(),
         other => format!("not valid PEM: {other:?}"),
     }
@@ -100,10 +119,17 @@ pub fn client_config(
     alpn: &[&[u8]],
 ) -> Result<(Arc<rustls::ClientConfig>, Vec<u8>), TlsError> {
     let mut files = Vec::new();
+    let (ca_key, cert_key, key_key) = (
+        format!("{at}.ca_file"),
+        format!("{at}.cert_file"),
+        format!("{at}.key_file"),
+    );
     let roots = match ca_file {
         Some(path) => {
-            files.extend(std::fs::read(path).unwrap_or_default());
-            read_roots(&format!("{at}.ca_file"), path)?
+            let ca = PemFile::read(&ca_key, path)?;
+            let roots = ca.roots()?;
+            files.extend(ca.bytes);
+            roots
         }
         None => RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -115,17 +141,19 @@ pub fn client_config(
         .with_root_certificates(roots);
     let mut config = match cert_and_key {
         Some((cert, key)) => {
-            files.extend(std::fs::read(cert).unwrap_or_default());
-            files.extend(std::fs::read(key).unwrap_or_default());
-            let certs = read_certs(&format!("{at}.cert_file"), cert)?;
-            let key_der = read_key(&format!("{at}.key_file"), key)?;
-            builder.with_client_auth_cert(certs, key_der).map_err(|e| {
-                error(
-                    &format!("{at}.key_file"),
-                    key,
-                    format!("does not match the certificate or is unusable: {e}"),
-                )
-            })?
+            let (cert, key) = (
+                PemFile::read(&cert_key, cert)?,
+                PemFile::read(&key_key, key)?,
+            );
+            let (chain, private) = (cert.certs()?, key.private_key()?);
+            let config = builder.with_client_auth_cert(chain, private).map_err(|e| {
+                key.error(format!(
+                    "does not match the certificate or is unusable: {e}"
+                ))
+            })?;
+            files.extend(cert.bytes);
+            files.extend(key.bytes);
+            config
         }
         None => builder.with_no_client_auth(),
     };

@@ -144,9 +144,9 @@ async fn a_reload_rotates_the_certificate_and_refuses_a_broken_one() {
     let proxy = sluicegate::server::start_from(config, Some(path.clone()))
         .await
         .unwrap();
-    let client = connector(&ca, &[b"http/1.1"], None);
+    let tls_client = connector(&ca, &[b"http/1.1"], None);
     let served_cert = || async {
-        let stream = connect(&client, proxy.proxy_addr(), "localhost")
+        let stream = connect(&tls_client, proxy.proxy_addr(), "localhost")
             .await
             .unwrap();
         stream.get_ref().1.peer_certificates().unwrap()[0].clone()
@@ -157,7 +157,7 @@ async fn a_reload_rotates_the_certificate_and_refuses_a_broken_one() {
             .header("content-type", "application/json")
             .body(full(""))
             .unwrap();
-        send(&client_http(), req).await
+        send(&client(), req).await
     };
     // Rotated in place, as cert-manager does: new connections get the new one.
     let second = ca.issue(&["localhost"]);
@@ -184,12 +184,6 @@ async fn a_reload_rotates_the_certificate_and_refuses_a_broken_one() {
     );
     assert_eq!(served_cert().await, second.der);
     proxy.shutdown().await;
-}
-
-fn client_http()
--> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody>
-{
-    client()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -271,6 +271,11 @@ impl Circuit {
         }
     }
 
+    /// State changes since the route was built.
+    pub fn transitions(&self) -> u64 {
+        self.lock().transitions
+    }
+
     /// The current state.
     pub fn state(&self) -> CircuitState {
         self.lock().breaker.state()

@@ -21,9 +21,7 @@ use crate::error::Rejected;
 /// Whether `req` is a gRPC call (`application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web`...).
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    super::status::is_grpc_content(req.headers())
 }
 
 /// Request extension on a gRPC call, so that the layers below tell one by
@@ -145,51 +143,25 @@ mod tests {
     use crate::error::{Reason, Rejection};
     use tower::ServiceExt;
 
-    fn call(content_type: &str, answer: Response<ProxyBody>) -> Response<ProxyBody> {
+    /// `answer` as the stack below answered a call with `content_type`.
+    async fn call(content_type: &str, answer: Response<ProxyBody>) -> Response<ProxyBody> {
+        let mut answer = Some(answer);
         let svc = GrpcAnswersLayer.layer(tower::service_fn(move |_req: Request<()>| {
-            let answer = Response::from_parts(answer.clone_parts(), full(bytes::Bytes::new()));
-            async move { Ok::<_, std::convert::Infallible>(answer) }
+            std::future::ready(Ok::<_, std::convert::Infallible>(answer.take().unwrap()))
         }));
         let req = Request::post("/pkg.Svc/Method")
             .header("content-type", content_type)
             .body(())
             .unwrap();
-        futures_lite(svc.oneshot(req))
+        svc.oneshot(req).await.unwrap()
     }
 
-    trait CloneParts {
-        fn clone_parts(&self) -> http::response::Parts;
-    }
-    impl CloneParts for Response<ProxyBody> {
-        fn clone_parts(&self) -> http::response::Parts {
-            let mut b = Response::builder().status(self.status());
-            for (k, v) in self.headers() {
-                b = b.header(k, v);
-            }
-            let mut parts = b.body(()).unwrap().into_parts().0;
-            if let Some(r) = self.extensions().get::<Rejected>() {
-                parts.extensions.insert(*r);
-            }
-            parts
-        }
-    }
-
-    fn futures_lite<F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>>(
-        f: F,
-    ) -> Response<ProxyBody> {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-            .unwrap()
-    }
-
-    #[test]
-    fn a_refused_grpc_call_gets_a_grpc_status_and_pushback() {
+    #[tokio::test]
+    async fn a_refused_grpc_call_gets_a_grpc_status_and_pushback() {
         let refusal = Rejection::new(Reason::QueueFull)
             .with_retry_after(3)
             .into_response();
-        let res = call("application/grpc+proto", refusal);
+        let res = call("application/grpc+proto", refusal).await;
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers()["grpc-status"], "8");
         assert_eq!(res.headers()["grpc-retry-pushback-ms"], "3000");
@@ -208,11 +180,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn other_answers_pass_untouched() {
+    #[tokio::test]
+    async fn other_answers_pass_untouched() {
         // Not gRPC: the JSON refusal stays.
         let refusal = Rejection::new(Reason::CircuitOpen).into_response();
-        let res = call("application/json", refusal);
+        let res = call("application/json", refusal).await;
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         // The upstream's own answer to a gRPC call: its business.
         let upstream = Response::builder()
@@ -220,7 +192,7 @@ mod tests {
             .header("grpc-status", "3")
             .body(full(bytes::Bytes::new()))
             .unwrap();
-        let res = call("application/grpc", upstream);
+        let res = call("application/grpc", upstream).await;
         assert_eq!(res.headers()["grpc-status"], "3");
         assert!(res.headers().get("grpc-retry-pushback-ms").is_none());
     }

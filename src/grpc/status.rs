@@ -149,11 +149,17 @@ pub fn verdict(headers: &http::HeaderMap) -> Option<Verdict> {
     })
 }
 
-/// Whether `res` is a gRPC response (its content type).
-pub fn is_grpc_response<B>(res: &http::Response<B>) -> bool {
-    res.headers()
+/// Whether `headers` say gRPC: `application/grpc`, `application/grpc+proto`,
+/// `application/grpc-web`...
+pub fn is_grpc_content(headers: &http::HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Whether `res` is a gRPC response (its content type).
+pub fn is_grpc_response<B>(res: &http::Response<B>) -> bool {
+    is_grpc_content(res.headers())
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 use std::time::Duration;
 
@@ -228,6 +228,11 @@ impl Connector {
         Self { http, tls: None }
     }
 
+    /// A new connection to `target` (`scheme://authority`).
+    pub(super) async fn dial(&self, target: &Uri) -> Result<TokioIo<TrackedStream>, BoxError> {
+        self.clone().oneshot(target.clone()).await
+    }
+
     /// Wraps `http`, TLS to `tls.server_name` over it.
     pub fn with_tls(mut http: HttpConnector, tls: &UpstreamClientTls, timeout: Duration) -> Self {
         http.enforce_http(false);
@@ -274,6 +279,19 @@ impl Service<Uri> for Connector {
             }))
         })
     }
+}
+
+/// Runs a client connection's I/O until it closes, on its own task, as
+/// hyper's client connections need.
+pub(super) fn drive<F>(connection: F)
+where
+    F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
 }
 
 #[cfg(test)]

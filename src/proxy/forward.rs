@@ -164,37 +164,35 @@ enum SendError {
     Failed(hyper::Error, Arc<super::connector::Exchanges>),
 }
 
-impl Inner {
-    /// Sends `request` on a pooled connection; a request hyper gives back
-    /// unsent (its connection closed as it was checked out) goes on the next.
-    async fn send(
-        pool: &Pool,
-        mut request: Request<Reclaim>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let mut attempt = 1;
-        loop {
-            let mut conn = pool.checkout().await.map_err(SendError::Connect)?;
-            match conn.tx.try_send_request(request).await {
-                Ok(res) => return Ok((res, conn)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if attempt < UNSENT_ATTEMPTS => request = unsent,
-                    Some(_) => return Err(SendError::Connect(e.into_error().into())),
-                    None => return Err(SendError::Failed(e.into_error(), conn.exchanges)),
-                },
-            }
-            attempt += 1;
+/// Sends `request` on a pooled connection; a request hyper gives back
+/// unsent (its connection closed as it was checked out) goes on the next.
+async fn send(
+    pool: &Pool,
+    mut request: Request<Reclaim>,
+) -> Result<(Response<Incoming>, Conn), SendError> {
+    let mut attempt = 1;
+    loop {
+        let mut conn = pool.checkout().await.map_err(SendError::Connect)?;
+        match conn.tx.try_send_request(request).await {
+            Ok(res) => return Ok((res, conn)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if attempt < UNSENT_ATTEMPTS => request = unsent,
+                Some(_) => return Err(SendError::Connect(e.into_error().into())),
+                None => return Err(SendError::Failed(e.into_error(), conn.exchanges)),
+            },
         }
+        attempt += 1;
     }
+}
 
-    /// Sends `request` on a new connection.
-    async fn send_fresh(
-        pool: &Pool,
-        request: Request<Reclaim>,
-    ) -> Result<(Response<Incoming>, Conn), BoxError> {
-        let mut conn = pool.connect().await?;
-        let res = conn.tx.send_request(request).await?;
-        Ok((res, conn))
-    }
+/// Sends `request` on a new connection.
+async fn send_fresh(
+    pool: &Pool,
+    request: Request<Reclaim>,
+) -> Result<(Response<Incoming>, Conn), BoxError> {
+    let mut conn = pool.connect().await?;
+    let res = conn.tx.send_request(request).await?;
+    Ok((res, conn))
 }
 
 impl<B> Service<Request<B>> for Forward
@@ -225,14 +223,14 @@ where
             None => boxed(body),
         };
         match &self.inner.upstream {
-            Upstream::Http1(_) => self.call_http1(parts, body),
-            Upstream::Http2(_) => {
+            Upstream::Http1(pool) => self.call_http1(pool.clone(), parts, body),
+            Upstream::Http2(pool) => {
                 if te_trailers {
                     parts
                         .headers
                         .insert(TE, HeaderValue::from_static("trailers"));
                 }
-                self.call_http2(parts, body)
+                self.call_http2(pool.clone(), parts, body)
             }
         }
     }
@@ -241,6 +239,7 @@ where
 impl Forward {
     fn call_http1(
         &self,
+        pool: Pool,
         mut parts: http::request::Parts,
         body: crate::body::ProxyBody,
     ) -> ForwardFuture {
@@ -258,12 +257,9 @@ impl Forward {
         );
         let (body, reclaim) = Reclaim::new(body);
         let request = Request::from_parts(parts, body);
-        let inner = self.inner.clone();
+        let read_timeout = self.inner.read_timeout;
         Box::pin(async move {
-            let Upstream::Http1(pool) = &inner.upstream else {
-                unreachable!("call_http1 on an HTTP/2 route")
-            };
-            let (res, conn) = match Inner::send(pool, request).await {
+            let (res, conn) = match send(&pool, request).await {
                 Ok(sent) => sent,
                 Err(SendError::Failed(err, exchanges))
                     if retry::lost_the_idle_race(&err, &exchanges) =>
@@ -282,18 +278,19 @@ impl Forward {
                     *request.method_mut() = method;
                     *request.uri_mut() = uri;
                     *request.headers_mut() = headers;
-                    Inner::send_fresh(pool, request).await.map_err(classify)?
+                    send_fresh(&pool, request).await.map_err(classify)?
                 }
                 Err(SendError::Failed(err, _)) => return Err(classify(err)),
                 Err(SendError::Connect(err)) => return Err(classify(NotSent(err))),
             };
             let (head, body) = res.into_parts();
-            inner.answer(head, Pooled::new(body, conn, pool.clone()))
+            answer(head, Pooled::new(body, conn, pool), read_timeout)
         })
     }
 
     fn call_http2(
         &self,
+        pool: H2Pool,
         mut parts: http::request::Parts,
         body: crate::body::ProxyBody,
     ) -> ForwardFuture {
@@ -319,17 +316,14 @@ impl Forward {
         .expect("a scheme, an authority and a path make a URI");
         parts.version = Version::HTTP_2;
         let request = Request::from_parts(parts, Reclaim::sent(body));
-        let inner = self.inner.clone();
+        let read_timeout = self.inner.read_timeout;
         Box::pin(async move {
-            let Upstream::Http2(pool) = &inner.upstream else {
-                unreachable!("call_http2 on an HTTP/1.1 route")
-            };
             let stream = pool.stream().await.map_err(|e| classify(NotSent(e)))?;
             let mut tx = stream.sender();
             tx.ready().await.map_err(|e| classify(NotSent(e.into())))?;
             let res = tx.send_request(request).await.map_err(classify)?;
             let (head, body) = res.into_parts();
-            inner.answer(head, Pooled::multiplexed(body, stream))
+            answer(head, Pooled::multiplexed(body, stream), read_timeout)
         })
     }
 }
@@ -337,27 +331,26 @@ impl Forward {
 type ForwardFuture =
     Pin<Box<dyn Future<Output = Result<Response<ReadTimeout<Pooled>>, BoxError>> + Send>>;
 
-impl Inner {
-    /// The upstream's response, checked and rewritten for the client.
-    fn answer(
-        &self,
-        mut head: http::response::Parts,
-        body: Pooled,
-    ) -> Result<Response<ReadTimeout<Pooled>>, BoxError> {
-        if head.status == StatusCode::SWITCHING_PROTOCOLS {
-            // Upgrade is stripped from requests, so the upstream was never
-            // asked to switch; passing a 101 on would turn the client's
-            // connection into an opaque tunnel.
-            let err = Rejection::new(Reason::UpstreamUnavailable)
-                .with_cause("upstream answered 101 Switching Protocols unasked");
-            return Err(err.into());
-        }
-        headers::prepare_response(&mut head.headers, head.version);
-        Ok(Response::from_parts(
-            head,
-            ReadTimeout::new(body, self.read_timeout, Side::Upstream),
-        ))
+/// The upstream's response, checked and rewritten for the client, its body
+/// bounded by `read_timeout` between reads.
+fn answer(
+    mut head: http::response::Parts,
+    body: Pooled,
+    read_timeout: Duration,
+) -> Result<Response<ReadTimeout<Pooled>>, BoxError> {
+    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        // Upgrade is stripped from requests, so the upstream was never
+        // asked to switch; passing a 101 on would turn the client's
+        // connection into an opaque tunnel.
+        let err = Rejection::new(Reason::UpstreamUnavailable)
+            .with_cause("upstream answered 101 Switching Protocols unasked");
+        return Err(err.into());
     }
+    headers::prepare_response(&mut head.headers, head.version);
+    Ok(Response::from_parts(
+        head,
+        ReadTimeout::new(body, read_timeout, Side::Upstream),
+    ))
 }
 
 /// Turns a send error into the rejection the client gets. A request body cut

@@ -15,9 +15,8 @@ use std::time::Duration;
 use http::Uri;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower::ServiceExt;
 
-use super::connector::Connector;
+use super::connector::{Connector, drive};
 use super::retry::Reclaim;
 use crate::body::BoxError;
 
@@ -135,12 +134,7 @@ impl H2Pool {
         if self.lock().len() >= H2_CONNECTIONS {
             return Err("every HTTP/2 connection to the upstream is busy".into());
         }
-        let io = self
-            .shared
-            .connector
-            .clone()
-            .oneshot(self.shared.target.clone())
-            .await?;
+        let io = self.shared.connector.dial(&self.shared.target).await?;
         if io.inner().alpn_is(b"h2") == Some(false) {
             return Err("the upstream did not agree to HTTP/2 (ALPN h2); \
                         set upstream_protocol = \"http1\" for it"
@@ -154,11 +148,7 @@ impl H2Pool {
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
             .await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        drive(connection);
         Ok(tx)
     }
 }

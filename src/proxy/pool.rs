@@ -29,9 +29,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
-use super::connector::{Connector, Exchanges};
+use super::connector::{Connector, Exchanges, drive};
 use super::h2::Stream;
 use super::retry::Reclaim;
 use crate::body::BoxError;
@@ -112,19 +111,10 @@ impl Pool {
 
     /// A new connection (not pooled until its first response is read).
     pub(super) async fn connect(&self) -> Result<Conn, BoxError> {
-        let io = self
-            .shared
-            .connector
-            .clone()
-            .oneshot(self.shared.target.clone())
-            .await?;
+        let io = self.shared.connector.dial(&self.shared.target).await?;
         let exchanges = io.inner().exchanges();
         let (tx, connection) = http1::Builder::new().writev(false).handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        drive(connection);
         Ok(Conn { tx, exchanges })
     }
 

@@ -54,7 +54,7 @@ struct Reading {
     stats: Arc<RouteStats>,
     admission: Arc<Controller>,
     circuit: Option<Arc<Circuit>>,
-    outcomes: Vec<u64>,
+    outcomes: Vec<(Outcome, u64)>,
     upstream: Box<Counts>,
     queue_wait: Box<Counts>,
     transitions: u64,
@@ -67,10 +67,10 @@ impl Reading {
             stats: route.stats.clone(),
             admission: p.admission.clone(),
             circuit: p.circuit.clone(),
-            outcomes: route.stats.counts().map(|(_, n)| n).collect(),
+            outcomes: route.stats.counts().collect(),
             upstream: Box::new(route.stats.upstream_latency().counts()),
             queue_wait: Box::new(p.admission.queue_wait().counts()),
-            transitions: p.circuit.as_ref().map_or(0, |c| c.snapshot().transitions),
+            transitions: p.circuit.as_ref().map_or(0, |c| c.transitions()),
         }
     }
 
@@ -176,9 +176,8 @@ impl RouteHistory {
             circuit_transitions: now.transitions.saturating_sub(before.transitions),
             spool_depth: p.spool.as_ref().map(|s| s.store().snapshot().requests),
         };
-        let outcomes = route.stats.counts().map(|(o, _)| o);
-        for ((outcome, was), is) in outcomes.zip(&before.outcomes).zip(&now.outcomes) {
-            let n = is.saturating_sub(*was);
+        for (&(outcome, was), &(_, is)) in before.outcomes.iter().zip(&now.outcomes) {
+            let n = is.saturating_sub(was);
             sample.offered += n;
             match outcome {
                 Outcome::Status(_) => sample.admitted += n,

@@ -16,18 +16,18 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServerTlsConfig;
 pub use crate::tls::TlsError;
-use crate::tls::{error, provider, read_certs, read_key, read_roots};
+use crate::tls::{PemFile, error, provider};
 
 /// Builds the listener's rustls configuration from the files `config` names.
 pub fn server_config(config: &ServerTlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = read_certs("server.tls.cert_file", &config.cert_file)?;
-    let key = read_key("server.tls.key_file", &config.key_file)?;
+    let certs = PemFile::read("server.tls.cert_file", &config.cert_file)?.certs()?;
+    let key = PemFile::read("server.tls.key_file", &config.key_file)?.private_key()?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| error("server.tls", &config.cert_file, e))?;
     let builder = match &config.client_ca_file {
         Some(path) => {
-            let roots = read_roots("server.tls.client_ca_file", path)?;
+            let roots = PemFile::read("server.tls.client_ca_file", path)?.roots()?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| error("server.tls.client_ca_file", path, e))?;
