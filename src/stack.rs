@@ -121,7 +121,10 @@ fn guarded<S>(route: &RouteConfig, protections: &Protections, inner: S) -> Guard
     ServiceBuilder::new()
         .layer(CircuitBreakerLayer::optional(protections.circuit.clone()))
         .layer(admission_layer(route, protections.admission.clone()))
-        .layer(UpstreamTimeoutLayer::new(route.timeout_ms.get()))
+        .layer(
+            UpstreamTimeoutLayer::new(route.timeout_ms.get())
+                .write_timeout(route.write_timeout_ms.get()),
+        )
         .service(inner)
 }
 

@@ -190,6 +190,11 @@ pub struct RouteConfig {
     /// it the body is cut off (the headers are already sent).
     #[serde(default = "values::default_read_timeout")]
     pub read_timeout_ms: Millis,
+    /// Longest the upstream may take to accept more of a request body that
+    /// is ready to go; past it 504, the upstream's failure (nginx's
+    /// `proxy_send_timeout`).
+    #[serde(default = "values::default_write_timeout")]
+    pub write_timeout_ms: Millis,
     /// Deadline for opening a TCP connection to the upstream; past it, 502.
     #[serde(default = "values::default_connect_timeout")]
     pub connect_timeout_ms: Millis,

@@ -29,6 +29,10 @@ fn minimal_config_gets_defaults() {
     let route = &config.routes[0];
     assert_eq!(route.display_name(), "/");
     assert_eq!(route.timeout_ms.get(), std::time::Duration::from_secs(30));
+    assert_eq!(
+        route.write_timeout_ms.get(),
+        std::time::Duration::from_secs(60)
+    );
     assert_eq!(route.max_body_bytes.get(), 10 * 1024 * 1024);
     assert_eq!(config.server.listen.port(), 8080);
 }
@@ -130,6 +134,7 @@ fn bad_values_name_their_key() {
         ("timeout_ms = -5", "route[0].timeout_ms"),
         ("max_body_bytes = 0", "route[0].max_body_bytes"),
         ("connect_timeout_ms = -1", "route[0].connect_timeout_ms"),
+        ("write_timeout_ms = 0", "route[0].write_timeout_ms"),
     ];
     for (line, key) in limits {
         let e = err(&format!("{ROUTE}{line}\n"));

@@ -209,6 +209,11 @@ pub(super) const fn default_read_timeout() -> Millis {
     Millis::from_ms(60_000)
 }
 
+/// 60 s, as nginx's `proxy_send_timeout`.
+pub(super) const fn default_write_timeout() -> Millis {
+    Millis::from_ms(60_000)
+}
+
 /// 1 s: below gunicorn's 2 s and Node's 5 s keep-alive timeouts.
 pub(super) const fn default_pool_idle_timeout() -> Millis {
     Millis::from_ms(1_000)

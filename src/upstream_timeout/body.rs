@@ -1,0 +1,156 @@
+//! [`SentBody`]: a request body that tells its exchange where the upload
+//! stands, so that an upstream that stops taking bytes is told apart from a
+//! client that is slow to send them.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use crate::body::ended;
+
+/// Where a request body's upload stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Upload {
+    /// The next frame is awaited from the client: its pace, not the
+    /// upstream's.
+    AwaitingClient,
+    /// A frame was handed to the upstream connection at this moment (or the
+    /// request was, before any frame), and the connection has not asked for
+    /// the next since: the upstream is not taking bytes.
+    AwaitingUpstream(Instant),
+    /// The body has been sent in full, or dropped unsent.
+    Done,
+}
+
+const AWAITING_CLIENT: u64 = 0;
+const DONE: u64 = u64::MAX;
+
+/// Shared by a [`SentBody`] and its exchange's future. One allocation per
+/// request with a body; frames touch one atomic (and the clock).
+#[derive(Debug)]
+pub(super) struct Progress {
+    /// `AWAITING_CLIENT`, `DONE`, or 1 + nanoseconds since `base` of the last
+    /// hand-off to the upstream.
+    state: AtomicU64,
+    base: Instant,
+    /// The exchange's future, woken when the body is done.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Progress {
+    /// A body not yet asked for: awaiting the upstream connection since `now`.
+    pub(super) fn new(now: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            state: AtomicU64::new(1),
+            base: now,
+            waker: Mutex::new(None),
+        })
+    }
+
+    pub(super) fn upload(&self) -> Upload {
+        match self.state.load(Ordering::Acquire) {
+            AWAITING_CLIENT => Upload::AwaitingClient,
+            DONE => Upload::Done,
+            at => Upload::AwaitingUpstream(self.base + std::time::Duration::from_nanos(at - 1)),
+        }
+    }
+
+    /// Wakes `waker` when the body is done.
+    pub(super) fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *slot {
+            Some(w) if w.will_wake(waker) => {}
+            slot => *slot = Some(waker.clone()),
+        }
+    }
+
+    fn handed(&self) {
+        let nanos = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_nanos();
+        let at = u64::try_from(nanos).unwrap_or(DONE - 2).min(DONE - 2) + 1;
+        self.state.store(at, Ordering::Release);
+    }
+
+    fn done(&self) {
+        if self.state.swap(DONE, Ordering::AcqRel) != DONE {
+            let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A request body that tells its exchange ([`super::UpstreamTimeout`])
+    /// how its upload stands: when its end has been handed to the upstream
+    /// connection (the response deadline starts), and whether the next frame
+    /// waits on the client or on the upstream taking the last one.
+    pub struct SentBody<B> {
+        #[pin]
+        inner: B,
+        progress: Option<Arc<Progress>>,
+    }
+
+    impl<B> PinnedDrop for SentBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped unsent (the call is failing): the deadline runs from
+            // here, so that nothing waits for ever.
+            if let Some(progress) = this.project().progress.take() {
+                progress.done();
+            }
+        }
+    }
+}
+
+impl<B> SentBody<B> {
+    pub(super) fn new(inner: B, progress: Option<Arc<Progress>>) -> Self {
+        Self { inner, progress }
+    }
+}
+
+impl<B: Body> Body for SentBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let Some(progress) = this.progress.as_ref() else {
+            return this.inner.poll_frame(cx);
+        };
+        let frame = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                progress.state.store(AWAITING_CLIENT, Ordering::Release);
+                return Poll::Pending;
+            }
+        };
+        match ended(&frame, &*this.inner) {
+            // Whole, or failed (the failure ends the exchange).
+            Some(_) => {
+                if let Some(progress) = this.progress.take() {
+                    progress.done();
+                }
+            }
+            None => progress.handed(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

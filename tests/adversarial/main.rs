@@ -1,0 +1,9 @@
+//! The adversarial suite: what one slow, silent, hostile or failing party
+//! can do to the proxy, through the real proxy on loopback. Each module is a
+//! party; each test names what must hold whatever that party does. One test
+//! binary (one link per `cargo test`), a module per party.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod upstream_stalls;
