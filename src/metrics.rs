@@ -55,6 +55,9 @@ pub const SEND_TIMEOUT_TOTAL: &str = "sluicegate_send_timeout_total";
 /// listener that closed before a handshake completed (a bad or missing
 /// client certificate, no common protocol, plain HTTP, a timeout).
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "sluicegate_tls_handshake_failures_total";
+/// Client connections closed by a bound of the listener's own (`reason`:
+/// `first_request_timeout`, `http2_idle`, `premature_resets`).
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "sluicegate_connections_closed_total";
 /// `sluicegate_cluster_up`: 1 while Redis answers (`[cluster]`), else 0.
 pub const CLUSTER_UP: &str = "sluicegate_cluster_up";
 /// `sluicegate_cluster_fallback_total{route}`: rate-limit decisions made by

@@ -142,6 +142,9 @@ pub struct ServerConfig {
     pub max_header_bytes: Limit,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_concurrent_streams: Limit,
+    /// An HTTP/2 connection without an open stream is closed (GOAWAY) after
+    /// this long.
+    pub http2_idle_timeout_ms: Millis,
     /// Bearer token for `/status` and `/reload` when the admin listener is not
     /// on loopback.
     pub admin_token: Option<String>,
@@ -162,6 +165,8 @@ impl Default for ServerConfig {
             send_timeout_ms: Millis::from_ms(60_000),
             max_header_bytes: Limit::new(64 * 1024),
             http2_max_concurrent_streams: Limit::new(128),
+            // nginx's keepalive_timeout.
+            http2_idle_timeout_ms: Millis::from_ms(75_000),
             admin_token: None,
             tls: None,
         }

@@ -143,6 +143,8 @@ fn bad_values_name_their_key() {
     }
     let e = err(&format!("[server]\nmax_connections = 0\n{ROUTE}"));
     assert_eq!(e.key(), Some("server.max_connections"));
+    let e = err(&format!("[server]\nhttp2_idle_timeout_ms = 0\n{ROUTE}"));
+    assert_eq!(e.key(), Some("server.http2_idle_timeout_ms"));
     let e = err(&format!("[server]\nlisten = \"localhost:80\"\n{ROUTE}"));
     assert_eq!(e.key(), Some("server.listen"));
     assert!(e.message().contains("IP:port"), "{e}");

@@ -10,13 +10,13 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 use super::client_io::ClientIo;
+use super::connection::{self, Activity, Bounds, Closed, Drain, Tracked};
 use super::framing::FramingGuard;
 use super::tls::TlsListener;
 use crate::body::BoxError;
@@ -64,6 +64,15 @@ pub(super) struct Counters {
     pub(super) send_timeouts: metrics::Counter,
     /// TLS handshakes that failed or timed out.
     pub(super) tls_failed: metrics::Counter,
+    /// Connections closed by a bound, by [`Closed::ALL`]'s order.
+    pub(super) closed: [metrics::Counter; 3],
+}
+
+impl Counters {
+    fn closed(&self, why: Closed) {
+        let at = Closed::ALL.iter().position(|c| *c == why).unwrap_or(0);
+        self.closed[at].increment(1);
+    }
 }
 
 /// Accepts connections until `stop` turns true, serving each with `service`.
@@ -75,7 +84,7 @@ pub(super) async fn accept_loop(
     listener: TcpListener,
     service: ProxyService,
     server: &ServerConfig,
-    graceful: &GracefulShutdown,
+    drain: &Drain,
     mut stop: watch::Receiver<bool>,
     counters: Counters,
     tls: Option<&Arc<TlsListener>>,
@@ -83,6 +92,10 @@ pub(super) async fn accept_loop(
     let builder = Arc::new(http_builder(server));
     let tls = tls.cloned();
     let max_head = server.max_header_bytes.as_usize();
+    let bounds = Bounds {
+        first_request: server.header_read_timeout_ms.get(),
+        http2_idle: server.http2_idle_timeout_ms.get(),
+    };
     let slots = Arc::new(Semaphore::new(
         server.max_connections.as_usize().min(MAX_PERMITS),
     ));
@@ -124,10 +137,11 @@ pub(super) async fn accept_loop(
             server.send_timeout_ms.get(),
             counters.send_timeouts.clone(),
         );
+        let watcher = drain.watcher();
         match &tls {
             None => {
-                let served = graceful.watch(conn.serve(io, stream, ClientAddr::new(peer)));
                 tokio::spawn(async move {
+                    let served = conn.serve(io, stream, ClientAddr::new(peer), bounds, watcher);
                     if let Err(e) = served.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -138,19 +152,20 @@ pub(super) async fn accept_loop(
                 // The handshake runs in the connection's own task, bounded by
                 // the head timeout as nginx bounds it by client_header_timeout.
                 let acceptor = tls.acceptor();
-                let watcher = graceful.watcher();
                 let handshake_timeout = server.header_read_timeout_ms.get();
                 tokio::spawn(async move {
                     let accepted = handshake(acceptor, io, &stream, handshake_timeout).await;
                     let served = match accepted {
-                        Ok(tls_io) => conn.serve(tls_io, stream, ClientAddr::tls(peer)),
+                        Ok(tls_io) => {
+                            conn.serve(tls_io, stream, ClientAddr::tls(peer), bounds, watcher)
+                        }
                         Err(why) => {
                             conn.counters.tls_failed.increment(1);
                             tracing::debug!(%peer, error = %why, "TLS handshake failed");
                             return;
                         }
                     };
-                    if let Err(e) = watcher.watch(served).await {
+                    if let Err(e) = served.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     drop(permit);
@@ -170,14 +185,17 @@ struct Connection {
 }
 
 impl Connection {
-    /// Serves HTTP/1.1 or HTTP/2 on `io` (plain or TLS) for `client`;
+    /// Serves HTTP/1.1 or HTTP/2 on `io` (plain or TLS) for `client`
+    /// within `bounds`, until it closes or the drain `watcher` says so;
     /// `stream` is the socket underneath, watched for the peer closing.
-    fn serve<I>(
+    async fn serve<I>(
         self,
         io: I,
         stream: Arc<TcpStream>,
         client: ClientAddr,
-    ) -> impl hyper_util::server::graceful::GracefulConnection<Error = BoxError> + 'static
+        bounds: Bounds,
+        watcher: watch::Receiver<()>,
+    ) -> Result<(), BoxError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -189,7 +207,10 @@ impl Connection {
             body_timeout,
             counters,
         } = self;
+        let activity = Activity::new();
+        let requests = activity.clone();
         let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let stream = requests.request(req.version() == Version::HTTP_2);
             let ext = req.extensions_mut();
             ext.insert(client.clone());
             // HTTP/2 streams are watched by hyper itself (it reads the
@@ -198,12 +219,17 @@ impl Connection {
                 req.extensions_mut().insert(peer_closed.clone());
             }
             let req = req.map(|body| ReadTimeout::new(body, body_timeout, Side::Client));
-            service.clone().oneshot(req)
+            let call = service.clone().oneshot(req);
+            async move {
+                let res = call.await?;
+                Ok::<_, std::convert::Infallible>(res.map(|body| Tracked::new(body, stream)))
+            }
         });
         let guarded = FramingGuard::new(io, max_head, counters.framing_refused.clone());
-        builder
+        let conn = builder
             .serve_connection(TokioIo::new(guarded), hyper_service)
-            .into_owned()
+            .into_owned();
+        connection::serve(conn, activity, bounds, watcher, |why| counters.closed(why)).await
     }
 }
 

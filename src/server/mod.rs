@@ -3,6 +3,7 @@
 
 pub mod admin;
 mod client_io;
+mod connection;
 mod framing;
 mod history;
 mod listener;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,7 +28,8 @@ use admin::AdminState;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::{
-    FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL, TLS_HANDSHAKE_FAILURES_TOTAL,
+    CONNECTIONS_CLOSED_TOTAL, FRAMING_REFUSED_TOTAL, Registry, SEND_TIMEOUT_TOTAL,
+    TLS_HANDSHAKE_FAILURES_TOTAL,
 };
 use crate::proxy::Forward;
 use crate::spool;
@@ -141,6 +142,8 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         framing_refused: registry.counter(FRAMING_REFUSED_TOTAL, &[]),
         send_timeouts: registry.counter(SEND_TIMEOUT_TOTAL, &[]),
         tls_failed: registry.counter(TLS_HANDSHAKE_FAILURES_TOTAL, &[]),
+        closed: connection::Closed::ALL
+            .map(|why| registry.counter(CONNECTIONS_CLOSED_TOTAL, &[("reason", why.as_str())])),
     };
     let (stop, stop_rx) = watch::channel(false);
     for spool in spools.iter() {
@@ -163,19 +166,19 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         ));
         let upkeep = tokio::spawn(upkeep(registry));
         let sampler = tokio::spawn(sample_history(serving.clone()));
-        let graceful = GracefulShutdown::new();
+        let drain_signal = connection::Drain::new();
         listener::accept_loop(
             listener,
             built.service,
             &server,
-            &graceful,
+            &drain_signal,
             stop_rx,
             counters,
             tls.as_ref(),
         )
         .await;
         serving.draining.store(true, Ordering::SeqCst);
-        let report = drain(graceful, Duration::from_millis(server.drain_timeout_ms)).await;
+        let report = drain(drain_signal, Duration::from_millis(server.drain_timeout_ms)).await;
         upkeep.abort();
         sampler.abort();
         admin_stop.send_replace(true);
@@ -230,7 +233,7 @@ async fn bind(addr: SocketAddr, key: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("{key} = \"{addr}\": cannot bind: {e}")))
 }
 
-async fn drain(graceful: GracefulShutdown, timeout: Duration) -> DrainReport {
+async fn drain(graceful: connection::Drain, timeout: Duration) -> DrainReport {
     let open = graceful.count();
     tracing::info!(open_connections = open, ?timeout, "draining");
     match tokio::time::timeout(timeout, graceful.shutdown()).await {

@@ -324,6 +324,23 @@ fn spool_change(old: &Config, new: &Config) -> Option<String> {
 
 /// The first `[server]` key that differs.
 fn server_change(old: &ServerConfig, new: &ServerConfig) -> Option<&'static str> {
+    // Every key is named below: a new one fails to compile here until it is
+    // (a key a reload ignored would silently do nothing).
+    let ServerConfig {
+        listen: _,
+        admin_listen: _,
+        drain_timeout_ms: _,
+        worker_threads: _,
+        max_connections: _,
+        header_read_timeout_ms: _,
+        body_read_timeout_ms: _,
+        send_timeout_ms: _,
+        max_header_bytes: _,
+        http2_max_concurrent_streams: _,
+        http2_idle_timeout_ms: _,
+        admin_token: _,
+        tls: _,
+    } = old;
     macro_rules! first_diff {
         ($($field:ident),* $(,)?) => {
             $( if old.$field != new.$field { return Some(stringify!($field)); } )*
@@ -340,6 +357,7 @@ fn server_change(old: &ServerConfig, new: &ServerConfig) -> Option<&'static str>
         send_timeout_ms,
         max_header_bytes,
         http2_max_concurrent_streams,
+        http2_idle_timeout_ms,
         admin_token,
     );
     if old.tls.is_some() != new.tls.is_some() {

@@ -6,4 +6,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod h2_floods;
+mod silent_clients;
 mod upstream_stalls;
