@@ -337,13 +337,31 @@ pub enum Side {
     Upstream,
 }
 
-/// A body paused longer than its read timeout.
+/// How a body stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// One wait for its next bytes passed this timeout.
+    Pause(Duration),
+    /// Its waits added up to more than this rate (bytes per second) allows.
+    Rate(u64),
+}
+
+impl fmt::Display for Stall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stall::Pause(after) => write!(f, "no data for {} ms", after.as_millis()),
+            Stall::Rate(per_s) => write!(f, "slower than {per_s} bytes/s"),
+        }
+    }
+}
+
+/// A body that stalled past its bound.
 #[derive(Debug)]
 pub struct ReadTimedOut {
     /// Whose body.
     pub side: Side,
-    /// The timeout.
-    pub after: Duration,
+    /// How.
+    pub stall: Stall,
 }
 
 impl fmt::Display for ReadTimedOut {
@@ -352,11 +370,7 @@ impl fmt::Display for ReadTimedOut {
             Side::Client => "client",
             Side::Upstream => "upstream",
         };
-        write!(
-            f,
-            "{who} sent no body data for {} ms",
-            self.after.as_millis()
-        )
+        write!(f, "{who} body stalled: {}", self.stall)
     }
 }
 

@@ -27,6 +27,11 @@ pub struct CircuitSettings {
     pub success_threshold: u32,
     /// Shortest stay in half-open.
     pub min_half_open: Duration,
+    /// A half-open probe not decided within this long gives its probe slot
+    /// to another request: a client that holds its probe (a trickled upload,
+    /// a slowly read answer) cannot hold the circuit half-open. Its outcome
+    /// still counts if it comes.
+    pub probe_timeout: Duration,
 }
 
 /// Open when `threshold` (0..=1) of the calls over `window` failed, once at least
@@ -50,7 +55,7 @@ impl FailureRate {
 
 impl Default for CircuitSettings {
     /// The defaults (README `[route.circuit]`): 5 failures, 5 s open (up to 60 s), 1 probe, 3
-    /// successes, at least 1 s half-open.
+    /// successes, at least 1 s half-open, probes held at most 10 s.
     fn default() -> Self {
         Self {
             failure_threshold: 5,
@@ -60,6 +65,7 @@ impl Default for CircuitSettings {
             half_open_max_probes: 1,
             success_threshold: 3,
             min_half_open: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -163,14 +169,22 @@ pub struct Transition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
     generation: u64,
-    probe: bool,
+    /// A half-open probe's number.
+    probe: Option<u32>,
 }
 
 impl Ticket {
     /// Whether this call is a half-open probe.
     pub fn is_probe(&self) -> bool {
-        self.probe
+        self.probe.is_some()
     }
+}
+
+/// A probe slot, held by probe `id` until it is decided or `until` passes.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: u32,
+    until: Instant,
 }
 
 /// How a call ended.
@@ -195,7 +209,8 @@ enum Inner {
         until: Instant,
     },
     HalfOpen {
-        probes: u32,
+        /// The probe slots taken (at most `half_open_max_probes`).
+        leases: Vec<Lease>,
         successes: u32,
     },
 }
@@ -212,6 +227,8 @@ pub struct Breaker {
     generation: u64,
     /// The next open duration after a failed probe doubles it.
     open_for: Duration,
+    /// The next probe's number.
+    next_probe: u32,
     since: Instant,
     cause: Option<Cause>,
 }
@@ -225,6 +242,7 @@ impl Breaker {
             settings,
             generation: 0,
             open_for,
+            next_probe: 0,
             since: now,
             cause: None,
         }
@@ -306,7 +324,7 @@ impl Breaker {
                 return (Err(until - now), None);
             }
             let half_open = Inner::HalfOpen {
-                probes: 0,
+                leases: Vec::new(),
                 successes: 0,
             };
             transition = Some(self.enter(half_open, Cause::OpenElapsed, now));
@@ -315,16 +333,28 @@ impl Breaker {
             transition = Some(closed);
         }
         let generation = self.generation;
+        if let Inner::HalfOpen { leases, .. } = &mut self.inner {
+            // Leases that ran out give their slots back (their probes, if
+            // they end, still count).
+            leases.retain(|lease| lease.until > now);
+        }
         let result = match &mut self.inner {
             Inner::Closed { .. } => Ok(Ticket {
                 generation,
-                probe: false,
+                probe: None,
             }),
-            Inner::HalfOpen { probes, .. } if *probes < self.settings.half_open_max_probes => {
-                *probes += 1;
+            Inner::HalfOpen { leases, .. }
+                if leases.len() < self.settings.half_open_max_probes as usize =>
+            {
+                let id = self.next_probe;
+                self.next_probe = id.wrapping_add(1);
+                leases.push(Lease {
+                    id,
+                    until: now + self.settings.probe_timeout,
+                });
                 Ok(Ticket {
                     generation,
-                    probe: true,
+                    probe: Some(id),
                 })
             }
             Inner::HalfOpen { .. } => {
@@ -370,8 +400,8 @@ impl Breaker {
                     rate.map(|cause| self.open(cause, retry_after, now))
                 }
             }
-            (Inner::HalfOpen { probes, successes }, CallOutcome::Success) => {
-                *probes = probes.saturating_sub(1);
+            (Inner::HalfOpen { leases, successes }, CallOutcome::Success) => {
+                Self::release(leases, ticket);
                 *successes += 1;
                 self.close_if_due(now)
             }
@@ -402,11 +432,18 @@ impl Breaker {
     /// A call that ended neither in success nor failure (the client went away,
     /// or the proxy itself refused it further down): frees its probe slot.
     pub fn cancel(&mut self, ticket: Ticket) {
-        if ticket.generation != self.generation || !ticket.probe {
+        if ticket.generation != self.generation {
             return;
         }
-        if let Inner::HalfOpen { probes, .. } = &mut self.inner {
-            *probes = probes.saturating_sub(1);
+        if let Inner::HalfOpen { leases, .. } = &mut self.inner {
+            Self::release(leases, ticket);
+        }
+    }
+
+    /// Gives back `ticket`'s probe slot, unless its lease already ran out.
+    fn release(leases: &mut Vec<Lease>, ticket: Ticket) {
+        if let Some(id) = ticket.probe {
+            leases.retain(|lease| lease.id != id);
         }
     }
 }

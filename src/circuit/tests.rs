@@ -31,6 +31,7 @@ fn settings() -> CircuitSettings {
         half_open_max_probes: 1,
         success_threshold: 3,
         min_half_open: Duration::from_millis(1_000),
+        probe_timeout: Duration::from_millis(10_000),
     }
 }
 
@@ -97,6 +98,31 @@ fn open_becomes_half_open_and_admits_only_the_probes() {
         (5_200, Refused(800), HalfOpen), // both probe slots taken
         (5_300, Cancel(3), HalfOpen),    // a cancelled probe frees its slot...
         (5_300, Probe, HalfOpen),        // ...without counting either way
+    ]);
+}
+
+#[test]
+#[rustfmt::skip]
+fn a_probe_held_past_its_lease_gives_its_slot_to_another() {
+    run("lease", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (5_000, Probe, HalfOpen),          // a client holds this one...
+        (9_000, Refused(0), HalfOpen),     // ...its slot taken meanwhile
+        (14_999, Refused(0), HalfOpen),
+        (15_000, Probe, HalfOpen),         // ...until its 10 s lease ran out
+        (15_100, Pass(4), HalfOpen),
+        (15_200, Pass(3), HalfOpen),       // a late success still counts
+        (15_300, Probe, HalfOpen), (15_400, Pass(5), Closed),
+    ]);
+    run("late failure", settings(), &[
+        (0, Call, Closed), (0, Call, Closed), (0, Call, Closed),
+        (0, Fail(0), Closed), (0, Fail(1), Closed), (0, Fail(2), Open),
+        (5_000, Probe, HalfOpen),
+        (15_000, Probe, HalfOpen),
+        // A hung upstream: the released probe's timeout still reopens.
+        (35_000, Fail(3), Open),
+        (35_000, Pass(4), Open),           // a straggler of the old state
     ]);
 }
 

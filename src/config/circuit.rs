@@ -51,6 +51,10 @@ pub struct CircuitConfig {
     /// Shortest stay in half-open, whatever the successes.
     #[serde(default = "default_min_half_open")]
     pub min_half_open_ms: u64,
+    /// A half-open probe not decided within this long gives its probe slot
+    /// to another request (its outcome still counts if it comes).
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout_ms: Millis,
     /// After closing, the admission limit ramps up over this long; 0 = off.
     #[serde(default)]
     pub slow_start_ms: u64,
@@ -125,6 +129,9 @@ fn default_success_threshold() -> Limit {
 fn default_min_half_open() -> u64 {
     u64::try_from(runtime().min_half_open.as_millis()).unwrap_or(u64::MAX)
 }
+fn default_probe_timeout() -> Millis {
+    millis(runtime().probe_timeout)
+}
 fn default_content_type() -> http::HeaderValue {
     http::HeaderValue::from_static("application/json")
 }
@@ -147,6 +154,7 @@ impl From<&CircuitConfig> for CircuitSettings {
             half_open_max_probes: count(c.half_open_max_probes),
             success_threshold: count(c.success_threshold),
             min_half_open: Duration::from_millis(c.min_half_open_ms),
+            probe_timeout: c.probe_timeout_ms.get(),
         }
     }
 }

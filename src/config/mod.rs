@@ -135,9 +135,17 @@ pub struct ServerConfig {
     /// Longest pause between two reads of a client's request body; past it
     /// the client gets 408 and its slot is freed.
     pub body_read_timeout_ms: Millis,
+    /// The average rate a client must keep up while the proxy waits on its
+    /// request body: the waits may add up to `body_read_timeout_ms` and a
+    /// second per this many bytes received (Apache's `MinRate`).
+    pub body_min_bytes_per_s: Limit,
     /// Longest wait for a client to accept more response bytes; past it the
     /// connection is closed and its slot freed (nginx's `send_timeout`).
     pub send_timeout_ms: Millis,
+    /// The average rate a client must keep up while the proxy waits on it to
+    /// take response bytes: the waits may add up to `send_timeout_ms` and a
+    /// second per this many bytes taken.
+    pub send_min_bytes_per_s: Limit,
     /// Largest request head (request line and headers); larger gets 431.
     pub max_header_bytes: Limit,
     /// Concurrent streams per HTTP/2 connection.
@@ -162,6 +170,9 @@ impl Default for ServerConfig {
             max_connections: Limit::new(10_000),
             header_read_timeout_ms: Millis::from_ms(10_000),
             body_read_timeout_ms: Millis::from_ms(60_000),
+            // Apache mod_reqtimeout's default MinRate.
+            body_min_bytes_per_s: Limit::new(500),
+            send_min_bytes_per_s: Limit::new(500),
             send_timeout_ms: Millis::from_ms(60_000),
             max_header_bytes: Limit::new(64 * 1024),
             http2_max_concurrent_streams: Limit::new(128),

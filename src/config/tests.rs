@@ -143,8 +143,16 @@ fn bad_values_name_their_key() {
     }
     let e = err(&format!("[server]\nmax_connections = 0\n{ROUTE}"));
     assert_eq!(e.key(), Some("server.max_connections"));
-    let e = err(&format!("[server]\nhttp2_idle_timeout_ms = 0\n{ROUTE}"));
-    assert_eq!(e.key(), Some("server.http2_idle_timeout_ms"));
+    for key in [
+        "http2_idle_timeout_ms",
+        "body_min_bytes_per_s",
+        "send_min_bytes_per_s",
+    ] {
+        let e = err(&format!("[server]\n{key} = 0\n{ROUTE}"));
+        assert_eq!(e.key(), Some(format!("server.{key}").as_str()), "{e}");
+    }
+    let e = err(&format!("{ROUTE}[route.circuit]\nprobe_timeout_ms = 0\n"));
+    assert_eq!(e.key(), Some("route[0].circuit.probe_timeout_ms"), "{e}");
     let e = err(&format!("[server]\nlisten = \"localhost:80\"\n{ROUTE}"));
     assert_eq!(e.key(), Some("server.listen"));
     assert!(e.message().contains("IP:port"), "{e}");

@@ -9,6 +9,12 @@
 //! connection is closed, the response body dropped (so the slot is freed and
 //! the circuit counts the call as neither success nor failure: the client's
 //! doing, not the upstream's).
+//!
+//! A bound on each wait does not bound a client that takes a few bytes just
+//! before every timeout. So the waits also add up against a minimum rate
+//! (`send_min_bytes_per_s`, the response side of Apache's `MinRate`): all the
+//! time the proxy spends waiting on the client may not exceed one
+//! `send_timeout_ms` plus a second per that many bytes the client took.
 
 use std::io;
 use std::pin::Pin;
@@ -21,50 +27,74 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::error::Stall;
+use crate::proxy::MinRate;
+
 /// The socket of one client connection.
 pub(super) struct ClientIo {
     stream: Arc<TcpStream>,
-    send_timeout: Duration,
-    /// Armed when a write would block, from that moment; made on the first
-    /// wait and reused.
+    /// Each wait is bounded by its grace (`send_timeout_ms`), all of them by
+    /// its rate.
+    rate: MinRate,
+    /// Armed when a write would block, for that wait's deadline; made on the
+    /// first wait and reused.
     stall: Option<Pin<Box<Sleep>>>,
-    /// Whether the last write attempt would block (the stall clock runs).
-    blocked: bool,
+    /// When the current wait began, while the client takes no bytes.
+    blocked: Option<Instant>,
+    /// The waits ended so far, and the bytes the client took.
+    waited: Duration,
+    written: u64,
     timed_out: Counter,
 }
 
 impl ClientIo {
-    pub(super) fn new(stream: Arc<TcpStream>, send_timeout: Duration, timed_out: Counter) -> Self {
+    pub(super) fn new(stream: Arc<TcpStream>, rate: MinRate, timed_out: Counter) -> Self {
         Self {
             stream,
-            send_timeout,
+            rate,
             stall: None,
-            blocked: false,
+            blocked: None,
+            waited: Duration::ZERO,
+            written: 0,
             timed_out,
         }
     }
 
-    /// The client takes no bytes: starts the clock on the first wait, and
-    /// fails the write once it has run `send_timeout`.
+    /// The client takes no bytes: the wait's deadline is `send_timeout_ms`
+    /// from its start, or sooner what is left of the waiting the client's
+    /// pace has earned; past it the write fails.
     fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let deadline = Instant::now() + self.send_timeout;
+        let since = *self.blocked.get_or_insert_with(Instant::now);
+        let left = self
+            .rate
+            .allowance(self.written)
+            .saturating_sub(self.waited);
+        let deadline = since + left.min(self.rate.grace);
         let stall = self
             .stall
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.blocked {
-            self.blocked = true;
+        if stall.deadline() != deadline {
             stall.as_mut().reset(deadline);
         }
         ready!(stall.as_mut().poll(cx));
         self.timed_out.increment(1);
-        tracing::debug!(
-            after_ms = self.send_timeout.as_millis() as u64,
-            "client took no response bytes; connection closed"
-        );
+        let stall = match left < self.rate.grace {
+            true => Stall::Rate(self.rate.per_s),
+            false => Stall::Pause(self.rate.grace),
+        };
+        tracing::debug!(%stall, "client took no response bytes; connection closed");
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            "client accepted no response bytes within send_timeout_ms",
+            format!("client took response bytes too slowly: {stall}"),
         )))
+    }
+
+    /// The client took `n` bytes: its wait, if any, is over.
+    fn took(&mut self, n: usize) {
+        if let Some(since) = self.blocked.take() {
+            self.waited += since.elapsed();
+        }
+        self.written += n as u64;
     }
 
     fn poll_write_with(
@@ -76,7 +106,7 @@ impl ClientIo {
             match self.stream.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => match write(&self.stream) {
                     Ok(n) => {
-                        self.blocked = false;
+                        self.took(n);
                         return Poll::Ready(Ok(n));
                     }
                     // Readiness was stale; it is cleared now: ask again.

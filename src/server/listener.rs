@@ -23,7 +23,7 @@ use crate::body::BoxError;
 use crate::config::ServerConfig;
 use crate::conn::{ClientAddr, PeerClosed};
 use crate::error::Side;
-use crate::proxy::ReadTimeout;
+use crate::proxy::{MinRate, ReadTimeout};
 use crate::stack::ProxyService;
 
 /// The most permits a tokio semaphore can hold.
@@ -129,12 +129,19 @@ pub(super) async fn accept_loop(
             service: service.clone(),
             max_head,
             body_timeout: server.body_read_timeout_ms.get(),
+            body_rate: MinRate {
+                per_s: server.body_min_bytes_per_s.get(),
+                grace: server.body_read_timeout_ms.get(),
+            },
             counters: counters.clone(),
         };
         let stream = Arc::new(stream);
         let io = ClientIo::new(
             stream.clone(),
-            server.send_timeout_ms.get(),
+            MinRate {
+                per_s: server.send_min_bytes_per_s.get(),
+                grace: server.send_timeout_ms.get(),
+            },
             counters.send_timeouts.clone(),
         );
         let watcher = drain.watcher();
@@ -181,6 +188,7 @@ struct Connection {
     service: ProxyService,
     max_head: usize,
     body_timeout: Duration,
+    body_rate: MinRate,
     counters: Counters,
 }
 
@@ -205,6 +213,7 @@ impl Connection {
             service,
             max_head,
             body_timeout,
+            body_rate,
             counters,
         } = self;
         let activity = Activity::new();
@@ -218,7 +227,8 @@ impl Connection {
             if req.version() < Version::HTTP_2 && !req.body().is_end_stream() {
                 req.extensions_mut().insert(peer_closed.clone());
             }
-            let req = req.map(|body| ReadTimeout::new(body, body_timeout, Side::Client));
+            let req = req
+                .map(|body| ReadTimeout::new(body, body_timeout, Side::Client).min_rate(body_rate));
             let call = service.clone().oneshot(req);
             async move {
                 let res = call.await?;

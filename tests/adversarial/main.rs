@@ -8,4 +8,5 @@ mod support;
 
 mod h2_floods;
 mod silent_clients;
+mod slow_clients;
 mod upstream_stalls;
