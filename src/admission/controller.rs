@@ -318,7 +318,7 @@ impl Controller {
                 standing: false,
                 holding: HashMap::new(),
                 shed_by_tenant: ShedCounts::default(),
-                rate: CompletionRate::new(),
+                rate: CompletionRate::for_limit(settings.max_inflight),
                 next_id: 0,
                 algorithm,
             })))
@@ -650,7 +650,7 @@ impl Controller {
             state.shed_by_tenant.count(tenant);
         }
         let work = state.queue.len() + state.inflight;
-        let drain = state.rate.time_for(work, now);
+        let drain = state.rate.advise(work, now, state.limit);
         let secs = retry_after_secs(
             drain,
             jitter(),
@@ -746,7 +746,7 @@ impl Controller {
     fn standing_depth(&self, state: &State, target: Duration, now: Instant) -> usize {
         state
             .rate
-            .per_second(now)
+            .warm_per_second(now)
             .map_or(self.settings.queue_capacity, |rate| {
                 (rate * target.as_secs_f64()).ceil() as usize
             })

@@ -1,53 +1,72 @@
 //! How long shed clients should stay away: the estimated time to drain the work
 //! ahead, from a moving estimate of the completion rate.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::jitter::Jitter;
 
-/// Weight of the newest inter-completion interval in the moving average.
-const ALPHA: f64 = 0.05;
-
 /// Completions per second while the route is saturated (every slot taken, or
-/// requests waiting): its drain rate, the one thing a full queue's wait and a
-/// shed client's `Retry-After` depend on. Estimated as the inverse of an
-/// exponentially weighted moving average of the time between two completions.
+/// requests waiting): its drain rate. Counted, not averaged: the last
+/// `window` saturated completions over the saturated time they took.
 ///
-/// Only intervals spent saturated count. Below the limit, completions come as
-/// fast as requests arrive, not as fast as the upstream can serve: a lull
-/// spanned by one slow request would otherwise read as a collapse of the
-/// upstream, and `Retry-After` would jump towards its maximum for the next
-/// hundred completions. The estimate is conservative when completions stop
-/// under saturation: the time since the last one counts as a lower bound of
-/// the current interval, so a stalled upstream is not credited with its old
-/// speed.
+/// Time counts only while saturated (a clock that stops below the limit):
+/// below it completions come as fast as requests arrive, so a lull spanned by
+/// one slow request says nothing of the drain rate, and idle time is no stall.
+/// Counting over a window is exact whether completions come evenly or in
+/// bursts (an upstream's workers finishing together): a burst straddling the
+/// window's edge moves the count by at most its size, at most the limit, so
+/// with `window` = 8 × limit the estimate is within 1/8 of the true rate.
+/// A stall lowers it smoothly: the time since the last completion is in the
+/// span, the count is not.
 #[derive(Debug, Clone)]
 pub struct CompletionRate {
-    mean_interval: Option<f64>,
-    /// Start of the interval being measured: the last completion while
-    /// saturated, or the moment saturation began. `None` below the limit.
+    /// Completions the estimate needs before it may refuse a request.
+    window: usize,
+    /// Saturated-clock readings of the last `window` saturated completions.
+    stamps: VecDeque<Duration>,
+    /// Where the count starts: the reading of the completion that left the
+    /// window (zero until one has).
+    origin: Duration,
+    /// Saturated time before the current stretch.
+    busy: Duration,
+    /// Start of the current saturated stretch; `None` below the limit.
     since: Option<Instant>,
 }
 
-impl Default for CompletionRate {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Completions counted per slot of the limit: a burst of at most `limit`
+/// straddling the window's edge errs by at most 1/8 (12.5 %).
+pub const WINDOW_PER_SLOT: usize = 8;
 
 impl CompletionRate {
-    /// No completions seen yet.
-    pub const fn new() -> Self {
+    /// A window of `WINDOW_PER_SLOT` × `max_inflight` completions (16..=4096).
+    pub fn for_limit(max_inflight: usize) -> Self {
+        Self::new(max_inflight.saturating_mul(WINDOW_PER_SLOT).clamp(16, 4096))
+    }
+
+    /// No completions seen yet; warm after `window`.
+    pub fn new(window: usize) -> Self {
         Self {
-            mean_interval: None,
+            window: window.max(1),
+            stamps: VecDeque::new(),
+            origin: Duration::ZERO,
+            busy: Duration::ZERO,
             since: None,
         }
     }
 
+    /// Saturated time at `now`.
+    fn clock(&self, now: Instant) -> Duration {
+        self.busy
+            + self
+                .since
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
+    }
+
     /// The route is saturated at `now` (its last slot was just taken, or a
-    /// request joined the queue); intervals count from here.
+    /// request joined the queue): the clock runs from here.
     pub fn saturated(&mut self, now: Instant) {
         self.since.get_or_insert(now);
     }
@@ -56,31 +75,66 @@ impl CompletionRate {
     /// as it completed, `still` whether it is once the slot found its next
     /// taker (a waiter, or nobody).
     pub fn record(&mut self, now: Instant, saturated: bool, still: bool) {
-        if saturated && let Some(since) = self.since {
-            let dt = now.saturating_duration_since(since).as_secs_f64();
-            self.mean_interval = Some(match self.mean_interval {
-                None => dt,
-                Some(mean) => mean + ALPHA * (dt - mean),
-            });
+        if saturated && self.since.is_some() {
+            let at = self.clock(now);
+            if self.stamps.len() == self.window {
+                self.origin = self.stamps.pop_front().unwrap_or(self.origin);
+            }
+            self.stamps.push_back(at);
         }
-        self.since = still.then_some(now);
+        match (self.since, still) {
+            (Some(s), false) => {
+                self.busy += now.saturating_duration_since(s);
+                self.since = None;
+            }
+            (None, true) => self.since = Some(now),
+            _ => {}
+        }
     }
 
-    /// Completions per second at `now`, once one saturated interval was seen.
+    /// Saturated completions counted (at most the window).
+    pub fn samples(&self) -> usize {
+        self.stamps.len()
+    }
+
+    /// Whether the window is full: only then may a prediction refuse.
+    pub fn is_warm(&self) -> bool {
+        self.stamps.len() >= self.window
+    }
+
+    /// Completions per second at `now`, from however many were counted
+    /// (`/status`; see [`CompletionRate::warm_per_second`] for decisions).
     pub fn per_second(&self, now: Instant) -> Option<f64> {
-        let mean = self.mean_interval?;
-        let stalled = self
-            .since
-            .map_or(0.0, |s| now.saturating_duration_since(s).as_secs_f64());
-        let interval = mean.max(stalled).max(1e-6);
-        Some(1.0 / interval)
+        if self.stamps.is_empty() {
+            return None;
+        }
+        let span = self.clock(now).saturating_sub(self.origin).as_secs_f64();
+        Some(self.stamps.len() as f64 / span.max(1e-6))
     }
 
-    /// Expected time for `work` requests to complete at the current rate.
-    pub fn time_for(&self, work: usize, now: Instant) -> Option<Duration> {
-        let rate = self.per_second(now)?;
-        Some(Duration::from_secs_f64(work as f64 / rate))
+    /// [`CompletionRate::per_second`], once warm.
+    pub fn warm_per_second(&self, now: Instant) -> Option<f64> {
+        self.per_second(now).filter(|_| self.is_warm())
     }
+
+    /// Time for `work` requests to complete, from a warm estimate only: what
+    /// a deadline-aware refusal may rely on.
+    pub fn time_for(&self, work: usize, now: Instant) -> Option<Duration> {
+        self.warm_per_second(now).map(|r| secs(work as f64 / r))
+    }
+
+    /// Time for `work` requests to complete, once `min` completions were
+    /// counted: advice (`Retry-After`), not a decision.
+    pub fn advise(&self, work: usize, now: Instant, min: usize) -> Option<Duration> {
+        if self.samples() < min.clamp(1, self.window) {
+            return None;
+        }
+        self.per_second(now).map(|r| secs(work as f64 / r))
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
 
 /// `Retry-After` in whole seconds: `drain` rounded up, scaled by `jitter`
@@ -128,12 +182,11 @@ mod tests {
     #[test]
     fn rate_follows_the_completion_interval() {
         let t0 = Instant::now();
-        let mut rate = CompletionRate::new();
+        let mut rate = CompletionRate::new(16);
         assert_eq!(rate.per_second(t0), None);
         busy(&mut rate, t0, 0, 200, 10); // 100 per second
         let r = rate.per_second(at(t0, 2000)).unwrap();
         assert!((r - 100.0).abs() < 1.0, "{r}");
-        // The upstream slows to 20 per second: the estimate follows.
         busy(&mut rate, t0, 2000, 200, 50);
         let r = rate.per_second(at(t0, 12_000)).unwrap();
         assert!((r - 20.0).abs() < 1.0, "{r}");
@@ -142,34 +195,30 @@ mod tests {
     #[test]
     fn a_stall_under_saturation_lowers_the_rate() {
         let t0 = Instant::now();
-        let mut rate = CompletionRate::new();
+        let mut rate = CompletionRate::new(16);
         busy(&mut rate, t0, 0, 100, 10);
-        // Saturated, and nothing completes for 2 s: at most 0.5 per second.
+        // Saturated, and nothing completes for 2 s: 16 in 2.16 s at most.
         let r = rate.per_second(at(t0, 1000 + 2000)).unwrap();
-        assert!(r <= 0.5, "{r}");
+        assert!(r <= 16.0 / 2.0, "{r}");
     }
 
     #[test]
     fn idle_time_is_not_a_stall() {
         let t0 = Instant::now();
-        let mut rate = CompletionRate::new();
+        let mut rate = CompletionRate::new(16);
         busy(&mut rate, t0, 0, 100, 10);
-        // The queue empties; ten idle minutes; work resumes.
         rate.record(at(t0, 1010), true, false);
-        let back = at(t0, 601_010);
-        let r = rate.per_second(back).unwrap();
+        let r = rate.per_second(at(t0, 601_010)).unwrap();
         assert!((r - 100.0).abs() < 2.0, "{r}");
     }
 
     #[test]
     fn a_lull_spanned_by_one_slow_request_is_not_a_slow_drain() {
         let t0 = Instant::now();
-        let mut rate = CompletionRate::new();
+        let mut rate = CompletionRate::new(16);
         busy(&mut rate, t0, 0, 100, 10);
         rate.record(at(t0, 1010), true, false);
-        // One request, alone below the limit, takes 30 s.
         rate.record(at(t0, 31_010), false, false);
-        // Saturated again: the drain rate is what it was, not one per 30 s.
         rate.saturated(at(t0, 31_020));
         let r = rate.per_second(at(t0, 31_021)).unwrap();
         assert!((r - 100.0).abs() < 2.0, "{r}");
@@ -180,7 +229,7 @@ mod tests {
     #[test]
     fn drain_time_and_retry_after() {
         let t0 = Instant::now();
-        let mut rate = CompletionRate::new();
+        let mut rate = CompletionRate::new(16);
         busy(&mut rate, t0, 0, 100, 10); // 100/s
         let drain = rate.time_for(250, at(t0, 1000)).unwrap();
         assert!((drain.as_secs_f64() - 2.5).abs() < 0.05, "{drain:?}");
@@ -191,6 +240,123 @@ mod tests {
             60
         );
         assert_eq!(retry_after_secs(None, 1.0, 2, 60), 2);
+    }
+
+    /// 16 workers × 20 ms finishing together (the simulator's lock-step):
+    /// 800/s, in bursts of 16 every 20 ms, sampled at every millisecond and
+    /// at odd offsets within them.
+    #[test]
+    fn bursts_of_completions_are_counted_within_15_percent() {
+        let t0 = Instant::now();
+        let mut rate = CompletionRate::for_limit(16);
+        rate.saturated(t0);
+        let mut worst = (f64::MAX, 0.0f64);
+        for burst in 1..=200u64 {
+            let end = at(t0, burst * 20);
+            // Between bursts: the time since the last one counts.
+            if burst > 8 {
+                for us in (0..20_000).step_by(333) {
+                    let r = rate
+                        .per_second(end - Duration::from_micros(20_000 - us))
+                        .unwrap();
+                    worst = (worst.0.min(r), worst.1.max(r));
+                    assert!(
+                        (r - 800.0).abs() <= 0.15 * 800.0,
+                        "{r} at burst {burst}+{us}µs"
+                    );
+                }
+            }
+            for _ in 0..16 {
+                rate.record(end, true, true);
+            }
+        }
+        eprintln!("windowed: {:.0}..{:.0}", worst.0, worst.1);
+    }
+
+    /// Evenly spread completions (the same 800/s, one every 1.25 ms).
+    #[test]
+    fn even_completions_are_counted_within_15_percent() {
+        let t0 = Instant::now();
+        let mut rate = CompletionRate::for_limit(16);
+        rate.saturated(t0);
+        for i in 1..=3200u64 {
+            let t = t0 + Duration::from_micros(1250 * i);
+            if i > 128 {
+                let r = rate.per_second(t - Duration::from_micros(600)).unwrap();
+                assert!((r - 800.0).abs() <= 0.15 * 800.0, "{r}");
+            }
+            rate.record(t, true, true);
+        }
+    }
+
+    #[test]
+    fn cold_estimates_decide_nothing() {
+        let t0 = Instant::now();
+        let mut rate = CompletionRate::for_limit(16); // window 128
+        rate.saturated(t0);
+        // The first request takes its full service time: 1 completion in
+        // 20 ms reads 50/s, a sixteenth of the truth.
+        rate.record(at(t0, 20), true, true);
+        assert!(rate.per_second(at(t0, 20)).unwrap() < 60.0);
+        assert_eq!(rate.time_for(10, at(t0, 20)), None, "no refusal from 1");
+        assert_eq!(rate.advise(10, at(t0, 20), 16), None, "Retry-After: min");
+        for _ in 1..127 {
+            rate.record(at(t0, 40), true, true);
+        }
+        assert_eq!(rate.time_for(10, at(t0, 40)), None, "127 < 128");
+        assert!(rate.advise(10, at(t0, 40), 16).is_some());
+        rate.record(at(t0, 40), true, true);
+        assert!(rate.time_for(10, at(t0, 40)).is_some(), "warm at 128");
+    }
+
+    /// The estimator of issue 26, on the same bursty trace: how far it swings.
+    #[test]
+    fn reference_the_old_ewma_swings_on_bursts() {
+        struct Ewma {
+            mean: Option<f64>,
+            since: Option<Instant>,
+        }
+        impl Ewma {
+            fn record(&mut self, now: Instant) {
+                if let Some(s) = self.since {
+                    let dt = now.saturating_duration_since(s).as_secs_f64();
+                    self.mean = Some(self.mean.map_or(dt, |m| m + 0.05 * (dt - m)));
+                }
+                self.since = Some(now);
+            }
+            fn per_second(&self, now: Instant) -> f64 {
+                let st = self
+                    .since
+                    .map_or(0.0, |s| now.saturating_duration_since(s).as_secs_f64());
+                1.0 / self.mean.unwrap().max(st).max(1e-6)
+            }
+        }
+        let t0 = Instant::now();
+        let mut e = Ewma {
+            mean: None,
+            since: Some(t0),
+        };
+        let mut first = None;
+        let (mut lo, mut hi) = (f64::MAX, 0.0f64);
+        for burst in 1..=200u64 {
+            let end = at(t0, burst * 20);
+            if burst > 8 {
+                for us in (0..20_000).step_by(333) {
+                    let r = e.per_second(end - Duration::from_micros(20_000 - us));
+                    lo = lo.min(r);
+                    hi = hi.max(r);
+                }
+            }
+            for _ in 0..16 {
+                e.record(end);
+                first.get_or_insert(e.per_second(end));
+            }
+        }
+        eprintln!(
+            "old EWMA: first {:.0}/s, then {lo:.0}..{hi:.0} (truth 800)",
+            first.unwrap()
+        );
+        eprintln!("32 ahead at {lo:.0}/s: {:.0} ms", 32.0 / lo * 1000.0);
     }
 
     #[test]

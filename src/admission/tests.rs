@@ -106,8 +106,9 @@ async fn a_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() {
 #[tokio::test(start_paused = true)]
 async fn a_predicted_wait_beyond_the_timeout_is_refused_at_once() {
     let c = controller(1, 10, 100);
-    // Teach the estimator: one completion per second.
-    for _ in 0..5 {
+    // Teach the estimator: one completion per second, a full window
+    // (16 for a limit of 1: fewer refuse nothing).
+    for _ in 0..16 {
         let p = c.acquire(Priority::Normal).await.unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
         drop(p);
@@ -759,8 +760,9 @@ async fn a_body_of_unknown_length_is_reweighed_as_it_streams_and_given_back_whol
 async fn the_clients_deadline_bounds_the_wait_and_the_prediction() {
     use crate::deadline::Deadline;
     let c = controller(1, 10, 10_000);
-    // Teach the estimator: one completion per second.
-    for _ in 0..5 {
+    // Teach the estimator: one completion per second, a full window
+    // (16 for a limit of 1: fewer refuse nothing).
+    for _ in 0..16 {
         let p = c.acquire(Priority::Normal).await.unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
         drop(p);
@@ -789,4 +791,116 @@ async fn the_clients_deadline_bounds_the_wait_and_the_prediction() {
         .unwrap_err();
     assert_eq!(err.reason(), Reason::QueueTimeout);
     assert_eq!(start.elapsed(), Duration::from_millis(1500));
+}
+
+// === Drain-rate estimate (issue 26) ===
+
+/// Steady overload through `c` into a fake upstream whose admitted requests
+/// each take exactly `service` on the paused clock: requests granted together
+/// finish together (bursts, as the simulator's lock-step workers). `arrivals`
+/// per millisecond, cycled. Returns the `completion_rate` readings every 7 ms
+/// of `run` after `warmup`, the true drain rate over that span (completions
+/// counted / time), and the `queue_full` refusals made while the queue had room.
+async fn overload(
+    c: &Arc<Controller>,
+    service: Duration,
+    arrivals: &'static [usize],
+    warmup: Duration,
+    run: Duration,
+) -> (Vec<f64>, f64, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let done = Arc::new(AtomicU64::new(0));
+    let with_room = Arc::new(AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let load = {
+        let (c, done, with_room) = (c.clone(), done.clone(), with_room.clone());
+        tokio::spawn(async move {
+            for tick in 0u64.. {
+                for _ in 0..arrivals[tick as usize % arrivals.len()] {
+                    let (c, done, with_room) = (c.clone(), done.clone(), with_room.clone());
+                    tokio::spawn(async move {
+                        let room = c.snapshot().queued < c.settings().queue_capacity;
+                        match c.acquire(Priority::Normal).await {
+                            Ok(p) => {
+                                tokio::time::sleep(service).await;
+                                drop(p);
+                                done.fetch_add(1, Relaxed);
+                            }
+                            Err(e) if e.reason() == Reason::QueueFull && room => {
+                                with_room.fetch_add(1, Relaxed);
+                            }
+                            Err(_) => {}
+                        }
+                    });
+                }
+                tokio::time::sleep_until(start + Duration::from_millis(tick + 1)).await;
+            }
+        })
+    };
+    tokio::time::sleep(warmup).await;
+    let (from, counted) = (tokio::time::Instant::now(), done.load(Relaxed));
+    let mut readings = Vec::new();
+    while from.elapsed() < run {
+        tokio::time::sleep(Duration::from_millis(7)).await;
+        readings.push(c.snapshot().completion_rate.unwrap_or(0.0));
+    }
+    let truth = (done.load(Relaxed) - counted) as f64 / from.elapsed().as_secs_f64();
+    load.abort();
+    (readings, truth, with_room.load(Relaxed))
+}
+
+/// Issue 26: 16 workers × 20 ms (800/s) at 3× load (2.4 arrivals a
+/// millisecond), queue of 64 for 100 ms. Counts and the paused clock only.
+#[tokio::test(start_paused = true)]
+async fn the_drain_rate_is_within_15_percent_at_a_steady_overload() {
+    let c = controller(16, 64, 100);
+    let (readings, truth, with_room) = overload(
+        &c,
+        Duration::from_millis(20),
+        &[2, 2, 3, 2, 3],
+        Duration::from_millis(500),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!((truth - 800.0).abs() < 8.0, "truth {truth}");
+    let lo = readings.iter().copied().fold(f64::MAX, f64::min);
+    let hi = readings.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "{} readings: {lo:.0}..{hi:.0} (truth {truth:.0}); refused with room: {with_room}",
+        readings.len()
+    );
+    for r in &readings {
+        assert!((r - truth).abs() <= 0.15 * truth, "{r} against {truth}");
+    }
+    // 64 ahead drain in 80 ms < 100 ms: the queue's room is never refused.
+    assert_eq!(with_room, 0);
+}
+
+/// Issue 26: no refusal by prediction before the window is full. The first
+/// completion comes a whole service time after saturation: read as an
+/// interval it is 50/s, and 10 ahead would "wait" 200 ms > 100 ms.
+#[tokio::test(start_paused = true)]
+async fn a_cold_estimate_refuses_nobody_the_queue_has_room_for() {
+    let c = controller(16, 64, 100);
+    let mut held: Vec<_> = Vec::new();
+    for _ in 0..16 {
+        held.push(c.acquire(Priority::Normal).await.unwrap());
+    }
+    let mut queued = Vec::new();
+    for _ in 0..10 {
+        queued.push(waiter(&c, Priority::Normal).await);
+    }
+    tokio::time::advance(Duration::from_millis(20)).await;
+    held.remove(0); // the first completion; a waiter takes the slot
+    tokio::task::yield_now().await;
+    assert_eq!(c.snapshot().queued, 9);
+    let late = waiter(&c, Priority::Normal).await;
+    assert_eq!(c.snapshot().queued, 10, "refused on one completion");
+    assert!(!late.is_finished());
+    // Retry-After meanwhile: the configured minimum, not 1 s per 50 ahead.
+    for _ in 0..54 {
+        queued.push(waiter(&c, Priority::Normal).await);
+    }
+    let full = c.acquire(Priority::Normal).await.unwrap_err();
+    assert_eq!(full.into_response().headers()["retry-after"], "1");
 }
