@@ -39,6 +39,8 @@ const CONFIRM: f64 = 1.1;
 const SLOW_START_EXIT: f64 = 1.125;
 /// Each staleness interval is drawn from this range of `baseline_interval`.
 const STALE_JITTER: (f64, f64) = (0.75, 1.25);
+/// A probe ends after this many times its windows' length, with what it has.
+const PROBE_DEADLINE_WINDOWS: u32 = 4;
 
 /// Tuning of [`Gradient`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -110,6 +112,10 @@ struct Baseline {
 
 #[derive(Debug, Clone, Copy)]
 struct Probe {
+    /// Its number.
+    id: u64,
+    /// It ends then, with what it has.
+    deadline: Instant,
     windows: u32,
     /// The limit to return to.
     resume: f64,
@@ -131,6 +137,8 @@ pub struct Gradient {
     /// When the baseline goes stale unless a window confirms it first.
     stale_at: Instant,
     jitter: Jitter,
+    /// Probes started so far.
+    probes: u64,
 }
 
 impl Gradient {
@@ -158,6 +166,7 @@ impl Gradient {
             probe: None,
             stale_at: now,
             jitter,
+            probes: 0,
         };
         g.fresh(now);
         g
@@ -170,14 +179,19 @@ impl Gradient {
         }
     }
 
-    /// The baseline was measured or confirmed at `now`.
-    fn fresh(&mut self, now: Instant) {
+    /// The baseline is not due again before a jittered interval.
+    fn postpone(&mut self, now: Instant) {
         let (low, high) = STALE_JITTER;
         let interval = self
             .settings
             .baseline_interval
             .mul_f64(self.jitter.between(low, high));
         self.stale_at = now + interval;
+    }
+
+    /// The baseline was measured or confirmed at `now`.
+    fn fresh(&mut self, now: Instant) {
+        self.postpone(now);
         if let Some(b) = &mut self.baseline {
             b.confirmed = now;
         }
@@ -210,10 +224,38 @@ impl Gradient {
         let Some(best) = probe.best else {
             return;
         };
+        self.end_probe(Some(best), now);
+    }
+
+    /// The probe ends: the limit returns; `best` becomes the baseline, or,
+    /// with nothing measured, the old one stays until the next interval.
+    fn end_probe(&mut self, best: Option<Duration>, now: Instant) {
+        let Some(probe) = self.probe.take() else {
+            return;
+        };
         self.limit = probe.resume;
-        self.probe = None;
         self.phase = Phase::Tracking;
-        self.measured(best, BaselineSource::Probe, now);
+        match best {
+            Some(best) => self.measured(best, BaselineSource::Probe, now),
+            None => self.postpone(now),
+        }
+    }
+
+    /// A probe past its deadline ends with the fastest of its windows,
+    /// the unfinished one included.
+    fn expire_probe(&mut self, now: Instant) {
+        let Some(probe) = self.probe else {
+            return;
+        };
+        if now < probe.deadline {
+            return;
+        }
+        let window = std::mem::replace(&mut self.window, Window::new(now));
+        let best = match (probe.best, window.mean()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.end_probe(best, now);
     }
 
     fn end_window(&mut self, now: Instant) {
@@ -255,7 +297,11 @@ impl Gradient {
         }
         if now >= self.stale_at && window.binding() {
             self.phase = Phase::Probing;
+            self.probes += 1;
+            let deadline = s.window * PROBE_DEADLINE_WINDOWS * s.baseline_windows;
             self.probe = Some(Probe {
+                id: self.probes,
+                deadline: now + deadline,
                 windows: 0,
                 resume: self.limit,
                 best: None,
@@ -304,6 +350,7 @@ impl Gradient {
 impl LimitAlgorithm for Gradient {
     fn sample(&mut self, sample: Sample, now: Instant) -> Option<usize> {
         let before = self.effective();
+        self.expire_probe(now);
         match self.phase {
             Phase::SlowStart => self.slow_start(&sample),
             // A probe learns only from requests sent at its own concurrency:
@@ -327,6 +374,17 @@ impl LimitAlgorithm for Gradient {
 
     fn limit(&self) -> usize {
         self.effective()
+    }
+
+    fn probe(&self) -> Option<u64> {
+        self.probe.map(|p| p.id)
+    }
+
+    fn tick(&mut self, now: Instant) -> Option<usize> {
+        let before = self.effective();
+        self.expire_probe(now);
+        let after = self.effective();
+        (after != before).then_some(after)
     }
 
     fn snapshot(&self, now: Instant) -> AlgorithmSnapshot {

@@ -67,6 +67,17 @@ pub trait LimitAlgorithm: Send + std::fmt::Debug {
     fn limit(&self) -> usize;
     /// Its live state at `now`.
     fn snapshot(&self, now: Instant) -> AlgorithmSnapshot;
+    /// While a probe holds the limit at `min_limit`: the probe's number (a
+    /// new one per probe). Requests admitted before it neither hold its
+    /// slots nor teach it.
+    fn probe(&self) -> Option<u64> {
+        None
+    }
+    /// Time passed without a sample: a probe past its deadline ends.
+    /// Returns the new limit when it changed.
+    fn tick(&mut self, _now: Instant) -> Option<usize> {
+        None
+    }
 }
 
 /// Bounds shared by every algorithm.

@@ -222,6 +222,25 @@ struct State {
     next_id: u64,
     /// Moves `limit` from the samples of answered requests (adaptive mode).
     algorithm: Option<Box<dyn LimitAlgorithm>>,
+    /// While the algorithm probes: its number, and the requests admitted
+    /// since it started still in flight (only they count against its limit).
+    probe: Option<(u64, usize)>,
+}
+
+impl State {
+    /// The slots taken, as the limit counts them: while a probe runs, only
+    /// those of requests admitted during it.
+    fn busy(&self) -> usize {
+        self.probe.map_or(self.inflight, |(_, n)| n)
+    }
+
+    /// Follows the algorithm into or out of a probe.
+    fn sync_probe(&mut self) {
+        let id = self.algorithm.as_ref().and_then(|a| a.probe());
+        if id != self.probe.map(|(id, _)| id) {
+            self.probe = id.map(|id| (id, 0));
+        }
+    }
 }
 
 /// One route's admission: at most `max_inflight` requests hold a [`Permit`];
@@ -321,6 +340,7 @@ impl Controller {
                 rate: CompletionRate::for_limit(settings.max_inflight),
                 next_id: 0,
                 algorithm,
+                probe: None,
             })))
         };
         Arc::new(Self {
@@ -456,7 +476,8 @@ impl Controller {
         weight: u64,
         now: Instant,
     ) -> Option<Permit> {
-        if state.inflight >= state.limit || !self.fits(state, weight) {
+        self.tick(state, now);
+        if state.busy() >= state.limit || !self.fits(state, weight) {
             return None;
         }
         let cap = self.settings.max_inflight_per_tenant;
@@ -474,11 +495,22 @@ impl Controller {
             return None;
         }
         let permit = self.grant(state, tenant, weight);
-        if state.inflight >= state.limit {
+        if state.busy() >= state.limit {
             state.rate.saturated(now);
         }
         self.publish(state);
         Some(permit)
+    }
+
+    /// Lets the algorithm see time pass (a probe's deadline) without a sample.
+    fn tick(self: &Arc<Self>, state: &mut State, now: Instant) {
+        let Some(limit) = state.algorithm.as_mut().and_then(|a| a.tick(now)) else {
+            return;
+        };
+        state.limit = limit;
+        self.metrics.limit.set(limit as f64);
+        state.sync_probe();
+        self.fill(state);
     }
 
     /// Takes a slot, and `weight` bytes, for `tenant`.
@@ -489,11 +521,21 @@ impl Controller {
             *state.holding.entry(tenant.clone()).or_default() += 1;
             tenant.clone()
         });
-        Permit::new(self.clone(), tenant, weight)
+        let mut permit = Permit::new(self.clone(), tenant, weight);
+        if let Some((id, n)) = &mut state.probe {
+            *n += 1;
+            permit.probe = Some(*id);
+        }
+        permit
     }
 
     /// Gives back a slot `tenant` held, and its `weight`.
-    fn ungrant(state: &mut State, tenant: Option<&ClientKey>, weight: u64) {
+    fn ungrant(state: &mut State, tenant: Option<&ClientKey>, weight: u64, probe: Option<u64>) {
+        if let (Some(id), Some((current, n))) = (probe, &mut state.probe)
+            && id == *current
+        {
+            *n -= 1;
+        }
         state.inflight -= 1;
         state.inflight_bytes -= weight;
         if let Some(tenant) = tenant
@@ -668,6 +710,7 @@ impl Controller {
         tenant: Option<ClientKey>,
         weight: u64,
         meter: Option<Arc<Meter>>,
+        probe: Option<u64>,
     ) {
         let mut state = match self.lock() {
             Locked::Unlimited(inflight) => {
@@ -678,8 +721,12 @@ impl Controller {
             Locked::Limited(state) => state,
         };
         let now = Instant::now();
-        let saturated = state.inflight >= state.limit || state.queue.len() > 0;
-        let inflight = state.inflight;
+        self.tick(&mut state, now);
+        let saturated = state.busy() >= state.limit || state.queue.len() > 0;
+        // While a probe runs, it learns only from the requests it admitted,
+        // at the concurrency they were admitted at.
+        let inflight = state.busy();
+        let sample = sample.filter(|_| state.probe.is_none_or(|(id, _)| probe == Some(id)));
         if let (Some(algorithm), Some((rtt, dropped))) = (state.algorithm.as_mut(), sample) {
             let sample = Sample {
                 rtt,
@@ -691,14 +738,15 @@ impl Controller {
                 state.limit = limit;
                 self.metrics.limit.set(limit as f64);
             }
+            state.sync_probe();
         }
         let extra = meter.map_or(0, |m| {
             m.released.store(true, Ordering::Relaxed);
             m.extra.load(Ordering::Relaxed)
         });
-        Self::ungrant(&mut state, tenant.as_ref(), weight + extra);
+        Self::ungrant(&mut state, tenant.as_ref(), weight + extra, probe);
         self.fill(&mut state);
-        let still = state.inflight >= state.limit || state.queue.len() > 0;
+        let still = state.busy() >= state.limit || state.queue.len() > 0;
         state.rate.record(now, saturated, still);
         self.publish(&mut state);
     }
@@ -773,7 +821,7 @@ impl Controller {
     }
 
     fn grant_waiters(self: &Arc<Self>, state: &mut State, cap: Option<usize>, newest: bool) {
-        while state.inflight < state.limit {
+        while state.busy() < state.limit {
             let holding = &state.holding;
             let may_run =
                 |t: &ClientKey| cap.is_none_or(|cap| holding.get(t).copied().unwrap_or(0) < cap);
@@ -790,7 +838,7 @@ impl Controller {
                 // The waiter is gone and the permit came back. It must not
                 // release (the lock is held): the slot is simply still free.
                 permit.armed = false;
-                Self::ungrant(state, permit.tenant.as_ref(), permit.weight);
+                Self::ungrant(state, permit.tenant.as_ref(), permit.weight, permit.probe);
             }
         }
     }
@@ -935,6 +983,8 @@ pub struct Permit {
     /// What its body weighs beyond `weight` as it streams (a body of
     /// unknown length, re-weighed).
     meter: Option<Arc<Meter>>,
+    /// The probe it was admitted during, if any.
+    probe: Option<u64>,
 }
 
 /// A permit's weight beyond its estimate, as its body streams. Both fields
@@ -958,6 +1008,7 @@ impl Permit {
             tenant,
             weight,
             meter: None,
+            probe: None,
         }
     }
 
@@ -986,6 +1037,7 @@ impl Drop for Permit {
                 self.tenant.take(),
                 self.weight,
                 self.meter.take(),
+                self.probe,
             );
         }
     }

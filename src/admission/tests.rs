@@ -863,12 +863,6 @@ async fn the_drain_rate_is_within_15_percent_at_a_steady_overload() {
     )
     .await;
     assert!((truth - 800.0).abs() < 8.0, "truth {truth}");
-    let lo = readings.iter().copied().fold(f64::MAX, f64::min);
-    let hi = readings.iter().copied().fold(0.0, f64::max);
-    eprintln!(
-        "{} readings: {lo:.0}..{hi:.0} (truth {truth:.0}); refused with room: {with_room}",
-        readings.len()
-    );
     for r in &readings {
         assert!((r - truth).abs() <= 0.15 * truth, "{r} against {truth}");
     }
@@ -903,4 +897,133 @@ async fn a_cold_estimate_refuses_nobody_the_queue_has_room_for() {
     }
     let full = c.acquire(Priority::Normal).await.unwrap_err();
     assert_eq!(full.into_response().headers()["retry-after"], "1");
+}
+
+/// A request admitted before a baseline probe that keeps
+/// its slot (a slowly read download, SSE, a long poll) must not wedge the
+/// probe: requests keep being admitted, and the probe ends within its
+/// deadline.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_admitted_before_a_probe_does_not_wedge_it() {
+    use crate::adaptive::{AdaptiveSettings, Bounds, GradientSettings, Phase};
+    let bounds = Bounds {
+        min: 1,
+        max: 100,
+        initial: 4,
+    };
+    let gradient = GradientSettings {
+        min_samples: 4,
+        baseline_interval: Duration::from_secs(1),
+        ..GradientSettings::default()
+    };
+    let c = Controller::adaptive(
+        AdmissionSettings {
+            queue_capacity: 0,
+            ..AdmissionSettings::DEFAULT
+        },
+        AdaptiveSettings::Gradient(bounds, gradient),
+        AdmissionMetrics::new("t", &crate::metrics::Registry::new()),
+    );
+    let phase = |c: &Arc<Controller>| c.snapshot().adaptive.unwrap().phase;
+    let tick = Duration::from_millis(20);
+    // The slow reader: admitted first, holds its slot throughout.
+    let slow = c.try_acquire().unwrap();
+    // The upstream at capacity: every slot kept busy, each answer in 20 ms,
+    // until the baseline (stale after ≤ 1.25 s) is re-measured.
+    let mut held: Vec<Permit> = std::iter::from_fn(|| c.try_acquire()).collect();
+    let mut waited = Duration::ZERO;
+    while phase(&c) != Some(Phase::Probing) {
+        assert!(waited < Duration::from_secs(10), "no probe started");
+        tokio::time::advance(tick).await;
+        waited += tick;
+        if let Some(mut p) = held.pop() {
+            p.record(Duration::from_millis(20), false);
+        }
+        held.extend(std::iter::from_fn(|| c.try_acquire()));
+    }
+    // The probe holds the limit at min_limit; what was in flight drains.
+    drop(held);
+    let probe_started = tokio::time::Instant::now();
+    // 40 requests a second for 3 s, each answered in 20 ms.
+    let (mut offered, mut admitted, mut ended) = (0, 0, None);
+    while probe_started.elapsed() < Duration::from_secs(3) {
+        tokio::time::advance(Duration::from_millis(25)).await;
+        offered += 1;
+        if let Some(mut p) = c.try_acquire() {
+            admitted += 1;
+            tokio::time::advance(tick).await;
+            p.record(Duration::from_millis(20), false);
+        }
+        if ended.is_none() && phase(&c) != Some(Phase::Probing) {
+            ended = Some(probe_started.elapsed());
+        }
+    }
+    assert!(admitted * 2 >= offered, "{admitted} of {offered} admitted");
+    let ended = ended.expect("the probe never ended");
+    // Default window 250 ms × 2 windows; deadline 4× that.
+    assert!(ended <= Duration::from_secs(2), "probe took {ended:?}");
+    let snap = c.snapshot().adaptive.unwrap();
+    assert_eq!(
+        snap.baseline_source,
+        Some(crate::adaptive::BaselineSource::Probe)
+    );
+    drop(slow);
+}
+
+/// A request admitted during the probe that keeps its slot: the probe ends
+/// at its deadline with what it measured, and the limit returns.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_admitted_during_a_probe_holds_it_no_longer_than_its_deadline() {
+    use crate::adaptive::{AdaptiveSettings, Bounds, GradientSettings, Phase};
+    let bounds = Bounds {
+        min: 1,
+        max: 100,
+        initial: 4,
+    };
+    let gradient = GradientSettings {
+        min_samples: 4,
+        baseline_interval: Duration::from_secs(1),
+        ..GradientSettings::default()
+    };
+    let c = Controller::adaptive(
+        AdmissionSettings {
+            queue_capacity: 0,
+            ..AdmissionSettings::DEFAULT
+        },
+        AdaptiveSettings::Gradient(bounds, gradient),
+        AdmissionMetrics::new("t", &crate::metrics::Registry::new()),
+    );
+    let phase = |c: &Arc<Controller>| c.snapshot().adaptive.unwrap().phase;
+    let tick = Duration::from_millis(20);
+    let mut held: Vec<Permit> = std::iter::from_fn(|| c.try_acquire()).collect();
+    while phase(&c) != Some(Phase::Probing) {
+        tokio::time::advance(tick).await;
+        if let Some(mut p) = held.pop() {
+            p.record(Duration::from_millis(20), false);
+        }
+        held.extend(std::iter::from_fn(|| c.try_acquire()));
+    }
+    drop(held);
+    let probe_started = tokio::time::Instant::now();
+    // Two answered probe requests, then one that stays.
+    for _ in 0..2 {
+        let mut p = c.try_acquire().unwrap();
+        tokio::time::advance(tick).await;
+        p.record(Duration::from_millis(20), false);
+    }
+    let slow = c.try_acquire().unwrap();
+    let mut first_after = None;
+    while probe_started.elapsed() < Duration::from_secs(3) {
+        tokio::time::advance(Duration::from_millis(25)).await;
+        if let Some(mut p) = c.try_acquire() {
+            first_after.get_or_insert(probe_started.elapsed());
+            p.record(Duration::from_millis(20), false);
+        }
+    }
+    let first_after = first_after.expect("wedged for good");
+    assert!(
+        first_after <= Duration::from_millis(2100),
+        "{first_after:?}"
+    );
+    drop(slow);
 }
