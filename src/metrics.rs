@@ -85,6 +85,9 @@ pub const SPOOL_DEAD_LETTERED_TOTAL: &str = "sluicegate_dead_lettered_total";
 /// `sluicegate_spool_damaged_records_total{route}`: torn or corrupted records
 /// skipped when the spool was recovered.
 pub const SPOOL_DAMAGED_TOTAL: &str = "sluicegate_spool_damaged_records_total";
+/// 1 while a route's replay is paused because its dead letters cannot be
+/// written (disk full, I/O error), until one is written again.
+pub const SPOOL_REPLAY_PAUSED: &str = "sluicegate_spool_replay_paused";
 /// `sluicegate_upstream_duration_seconds{route}`: time until the upstream's
 /// response headers.
 pub const UPSTREAM_DURATION: &str = "sluicegate_upstream_duration_seconds";

@@ -111,7 +111,14 @@ pub fn route_stack<S>(
                 .clone()
                 .map(RateLimitLayer::with_limiter),
         )
-        .layer(SpoolLayer::optional(protections.spool.clone()))
+        .layer(
+            SpoolLayer::optional(protections.spool.clone()).deliverable_up_to(
+                route
+                    .admission
+                    .as_ref()
+                    .and_then(|a| a.max_inflight_bytes.map(|b| b.get())),
+            ),
+        )
         .service(guarded(route, protections, inner))
 }
 
@@ -138,6 +145,10 @@ pub fn replay_target(info: &RouteInfo, forward: Forward) -> replay::Target {
         service: BoxCloneService::new(service),
         admission: info.protections.admission.clone(),
         circuit: info.protections.circuit.clone(),
+        backpressure: info.config.circuit.as_ref().map_or_else(
+            || FailurePolicy::DEFAULT_BACKPRESSURE.to_vec(),
+            |c| c.backpressure_statuses.clone(),
+        ),
     }
 }
 

@@ -259,3 +259,31 @@ async fn slow_start_ramps_the_admission_limit_after_closing() {
     assert_eq!(limit().await, 21);
     proxy.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_state_gauge_follows_the_breaker_on_a_quiet_route() {
+    let sim = simulator().await;
+    let proxy = sluicegate::start(config(sim.addr(), "/", CIRCUIT))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    let metrics = format!("http://{}/metrics", proxy.admin_addr());
+    let gauge = || async {
+        let text = get(&metrics).await.1;
+        metric(
+            &String::from_utf8_lossy(&text),
+            r#"sluicegate_circuit_state{route="test"}"#,
+        )
+    };
+    sim.set_mode(sim::Mode::Fail);
+    for _ in 0..3 {
+        status(&url).await;
+    }
+    assert_eq!(gauge().await, Some(1.0), "open");
+    // No request comes. Past open_ms the breaker is half-open, and the
+    // gauge (what the SluicegateCircuitOpen alert reads) says so within a
+    // second, not at the next request.
+    tokio::time::sleep(Duration::from_millis(6_100)).await;
+    assert_eq!(gauge().await, Some(2.0), "half-open");
+    proxy.shutdown().await;
+}

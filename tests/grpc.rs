@@ -355,21 +355,22 @@ async fn a_grpc_timeout_shorter_than_the_predicted_wait_is_refused_at_once() {
     // One call at a time, 100 ms each: 10 calls a second, and a queue that
     // would let a call wait up to 10 s.
     let route =
-        "[route.admission]\nmax_inflight = 1\nqueue_capacity = 16\nqueue_timeout_ms = 10000\n";
+        "[route.admission]\nmax_inflight = 1\nqueue_capacity = 40\nqueue_timeout_ms = 10000\n";
     let proxy = sluicegate::start(config(addr, "/", &http2_route(route)))
         .await
         .unwrap();
     receiver.answer(Answer::Busy);
     let client = otlp_client(&proxy).await;
-    // A standing line of four: the drain rate is learnt, and a newcomer's
-    // predicted wait is about half a second.
-    let line: Vec<_> = (0..12)
+    // A standing line: the drain rate is learnt (a prediction may refuse
+    // once 16 completions were counted, 1.6 s), and a newcomer's predicted
+    // wait is still over half a second.
+    let line: Vec<_> = (0..32)
         .map(|_| {
             let mut c = client.clone();
             tokio::spawn(async move { c.export(spans(1)).await.map(|_| ()) })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
     // 50 ms left to wait: refused now, not queued to time out later.
     let url = format!(
         "http://{}{}",

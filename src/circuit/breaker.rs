@@ -257,8 +257,8 @@ impl Breaker {
         }
     }
 
-    /// The current state (an open circuit whose time is up still says open
-    /// until the next request makes it half-open).
+    /// The state as of the last transition ([`Breaker::tick`] makes the ones
+    /// time alone makes).
     pub fn state(&self) -> CircuitState {
         match self.inner {
             Inner::Closed { .. } => CircuitState::Closed,
@@ -314,23 +314,34 @@ impl Breaker {
         self.enter(Inner::Open { until }, cause, now)
     }
 
+    /// Makes the transitions time alone makes: an open circuit whose open
+    /// duration has passed becomes half-open, a half-open one whose probes
+    /// all succeeded closes once `min_half_open` is up. Requests make them
+    /// too; this is for those who only look (metrics, `/status`, the spool's
+    /// replayer), so that the state they see is the one the breaker is in.
+    pub fn tick(&mut self, now: Instant) -> Option<Transition> {
+        match self.inner {
+            Inner::Open { until } if now >= until => {
+                let half_open = Inner::HalfOpen {
+                    leases: Vec::new(),
+                    successes: 0,
+                };
+                Some(self.enter(half_open, Cause::OpenElapsed, now))
+            }
+            Inner::Open { .. } => None,
+            _ => self.close_if_due(now),
+        }
+    }
+
     /// Asks to call the upstream. `Err` holds the time the client should wait:
     /// until the half-open window while open, the rest of `min_half_open` when
     /// every probe slot is taken.
     pub fn try_acquire(&mut self, now: Instant) -> (Result<Ticket, Duration>, Option<Transition>) {
-        let mut transition = None;
-        if let Inner::Open { until } = self.inner {
-            if now < until {
-                return (Err(until - now), None);
-            }
-            let half_open = Inner::HalfOpen {
-                leases: Vec::new(),
-                successes: 0,
-            };
-            transition = Some(self.enter(half_open, Cause::OpenElapsed, now));
-        } else if let Some(closed) = self.close_if_due(now) {
-            // Probes succeeded before `min_half_open` was up; time has now come.
-            transition = Some(closed);
+        // Probes that succeeded before `min_half_open` was up close it now;
+        // an open duration that passed makes it half-open.
+        let transition = self.tick(now);
+        if let Some(wait) = self.open_remaining(now) {
+            return (Err(wait), transition);
         }
         let generation = self.generation;
         if let Inner::HalfOpen { leases, .. } = &mut self.inner {

@@ -173,6 +173,31 @@ impl Circuit {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The state at `now`, with the transitions time alone makes (an open
+    /// duration passed: half-open) made, logged and exported: the state a
+    /// metric or `/status` shows is the state the breaker is in, whether or
+    /// not a request has asked since.
+    fn lock_at(&self, now: Instant) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        if let Some(t) = state.breaker.tick(now) {
+            self.on_transition(&mut state, t, now);
+        }
+        state
+    }
+
+    /// Makes the transitions time alone makes (the proxy calls this once a
+    /// second for each route, so that the gauge follows the breaker on a quiet
+    /// route).
+    pub fn tick(&self, now: Instant) {
+        drop(self.lock_at(now));
+    }
+
+    /// Time left until an open circuit lets a probe through (`None` unless
+    /// open).
+    pub fn open_remaining(&self, now: Instant) -> Option<Duration> {
+        self.lock_at(now).breaker.open_remaining(now)
+    }
+
     /// Asks to call the upstream; a refusal is a `circuit_open` [`Rejection`]
     /// with `Retry-After` = time left until the half-open window.
     pub fn acquire(&self, now: Instant) -> Result<Ticket, Rejection> {
@@ -255,7 +280,7 @@ impl Circuit {
     /// The live state.
     pub fn snapshot(&self) -> CircuitSnapshot {
         let now = Instant::now();
-        let state = self.lock();
+        let state = self.lock_at(now);
         let b = &state.breaker;
         CircuitSnapshot {
             state: b.state(),
@@ -278,6 +303,6 @@ impl Circuit {
 
     /// The current state.
     pub fn state(&self) -> CircuitState {
-        self.lock().breaker.state()
+        self.lock_at(Instant::now()).breaker.state()
     }
 }

@@ -27,6 +27,7 @@ use super::record::Stored;
 use super::store::now_ms;
 use crate::body::{BoxError, BoxFuture, ProxyBody, full};
 use crate::conn::ClientAddr;
+use crate::error::{Reason, Rejection};
 
 /// Response extension: the request was spooled (`202`), not answered by the
 /// upstream.
@@ -37,17 +38,29 @@ pub struct Spooled(pub Arc<str>);
 #[derive(Debug, Clone)]
 pub struct SpoolLayer {
     spool: Option<Arc<Spool>>,
+    deliverable: Option<u64>,
 }
 
 impl SpoolLayer {
     /// Spools into `spool`.
     pub fn new(spool: Arc<Spool>) -> Self {
-        Self { spool: Some(spool) }
+        Self::optional(Some(spool))
     }
 
     /// Spools into `spool` when there is one; passes requests on otherwise.
     pub fn optional(spool: Option<Arc<Spool>>) -> Self {
-        Self { spool }
+        Self {
+            spool,
+            deliverable: None,
+        }
+    }
+
+    /// Bodies heavier than `bytes` can never be delivered (the route's
+    /// `max_inflight_bytes`: admission would never take them): they get
+    /// `413` instead of a `202` for a request that would only block replay.
+    pub fn deliverable_up_to(mut self, bytes: Option<u64>) -> Self {
+        self.deliverable = bytes;
+        self
     }
 }
 
@@ -57,6 +70,7 @@ impl<S> Layer<S> for SpoolLayer {
         Spooling {
             inner,
             spool: self.spool.clone(),
+            deliverable: self.deliverable,
         }
     }
 }
@@ -66,6 +80,7 @@ impl<S> Layer<S> for SpoolLayer {
 pub struct Spooling<S> {
     inner: S,
     spool: Option<Arc<Spool>>,
+    deliverable: Option<u64>,
 }
 
 /// What a spooled request keeps of its head (the stack below takes the
@@ -75,6 +90,9 @@ struct Head {
     uri: String,
     headers: HeaderMap,
     client: Option<String>,
+    tls: bool,
+    /// The heaviest body that could ever be delivered.
+    deliverable: Option<u64>,
 }
 
 type Slot<B> = Arc<Mutex<Option<B>>>;
@@ -123,6 +141,11 @@ where
                 .extensions
                 .get::<ClientAddr>()
                 .map(|c| c.addr().ip().to_string()),
+            tls: parts
+                .extensions
+                .get::<ClientAddr>()
+                .is_some_and(ClientAddr::is_tls),
+            deliverable: self.deliverable,
         };
         let slot: Slot<B> = Arc::new(Mutex::new(Some(body)));
         let body = SpoolBody::Waiting {
@@ -218,6 +241,13 @@ where
     // A body over the route's limit, stalled or cut short is the client's
     // answer (413, 408, 400), as without a spool.
     let body = body.collect().await.map_err(Into::into)?.to_bytes();
+    if head.deliverable.is_some_and(|max| body.len() as u64 > max) {
+        // Admission would refuse it as it refuses a live one: spooling it
+        // would only park it at the head of the spool.
+        let refusal = Rejection::new(Reason::BodyTooLarge)
+            .with_cause("the request body outweighs max_inflight_bytes: never deliverable");
+        return Err(refusal.into());
+    }
     let store = spool.store();
     let id = store.new_id();
     let mut headers = head.headers;
@@ -234,6 +264,7 @@ where
         id,
         created_ms: now_ms(),
         client: head.client,
+        tls: head.tls,
         method: head.method,
         uri: head.uri,
         headers,

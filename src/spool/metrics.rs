@@ -4,7 +4,8 @@ use metrics::{Counter, Gauge};
 
 use crate::metrics::{
     Registry, SPOOL_BYTES, SPOOL_DAMAGED_TOTAL, SPOOL_DEAD_LETTERED_TOTAL, SPOOL_DEAD_LETTERS,
-    SPOOL_MAX_BYTES, SPOOL_OLDEST_AGE, SPOOL_REPLAYED_TOTAL, SPOOL_REQUESTS, SPOOLED_TOTAL,
+    SPOOL_MAX_BYTES, SPOOL_OLDEST_AGE, SPOOL_REPLAY_PAUSED, SPOOL_REPLAYED_TOTAL, SPOOL_REQUESTS,
+    SPOOLED_TOTAL,
 };
 
 /// One route's spool metrics.
@@ -20,6 +21,7 @@ pub struct SpoolMetrics {
     pub(crate) retried: Counter,
     pub(crate) dead_lettered: Counter,
     pub(crate) damaged: Counter,
+    pub(crate) replay_paused: Gauge,
 }
 
 impl SpoolMetrics {
@@ -43,6 +45,7 @@ impl SpoolMetrics {
             retried: replayed("retried"),
             dead_lettered: registry.counter(SPOOL_DEAD_LETTERED_TOTAL, &labels),
             damaged: registry.counter(SPOOL_DAMAGED_TOTAL, &labels),
+            replay_paused: registry.gauge(SPOOL_REPLAY_PAUSED, &labels),
         }
     }
 }

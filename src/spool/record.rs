@@ -24,6 +24,8 @@ pub struct Stored {
     pub created_ms: u64,
     /// The client's address, for `X-Forwarded-For` on replay.
     pub client: Option<String>,
+    /// Whether the client used TLS (`X-Forwarded-Proto: https` on replay).
+    pub tls: bool,
     /// Its method.
     pub method: Method,
     /// Its path and query.
@@ -197,6 +199,7 @@ impl<'a> Reader<'a> {
             id,
             created_ms,
             client,
+            tls: false,
             method,
             uri,
             headers,
@@ -283,6 +286,7 @@ mod tests {
             id: id.into(),
             created_ms: 1_700_000_000_000,
             client: Some("10.0.0.1".into()),
+            tls: false,
             method: Method::POST,
             uri: "/ingest?batch=1".into(),
             headers,

@@ -1,17 +1,31 @@
 //! The replayer: one task per spool, delivering spooled requests oldest
 //! first through the route's own circuit breaker and admission controller,
 //! at the lowest priority (`batch`), so that live traffic goes first and the
-//! upstream is never sent more than admission grants.
+//! upstream is never sent more than admission grants. It needs no live
+//! traffic to make progress: it asks the circuit itself (a replay may be the
+//! half-open probe), and its own pace grows from one delivery at a time.
 //!
-//! - 2xx: delivered, gone from the spool.
-//! - 408, 429, 5xx, no answer after sending (timeout, reset): tried again
-//!   after a backoff (doubling from 100 ms to 10 s, at least the upstream's
-//!   `Retry-After`), which pauses the whole route's replay: the upstream is
-//!   pushing back, not this one request. At `max_attempts`: a dead letter.
-//! - Any other status: a dead letter at once (the request itself is wrong).
+//! How an attempt ends decides who waits (README "Store and forward"):
+//!
+//! - 2xx: delivered, gone from the spool; the pace grows (slow start).
+//! - 408, 429, 5xx, no answer after sending (timeout, reset): this request
+//!   waits a backoff of its own (doubling from 100 ms to 10 s, at least its
+//!   `Retry-After`), counted as an attempt, and the pace halves; the others
+//!   go on (a client's 429 is its own quota). At `max_attempts`: a dead
+//!   letter. An upstream `503` with `Retry-After` (its `backpressure
+//!   statuses`) is the upstream pushing back on everyone: the whole route
+//!   waits that long.
+//! - Any other status: a dead letter at once (the request itself is wrong);
+//!   so is a request admission could never take (heavier than
+//!   `max_inflight_bytes`).
 //! - Held back by the proxy (circuit open, queue full) or never sent (no
-//!   connection to the upstream): the same backoff, not counted as an
-//!   attempt, so that an outage of any length dead-letters nothing.
+//!   connection to the upstream): the route waits a backoff, not counted as
+//!   an attempt, so that an outage of any length dead-letters nothing, and
+//!   the pace starts again from one delivery.
+//! - A dead letter that cannot be written (disk full, I/O error): the attempt
+//!   counts, and the route's replay pauses (doubling to a minute) with
+//!   `sluicegate_spool_replay_paused` at 1, logged once when it starts and
+//!   once when it ends: never a storm of retries.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -20,7 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower::util::BoxCloneService;
@@ -30,14 +44,17 @@ use super::record::{Buried, Stored};
 use super::store::{Next, now_ms};
 use crate::admission::{Controller, Granted, Priority, everyone};
 use crate::body::{BoxError, ProxyBody, find_cause};
-use crate::circuit::{Circuit, CircuitState};
+use crate::circuit::Circuit;
 use crate::conn::ClientAddr;
 use crate::error::{ErrorChain, NotSent, Reason, Rejection, client_fault};
 use crate::jitter::Jitter;
 
-/// Deliveries at once, at most, whatever admission would grant: each holds
-/// its request's body in memory.
+/// Deliveries at once, at most, whatever admission would grant.
 pub const MAX_INFLIGHT: usize = 32;
+
+/// Request bytes held in memory by deliveries at once (a single larger
+/// request still goes, alone).
+const MAX_INFLIGHT_BYTES: u64 = 32 * 1024 * 1024;
 
 /// First backoff after a failed delivery.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -47,6 +64,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Longest `Retry-After` obeyed.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+/// Longest pause while dead letters cannot be written.
+const DEAD_LETTER_PAUSE_MAX: Duration = Duration::from_secs(60);
 /// Pause when admission has no slot to give (its queue full).
 const NO_SLOT_PAUSE: Duration = Duration::from_millis(20);
 /// Bytes of a refusing answer kept with a dead letter.
@@ -68,17 +87,30 @@ pub struct Target {
     pub admission: Arc<Controller>,
     /// The route's circuit breaker.
     pub circuit: Option<Arc<Circuit>>,
+    /// Upstream statuses that, with a `Retry-After`, hold the whole route
+    /// back (the circuit's `backpressure_statuses`; `[503]` without one).
+    pub backpressure: Vec<u16>,
 }
 
-/// When replay may go on: a route-wide pause after failures.
+// === Backoff ===
+
+/// A doubling backoff with jitter: `BACKOFF_MIN << failures`, capped.
+fn backoff_step(failures: u32, cap: Duration, jitter: &mut Jitter) -> Duration {
+    let step = BACKOFF_MIN.saturating_mul(1 << failures.min(16)).min(cap);
+    // Full jitter above half the step: replicas do not retry in step.
+    step.mul_f64(0.5 + jitter.unit() / 2.0)
+}
+
+/// When the whole route may go on: after an outage, the upstream's
+/// route-wide backpressure, or dead letters that cannot be written.
 #[derive(Debug)]
-struct Backoff {
+struct Pause {
     failures: u32,
     until: Option<Instant>,
     jitter: Jitter,
 }
 
-impl Backoff {
+impl Pause {
     fn new() -> Self {
         Self {
             failures: 0,
@@ -87,41 +119,91 @@ impl Backoff {
         }
     }
 
-    fn succeeded(&mut self) {
+    fn clear(&mut self) {
         self.failures = 0;
         self.until = None;
     }
 
-    /// Pauses replay for the next backoff step, and at least `at_least`.
-    fn failed(&mut self, at_least: Option<Duration>) {
-        let step = BACKOFF_MIN
-            .saturating_mul(1 << self.failures.min(16))
-            .min(BACKOFF_MAX);
+    /// Pauses for the next step (up to `cap`), and at least `at_least`.
+    fn extend(&mut self, cap: Duration, at_least: Option<Duration>) {
+        let step = backoff_step(self.failures, cap, &mut self.jitter);
         self.failures += 1;
-        // Full jitter above half the step: replicas do not retry in step.
-        let step = step.mul_f64(0.5 + self.jitter.unit() / 2.0);
         let wait = step.max(at_least.unwrap_or_default().min(RETRY_AFTER_MAX));
         let until = Instant::now() + wait;
         self.until = Some(self.until.map_or(until, |u| u.max(until)));
     }
+
+    fn until(&self) -> Option<Instant> {
+        self.until.filter(|u| *u > Instant::now())
+    }
 }
 
-/// How a delivery went.
-enum Outcome {
-    Delivered,
-    /// Refused for now, by the upstream (an attempt) or by the proxy (not).
-    Again {
-        attempted: bool,
-        retry_after: Option<Duration>,
-        status: Option<u16>,
-        excerpt: String,
-    },
-    /// Refused for good.
-    Refused {
-        status: u16,
-        excerpt: String,
-    },
+// === The pace ===
+
+/// How many deliveries may run at once: TCP's slow start and congestion
+/// avoidance, in deliveries. It starts at one, grows by one per delivery
+/// (doubling per round), halves on a failed attempt and starts again from
+/// one after an outage, so an upstream that has just come back is never
+/// sent a burst.
+#[derive(Debug)]
+struct Pace {
+    window: usize,
+    running: usize,
+    bytes: u64,
 }
+
+impl Pace {
+    fn room(&self, bytes: u64) -> bool {
+        self.running < self.window
+            && (self.running == 0 || self.bytes + bytes <= MAX_INFLIGHT_BYTES)
+    }
+}
+
+/// What the deliveries share with the loop that starts them.
+struct Shared {
+    pace: Mutex<Pace>,
+    pause: Mutex<Pause>,
+    /// Told when a delivery ends (room, and perhaps a new pause).
+    ended: Notify,
+    /// Whether replay is paused because dead letters cannot be written.
+    burying_fails: Mutex<bool>,
+}
+
+impl Shared {
+    fn pace(&self) -> std::sync::MutexGuard<'_, Pace> {
+        self.pace.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pause(&self) -> std::sync::MutexGuard<'_, Pause> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A delivery of `bytes` ended; `change` moves the window.
+    fn ended(&self, bytes: u64, change: fn(&mut Pace)) {
+        let mut pace = self.pace();
+        pace.running -= 1;
+        pace.bytes -= bytes;
+        change(&mut pace);
+        drop(pace);
+        self.ended.notify_one();
+    }
+}
+
+fn grow(pace: &mut Pace) {
+    pace.window = (pace.window + 1).min(MAX_INFLIGHT);
+}
+
+fn halve(pace: &mut Pace) {
+    pace.window = (pace.window / 2).max(1);
+}
+
+fn restart(pace: &mut Pace) {
+    pace.window = 1;
+}
+
+fn keep(_: &mut Pace) {}
+
+// === The loop ===
 
 /// Delivers `spool`'s requests to `target()` (looked up each time, so that a
 /// reloaded route's new stack is used) until `stop` turns true. Deliveries in
@@ -131,8 +213,16 @@ pub async fn run(
     mut target: impl FnMut() -> Option<Target> + Send,
     mut stop: watch::Receiver<bool>,
 ) {
-    let backoff = Arc::new(Mutex::new(Backoff::new()));
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let shared = Arc::new(Shared {
+        pace: Mutex::new(Pace {
+            window: 1,
+            running: 0,
+            bytes: 0,
+        }),
+        pause: Mutex::new(Pause::new()),
+        ended: Notify::new(),
+        burying_fails: Mutex::new(false),
+    });
     let store = spool.store().clone();
     // The oldest request's age moves with the clock, not with the spool.
     let refresher = tokio::spawn({
@@ -145,86 +235,149 @@ pub async fn run(
             }
         }
     });
-    let (ahead_tx, mut ahead) = tokio::sync::mpsc::channel(READ_AHEAD);
-    let reader = tokio::spawn(read_ahead(spool.clone(), ahead_tx));
-    let paused = |backoff: &Mutex<Backoff>| {
-        let until = backoff.lock().unwrap_or_else(|e| e.into_inner()).until;
-        until.filter(|u| *u > Instant::now())
-    };
     'requests: loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            _ = stopped(&mut stop) => break,
+        // The oldest request that may go now (none in its own backoff).
+        let next = loop {
+            if let Some(next) = store.next() {
+                break next;
+            }
+            tokio::select! {
+                () = store.ready() => {}
+                _ = stopped(&mut stop) => break 'requests,
+            }
         };
-        // Read ahead of the grant, so that a freed slot is used at once.
-        let (next, stored) = tokio::select! {
-            read = ahead.recv() => read.expect("the reader lives as long as the loop"),
-            _ = stopped(&mut stop) => break,
+        let Some(stored) = read(&spool, &next).await else {
+            continue;
         };
-        // Until this request may go: no backoff in force, the route there,
-        // its circuit not open, a slot granted.
+        let bytes = stored.body.len() as u64;
+        // Until it may go: room in the pace, no pause in force, the route
+        // there, its circuit not open, a slot granted.
         let (target, permit) = loop {
-            let wait = match (paused(&backoff), target()) {
-                (Some(until), _) => until,
-                // The route is gone (a reload removed it): its spool waits.
-                (None, None) => Instant::now() + Duration::from_secs(1),
-                (None, Some(target))
-                    if target
-                        .circuit
-                        .as_ref()
-                        .is_some_and(|c| c.state() == CircuitState::Open) =>
-                {
-                    Instant::now() + Duration::from_millis(100)
-                }
-                (None, Some(target)) => {
-                    let weight = target.admission.weight(Some(stored.body.len() as u64));
+            let wait = match ready_to_go(&shared, bytes, &mut target) {
+                Ok(target) => {
+                    let weight = target.admission.weight(Some(bytes));
+                    if target.admission.too_heavy(weight) {
+                        // Admission can never take it (max_inflight_bytes
+                        // lowered since it was spooled): it must not hold up
+                        // the rest.
+                        let excerpt = "heavier than the route's max_inflight_bytes".to_string();
+                        let outcome = Outcome::Refused {
+                            status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
+                            excerpt,
+                        };
+                        {
+                            let mut pace = shared.pace();
+                            pace.running += 1;
+                            pace.bytes += bytes;
+                        }
+                        settle(
+                            &spool,
+                            &next,
+                            stored,
+                            outcome,
+                            &target.backpressure,
+                            &shared,
+                        )
+                        .await;
+                        continue 'requests;
+                    }
                     let acquire = target
                         .admission
                         .acquire_as(Priority::Batch, everyone(), weight);
                     let permit = tokio::select! {
                         permit = acquire => permit,
                         _ = stopped(&mut stop) => {
-                            store.retry(&next, false);
+                            store.retry(&next, false, None);
                             break 'requests;
                         }
                     };
                     match permit {
-                        // Another delivery may have failed while this one
-                        // waited: then it waits too.
-                        Ok(permit) if paused(&backoff).is_none() => break (target, permit),
-                        Ok(_) => continue,
+                        Ok(permit) => break (target, permit),
                         // No slot, not even a place in the queue: live
                         // traffic has them.
                         Err(_) => Instant::now() + NO_SLOT_PAUSE,
                     }
                 }
+                Err(Wait::Until(at)) => at,
+                Err(Wait::Room) => {
+                    tokio::select! {
+                        () = shared.ended.notified() => {}
+                        _ = stopped(&mut stop) => {
+                            store.retry(&next, false, None);
+                            break 'requests;
+                        }
+                    }
+                    continue;
+                }
             };
             tokio::select! {
                 () = tokio::time::sleep_until(wait) => {}
+                () = shared.ended.notified() => {}
                 _ = stopped(&mut stop) => {
-                    store.retry(&next, false);
+                    store.retry(&next, false, None);
                     break 'requests;
                 }
             }
         };
+        {
+            let mut pace = shared.pace();
+            pace.running += 1;
+            pace.bytes += bytes;
+        }
         let request = replay_request(stored.clone(), Granted::new(permit));
         let spool = spool.clone();
-        let backoff = backoff.clone();
+        let shared = shared.clone();
+        let Target {
+            service,
+            backpressure,
+            ..
+        } = target;
         tokio::spawn(async move {
-            let outcome = deliver(target.service, request).await;
-            settle(&spool, &next, stored, outcome, &backoff).await;
-            drop(slot);
+            let outcome = deliver(service, request).await;
+            settle(&spool, &next, stored, outcome, &backpressure, &shared).await;
         });
     }
-    reader.abort();
-    ahead.close();
-    while let Ok((next, _)) = ahead.try_recv() {
-        store.retry(&next, false);
+    // Let deliveries in flight finish (each within the route's timeouts).
+    while shared.pace().running > 0 {
+        shared.ended.notified().await;
     }
-    // Let deliveries in flight finish (each within the route's timeout).
-    let _ = slots.acquire_many(MAX_INFLIGHT as u32).await;
     refresher.abort();
     store.refresh();
+}
+
+/// Why a request may not go yet.
+enum Wait {
+    /// The pace has no room: wait for a delivery to end.
+    Room,
+    /// A pause, the route's absence or its open circuit: until then.
+    Until(Instant),
+}
+
+/// The route's target, when a request of `bytes` may go now.
+fn ready_to_go(
+    shared: &Shared,
+    bytes: u64,
+    target: &mut impl FnMut() -> Option<Target>,
+) -> Result<Target, Wait> {
+    if !shared.pace().room(bytes) {
+        return Err(Wait::Room);
+    }
+    if let Some(until) = shared.pause().until() {
+        return Err(Wait::Until(until));
+    }
+    // The route is gone (a reload removed it): its spool waits.
+    let target = target().ok_or(Wait::Until(Instant::now() + Duration::from_secs(1)))?;
+    // An open circuit: until its half-open window, then this request asks
+    // for the probe itself (no live request needs to come first).
+    if let Some(left) = target
+        .circuit
+        .as_ref()
+        .and_then(|c| c.open_remaining(Instant::now()))
+        .filter(|left| !left.is_zero())
+    {
+        return Err(Wait::Until(Instant::now() + left));
+    }
+    Ok(target)
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
@@ -232,35 +385,24 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// Requests read from disk ahead of their grant, at most.
-const READ_AHEAD: usize = 4;
-
-/// Reads the oldest requests not being delivered into `ahead`, in order.
-async fn read_ahead(spool: Arc<Spool>, ahead: tokio::sync::mpsc::Sender<(Next, Stored)>) {
+/// Reads `next` back from disk; a record that cannot be read has nothing
+/// left to deliver or to bury.
+async fn read(spool: &Spool, next: &Next) -> Option<Stored> {
     let store = spool.store();
-    loop {
-        let Ok(room) = ahead.reserve().await else {
-            return;
-        };
-        let next = loop {
-            match store.next() {
-                Some(next) => break next,
-                None => store.ready().await,
-            }
-        };
-        match store.read(&next).await {
-            Ok(stored) => room.send((next, stored)),
-            Err(e) => {
-                // Cannot be read back: nothing left to deliver or to bury.
-                tracing::error!(route = spool.route(), error = %e, "spool: a record cannot be read back; dropped");
-                store.metrics().damaged.increment(1);
-                store.delivered(&next);
-            }
+    match store.read(next).await {
+        Ok(stored) => Some(stored),
+        Err(e) => {
+            tracing::error!(route = spool.route(), error = %e, "spool: a record cannot be read back; dropped");
+            store.metrics().damaged.increment(1);
+            store.delivered(next);
+            None
         }
     }
 }
 
-/// The spooled request as it is sent again.
+/// The spooled request as it is sent again: what the live request carried,
+/// and the client it came from (its address and whether it used TLS), so
+/// that the forwarding headers are the ones the live request would have had.
 fn replay_request(stored: Stored, granted: Granted) -> ReplayRequest {
     let mut request = Request::new(Full::new(stored.body));
     *request.method_mut() = stored.method;
@@ -272,9 +414,36 @@ fn replay_request(stored: Stored, granted: Granted) -> ReplayRequest {
     let extensions = request.extensions_mut();
     extensions.insert(granted);
     if let Some(ip) = stored.client.and_then(|c| c.parse::<IpAddr>().ok()) {
-        extensions.insert(ClientAddr::new(SocketAddr::new(ip, 0)));
+        let addr = SocketAddr::new(ip, 0);
+        extensions.insert(match stored.tls {
+            true => ClientAddr::tls(addr),
+            false => ClientAddr::new(addr),
+        });
     }
     request
+}
+
+// === Outcomes ===
+
+/// How a delivery went.
+enum Outcome {
+    Delivered,
+    /// Refused for now.
+    Again {
+        /// By the upstream (an attempt), or held back by the proxy or never
+        /// sent (not one: the route waits).
+        attempted: bool,
+        /// The upstream pushed back on the whole route.
+        route_wide: bool,
+        retry_after: Option<Duration>,
+        status: Option<u16>,
+        excerpt: String,
+    },
+    /// Refused for good.
+    Refused {
+        status: u16,
+        excerpt: String,
+    },
 }
 
 async fn deliver(service: ReplayService, request: ReplayRequest) -> Outcome {
@@ -301,6 +470,7 @@ async fn answered(res: Response<ProxyBody>) -> Outcome {
     {
         Outcome::Again {
             attempted: true,
+            route_wide: false,
             retry_after,
             status: Some(status.as_u16()),
             excerpt,
@@ -327,6 +497,7 @@ fn failed(err: BoxError) -> Outcome {
         ) || find_cause::<NotSent>(err.as_ref()).is_some();
         return Outcome::Again {
             attempted: !held_back,
+            route_wide: held_back,
             retry_after: rejection.retry_after().map(Duration::from_secs),
             status: None,
             excerpt: text,
@@ -335,6 +506,7 @@ fn failed(err: BoxError) -> Outcome {
     // Timed out, or the upstream broke the connection.
     Outcome::Again {
         attempted: true,
+        route_wide: false,
         retry_after: None,
         status: None,
         excerpt: text,
@@ -374,34 +546,49 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     at.duration_since(std::time::SystemTime::now()).ok()
 }
 
+/// What follows from `outcome` for `next` (read as `stored`), the route's
+/// pause and the pace.
 async fn settle(
     spool: &Spool,
     next: &Next,
     stored: Stored,
     outcome: Outcome,
-    backoff: &Mutex<Backoff>,
+    backpressure: &[u16],
+    shared: &Shared,
 ) {
     let store = spool.store();
     let metrics = store.metrics();
-    let lock = || backoff.lock().unwrap_or_else(|e| e.into_inner());
+    let bytes = stored.body.len() as u64;
     let (status, excerpt, attempts) = match outcome {
         Outcome::Delivered => {
-            lock().succeeded();
+            shared.pause().clear();
             metrics.delivered.increment(1);
             store.delivered(next);
+            shared.ended(bytes, grow);
             return;
         }
         Outcome::Again {
             attempted,
+            route_wide,
             retry_after,
             status,
             excerpt,
         } => {
-            lock().failed(retry_after);
+            let backpressure = status.is_some_and(|s| backpressure.contains(&s));
+            if route_wide || (backpressure && retry_after.is_some()) {
+                // An outage, or the upstream asking everyone to wait.
+                shared.pause().extend(BACKOFF_MAX, retry_after);
+            }
             let attempts = next.attempts + u16::from(attempted);
             if attempts < spool.settings().max_attempts {
                 metrics.retried.increment(1);
-                store.retry(next, attempted);
+                let after = attempted.then(|| {
+                    let mut jitter = Jitter::from_entropy();
+                    let own = backoff_step(u32::from(attempts), BACKOFF_MAX, &mut jitter);
+                    Instant::now() + own.max(retry_after.unwrap_or_default().min(RETRY_AFTER_MAX))
+                });
+                store.retry(next, attempted, after);
+                shared.ended(bytes, if attempted { halve } else { restart });
                 return;
             }
             (status, excerpt, attempts)
@@ -422,10 +609,48 @@ async fn settle(
         attempts,
         buried_ms: now_ms(),
     };
-    if let Err(e) = store.bury(next, buried).await {
-        tracing::error!(route = spool.route(), error = %e, "spool: cannot write a dead letter; kept for delivery");
-        store.retry(next, false);
+    match store.bury(next, buried).await {
+        Ok(()) => {
+            burying(spool, shared, true);
+            shared.ended(bytes, keep);
+        }
+        Err(e) => {
+            // The attempt counts and the route pauses: a disk that cannot
+            // take dead letters must not turn into a storm of deliveries.
+            if burying(spool, shared, false) {
+                tracing::error!(route = spool.route(), error = %e, "spool: cannot write a dead letter; replay paused");
+            }
+            shared.pause().extend(DEAD_LETTER_PAUSE_MAX, None);
+            store.retry(next, true, shared.pause().until());
+            shared.ended(bytes, restart);
+        }
     }
+}
+
+/// Records whether dead letters can be written; returns whether that
+/// changed (one log line, and the gauge, per change).
+fn burying(spool: &Spool, shared: &Shared, works: bool) -> bool {
+    let mut failing = shared
+        .burying_fails
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let was_failing = std::mem::replace(&mut *failing, !works);
+    if was_failing != works {
+        // No change: failing still, or working still.
+        return false;
+    }
+    spool
+        .store()
+        .metrics()
+        .replay_paused
+        .set(f64::from(u8::from(!works)));
+    if works {
+        tracing::info!(
+            route = spool.route(),
+            "spool: dead letters written again; replay resumed"
+        );
+    }
+    true
 }
 
 #[cfg(test)]
@@ -433,14 +658,14 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_honours_retry_after_and_resets() {
-        let mut b = Backoff::new();
+    async fn a_pause_doubles_honours_retry_after_and_clears() {
+        let mut p = Pause::new();
         let start = Instant::now();
         let waits: Vec<Duration> = (0..12)
             .map(|_| {
-                b.until = None;
-                b.failed(None);
-                b.until.unwrap() - start
+                p.until = None;
+                p.extend(BACKOFF_MAX, None);
+                p.until.unwrap() - start
             })
             .collect();
         // Each step within [step/2, step], doubling to the cap.
@@ -448,12 +673,42 @@ mod tests {
             let step = BACKOFF_MIN.saturating_mul(1 << i).min(BACKOFF_MAX);
             assert!(*wait >= step / 2 && *wait <= step, "{i}: {wait:?}");
         }
-        b.until = None;
-        b.failed(Some(Duration::from_secs(70)));
-        assert!(b.until.unwrap() - start >= Duration::from_secs(70));
-        b.succeeded();
-        assert_eq!(b.failures, 0);
-        assert!(b.until.is_none());
+        p.until = None;
+        p.extend(BACKOFF_MAX, Some(Duration::from_secs(70)));
+        assert!(p.until.unwrap() - start >= Duration::from_secs(70));
+        p.clear();
+        assert_eq!(p.failures, 0);
+        assert!(p.until().is_none());
+    }
+
+    #[test]
+    fn the_pace_starts_at_one_doubles_per_round_and_halves() {
+        let mut pace = Pace {
+            window: 1,
+            running: 0,
+            bytes: 0,
+        };
+        // A round of successes doubles the window: 1, 2, 4, 8, 16, 32.
+        let mut rounds = vec![pace.window];
+        while pace.window < MAX_INFLIGHT {
+            for _ in 0..pace.window {
+                grow(&mut pace);
+            }
+            rounds.push(pace.window);
+        }
+        assert_eq!(rounds, [1, 2, 4, 8, 16, 32]);
+        halve(&mut pace);
+        assert_eq!(pace.window, 16);
+        restart(&mut pace);
+        assert_eq!(pace.window, 1);
+        // Memory: a large request goes alone, never beside others.
+        pace.window = 8;
+        pace.running = 1;
+        pace.bytes = 1;
+        assert!(!pace.room(MAX_INFLIGHT_BYTES));
+        pace.running = 0;
+        pace.bytes = 0;
+        assert!(pace.room(2 * MAX_INFLIGHT_BYTES));
     }
 
     #[test]

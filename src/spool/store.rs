@@ -9,7 +9,7 @@
 //! `Done` records that cancel an older segment's requests are never deleted
 //! before it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 
 use super::metrics::SpoolMetrics;
 use super::record::{self, Buried, Entry, Stored};
@@ -53,8 +54,6 @@ struct Pending {
     len: u32,
     created_ms: u64,
     attempts: u16,
-    /// Being delivered.
-    taken: bool,
 }
 
 /// A request handed to the replayer: where it is, and how often it was tried.
@@ -105,6 +104,12 @@ pub struct DeadLetter {
 #[derive(Debug, Default)]
 struct State {
     pending: BTreeMap<u64, Pending>,
+    /// Pending requests that may be delivered now, oldest first (neither
+    /// being delivered nor waiting out a backoff of their own).
+    ready: BTreeSet<u64>,
+    /// Pending requests waiting out a backoff of their own, by when it ends:
+    /// one request's refusals never hold up the others.
+    delayed: BTreeSet<(Instant, u64)>,
     segments: BTreeMap<u64, Segment>,
     dead: BTreeMap<String, DeadLetter>,
     /// Segments, dead letters and writes reserved but not yet committed.
@@ -333,13 +338,21 @@ impl Store {
         result.map_err(SpoolError::Io)
     }
 
-    /// The oldest request not being delivered, marked as being delivered.
+    /// The oldest request that may be delivered now (none being delivered,
+    /// none waiting out its backoff), marked as being delivered.
     pub fn next(&self) -> Option<Next> {
         let mut state = self.lock();
-        let (seq, p) = state.pending.iter_mut().find(|(_, p)| !p.taken)?;
-        p.taken = true;
+        let now = Instant::now();
+        while let Some(&(at, seq)) = state.delayed.first()
+            && at <= now
+        {
+            state.delayed.pop_first();
+            state.ready.insert(seq);
+        }
+        let seq = state.ready.pop_first()?;
+        let p = state.pending.get(&seq)?;
         Some(Next {
-            seq: *seq,
+            seq,
             segment: p.segment,
             offset: p.offset,
             len: p.len,
@@ -348,9 +361,19 @@ impl Store {
         })
     }
 
-    /// Resolves when a request may have become deliverable.
+    /// Resolves when a request may have become deliverable: one was
+    /// written or handed back, or a backoff ended.
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        let due = self.lock().delayed.first().map(|(at, _)| *at);
+        match due {
+            Some(at) => {
+                tokio::select! {
+                    () = self.ready.notified() => {}
+                    () = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => self.ready.notified().await,
+        }
     }
 
     /// Reads `next` back from its segment.
@@ -379,13 +402,22 @@ impl Store {
     }
 
     /// `next` failed and will be tried again (counted as an attempt when
-    /// `attempted`, not when the proxy held it back itself).
-    pub fn retry(&self, next: &Next, attempted: bool) {
+    /// `attempted`, not when the proxy held it back itself), not before
+    /// `after` when given (a backoff of its own).
+    pub fn retry(&self, next: &Next, attempted: bool, after: Option<Instant>) {
         let mut state = self.lock();
-        if let Some(p) = state.pending.get_mut(&next.seq) {
-            p.taken = false;
-            if attempted {
-                p.attempts = p.attempts.saturating_add(1);
+        let Some(p) = state.pending.get_mut(&next.seq) else {
+            return;
+        };
+        if attempted {
+            p.attempts = p.attempts.saturating_add(1);
+        }
+        match after {
+            Some(at) if at > Instant::now() => {
+                state.delayed.insert((at, next.seq));
+            }
+            _ => {
+                state.ready.insert(next.seq);
             }
         }
         drop(state);
@@ -397,6 +429,7 @@ impl Store {
         let Some(p) = state.pending.remove(&seq) else {
             return;
         };
+        state.ready.remove(&seq);
         state.requests -= 1;
         if let Some(seg) = state.segments.get_mut(&p.segment) {
             seg.live -= 1;
@@ -624,9 +657,9 @@ fn recover_segments(dir: &Path, state: &mut State) -> io::Result<u64> {
                             len: found.len,
                             created_ms: stored.created_ms,
                             attempts: 0,
-                            taken: false,
                         },
                     );
+                    state.ready.insert(seq);
                     if let Some(seg) = state.segments.get_mut(&no) {
                         seg.live += 1;
                     }
@@ -645,6 +678,7 @@ fn recover_segments(dir: &Path, state: &mut State) -> io::Result<u64> {
 }
 
 fn forget_pending(state: &mut State, seq: u64) {
+    state.ready.remove(&seq);
     if let Some(p) = state.pending.remove(&seq)
         && let Some(seg) = state.segments.get_mut(&p.segment)
     {
@@ -851,9 +885,9 @@ impl Writer {
                         len: w.len,
                         created_ms: w.created_ms,
                         attempts: 0,
-                        taken: false,
                     },
                 );
+                state.ready.insert(seq);
                 let seg = state.segments.entry(self.active.no).or_default();
                 seg.live += 1;
                 seg.bytes += u64::from(w.len);

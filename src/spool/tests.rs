@@ -88,6 +88,7 @@ fn request(store: &Store, body: &str) -> Stored {
         id: store.new_id(),
         created_ms: 1,
         client: None,
+        tls: false,
         method: Method::POST,
         uri: "/ingest".into(),
         headers: HeaderMap::new(),

@@ -9,4 +9,5 @@ mod support;
 mod h2_floods;
 mod silent_clients;
 mod slow_clients;
+mod spool_replay;
 mod upstream_stalls;

@@ -1,0 +1,342 @@
+//! Store and forward when nobody helps: no live traffic after a restart, a
+//! fragile upstream that falls over under a burst, one client's request the
+//! upstream refuses for quota, a request admission can never take, a disk
+//! that will not take dead letters. The spool must drain by itself, one
+//! request must never hold up the others, and nothing may turn into a storm.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::time::{Instant, sleep};
+
+use crate::support::keys::reserve_addr;
+use crate::support::process::Proc;
+use crate::support::*;
+
+/// An upstream that takes at most 4 requests at once (a small worker pool:
+/// the rest get 503, no Retry-After), counts deliveries by idempotency key,
+/// answers `/quota...` with 429 + `Retry-After: 300` (that client's quota)
+/// and `/bad...` with 400, and notes each request's `x-forwarded-proto`.
+#[derive(Default)]
+struct Fragile {
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    seen: Mutex<HashMap<String, u32>>,
+    by_path: Mutex<HashMap<String, u32>>,
+    protos: Mutex<Vec<String>>,
+}
+
+impl Fragile {
+    fn delivered(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn hits(&self, prefix: &str) -> u32 {
+        let by_path = self.by_path.lock().unwrap();
+        by_path
+            .iter()
+            .filter(|(p, _)| p.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+const CAPACITY: usize = 4;
+
+async fn fragile(
+    fragile: Arc<Fragile>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    *fragile
+        .by_path
+        .lock()
+        .unwrap()
+        .entry(path.clone())
+        .or_default() += 1;
+    if let Some(proto) = req.headers().get("x-forwarded-proto") {
+        fragile
+            .protos
+            .lock()
+            .unwrap()
+            .push(proto.to_str().unwrap().to_string());
+    }
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap().to_string());
+    let _ = req.into_body().collect().await;
+    let answer = |status: StatusCode| {
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    if path.starts_with("/quota") {
+        let mut res = answer(StatusCode::TOO_MANY_REQUESTS);
+        res.headers_mut()
+            .insert("retry-after", "300".parse().unwrap());
+        return Ok(res);
+    }
+    if path.starts_with("/bad") {
+        return Ok(answer(StatusCode::BAD_REQUEST));
+    }
+    let running = fragile.running.fetch_add(1, Ordering::SeqCst) + 1;
+    fragile.peak.fetch_max(running, Ordering::SeqCst);
+    let res = if running > CAPACITY {
+        answer(StatusCode::SERVICE_UNAVAILABLE)
+    } else {
+        sleep(Duration::from_millis(5)).await;
+        if let Some(key) = key {
+            *fragile.seen.lock().unwrap().entry(key).or_default() += 1;
+        }
+        answer(StatusCode::OK)
+    };
+    fragile.running.fetch_sub(1, Ordering::SeqCst);
+    Ok(res)
+}
+
+async fn serve_fragile(addr: SocketAddr) -> Arc<Fragile> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let state = Arc::new(Fragile::default());
+    serve_http1(listener, state.clone(), fragile);
+    state
+}
+
+fn spool_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluicegate-adv-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn route(dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[route.circuit]\nfailure_threshold = 3\nopen_ms = 500\nmax_open_ms = 2000\n\
+         min_half_open_ms = 0\nsuccess_threshold = 2\n{extra}\
+         [route.spool]\ndir = \"{}\"\nmax_bytes = 67108864\n",
+        dir.display()
+    )
+}
+
+/// The proxy's two addresses, in process or as a child.
+trait Addrs {
+    fn proxy(&self) -> SocketAddr;
+    fn admin(&self) -> SocketAddr;
+}
+
+impl Addrs for sluicegate::Running {
+    fn proxy(&self) -> SocketAddr {
+        self.proxy_addr()
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin_addr()
+    }
+}
+
+impl Addrs for Proc {
+    fn proxy(&self) -> SocketAddr {
+        self.proxy
+    }
+    fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+}
+
+/// The binary on `upstream` with `route`: killed and started again like a
+/// real deployment (a process holds its spool directory).
+fn binary(upstream: SocketAddr, route: &str) -> Proc {
+    Proc::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [[route]]\nname = \"test\"\nupstream = \"http://{upstream}\"\n{route}"
+    ))
+}
+
+async fn spool_post(proxy: &impl Addrs, path: &str, key: &str, body: Vec<u8>) -> StatusCode {
+    let req = Request::post(format!("http://{}{path}", proxy.proxy()))
+        .header("idempotency-key", key)
+        .body(full(body))
+        .unwrap();
+    send(&client(), req).await.0.status()
+}
+
+async fn spool_of(proxy: &impl Addrs) -> Value {
+    json(&get(&format!("http://{}/spool", proxy.admin())).await.1)["routes"][0].clone()
+}
+
+/// Polls `check` every 50 ms for at most `limit`.
+async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return;
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within {limit:?}: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_drains_by_itself_after_a_restart_into_a_fragile_upstream() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("drain");
+    let text = route(&dir, "");
+    let first = binary(upstream, &text);
+    for i in 0..400 {
+        let status = spool_post(&first, "/ingest", &format!("k{i}"), vec![b'x'; 100]).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    for i in 0..20 {
+        let status = spool_post(&first, "/bad", &format!("b{i}"), vec![b'x'; 10]).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    // Killed (SIGKILL) and started again with the upstream still down, back
+    // a second later; no live request ever comes.
+    drop(first);
+    let second = binary(upstream, &text);
+    sleep(Duration::from_secs(1)).await;
+    let up = serve_fragile(upstream).await;
+    within(Duration::from_secs(60), "the spool drains", async || {
+        spool_of(&second).await["requests"] == 0
+    })
+    .await;
+    assert_eq!(up.delivered(), 400, "every acknowledged request delivered");
+    assert_eq!(spool_of(&second).await["dead_letters"], 20);
+    // Never a burst at an upstream that has just come back: the pace grew
+    // from one delivery at a time and fell back whenever it said no.
+    let peak = up.peak.load(Ordering::SeqCst);
+    assert!(peak <= 12, "peak concurrency at the upstream {peak}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_quota_does_not_hold_up_the_others() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("quota");
+    let proxy = sluicegate::start(config(upstream, "/", &route(&dir, "")))
+        .await
+        .unwrap();
+    // Oldest first: the over-quota request heads the spool.
+    assert_eq!(
+        spool_post(&proxy, "/quota", "q", b"q".to_vec()).await,
+        StatusCode::ACCEPTED
+    );
+    for i in 0..30 {
+        let status = spool_post(&proxy, "/ingest", &format!("k{i}"), b"e".to_vec()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let up = serve_fragile(upstream).await;
+    within(
+        Duration::from_secs(15),
+        "the others delivered",
+        async || up.delivered() == 30,
+    )
+    .await;
+    // Its 429 holds back only itself, for its Retry-After.
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(up.hits("/quota"), 1);
+    assert_eq!(spool_of(&proxy).await["requests"], 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_admission_can_never_take_is_not_spooled_nor_blocks_the_rest() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("heavy");
+    let admission = |bytes: u64| {
+        format!(
+            "[route.admission]\nmax_inflight = 4\nmax_inflight_bytes = {bytes}\n\
+             unknown_length_bytes = 1000\n"
+        )
+    };
+    let first = binary(upstream, &route(&dir, &admission(1_000)));
+    // The upstream is down: three requests spooled open the circuit.
+    for i in 0..3 {
+        let status = spool_post(&first, "/ingest", &format!("k{i}"), b"e".to_vec()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    // Refused by the open circuit, heavier than the route could ever
+    // admit: 413 at once, as live, not a 202 that would park it for good.
+    let status = spool_post(&first, "/ingest", "heavy", vec![b'x'; 5_000]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    drop(first);
+    // Spooled under a larger budget, then the budget shrinks (a restart).
+    let roomy = binary(upstream, &route(&dir, &admission(100_000)));
+    let status = spool_post(&roomy, "/ingest", "heavy", vec![b'x'; 5_000]).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    for i in 3..8 {
+        let status = spool_post(&roomy, "/ingest", &format!("k{i}"), b"e".to_vec()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    drop(roomy);
+    let tight = binary(upstream, &route(&dir, &admission(1_000)));
+    let up = serve_fragile(upstream).await;
+    within(
+        Duration::from_secs(15),
+        "the small ones delivered",
+        async || up.delivered() == 8,
+    )
+    .await;
+    within(
+        Duration::from_secs(5),
+        "the heavy one dead-lettered",
+        async || spool_of(&tight).await["dead_letters"] == 1,
+    )
+    .await;
+    assert_eq!(spool_of(&tight).await["requests"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_written_pauses_replay_without_a_storm() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("dead-fails");
+    let proxy = sluicegate::start(config(upstream, "/", &route(&dir, "")))
+        .await
+        .unwrap();
+    assert_eq!(
+        spool_post(&proxy, "/bad", "b", b"b".to_vec()).await,
+        StatusCode::ACCEPTED
+    );
+    // Dead letters cannot be written: their directory is a file now.
+    let dead = dir.join("dead");
+    std::fs::remove_dir_all(&dead).unwrap();
+    std::fs::write(&dead, b"not a directory").unwrap();
+    let up = serve_fragile(upstream).await;
+    let metrics = format!("http://{}/metrics", proxy.admin_addr());
+    let paused = || async {
+        let text = get(&metrics).await.1;
+        metric(
+            &String::from_utf8_lossy(&text),
+            r#"sluicegate_spool_replay_paused{route="test"}"#,
+        )
+    };
+    within(Duration::from_secs(5), "replay paused", async || {
+        paused().await == Some(1.0)
+    })
+    .await;
+    sleep(Duration::from_secs(3)).await;
+    // Each failed burial counts as an attempt and pauses the route,
+    // doubling: a handful of tries in seconds, not thousands.
+    let tries = up.hits("/bad");
+    assert!((1..=6).contains(&tries), "{tries} tries");
+    // The disk is repaired: the dead letter is written, replay resumes.
+    std::fs::remove_file(&dead).unwrap();
+    std::fs::create_dir(&dead).unwrap();
+    within(
+        Duration::from_secs(30),
+        "the dead letter written",
+        async || spool_of(&proxy).await["dead_letters"] == 1,
+    )
+    .await;
+    assert_eq!(paused().await, Some(0.0));
+    proxy.shutdown().await;
+}
