@@ -268,6 +268,29 @@ async fn a_frozen_redis_is_decided_within_the_timeout() {
     proxy.shutdown().await;
 }
 
+/// One command timing out (a client can provoke one: a huge key, a slow
+/// moment) does not switch the shared limit off for everyone: only commands
+/// failing in a row, or a failed probe, mark Redis down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_command_does_not_mark_redis_down() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (up, _) = spawn_upstream().await;
+    let proxy = replica(up.addr.unwrap(), &redis, "fallback = \"deny\"\n").await;
+    assert_eq!(call(&proxy, "k").await, StatusCode::OK);
+    redis.pause();
+    // This one waits past timeout_ms: its own fallback (deny) decides it.
+    assert_eq!(call(&proxy, "k").await, StatusCode::TOO_MANY_REQUESTS);
+    redis.resume();
+    // Redis is still taken as up: the next request is decided there, not
+    // by the fallback until the next probe.
+    assert_eq!(call(&proxy, "k").await, StatusCode::OK);
+    let text = metrics(&proxy).await;
+    assert_eq!(metric(&text, "sluicegate_cluster_up"), Some(1.0));
+    proxy.shutdown().await;
+}
+
 /// The Lua script decides every arrival as governor does for the same
 /// quota, with Redis's TIME replaced by the arrival's time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,13 @@
 //! commands from every request pipelined on it, reconnecting by itself). A
 //! prober pings Redis twice a second and keeps an up/down state: while
 //! Redis is down, requests do not try it (each would wait `timeout_ms` for
-//! nothing) and their route's fallback decides; a command that fails or
-//! times out turns it down at once. Each switch is logged once.
+//! nothing) and their route's fallback decides. Commands that fail or time
+//! out [`DOWN_AFTER`] times in a row turn it down too (one slow command, which
+//! a client can provoke, does not switch the shared limit off for everyone);
+//! a failed probe does at once. Each switch is logged once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use metrics::Gauge;
@@ -87,12 +89,17 @@ pub struct ClusterSnapshot {
     pub timeout_ms: u64,
 }
 
+/// Commands failed or timed out in a row that mark Redis down.
+pub const DOWN_AFTER: u32 = 3;
+
 /// The process's connection to the shared state.
 pub struct Cluster {
     conn: ConnectionManager,
     settings: ClusterSettings,
     address: String,
     up: AtomicBool,
+    /// Commands failed or timed out in a row.
+    failing: AtomicU32,
     up_gauge: Gauge,
     gcra: Script,
 }
@@ -137,6 +144,7 @@ impl Cluster {
             settings,
             address,
             up: AtomicBool::new(false),
+            failing: AtomicU32::new(0),
             up_gauge,
             gcra: Script::new(GCRA),
         }))
@@ -160,6 +168,9 @@ impl Cluster {
                 let ok = tokio::time::timeout(cluster.settings.timeout * 10, probe)
                     .await
                     .is_ok_and(|r| r.is_ok());
+                if ok {
+                    cluster.failing.store(0, Ordering::Relaxed);
+                }
                 cluster.set_up(ok, "probe");
             }
         });
@@ -249,6 +260,7 @@ impl Cluster {
         };
         match result {
             Ok((granted, wait, ahead)) => {
+                self.failing.store(0, Ordering::Relaxed);
                 self.set_up(true, "command");
                 let us = |v: i64| Duration::from_micros(v.max(0) as u64);
                 Ok(GcraReply {
@@ -258,7 +270,9 @@ impl Cluster {
                 })
             }
             Err(e) => {
-                self.set_up(false, "command");
+                if self.failing.fetch_add(1, Ordering::Relaxed) + 1 >= DOWN_AFTER {
+                    self.set_up(false, "commands failing");
+                }
                 Err(e)
             }
         }
