@@ -56,7 +56,7 @@ use crate::grpc::{GrpcAnswers, GrpcAnswersLayer};
 use crate::metrics::CLUSTER_FALLBACK_TOTAL;
 use crate::metrics::{INVALID_TOTAL, Registry, UNMATCHED_TOTAL};
 use crate::observe::{Observe, ObserveLayer, RouteStats};
-use crate::proxy::Forward;
+use crate::proxy::{Forward, UpstreamProtocol};
 use crate::rate_limit::{
     RateLimit, RateLimitLayer, RateLimitMetrics, RateLimitSettings, RateLimiter, Scope,
 };
@@ -130,7 +130,9 @@ fn guarded<S>(route: &RouteConfig, protections: &Protections, inner: S) -> Guard
         .layer(admission_layer(route, protections.admission.clone()))
         .layer(
             UpstreamTimeoutLayer::new(route.timeout_ms.get())
-                .write_timeout(route.write_timeout_ms.get()),
+                .write_timeout(route.write_timeout_ms.get())
+                // An HTTP/2 request may wait for a stream: not the upstream's time.
+                .from_dispatch(route.upstream_protocol == UpstreamProtocol::Http2),
         )
         .service(inner)
 }

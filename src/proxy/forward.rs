@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
 use super::connector::Connector;
-use super::h2::H2Pool;
+use super::h2::{H2Pool, NoStream};
 use super::headers;
 use super::pool::{Conn, Pool, Pooled};
 use super::read_timeout::ReadTimeout;
@@ -25,6 +25,7 @@ use crate::body::{BodyProgress, BoxError, Counted, boxed};
 use crate::conn::ClientAddr;
 use crate::error::Side;
 use crate::error::{NotSent, Reason, Rejection};
+use crate::upstream_timeout::Dispatch;
 
 /// Idle upstream connections kept per route; a bound on the pool's memory and on
 /// the file descriptors it holds.
@@ -104,6 +105,9 @@ struct Inner {
     upstream: Upstream,
     scheme: Scheme,
     read_timeout: Duration,
+    /// Also the longest wait for an HTTP/2 stream under the upstream's
+    /// stream limit (a way to the upstream, as a connection is).
+    connect_timeout: Duration,
     authority: Authority,
     /// The `Host` sent when the request has none (HTTP/2 clients send
     /// `:authority`, which is not forwarded): the upstream's, as hyper-util's
@@ -136,6 +140,7 @@ impl Forward {
                 upstream: pool(settings),
                 scheme: settings.scheme.clone(),
                 read_timeout: settings.read_timeout,
+                connect_timeout: settings.connect_timeout,
                 authority: authority.clone(),
                 host: HeaderValue::from_str(host).expect("an authority is a valid Host"),
             }),
@@ -315,12 +320,29 @@ impl Forward {
         })
         .expect("a scheme, an authority and a path make a URI");
         parts.version = Version::HTTP_2;
+        let dispatch = parts.extensions.remove::<Dispatch>();
         let request = Request::from_parts(parts, Reclaim::sent(body));
         let read_timeout = self.inner.read_timeout;
+        let until = tokio::time::Instant::now() + self.inner.connect_timeout;
         Box::pin(async move {
-            let stream = pool.stream().await.map_err(|e| classify(NotSent(e)))?;
+            let stream = pool
+                .stream(until)
+                .await
+                .map_err(|e| match e.is::<NoStream>() {
+                    // The upstream's own limit, every connection full: it is
+                    // saturated, not failing (503, like a full queue).
+                    true => Rejection::new(Reason::QueueTimeout)
+                        .with_retry_after(1)
+                        .with_cause(NotSent(e))
+                        .into(),
+                    false => classify(NotSent(e)),
+                })?;
             let mut tx = stream.sender();
             tx.ready().await.map_err(|e| classify(NotSent(e.into())))?;
+            if let Some(dispatch) = dispatch {
+                // On its way: the response deadline starts now.
+                dispatch.sent();
+            }
             let res = tx.send_request(request).await.map_err(classify)?;
             let (head, body) = res.into_parts();
             answer(head, Pooled::multiplexed(body, stream), read_timeout)

@@ -2,12 +2,30 @@
 //!
 //! HTTP/2 multiplexes, so a route needs few connections: requests go to the
 //! open connection with the fewest streams in flight, and another is opened
-//! only when every open one carries [`STREAMS_PER_CONNECTION`] (the common
-//! server limit is 100 or more), up to [`H2_CONNECTIONS`], as Envoy opens
-//! more only when streams run out. Connections are kept alive with pings and
-//! replaced once they close (the upstream's GOAWAY, an idle timeout, a broken
-//! socket). h2c to `http://` upstreams, ALPN h2 to `https://` ones.
+//! only when every open one carries as many as it may, up to
+//! [`H2_CONNECTIONS`], as Envoy opens more only when streams run out.
+//! Connections are kept alive with pings and replaced once they close (the
+//! upstream's GOAWAY, an idle timeout, a broken socket). h2c to `http://`
+//! upstreams, ALPN h2 to `https://` ones.
+//!
+//! Two limits shape it:
+//!
+//! - **The upstream's stream limit** (`SETTINGS_MAX_CONCURRENT_STREAMS`):
+//!   hyper queues a stream past it silently, on the same connection, while
+//!   the request's deadlines run. The pool reads the limit as the connection
+//!   learns it (starting at 1 until the upstream's SETTINGS arrive, so a
+//!   burst on a new connection is never refused), puts a stream only where
+//!   there is room, opens another connection when there is none, and makes
+//!   a request wait (bounded by the caller) when all [`H2_CONNECTIONS`] are
+//!   full.
+//! - **Flow control**: a response body holds its stream's window until the
+//!   client reads it, and the connection's window with it. The connection
+//!   window is sized so that every stream may stall holding its whole window
+//!   and one more can still flow: a client that stops reading slows only
+//!   its own stream, never the others on the connection.
 
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -15,6 +33,8 @@ use std::time::Duration;
 use http::Uri;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::connector::{Connector, drive};
 use super::retry::Reclaim;
@@ -23,13 +43,17 @@ use crate::body::BoxError;
 /// Connections per route to an HTTP/2 upstream, at most.
 pub(super) const H2_CONNECTIONS: usize = 4;
 
-/// Streams in flight on each connection before another is opened.
+/// Streams in flight on each connection at most, whatever the upstream
+/// allows (the common server limit is 100 or more).
 pub(super) const STREAMS_PER_CONNECTION: usize = 100;
 
-/// A request's stream window, and a connection's: bounded buffers, as on the
-/// listener.
-const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// A request's stream window: a bounded buffer per response.
+const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// A connection's window: every stream stalled with its whole window still
+/// leaves one stream's worth flowing (6.3 MiB, a bound on what stalled
+/// clients can hold, not memory taken up front).
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * (STREAMS_PER_CONNECTION as u32 + 1);
 
 /// The HTTP/2 connections of one route. Cheap to clone.
 #[derive(Clone)]
@@ -43,22 +67,37 @@ struct Shared {
     conns: Mutex<Vec<Arc<H2Conn>>>,
     /// Serializes dials, so that a burst opens one connection, not many.
     dialing: tokio::sync::Mutex<()>,
+    /// Told when a stream ends or a connection's limit rises.
+    freed: Notify,
 }
 
 /// One connection and the streams it carries.
 struct H2Conn {
     tx: http2::SendRequest<Reclaim>,
     streams: AtomicUsize,
+    /// The upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`, as last learnt.
+    limit: Arc<AtomicUsize>,
+}
+
+impl H2Conn {
+    /// Streams it may carry now.
+    fn cap(&self) -> usize {
+        self.limit
+            .load(Ordering::Relaxed)
+            .min(STREAMS_PER_CONNECTION)
+    }
 }
 
 /// A stream on a connection, counted until its response body is done.
 pub(super) struct Stream {
     conn: Arc<H2Conn>,
+    pool: Arc<Shared>,
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
         self.conn.streams.fetch_sub(1, Ordering::Relaxed);
+        self.pool.freed.notify_one();
     }
 }
 
@@ -69,6 +108,22 @@ impl Stream {
     }
 }
 
+/// No stream could be had in time.
+#[derive(Debug)]
+pub(super) struct NoStream;
+
+impl std::fmt::Display for NoStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no HTTP/2 stream free in time: every connection ({H2_CONNECTIONS}) \
+             at the upstream's stream limit"
+        )
+    }
+}
+
+impl std::error::Error for NoStream {}
+
 impl H2Pool {
     pub(super) fn new(connector: Connector, target: Uri) -> Self {
         Self {
@@ -77,78 +132,116 @@ impl H2Pool {
                 target,
                 conns: Mutex::new(Vec::with_capacity(H2_CONNECTIONS)),
                 dialing: tokio::sync::Mutex::new(()),
+                freed: Notify::new(),
             }),
         }
     }
 
-    /// A stream on the least busy open connection, or on a new one when
-    /// all are busy and there is room.
-    pub(super) async fn stream(&self) -> Result<Stream, BoxError> {
-        if let Some(stream) = self.least_busy(false) {
-            return Ok(stream);
-        }
-        let _dialing = self.shared.dialing.lock().await;
-        // Another request may have dialled while this one waited.
-        if let Some(stream) = self.least_busy(false) {
-            return Ok(stream);
-        }
-        match self.connect().await {
-            Ok(tx) => {
-                let conn = Arc::new(H2Conn {
-                    tx,
-                    streams: AtomicUsize::new(1),
-                });
-                let mut conns = self.lock();
-                conns.retain(|c| !c.tx.is_closed());
-                conns.push(conn.clone());
-                Ok(Stream { conn })
+    /// A stream on the least busy open connection with room, or on a new one
+    /// when none has room and there may be more; else waits for one to free
+    /// up, until `until` ([`NoStream`] then).
+    pub(super) async fn stream(&self, until: Instant) -> Result<Stream, BoxError> {
+        loop {
+            // Registered before looking, so that a stream freed meanwhile
+            // is not missed.
+            let freed = self.shared.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(stream) = self.least_busy() {
+                return Ok(stream);
             }
-            // At the connection cap, or the dial failed with one still open:
-            // share the open ones past their stream target.
-            Err(e) => self.least_busy(true).ok_or(e),
+            if self.lock().len() < H2_CONNECTIONS {
+                let _dialing = self.shared.dialing.lock().await;
+                // Another request may have dialled while this one waited.
+                if let Some(stream) = self.least_busy() {
+                    return Ok(stream);
+                }
+                if self.lock().len() < H2_CONNECTIONS {
+                    match self.connect().await {
+                        Ok(conn) => return Ok(self.push(conn)),
+                        // Nothing open to wait for: the upstream is down.
+                        Err(e) if self.lock().is_empty() => return Err(e),
+                        Err(e) => tracing::debug!(error = %e, "another HTTP/2 connection failed"),
+                    }
+                }
+            }
+            if tokio::time::timeout_at(until, freed).await.is_err() {
+                return Err(NoStream.into());
+            }
         }
     }
 
-    /// The open connection with the fewest streams, if it is under the
-    /// target (or `any`); counts the new stream.
-    fn least_busy(&self, any: bool) -> Option<Stream> {
+    /// The open connection with the fewest streams, if it has room; counts
+    /// the new stream.
+    fn least_busy(&self) -> Option<Stream> {
         let mut conns = self.lock();
         conns.retain(|c| !c.tx.is_closed());
         let conn = conns
             .iter()
+            .filter(|c| c.streams.load(Ordering::Relaxed) < c.cap())
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))?
             .clone();
-        let busy = conn.streams.load(Ordering::Relaxed) >= STREAMS_PER_CONNECTION;
-        if busy && !any && conns.len() < H2_CONNECTIONS {
-            return None;
-        }
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        Some(Stream { conn })
+        Some(Stream {
+            conn,
+            pool: self.shared.clone(),
+        })
+    }
+
+    /// Adds `conn` to the pool with one stream taken on it.
+    fn push(&self, conn: H2Conn) -> Stream {
+        conn.streams.store(1, Ordering::Relaxed);
+        let conn = Arc::new(conn);
+        let mut conns = self.lock();
+        conns.retain(|c| !c.tx.is_closed());
+        conns.push(conn.clone());
+        Stream {
+            conn,
+            pool: self.shared.clone(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<H2Conn>>> {
         self.shared.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn connect(&self) -> Result<http2::SendRequest<Reclaim>, BoxError> {
-        if self.lock().len() >= H2_CONNECTIONS {
-            return Err("every HTTP/2 connection to the upstream is busy".into());
-        }
+    async fn connect(&self) -> Result<H2Conn, BoxError> {
         let io = self.shared.connector.dial(&self.shared.target).await?;
         if io.inner().alpn_is(b"h2") == Some(false) {
             return Err("the upstream did not agree to HTTP/2 (ALPN h2); \
                         set upstream_protocol = \"http1\" for it"
                 .into());
         }
-        let (tx, connection) = http2::Builder::new(TokioExecutor::new())
+        let (tx, mut connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            // One stream until the upstream's SETTINGS say how many: a burst
+            // on a new connection is never refused for going past it.
+            .initial_max_send_streams(1)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
             .await?;
-        drive(connection);
-        Ok(tx)
+        let limit = Arc::new(AtomicUsize::new(1));
+        let learnt = limit.clone();
+        let pool = Arc::downgrade(&self.shared);
+        // Reads the upstream's stream limit each time the connection is
+        // polled (its SETTINGS arrive there), and tells waiters when it rises.
+        drive(poll_fn(move |cx| {
+            let result = Pin::new(&mut connection).poll(cx);
+            let now = connection.current_max_send_streams();
+            if learnt.swap(now, Ordering::Relaxed) < now
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.freed.notify_waiters();
+            }
+            result
+        }));
+        Ok(H2Conn {
+            tx,
+            streams: AtomicUsize::new(0),
+            limit,
+        })
     }
 }

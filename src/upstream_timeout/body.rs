@@ -77,13 +77,28 @@ impl Progress {
         self.state.store(at, Ordering::Release);
     }
 
-    fn done(&self) {
+    pub(super) fn done(&self) {
         if self.state.swap(DONE, Ordering::AcqRel) != DONE {
             let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(waker) = waker {
                 waker.wake();
             }
         }
+    }
+}
+
+/// Request extension, on routes whose requests may wait below for a way to
+/// the upstream (an HTTP/2 stream under the upstream's stream limit): the
+/// forwarder calls [`Dispatch::sent`] once a request without a body is on
+/// its way, and the response deadline starts then, not at the call. Waiting
+/// for the stream is bounded by the forwarder itself.
+#[derive(Debug, Clone)]
+pub struct Dispatch(pub(super) Arc<Progress>);
+
+impl Dispatch {
+    /// The request (without a body) has been handed to the upstream.
+    pub fn sent(&self) {
+        self.0.done();
     }
 }
 

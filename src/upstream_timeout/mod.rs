@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use body::Progress;
-pub use body::SentBody;
+pub use body::{Dispatch, SentBody};
 pub use future::{ResponseFuture, WriteTimedOut};
 use future::{Uploading, WATCH_CLIENT_AFTER, cut_at};
 
@@ -62,6 +62,7 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct UpstreamTimeoutLayer {
     timeout: Duration,
     write_timeout: Duration,
+    from_dispatch: bool,
 }
 
 impl UpstreamTimeoutLayer {
@@ -71,7 +72,17 @@ impl UpstreamTimeoutLayer {
         Self {
             timeout,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            from_dispatch: false,
         }
+    }
+
+    /// For a service below that may hold a request before sending it (an
+    /// HTTP/2 pool waiting for a stream): a request without a body carries a
+    /// [`Dispatch`], and its response deadline starts when that is told, not
+    /// at the call.
+    pub const fn from_dispatch(mut self, yes: bool) -> Self {
+        self.from_dispatch = yes;
+        self
     }
 
     /// The upstream must take the next request bytes within `write_timeout`
@@ -89,6 +100,7 @@ impl<S> Layer<S> for UpstreamTimeoutLayer {
             inner,
             timeout: self.timeout,
             write_timeout: self.write_timeout,
+            from_dispatch: self.from_dispatch,
         }
     }
 }
@@ -99,6 +111,7 @@ pub struct UpstreamTimeout<S> {
     inner: S,
     timeout: Duration,
     write_timeout: Duration,
+    from_dispatch: bool,
 }
 
 impl<S, B, ResB> Service<Request<B>> for UpstreamTimeout<S>
@@ -115,11 +128,13 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let now = Instant::now();
         let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-        // A body already at its end will never be polled: the clock starts now.
-        let (uploading, first_check) = if req.body().is_end_stream() {
+        let bodyless = req.body().is_end_stream();
+        // A body already at its end will never be polled: the clock starts
+        // now, or when the request is dispatched.
+        let (uploading, first_check) = if bodyless && !self.from_dispatch {
             (None, now + self.timeout)
         } else {
             let peer = req.extensions().get::<PeerClosed>().cloned();
@@ -136,6 +151,13 @@ where
             (Some(Box::new(uploading)), first_check)
         };
         let progress = uploading.as_ref().map(|u| u.progress.clone());
+        let progress = match (bodyless, progress) {
+            (true, Some(progress)) => {
+                req.extensions_mut().insert(Dispatch(progress));
+                None
+            }
+            (_, progress) => progress,
+        };
         let req = req.map(|inner| SentBody::new(inner, progress));
         ResponseFuture {
             inner: self.inner.call(req),

@@ -215,3 +215,26 @@ async fn the_clients_deadline_bounds_the_upload_too() {
     assert!(crate::body::find_cause::<crate::deadline::ClientDeadline>(rejection).is_some());
     assert_eq!(start.elapsed(), Duration::from_millis(250));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_before_dispatch_is_not_the_upstreams_time() {
+    // A request without a body waits 2 s for a way to the upstream (an
+    // HTTP/2 stream), then the upstream answers in 50 ms: inside a 100 ms
+    // deadline, measured from the dispatch.
+    let svc = UpstreamTimeoutLayer::new(Duration::from_millis(100))
+        .from_dispatch(true)
+        .layer(tower::service_fn(|req: Request<SentBody<Empty<Bytes>>>| async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            req.extensions().get::<Dispatch>().expect("a dispatch").sent();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, BoxError>(Response::new(()))
+        }));
+    let res = svc
+        .oneshot(Request::new(Empty::<Bytes>::new()))
+        .await
+        .expect("answered in time");
+    assert_eq!(
+        res.extensions().get(),
+        Some(&UpstreamLatency(Duration::from_millis(50)))
+    );
+}

@@ -7,6 +7,7 @@
 mod support;
 
 mod h2_floods;
+mod h2_upstream;
 mod silent_clients;
 mod slow_clients;
 mod spool_replay;
