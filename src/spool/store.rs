@@ -22,7 +22,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::metrics::SpoolMetrics;
-use super::record::{self, Buried, Entry, Stored};
+use super::record::{self, Buried, Entry, FileKey, Format, Stored};
 use super::{Durability, SpoolSettings};
 
 /// Why a request could not be spooled; it gets the refusal it would have had.
@@ -140,12 +140,13 @@ pub struct SpoolSnapshot {
 
 enum Job {
     Put {
-        frame: Vec<u8>,
+        entry: Box<Entry>,
+        len: u64,
         id: Arc<str>,
         created_ms: u64,
         ack: oneshot::Sender<io::Result<()>>,
     },
-    Done(Vec<u8>),
+    Done(String),
     /// Segments with nothing left to deliver, to delete.
     Delete(Vec<u64>),
 }
@@ -163,6 +164,17 @@ pub struct Store {
     ready: Notify,
     ids: Ids,
     metrics: SpoolMetrics,
+    /// A failing disk, on demand (tests).
+    #[cfg(test)]
+    pub(super) faults: Arc<Faults>,
+}
+
+/// Faults a test can switch on.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(super) struct Faults {
+    /// The next sync of a batch fails (as fsync does on an I/O error).
+    pub(super) fail_sync: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -222,10 +234,7 @@ fn dead_path(dir: &Path, id: &str) -> PathBuf {
     dead_dir(dir).join(format!("{id}.dead"))
 }
 
-/// Ids are hex; anything else never names a file.
-fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
-}
+use record::valid_id;
 
 impl Store {
     /// Opens (creating) the spool in `settings.dir` and recovers what is in
@@ -256,7 +265,8 @@ impl Store {
             metrics.damaged.increment(state.damaged);
         }
         let active = last + 1;
-        let file = open_segment(&dir, active).map_err(|e| context("cannot create a segment", e))?;
+        let (file, key) =
+            open_segment(&dir, active).map_err(|e| context("cannot create a segment", e))?;
         state.segments.insert(active, Segment::default());
         let recovered = state.pending.len();
         let (tx, rx) = mpsc::channel();
@@ -270,6 +280,8 @@ impl Store {
             ready: Notify::new(),
             ids: Ids::new(),
             metrics,
+            #[cfg(test)]
+            faults: Arc::default(),
         });
         let delivered = store.prune(&mut store.lock());
         delete_segments(&store.dir, &delivered);
@@ -279,6 +291,9 @@ impl Store {
         store.refresh();
         let writer = Writer {
             _lock: lock,
+            unsynced_done: Vec::new(),
+            #[cfg(test)]
+            faults: store.faults.clone(),
             store: Arc::downgrade(&store),
             dir: store.dir.clone(),
             durability: settings.durability,
@@ -286,6 +301,7 @@ impl Store {
             active: Active {
                 no: active,
                 file,
+                key,
                 len: 0,
                 unsynced: false,
                 puts: 0,
@@ -314,8 +330,8 @@ impl Store {
 
     /// Writes `request` and resolves once it is durable and deliverable.
     pub async fn append(&self, request: &Stored) -> Result<(), SpoolError> {
-        let frame = Entry::Put(request.clone()).encode();
-        let len = frame.len() as u64;
+        let entry = Box::new(Entry::Put(request.clone()));
+        let len = entry.frame_len().map_err(SpoolError::Io)?;
         {
             let mut state = self.lock();
             if state.bytes + len > self.max_bytes || state.requests >= self.max_requests {
@@ -326,7 +342,8 @@ impl Store {
         }
         let (ack, done) = oneshot::channel();
         self.send(Job::Put {
-            frame,
+            entry,
+            len,
             id: request.id.as_str().into(),
             created_ms: request.created_ms,
             ack,
@@ -382,9 +399,14 @@ impl Store {
         let (offset, len) = (next.offset, next.len as usize);
         let entry = tokio::task::spawn_blocking(move || -> io::Result<Entry> {
             let file = File::open(&path)?;
+            let mut start = [0; record::FILE_HEADER];
+            let n = file.read_at(&mut start, 0)?;
+            let format = Format::of(&start[..n])
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "segment damaged"))?;
             let mut buf = vec![0; len];
             file.read_exact_at(&mut buf, offset)?;
-            record::frame_at(&buf)
+            format
+                .frame_at(&buf)
                 .map(|(_, entry)| entry)
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record damaged"))
         })
@@ -436,7 +458,7 @@ impl Store {
         }
         let delivered = self.prune(&mut state);
         drop(state);
-        self.send(Job::Done(Entry::Done(p.id.to_string()).encode()));
+        self.send(Job::Done(p.id.to_string()));
         if !delivered.is_empty() {
             // Deleted by the writer thread, not on the request's worker.
             self.send(Job::Delete(delivered));
@@ -462,8 +484,12 @@ impl Store {
 
     /// Moves `next` (read as `request`) to the dead-letter store.
     pub async fn bury(&self, next: &Next, buried: Buried) -> io::Result<()> {
+        // Ids become file names: only the spool's own (hex) ever do.
+        if !valid_id(&buried.request.id) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a spool id"));
+        }
         let path = dead_path(&self.dir, &buried.request.id);
-        let frame = Entry::Dead(buried.clone()).encode();
+        let frame = record::encode_file(&Entry::Dead(buried.clone()))?;
         let file_bytes = frame.len() as u64;
         tokio::task::spawn_blocking(move || write_durably(&path, &frame))
             .await
@@ -511,7 +537,7 @@ impl Store {
             .await
             .map_err(|e| SpoolError::Io(io::Error::other(e)))?
             .map_err(SpoolError::Io)?;
-        let Some((_, Entry::Dead(buried))) = record::frame_at(&bytes) else {
+        let Some(Entry::Dead(buried)) = record::read_file(&bytes) else {
             return Err(SpoolError::Io(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "dead letter damaged",
@@ -605,14 +631,15 @@ fn delete_segments(dir: &Path, numbers: &[u64]) {
     }
 }
 
-fn open_segment(dir: &Path, no: u64) -> io::Result<File> {
+fn open_segment(dir: &Path, no: u64) -> io::Result<(File, FileKey)> {
+    let key = FileKey::generate()?;
     let file = OpenOptions::new()
         .create_new(true)
         .append(true)
         .open(segment_path(dir, no))?;
     // The new name must survive a crash too.
     File::open(dir)?.sync_all()?;
-    Ok(file)
+    Ok((file, key))
 }
 
 /// Reads every segment into `state`; returns the newest segment's number.
@@ -698,8 +725,8 @@ fn recover_dead(dir: &Path, state: &mut State) -> io::Result<()> {
             Some("dead") => {
                 let bytes = std::fs::read(&path)?;
                 state.bytes += bytes.len() as u64;
-                match record::frame_at(&bytes) {
-                    Some((_, Entry::Dead(buried))) => {
+                match record::read_file(&bytes) {
+                    Some(Entry::Dead(buried)) => {
                         let letter = dead_letter(&buried, bytes.len() as u64);
                         state.dead.insert(letter.id.clone(), letter);
                     }
@@ -719,6 +746,7 @@ fn recover_dead(dir: &Path, state: &mut State) -> io::Result<()> {
 struct Active {
     no: u64,
     file: File,
+    key: FileKey,
     len: u64,
     unsynced: bool,
     /// Requests committed to it.
@@ -734,10 +762,21 @@ struct Written {
     ack: oneshot::Sender<io::Result<()>>,
 }
 
+/// A `Done` record written and not yet synced.
+struct Marker {
+    id: String,
+    offset: u64,
+    len: u64,
+}
+
 struct Writer {
     /// Held until the writer has written everything it was sent: one
     /// process per spool directory.
     _lock: File,
+    /// `Done` records written since the last sync.
+    unsynced_done: Vec<Marker>,
+    #[cfg(test)]
+    faults: Arc<Faults>,
     store: std::sync::Weak<Store>,
     dir: PathBuf,
     durability: Durability,
@@ -761,8 +800,14 @@ impl Writer {
                 d.saturating_duration_since(std::time::Instant::now())
             });
             match jobs.recv_timeout(wait) {
-                Ok(Job::Done(frame)) => {
-                    let drained = self.write_marker(&frame);
+                Ok(Job::Done(id)) => {
+                    let drained = match Entry::Done(id.clone()).encode(&self.active.key) {
+                        Ok(frame) => self.write_marker(id, &frame),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "spool: cannot record a delivery");
+                            false
+                        }
+                    };
                     // Nothing left in the file to deliver: a new segment, so
                     // that this one can go.
                     if drained
@@ -775,22 +820,24 @@ impl Writer {
                 }
                 Ok(Job::Delete(numbers)) => delete_segments(&self.dir, &numbers),
                 Ok(Job::Put {
-                    frame,
+                    entry,
+                    len: reserved,
                     id,
                     created_ms,
                     ack,
                 }) => {
-                    let offset = self.active.len;
-                    let len = frame.len() as u32;
-                    if let Err(e) = self.write(&frame) {
-                        self.fail(
-                            std::mem::take(&mut batch),
-                            Some((frame.len() as u64, ack)),
-                            e,
-                        );
-                        deadline = None;
-                        continue;
-                    }
+                    let len = reserved as u32;
+                    let written = entry
+                        .encode(&self.active.key)
+                        .and_then(|frame| self.write(&frame));
+                    let offset = match written {
+                        Ok(offset) => offset,
+                        Err(e) => {
+                            self.fail(std::mem::take(&mut batch), Some((reserved, ack)), e);
+                            deadline = None;
+                            continue;
+                        }
+                    };
                     batch.push(Written {
                         id,
                         created_ms,
@@ -808,9 +855,9 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if batch.is_empty() {
-                        if self.active.unsynced {
-                            let _ = self.active.file.sync_data();
+                        if self.active.unsynced && self.active.file.sync_data().is_ok() {
                             self.active.unsynced = false;
+                            self.unsynced_done.clear();
                         }
                     } else {
                         self.commit(&mut batch);
@@ -828,19 +875,42 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.active.file.write_all(frame)?;
+    /// Appends `frame`, and returns where it starts. A new segment's
+    /// header goes with its first record: an empty file takes no space, so
+    /// a full disk never keeps the spool from opening.
+    fn write(&mut self, frame: &[u8]) -> io::Result<u64> {
+        let written = (|| {
+            if self.active.len == 0 {
+                self.active.file.write_all(&self.active.key.header())?;
+                self.active.len = record::FILE_HEADER as u64;
+            }
+            self.active.file.write_all(frame)
+        })();
+        if let Err(e) = written {
+            // A torn frame must not stay in front of the next one: recovery
+            // trusts an intact header's length.
+            let _ = self.active.file.set_len(self.active.len);
+            return Err(e);
+        }
+        let offset = self.active.len;
         self.active.len += frame.len() as u64;
         self.active.unsynced = true;
-        Ok(())
+        Ok(offset)
     }
 
     /// A `Done` record: synced with the next commit (a killed process loses
     /// nothing the kernel has; a lost one only means a duplicate delivery).
     /// Returns whether the active segment has nothing left to deliver.
-    fn write_marker(&mut self, frame: &[u8]) -> bool {
+    fn write_marker(&mut self, id: String, frame: &[u8]) -> bool {
         match self.write(frame) {
-            Ok(()) => {
+            Ok(offset) => {
+                // Kept until synced: a failed sync cuts the file back and
+                // they are written again (a lost one would deliver twice).
+                self.unsynced_done.push(Marker {
+                    id,
+                    offset,
+                    len: frame.len() as u64,
+                });
                 // Gone: the process is stopping; the record is written all
                 // the same.
                 let Some(store) = self.store.upgrade() else {
@@ -863,11 +933,12 @@ impl Writer {
     /// Syncs the batch and makes it deliverable, then answers it.
     fn commit(&mut self, batch: &mut Vec<Written>) {
         let written = std::mem::take(batch);
-        if let Err(e) = self.active.file.sync_data() {
+        if let Err(e) = self.sync_batch() {
             self.fail(written, None, e);
             return;
         }
         self.active.unsynced = false;
+        self.unsynced_done.clear();
         let Some(store) = self.store.upgrade() else {
             return;
         };
@@ -905,6 +976,15 @@ impl Writer {
         store.refresh();
     }
 
+    /// Syncs the active segment for a commit.
+    fn sync_batch(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("injected sync failure"));
+        }
+        self.active.file.sync_data()
+    }
+
     /// The batch is lost: its reservations are returned, its writers told,
     /// the file cut back to its last commit and a new segment started.
     fn fail(
@@ -920,6 +1000,15 @@ impl Writer {
         let Some(store) = self.store.upgrade() else {
             return;
         };
+        // `Done` records past the cut are gone with it; all unsynced ones
+        // are written again in the next segment, or their requests would be
+        // delivered a second time after a restart.
+        let markers = std::mem::take(&mut self.unsynced_done);
+        let cut: u64 = markers
+            .iter()
+            .filter(|m| m.offset >= committed)
+            .map(|m| m.len)
+            .sum();
         let lost = written.iter().map(|w| u64::from(w.len)).sum::<u64>()
             + unwritten.as_ref().map_or(0, |(len, _)| *len);
         let acks: Vec<_> = written
@@ -929,23 +1018,32 @@ impl Writer {
             .collect();
         {
             let mut state = store.lock();
-            state.bytes -= lost;
+            state.bytes -= lost + cut;
             state.requests -= acks.len();
+            if let Some(seg) = state.segments.get_mut(&self.active.no) {
+                seg.bytes -= cut;
+            }
         }
         for ack in acks {
             let _ = ack.send(Err(io::Error::new(error.kind(), error.to_string())));
         }
         self.rotate(&store);
+        for marker in markers {
+            if let Ok(frame) = Entry::Done(marker.id.clone()).encode(&self.active.key) {
+                self.write_marker(marker.id, &frame);
+            }
+        }
     }
 
     fn rotate(&mut self, store: &Store) {
         let no = self.active.no + 1;
         match open_segment(&self.dir, no) {
-            Ok(file) => {
+            Ok((file, key)) => {
                 let _ = self.active.file.sync_data();
                 self.active = Active {
                     no,
                     file,
+                    key,
                     len: 0,
                     unsynced: false,
                     puts: 0,

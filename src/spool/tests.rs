@@ -326,3 +326,33 @@ async fn group_commit_answers_each_request_after_one_sync() {
     let store = open(dir.path(), 1 << 20);
     assert_eq!(store.snapshot().requests, 50);
 }
+
+/// A failed group commit cuts the file back to the first request it did not
+/// commit; `Done` records written after that request went with the cut and
+/// are written again, or their requests would be delivered twice after a
+/// restart.
+#[tokio::test]
+async fn a_failed_sync_loses_no_delivery_record() {
+    let dir = TempDir::new("failed-sync");
+    let metrics = SpoolMetrics::new("t", &Registry::new());
+    let batch = Durability::Batch(Duration::from_millis(200));
+    let store = Store::open(&settings(dir.path(), 1 << 20, batch), metrics).unwrap();
+    store.append(&request(&store, "a")).await.unwrap();
+    // C stays to deliver: the segment stays too.
+    store.append(&request(&store, "c")).await.unwrap();
+    let a = store.next().unwrap();
+    // B is written and waits for its commit; A is delivered meanwhile, so
+    // its Done record lands after B in the file; then the commit fails.
+    let b = request(&store, "b");
+    let pending = tokio::spawn({
+        let store = store.clone();
+        async move { store.append(&b).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.faults.fail_sync.store(true, Ordering::SeqCst);
+    store.delivered(&a);
+    assert!(matches!(pending.await.unwrap(), Err(SpoolError::Io(_))));
+    close(store);
+    let store = open(dir.path(), 1 << 20);
+    assert_eq!(bodies(&store).await, ["c"], "A delivered once only");
+}

@@ -223,12 +223,17 @@ async fn the_wait_before_dispatch_is_not_the_upstreams_time() {
     // deadline, measured from the dispatch.
     let svc = UpstreamTimeoutLayer::new(Duration::from_millis(100))
         .from_dispatch(true)
-        .layer(tower::service_fn(|req: Request<SentBody<Empty<Bytes>>>| async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            req.extensions().get::<Dispatch>().expect("a dispatch").sent();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Ok::<_, BoxError>(Response::new(()))
-        }));
+        .layer(tower::service_fn(
+            |req: Request<SentBody<Empty<Bytes>>>| async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                req.extensions()
+                    .get::<Dispatch>()
+                    .expect("a dispatch")
+                    .sent();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, BoxError>(Response::new(()))
+            },
+        ));
     let res = svc
         .oneshot(Request::new(Empty::<Bytes>::new()))
         .await

@@ -340,3 +340,154 @@ async fn a_dead_letter_that_cannot_be_written_pauses_replay_without_a_storm() {
     assert_eq!(paused().await, Some(0.0));
     proxy.shutdown().await;
 }
+
+/// A record in the format of the previous version (`SGS1`, length, CRC-32,
+/// payload), as a client can plant one in a body: a `DELETE` with forged
+/// credentials, a forwarded-for address and an id that climbs out of the
+/// spool's directory.
+fn planted_v1_record() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut payload = vec![1u8]; // a request
+    field(&mut payload, b"../../../escaped");
+    payload.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
+    field(&mut payload, b"10.6.6.6");
+    field(&mut payload, b"DELETE");
+    field(&mut payload, b"/admin/users/all");
+    payload.extend_from_slice(&2u32.to_le_bytes());
+    field(&mut payload, b"authorization");
+    field(&mut payload, b"Bearer forged");
+    field(&mut payload, b"x-forwarded-for");
+    field(&mut payload, b"10.6.6.6");
+    field(&mut payload, b"");
+    let mut frame = b"SGS1".to_vec();
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_never_yields_one_a_client_planted() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("forgery");
+    let text = route(&dir, "");
+    let first = binary(upstream, &text);
+    assert_eq!(
+        spool_post(&first, "/ingest", "a", b"first".to_vec()).await,
+        StatusCode::ACCEPTED
+    );
+    // The attacker's body: planted records, in the old format and as raw
+    // noise with the new magic, between filler.
+    let mut body = vec![b'.'; 100];
+    for _ in 0..3 {
+        body.extend_from_slice(&planted_v1_record());
+        body.extend_from_slice(b"SGSEG\x00\x02\x00");
+        body.extend_from_slice(&[b'.'; 50]);
+    }
+    let req = Request::post(format!("http://{}/ingest", first.proxy))
+        .header("idempotency-key", "b")
+        .body(full(body))
+        .unwrap();
+    let (res, answer) = send(&client(), req).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let id = json(&answer)["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        spool_post(&first, "/ingest", "c", b"third".to_vec()).await,
+        StatusCode::ACCEPTED
+    );
+    drop(first);
+    // A damaged sector: the head of the attacker's record (its length and
+    // checksum) is garbage, so recovery must find the next record without
+    // it, across the attacker's body.
+    let segment = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
+        })
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes
+        .windows(id.len())
+        .position(|w| w == id.as_bytes())
+        .expect("the record is on disk");
+    // Its id is the first field of its payload, after its length; the
+    // frame's head (17 bytes) comes before that.
+    for b in &mut bytes[at - 4 - 17..at - 4] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&segment, &bytes).unwrap();
+    let second = binary(upstream, &text);
+    let up = serve_fragile(upstream).await;
+    within(
+        Duration::from_secs(15),
+        "the intact records delivered",
+        async || up.delivered() == 2,
+    )
+    .await;
+    sleep(Duration::from_millis(500)).await;
+    let seen: Vec<String> = up.seen.lock().unwrap().keys().cloned().collect();
+    assert!(
+        seen.contains(&"a".to_string()) && seen.contains(&"c".to_string()),
+        "{seen:?}"
+    );
+    assert_eq!(
+        up.hits("/admin"),
+        0,
+        "a planted request reached the upstream"
+    );
+    let spool = spool_of(&second).await;
+    assert_eq!(spool["damaged_records"], 1, "{spool}");
+    assert_eq!(spool["requests"], 0, "{spool}");
+    // Nothing was written outside the spool's directory.
+    assert!(!dir.parent().unwrap().join("escaped.dead").exists());
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_carries_the_https_its_client_used() {
+    use crate::support::process::scratch_dir;
+    use crate::support::tls::{Ca, connect, connector, write};
+    let upstream = reserve_addr();
+    let dir = spool_dir("https");
+    let ca = Ca::new("test CA");
+    let certs = scratch_dir("spool-https");
+    write(&certs, &ca.issue(&["localhost"]), &ca);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         [[route]]\nname = \"test\"\nupstream = \"http://{upstream}\"\n{}",
+        certs.join("cert.pem").display(),
+        certs.join("key.pem").display(),
+        route(&dir, ""),
+    );
+    let proxy = sluicegate::start(sluicegate::config::Config::parse("t.toml", &text).unwrap())
+        .await
+        .unwrap();
+    let tls = connect(
+        &connector(&ca, &[b"http/1.1"], None),
+        proxy.proxy_addr(),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/ingest")
+        .header("host", "localhost")
+        .header("idempotency-key", "tls")
+        .body(full("over https"))
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let up = serve_fragile(upstream).await;
+    within(Duration::from_secs(15), "delivered", async || {
+        up.delivered() == 1
+    })
+    .await;
+    assert_eq!(*up.protos.lock().unwrap(), ["https"]);
+    proxy.shutdown().await;
+}
