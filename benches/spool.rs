@@ -15,6 +15,12 @@
 //!   capacity) for `RUN_SECONDS` on an empty spool, then the same while a
 //!   backlog replays: the live requests' goodput and p99.
 //!
+//! - **Memory**: 100 clients at once upload 8 MiB each (of unknown length,
+//!   64 KiB chunks) to a route whose upstream is down: the proxy's peak RSS
+//!   when the spool keeps them (800 MiB through the disk), and when it is
+//!   too small to keep one (refused before a byte is read). `SCENARIO=memory`
+//!   runs it alone.
+//!
 //! Run with `bash benches/spool.sh`. Only 127.0.0.1; bounded in requests and
 //! time.
 
@@ -175,6 +181,90 @@ fn live_plan(seconds: usize) -> LoadPlan {
     }
 }
 
+/// A body of `total` bytes in 64 KiB frames, of unknown length.
+struct Upload(usize);
+
+impl http_body::Body for Upload {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        static CHUNK: [u8; 64 * 1024] = [b'u'; 64 * 1024];
+        let n = self.0.min(CHUNK.len());
+        self.0 -= n;
+        std::task::Poll::Ready(
+            (n > 0).then(|| Ok(http_body::Frame::data(Bytes::from_static(&CHUNK[..n])))),
+        )
+    }
+}
+
+/// `clients` upload `size` bytes each at once: answers by status.
+async fn uploads(port: u16, clients: usize, size: usize) -> std::collections::BTreeMap<u16, u64> {
+    let client: Client<HttpConnector, Upload> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(clients)
+        .build(HttpConnector::new());
+    let url = format!("http://127.0.0.1:{port}/ingest");
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let req = http::Request::post(url.as_str())
+                    .body(Upload(size))
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(res) => res.status().as_u16(),
+                    Err(_) => 0,
+                }
+            })
+        })
+        .collect();
+    let mut by_status = std::collections::BTreeMap::new();
+    for t in tasks {
+        *by_status.entry(t.await.unwrap()).or_default() += 1;
+    }
+    by_status
+}
+
+/// Peak RSS of 100 concurrent 8 MiB uploads spooled, and refused.
+fn memory(dir: &std::path::Path, rt: &tokio::runtime::Runtime) {
+    const CLIENTS: usize = 100;
+    const SIZE: usize = 8 << 20;
+    println!(
+        "\n{CLIENTS} clients upload {} MiB each at once, upstream down\n",
+        SIZE >> 20
+    );
+    println!(
+        "| spool max_bytes | answers | proxy RSS before MiB | peak RSS MiB | grown MiB | × uploaded |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    for (max_bytes, label) in [
+        (2u64 << 30, "2 GiB (keeps them)"),
+        (1 << 20, "1 MiB (keeps none)"),
+    ] {
+        let spool = spool_dir("memory");
+        let route = format!(
+            "max_body_bytes = 16777216\n[route.spool]\ndir = \"{}\"\nmax_bytes = {max_bytes}\nfsync = \"batch\"\n",
+            spool.display()
+        );
+        let proxy = start_proxy(dir, "memory", &route, (PROXY_PORT, ADMIN_PORT, SIM_PORT));
+        rt.block_on(uploads(PROXY_PORT, 4, 1024));
+        let before = peak_rss_kb(proxy.0.id());
+        let answers = rt.block_on(uploads(PROXY_PORT, CLIENTS, SIZE));
+        let peak = peak_rss_kb(proxy.0.id());
+        let grown = peak.saturating_sub(before) as f64 / 1024.0;
+        println!(
+            "| {label} | {answers:?} | {:.1} | {:.1} | {grown:.1} | {:.3} |",
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            grown / ((CLIENTS * SIZE) >> 20) as f64,
+        );
+        drop(proxy);
+        let _ = std::fs::remove_dir_all(spool);
+    }
+}
+
 fn main() {
     if only_listing() {
         return;
@@ -182,6 +272,10 @@ fn main() {
     let seconds: usize = env_number("RUN_SECONDS", 10);
     let dir = work_dir("spool");
     let rt = runtime();
+    memory(&dir, &rt);
+    if std::env::var("SCENARIO").is_ok_and(|s| s == "memory") {
+        return;
+    }
     println!(
         "\n{} cores; 64 clients, 512-byte POSTs, {seconds} s per run\n",
         cores()

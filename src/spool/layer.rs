@@ -18,12 +18,13 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Either};
+use http_body_util::Either;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::Spool;
-use super::record::Stored;
+use super::intake::{self, NotTaken};
+use super::record::StoredHead;
 use super::store::now_ms;
 use crate::body::{BoxError, BoxFuture, ProxyBody, full};
 use crate::conn::ClientAddr;
@@ -238,20 +239,10 @@ where
     let Some(body) = take(&slot) else {
         return Err(refusal);
     };
-    // A body over the route's limit, stalled or cut short is the client's
-    // answer (413, 408, 400), as without a spool.
-    let body = body.collect().await.map_err(Into::into)?.to_bytes();
-    if head.deliverable.is_some_and(|max| body.len() as u64 > max) {
-        // Admission would refuse it as it refuses a live one: spooling it
-        // would only park it at the head of the spool.
-        let refusal = Rejection::new(Reason::BodyTooLarge)
-            .with_cause("the request body outweighs max_inflight_bytes: never deliverable");
-        return Err(refusal.into());
-    }
     let store = spool.store();
     let id = store.new_id();
     let mut headers = head.headers;
-    // The body is whole now: a replay has nothing to wait for.
+    // The body will be whole: a replay has nothing to wait for.
     headers.remove(http::header::EXPECT);
     let key = &spool.settings().idempotency_header;
     if !headers.contains_key(key) {
@@ -260,19 +251,26 @@ where
             HeaderValue::from_str(&id).expect("ids are hex"),
         );
     }
-    let stored = Stored {
-        id,
+    let stored = StoredHead {
+        id: id.clone(),
         created_ms: now_ms(),
         client: head.client,
         tls: head.tls,
         method: head.method,
         uri: head.uri,
         headers,
-        body,
     };
-    match store.append(&stored).await {
-        Ok(()) => Ok(accepted(stored.id)),
-        Err(e) => {
+    match intake::take_in(&spool, stored, body, head.deliverable).await {
+        Ok(()) => Ok(accepted(id)),
+        // A body over the route's limit, stalled or cut short is the
+        // client's answer (413, 408, 400), as without a spool.
+        Err(NotTaken::Client(e)) => Err(e),
+        // Admission would refuse it as it refuses a live one: spooling it
+        // would only park it at the head of the spool.
+        Err(NotTaken::Undeliverable) => Err(Rejection::new(Reason::BodyTooLarge)
+            .with_cause("the request body outweighs max_inflight_bytes: never deliverable")
+            .into()),
+        Err(NotTaken::CannotKeep(e)) => {
             tracing::warn!(route = spool.route(), error = %e, "cannot spool; the refusal stands");
             Err(refusal)
         }

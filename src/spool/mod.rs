@@ -9,8 +9,11 @@
 //!   dead-letter files.
 //! - [`layer`]: the [`SpoolLayer`] in the request path, which turns an
 //!   eligible refusal into a spooled request.
+//! - [`intake`]: how a refused request's body gets into the spool, reserved
+//!   first and never whole in memory.
 //! - [`replay`]: the per-route delivery loop.
 
+mod intake;
 mod layer;
 mod metrics;
 pub mod record;

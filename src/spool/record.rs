@@ -252,6 +252,28 @@ impl Stored {
     }
 }
 
+impl StoredHead {
+    fn head_ref(&self) -> HeadRef<'_> {
+        HeadRef {
+            id: &self.id,
+            created_ms: self.created_ms,
+            client: self.client.as_deref(),
+            tls: self.tls,
+            method: &self.method,
+            uri: &self.uri,
+            headers: &self.headers,
+        }
+    }
+
+    /// The length of the PUT frame of this head with a body of `body_len`
+    /// bytes: what the store reserves before the body is read.
+    pub(super) fn frame_len(&self, body_len: u64) -> io::Result<u64> {
+        let mut fields = Vec::new();
+        put_head(&mut fields, &self.head_ref())?;
+        Ok((FRAME_HEADER + fields.len() + 4 + FRAME_TRAILER) as u64 + body_len)
+    }
+}
+
 /// A request's head, borrowed from a [`Stored`] or a [`StoredHead`], so
 /// that both encode through one function.
 struct HeadRef<'a> {
@@ -442,24 +464,12 @@ impl PutFrame {
     /// A PUT of `head` with a body of `body_len` bytes: returns the bytes
     /// to write first (frame header, then the payload up to and including
     /// the body's length), and the writer to feed the body through.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "for the store to stream bodies from a file")
-    )]
     pub(super) fn begin(
         key: &FileKey,
         head: &StoredHead,
         body_len: u64,
     ) -> io::Result<(Vec<u8>, Self)> {
-        let head = HeadRef {
-            id: &head.id,
-            created_ms: head.created_ms,
-            client: head.client.as_deref(),
-            tls: head.tls,
-            method: &head.method,
-            uri: &head.uri,
-            headers: &head.headers,
-        };
+        let head = head.head_ref();
         check_id(head.id)?;
         let mut fields = Vec::new();
         put_head(&mut fields, &head)?;

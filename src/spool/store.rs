@@ -22,7 +22,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::metrics::SpoolMetrics;
-use super::record::{self, Buried, Entry, FileKey, Format, Stored};
+use super::record::{self, Buried, Entry, FileKey, Format, PutFrame, Stored, StoredHead};
 use super::{Durability, SpoolSettings};
 
 /// Why a request could not be spooled; it gets the refusal it would have had.
@@ -54,6 +54,56 @@ struct Pending {
     len: u32,
     created_ms: u64,
     attempts: u16,
+}
+
+/// Room on disk for a request being spooled ([`Store::reserve`]).
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    store: &'a Store,
+    bytes: u64,
+    /// Whether it holds a place among `max_requests`.
+    request: bool,
+}
+
+impl Reservation<'_> {
+    /// `more` bytes, as a body of unknown length turns out longer.
+    pub fn grow(&mut self, more: u64) -> Result<(), SpoolError> {
+        let mut state = self.store.lock();
+        if state.bytes + more > self.store.max_bytes {
+            return Err(SpoolError::Full);
+        }
+        state.bytes += more;
+        self.bytes += more;
+        Ok(())
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn release(&mut self, bytes: u64) {
+        self.store.lock().bytes -= bytes;
+        self.bytes -= bytes;
+    }
+
+    /// Taken over by the writer: nothing to give back.
+    fn taken(&mut self) {
+        self.bytes = 0;
+        self.request = false;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 || self.request {
+            let mut state = self.store.lock();
+            state.bytes -= self.bytes;
+            if self.request {
+                state.requests -= 1;
+            }
+        }
+    }
 }
 
 /// A request handed to the replayer: where it is, and how often it was tried.
@@ -138,9 +188,23 @@ pub struct SpoolSnapshot {
     pub damaged_records: u64,
 }
 
+/// Where a PUT's body is.
+enum PutBody {
+    /// In memory, with the rest of the entry.
+    Inline(Box<Entry>),
+    /// Streamed to a temporary file, `len` bytes, ahead of its head: copied
+    /// into the log in chunks, then deleted, and its reserved bytes given
+    /// back.
+    File {
+        head: Box<StoredHead>,
+        path: PathBuf,
+        len: u64,
+    },
+}
+
 enum Job {
     Put {
-        entry: Box<Entry>,
+        body: PutBody,
         len: u64,
         id: Arc<str>,
         created_ms: u64,
@@ -230,6 +294,10 @@ fn dead_dir(dir: &Path) -> PathBuf {
     dir.join("dead")
 }
 
+fn incoming_dir(dir: &Path) -> PathBuf {
+    dir.join("incoming")
+}
+
 fn dead_path(dir: &Path, id: &str) -> PathBuf {
     dead_dir(dir).join(format!("{id}.dead"))
 }
@@ -246,6 +314,10 @@ impl Store {
             io::Error::new(e.kind(), format!("spool {}: {what}: {e}", dir.display()))
         };
         std::fs::create_dir_all(dead_dir(&dir)).map_err(|e| context("cannot create", e))?;
+        // Bodies being streamed when the process stopped were never
+        // acknowledged: their requests got their refusal, or nothing.
+        let _ = std::fs::remove_dir_all(incoming_dir(&dir));
+        std::fs::create_dir_all(incoming_dir(&dir)).map_err(|e| context("cannot create", e))?;
         let lock = File::create(dir.join("LOCK")).map_err(|e| context("cannot create LOCK", e))?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
@@ -328,24 +400,101 @@ impl Store {
         self.ids.next()
     }
 
+    /// Room for one request of `bytes` on disk (`max_bytes`,
+    /// `max_requests`), taken before its body is read; given back when
+    /// dropped unless a write takes it.
+    pub fn reserve(&self, bytes: u64) -> Result<Reservation<'_>, SpoolError> {
+        let mut state = self.lock();
+        if state.bytes + bytes > self.max_bytes || state.requests >= self.max_requests {
+            return Err(SpoolError::Full);
+        }
+        state.bytes += bytes;
+        state.requests += 1;
+        Ok(Reservation {
+            store: self,
+            bytes,
+            request: true,
+        })
+    }
+
+    /// Where a body being spooled is streamed to before it joins the log.
+    pub fn incoming(&self, id: &str) -> io::Result<PathBuf> {
+        if !valid_id(id) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a spool id"));
+        }
+        Ok(incoming_dir(&self.dir).join(format!("{id}.part")))
+    }
+
     /// Writes `request` and resolves once it is durable and deliverable.
     pub async fn append(&self, request: &Stored) -> Result<(), SpoolError> {
-        let entry = Box::new(Entry::Put(request.clone()));
+        let len = Entry::Put(request.clone())
+            .frame_len()
+            .map_err(SpoolError::Io)?;
+        let reservation = self.reserve(len)?;
+        self.append_reserved(request.clone(), reservation).await
+    }
+
+    /// Writes `request`, whose room `reservation` holds.
+    pub async fn append_reserved(
+        &self,
+        request: Stored,
+        reservation: Reservation<'_>,
+    ) -> Result<(), SpoolError> {
+        let entry = Box::new(Entry::Put(request));
         let len = entry.frame_len().map_err(SpoolError::Io)?;
-        {
-            let mut state = self.lock();
-            if state.bytes + len > self.max_bytes || state.requests >= self.max_requests {
-                return Err(SpoolError::Full);
-            }
-            state.bytes += len;
-            state.requests += 1;
+        let Entry::Put(request) = &*entry else {
+            unreachable!("a PUT")
+        };
+        let (id, created_ms) = (request.id.as_str().into(), request.created_ms);
+        self.put(PutBody::Inline(entry), len, id, created_ms, reservation)
+            .await
+    }
+
+    /// Writes the request `head` whose `len`-byte body was streamed to
+    /// `path` ([`Store::incoming`]); `reservation` holds its room and the
+    /// temporary file's.
+    pub async fn append_file(
+        &self,
+        head: StoredHead,
+        path: PathBuf,
+        len: u64,
+        reservation: Reservation<'_>,
+    ) -> Result<(), SpoolError> {
+        let frame = head.frame_len(len).map_err(SpoolError::Io)?;
+        let (id, created_ms) = (head.id.as_str().into(), head.created_ms);
+        let body = PutBody::File {
+            head: Box::new(head),
+            path,
+            len,
+        };
+        self.put(body, frame, id, created_ms, reservation).await
+    }
+
+    async fn put(
+        &self,
+        body: PutBody,
+        len: u64,
+        id: Arc<str>,
+        created_ms: u64,
+        mut reservation: Reservation<'_>,
+    ) -> Result<(), SpoolError> {
+        // The reservation must cover the frame (and a temporary file); the
+        // writer takes it over from here.
+        let temp = match &body {
+            PutBody::File { len, .. } => *len,
+            PutBody::Inline(_) => 0,
+        };
+        if reservation.bytes < len + temp {
+            reservation.grow(len + temp - reservation.bytes)?;
         }
+        reservation.release(reservation.bytes - len - temp);
+        reservation.taken();
         let (ack, done) = oneshot::channel();
         self.send(Job::Put {
-            entry,
+            body,
             len,
-            id: request.id.as_str().into(),
-            created_ms: request.created_ms,
+            id,
+            created_ms,
             ack,
         });
         let result = match done.await {
@@ -784,6 +933,9 @@ struct Writer {
     active: Active,
 }
 
+/// The chunks a streamed body is copied into the log in.
+const STREAM_CHUNK: usize = 64 * 1024;
+
 /// How long the writer leaves `Done` records unsynced while idle.
 const IDLE_SYNC: Duration = Duration::from_secs(1);
 
@@ -820,16 +972,28 @@ impl Writer {
                 }
                 Ok(Job::Delete(numbers)) => delete_segments(&self.dir, &numbers),
                 Ok(Job::Put {
-                    entry,
+                    body,
                     len: reserved,
                     id,
                     created_ms,
                     ack,
                 }) => {
                     let len = reserved as u32;
-                    let written = entry
-                        .encode(&self.active.key)
-                        .and_then(|frame| self.write(&frame));
+                    let written = match body {
+                        PutBody::Inline(entry) => entry
+                            .encode(&self.active.key)
+                            .and_then(|frame| self.write(&frame)),
+                        PutBody::File { head, path, len } => {
+                            let written = self.write_streamed(&head, &path, len);
+                            // Copied (or failed): the temporary file and
+                            // its room go.
+                            let _ = std::fs::remove_file(&path);
+                            if let Some(store) = self.store.upgrade() {
+                                store.lock().bytes -= len;
+                            }
+                            written
+                        }
+                    };
                     let offset = match written {
                         Ok(offset) => offset,
                         Err(e) => {
@@ -894,6 +1058,42 @@ impl Writer {
         }
         let offset = self.active.len;
         self.active.len += frame.len() as u64;
+        self.active.unsynced = true;
+        Ok(offset)
+    }
+
+    /// Appends a PUT of `head` whose `len`-byte body is in the file at
+    /// `path`, in chunks (never whole in memory); returns where it starts.
+    fn write_streamed(&mut self, head: &StoredHead, path: &Path, len: u64) -> io::Result<u64> {
+        let (prefix, mut frame) = PutFrame::begin(&self.active.key, head, len)?;
+        let mut body = File::open(path)?;
+        let start = self.active.len;
+        let written = (|| {
+            if self.active.len == 0 {
+                self.active.file.write_all(&self.active.key.header())?;
+                self.active.len = record::FILE_HEADER as u64;
+            }
+            self.active.file.write_all(&prefix)?;
+            let mut chunk = vec![0; STREAM_CHUNK];
+            loop {
+                let n = io::Read::read(&mut body, &mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                frame.update(&chunk[..n]);
+                self.active.file.write_all(&chunk[..n])?;
+            }
+            self.active.file.write_all(&frame.finish()?)
+        })();
+        if let Err(e) = written {
+            // Cut back: a torn frame must not stay in front of the next.
+            let keep = if start == 0 { 0 } else { self.active.len };
+            let _ = self.active.file.set_len(keep);
+            self.active.len = keep;
+            return Err(e);
+        }
+        let offset = self.active.len;
+        self.active.len += (prefix.len() as u64) + len + record::FRAME_TRAILER as u64;
         self.active.unsynced = true;
         Ok(offset)
     }

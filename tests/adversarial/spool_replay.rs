@@ -35,6 +35,8 @@ struct Fragile {
     seen: Mutex<HashMap<String, u32>>,
     by_path: Mutex<HashMap<String, u32>>,
     protos: Mutex<Vec<String>>,
+    /// Each delivered body's checksum, by key.
+    sums: Mutex<HashMap<String, String>>,
 }
 
 impl Fragile {
@@ -76,7 +78,13 @@ async fn fragile(
         .headers()
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap().to_string());
-    let _ = req.into_body().collect().await;
+    let mut body = req.into_body();
+    let mut sum = Checksum::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            sum.update(data);
+        }
+    }
     let answer = |status: StatusCode| {
         Response::builder()
             .status(status)
@@ -99,6 +107,7 @@ async fn fragile(
     } else {
         sleep(Duration::from_millis(5)).await;
         if let Some(key) = key {
+            fragile.sums.lock().unwrap().insert(key.clone(), sum.hex());
             *fragile.seen.lock().unwrap().entry(key).or_default() += 1;
         }
         answer(StatusCode::OK)
@@ -490,4 +499,141 @@ async fn a_replay_carries_the_https_its_client_used() {
     .await;
     assert_eq!(*up.protos.lock().unwrap(), ["https"]);
     proxy.shutdown().await;
+}
+
+/// Uploads `body` as key `key` to the proxy at `addr`.
+async fn upload(addr: SocketAddr, key: String, body: TestBody) -> StatusCode {
+    let req = Request::post(format!("http://{addr}/ingest"))
+        .header("idempotency-key", key)
+        .body(body)
+        .unwrap();
+    send(&client(), req).await.0.status()
+}
+
+/// A request body of unknown length fed from a channel.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_uploads_spool_through_the_disk_not_memory() {
+    const SIZE: usize = 8 << 20;
+    const CHUNK: usize = 64 << 10;
+    let upstream = reserve_addr();
+    let dir = spool_dir("large");
+    let text = format!(
+        "max_body_bytes = 16777216\n[route.spool]\ndir = \"{}\"\nmax_bytes = 536870912\n",
+        dir.display()
+    );
+    let proxy = binary(upstream, &text);
+    // Warm up (allocator, thread pools) before the baseline.
+    assert_eq!(
+        upload(proxy.proxy, "warm".into(), full("w")).await,
+        StatusCode::ACCEPTED
+    );
+    let before = proxy.peak_rss();
+    // Twenty 8 MiB uploads of unknown length, all but their last chunk sent
+    // at once and held there: 160 MiB being spooled at the same moment.
+    let mut feeds = Vec::new();
+    let mut uploads = Vec::new();
+    for i in 0..20u8 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        uploads.push(tokio::spawn(upload(
+            proxy.proxy,
+            format!("u{i}"),
+            BodyExt::boxed(Fed(rx)),
+        )));
+        feeds.push(tokio::spawn(async move {
+            let mut sum = Checksum::new();
+            for n in 0..SIZE / CHUNK - 1 {
+                let chunk = Bytes::from(vec![i ^ n as u8; CHUNK]);
+                sum.update(&chunk);
+                tx.send(chunk).await.unwrap();
+            }
+            (tx, sum)
+        }));
+    }
+    let mut held = Vec::new();
+    for feed in feeds {
+        held.push(feed.await.unwrap());
+    }
+    sleep(Duration::from_millis(500)).await;
+    let grown = proxy.peak_rss().saturating_sub(before);
+    let mut sums = HashMap::new();
+    for (i, (tx, mut sum)) in held.into_iter().enumerate() {
+        let last = Bytes::from(vec![0xff; CHUNK]);
+        sum.update(&last);
+        tx.send(last).await.unwrap();
+        sums.insert(format!("u{i}"), sum.hex());
+    }
+    for u in uploads {
+        assert_eq!(u.await.unwrap(), StatusCode::ACCEPTED);
+    }
+    assert!(
+        grown < 48 << 20,
+        "peak RSS grew by {grown} bytes with 160 MiB being spooled"
+    );
+    // Delivered whole once the upstream is back.
+    let up = serve_fragile(upstream).await;
+    within(Duration::from_secs(60), "all delivered", async || {
+        up.delivered() == 21
+    })
+    .await;
+    let got = up.sums.lock().unwrap().clone();
+    for (key, sum) in sums {
+        assert_eq!(got[&key], sum, "{key} arrived altered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_a_spool_cannot_keep_are_refused_before_they_are_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = reserve_addr();
+    let dir = spool_dir("too-big");
+    let text = format!(
+        "max_body_bytes = 16777216\n[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
+        dir.display()
+    );
+    let proxy = binary(upstream, &text);
+    let before = proxy.peak_rss();
+    // Twenty clients declare 8 MiB, send 64 KiB of it and pause: the spool
+    // (1 MiB) cannot keep one. Each is answered at once, its body unread.
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = proxy.proxy;
+            tokio::spawn(async move {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let head = format!(
+                    "POST /ingest HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+                    8 << 20
+                );
+                conn.write_all(head.as_bytes()).await.unwrap();
+                conn.write_all(&[b'x'; 64 << 10]).await.unwrap();
+                let mut answer = [0u8; 64];
+                let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+                    .await
+                    .expect("answered while the client pauses")
+                    .unwrap();
+                String::from_utf8_lossy(&answer[..n]).to_string()
+            })
+        })
+        .collect();
+    for c in clients {
+        let answer = c.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    }
+    let grown = proxy.peak_rss().saturating_sub(before);
+    assert!(grown < 16 << 20, "peak RSS grew by {grown} bytes");
+    assert_eq!(spool_of(&proxy).await["requests"], 0);
 }
