@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::connector::{Connector, drive};
+use super::connector::{Connector, TrackedStream, drive};
 use super::retry::Reclaim;
 use crate::body::BoxError;
 
@@ -55,6 +55,10 @@ const STREAM_WINDOW: u32 = 64 * 1024;
 /// clients can hold, not memory taken up front).
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * (STREAMS_PER_CONNECTION as u32 + 1);
 
+/// How often a request waiting for a stream looks at the connections' limits
+/// again.
+const LOOK_AGAIN: Duration = Duration::from_millis(5);
+
 /// The HTTP/2 connections of one route. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct H2Pool {
@@ -67,24 +71,33 @@ struct Shared {
     conns: Mutex<Vec<Arc<H2Conn>>>,
     /// Serializes dials, so that a burst opens one connection, not many.
     dialing: tokio::sync::Mutex<()>,
-    /// Told when a stream ends or a connection's limit rises.
+    /// Told when a stream ends.
     freed: Notify,
 }
+
+/// A connection's I/O, driven by its own task and asked for the upstream's
+/// stream limit by the pool.
+type Driven = Arc<Mutex<http2::Connection<TokioIo<TrackedStream>, Reclaim, TokioExecutor>>>;
 
 /// One connection and the streams it carries.
 struct H2Conn {
     tx: http2::SendRequest<Reclaim>,
     streams: AtomicUsize,
-    /// The upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`, as last learnt.
-    limit: Arc<AtomicUsize>,
+    conn: Driven,
 }
 
 impl H2Conn {
-    /// Streams it may carry now.
+    /// Streams it may carry now: the upstream's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` as the connection knows it (hyper
+    /// applies SETTINGS on a task of its own: read when asked, not when
+    /// polled).
     fn cap(&self) -> usize {
-        self.limit
-            .load(Ordering::Relaxed)
-            .min(STREAMS_PER_CONNECTION)
+        let limit = self
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current_max_send_streams();
+        limit.min(STREAMS_PER_CONNECTION)
     }
 }
 
@@ -165,9 +178,13 @@ impl H2Pool {
                     }
                 }
             }
-            if tokio::time::timeout_at(until, freed).await.is_err() {
+            if Instant::now() >= until {
                 return Err(NoStream.into());
             }
+            // A stream ending wakes this at once; the upstream raising its
+            // limit (its SETTINGS) is seen at the next look.
+            let look = (Instant::now() + LOOK_AGAIN).min(until);
+            let _ = tokio::time::timeout_at(look, freed).await;
         }
     }
 
@@ -212,7 +229,7 @@ impl H2Pool {
                         set upstream_protocol = \"http1\" for it"
                 .into());
         }
-        let (tx, mut connection) = http2::Builder::new(TokioExecutor::new())
+        let (tx, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -223,25 +240,16 @@ impl H2Pool {
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
             .await?;
-        let limit = Arc::new(AtomicUsize::new(1));
-        let learnt = limit.clone();
-        let pool = Arc::downgrade(&self.shared);
-        // Reads the upstream's stream limit each time the connection is
-        // polled (its SETTINGS arrive there), and tells waiters when it rises.
+        let conn: Driven = Arc::new(Mutex::new(connection));
+        let driven = conn.clone();
         drive(poll_fn(move |cx| {
-            let result = Pin::new(&mut connection).poll(cx);
-            let now = connection.current_max_send_streams();
-            if learnt.swap(now, Ordering::Relaxed) < now
-                && let Some(pool) = pool.upgrade()
-            {
-                pool.freed.notify_waiters();
-            }
-            result
+            let mut connection = driven.lock().unwrap_or_else(|e| e.into_inner());
+            Pin::new(&mut *connection).poll(cx)
         }));
         Ok(H2Conn {
             tx,
             streams: AtomicUsize::new(0),
-            limit,
+            conn,
         })
     }
 }

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
 use pin_project_lite::pin_project;
@@ -245,7 +246,10 @@ impl<B> Tracked<B> {
     }
 }
 
-impl<B: Body> Body for Tracked<B> {
+impl<B: Body> Body for Tracked<B>
+where
+    B::Data: Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -254,7 +258,14 @@ impl<B: Body> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
+        let stream = this.guard.is_some();
+        if stream {
+            super::streams::asked();
+        }
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if stream && let Some(Ok(frame)) = &frame {
+            super::streams::handed(frame.data_ref().map_or(0, |d| d.remaining()));
+        }
         if let Some(whole) = ended(&frame, &*this.inner)
             && let Some(mut guard) = this.guard.take()
             && whole

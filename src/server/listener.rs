@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{Request, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,6 +18,7 @@ use tower::ServiceExt;
 use super::client_io::ClientIo;
 use super::connection::{self, Activity, Bounds, Closed, Drain, Tracked};
 use super::framing::FramingGuard;
+use super::streams::StreamExecutor;
 use super::tls::TlsListener;
 use crate::body::BoxError;
 use crate::config::ServerConfig;
@@ -29,9 +30,18 @@ use crate::stack::ProxyService;
 /// The most permits a tokio semaphore can hold.
 const MAX_PERMITS: usize = Semaphore::MAX_PERMITS;
 
-/// The HTTP/1.1 + h2c connection builder for the proxy listener.
-pub(super) fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The HTTP/1.1 + h2c connection builder for the proxy listener; its
+/// executor holds each HTTP/2 stream to its client's pace, counting streams
+/// reset for it in `send_timeouts`.
+pub(super) fn http_builder(
+    server: &ServerConfig,
+    send_timeouts: metrics::Counter,
+) -> auto::Builder<StreamExecutor> {
+    let pace = MinRate {
+        per_s: server.send_min_bytes_per_s.get(),
+        grace: server.send_timeout_ms.get(),
+    };
+    let mut builder = auto::Builder::new(StreamExecutor::new(pace, send_timeouts));
     let max_header = server.max_header_bytes.as_usize();
     builder
         .http1()
@@ -89,7 +99,7 @@ pub(super) async fn accept_loop(
     counters: Counters,
     tls: Option<&Arc<TlsListener>>,
 ) {
-    let builder = Arc::new(http_builder(server));
+    let builder = Arc::new(http_builder(server, counters.send_timeouts.clone()));
     let tls = tls.cloned();
     let max_head = server.max_header_bytes.as_usize();
     let bounds = Bounds {
@@ -184,7 +194,7 @@ pub(super) async fn accept_loop(
 
 /// What serving one client connection needs, whatever its transport.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<StreamExecutor>>,
     service: ProxyService,
     max_head: usize,
     body_timeout: Duration,

@@ -8,6 +8,7 @@ mod framing;
 mod history;
 mod listener;
 mod reload;
+mod streams;
 pub mod tls;
 
 pub use reload::{ReloadError, Reloader, RouteChanges, rebuild};

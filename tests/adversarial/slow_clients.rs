@@ -168,3 +168,49 @@ async fn a_slow_reader_is_cut_at_the_minimum_rate() {
     assert!(cut.is_some_and(|t| t < Duration::from_secs(10)), "{cut:?}");
     strict.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_http2_stream_its_client_stops_reading_is_reset_and_frees_its_slot() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config_with(
+        up.addr.unwrap(),
+        "send_timeout_ms = 500",
+        "[route.admission]\nmax_inflight = 1\nqueue_capacity = 0\n",
+    ))
+    .await
+    .unwrap();
+    let addr = proxy.proxy_addr();
+    // An HTTP/2 client asks for 32 MiB and never reads it: its connection
+    // stays alive (hyper's client task reads the socket), only the stream's
+    // window stays shut. Its writes never block; the stream just waits.
+    let h2 = h2c_client();
+    let req = http::Request::get(format!("http://{addr}/big/33554432"))
+        .body(full(""))
+        .unwrap();
+    let stalled = h2.request(req).await.unwrap();
+    assert_eq!(stalled.status(), StatusCode::OK);
+    let (res, _) = get(&format!("http://{addr}/x")).await;
+    assert_eq!(res.status(), 503, "the only slot is the stalled stream's");
+    // Past send_timeout_ms the stream is reset: the slot is back.
+    let start = Instant::now();
+    let served = loop {
+        let (res, _) = get(&format!("http://{addr}/x")).await;
+        if res.status() == StatusCode::OK || start.elapsed() > Duration::from_secs(10) {
+            break res.status();
+        }
+        sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(served, StatusCode::OK);
+    let text = get(&format!("http://{}/metrics", proxy.admin_addr()))
+        .await
+        .1;
+    assert_eq!(
+        metric(
+            &String::from_utf8_lossy(&text),
+            "sluicegate_send_timeout_total"
+        ),
+        Some(1.0)
+    );
+    drop(stalled);
+    proxy.shutdown().await;
+}

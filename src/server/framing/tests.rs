@@ -198,7 +198,10 @@ fn against_hyper(chunks: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
                 Ok::<_, Infallible>(res)
             }
         });
-        let builder = super::super::listener::http_builder(&ServerConfig::default());
+        let builder = super::super::listener::http_builder(
+            &ServerConfig::default(),
+            metrics::Counter::noop(),
+        );
         let conn = builder.serve_connection(TokioIo::new(guard), service);
         let (mut rd, mut wr) = tokio::io::split(client);
         let write = async {
