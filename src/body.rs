@@ -191,3 +191,54 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
         self.inner.size_hint()
     }
 }
+
+/// Bodies for the crate's own tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use tokio::time::{Instant, Sleep};
+
+    use super::BoxError;
+
+    /// `chunks` one-byte frames, one every `every` (on tokio's clock): a
+    /// slow uplink, or a trickle.
+    pub(crate) struct Trickle {
+        chunks: u32,
+        every: Duration,
+        sleep: Pin<Box<Sleep>>,
+    }
+
+    impl Trickle {
+        pub(crate) fn new(chunks: u32, every: Duration) -> Self {
+            Self {
+                chunks,
+                every,
+                sleep: Box::pin(tokio::time::sleep(every)),
+            }
+        }
+    }
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.chunks == 0 {
+                return Poll::Ready(None);
+            }
+            ready!(self.sleep.as_mut().poll(cx));
+            self.chunks -= 1;
+            let next = Instant::now() + self.every;
+            self.sleep.as_mut().reset(next);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+}

@@ -899,13 +899,10 @@ async fn a_cold_estimate_refuses_nobody_the_queue_has_room_for() {
     assert_eq!(full.into_response().headers()["retry-after"], "1");
 }
 
-/// A request admitted before a baseline probe that keeps
-/// its slot (a slowly read download, SSE, a long poll) must not wedge the
-/// probe: requests keep being admitted, and the probe ends within its
-/// deadline.
-#[tokio::test(start_paused = true)]
-async fn a_slow_reader_admitted_before_a_probe_does_not_wedge_it() {
-    use crate::adaptive::{AdaptiveSettings, Bounds, GradientSettings, Phase};
+/// A gradient controller whose baseline goes stale after about a second,
+/// with a minimum limit of 1 and no queue: a probe soon holds it at one.
+fn probing_controller() -> Arc<Controller> {
+    use crate::adaptive::{AdaptiveSettings, Bounds, GradientSettings};
     let bounds = Bounds {
         min: 1,
         max: 100,
@@ -916,14 +913,24 @@ async fn a_slow_reader_admitted_before_a_probe_does_not_wedge_it() {
         baseline_interval: Duration::from_secs(1),
         ..GradientSettings::default()
     };
-    let c = Controller::adaptive(
+    Controller::adaptive(
         AdmissionSettings {
             queue_capacity: 0,
             ..AdmissionSettings::DEFAULT
         },
         AdaptiveSettings::Gradient(bounds, gradient),
         AdmissionMetrics::new("t", &crate::metrics::Registry::new()),
-    );
+    )
+}
+
+/// A request admitted before a baseline probe that keeps
+/// its slot (a slowly read download, SSE, a long poll) must not wedge the
+/// probe: requests keep being admitted, and the probe ends within its
+/// deadline.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_admitted_before_a_probe_does_not_wedge_it() {
+    use crate::adaptive::Phase;
+    let c = probing_controller();
     let phase = |c: &Arc<Controller>| c.snapshot().adaptive.unwrap().phase;
     let tick = Duration::from_millis(20);
     // The slow reader: admitted first, holds its slot throughout.
@@ -974,25 +981,8 @@ async fn a_slow_reader_admitted_before_a_probe_does_not_wedge_it() {
 /// at its deadline with what it measured, and the limit returns.
 #[tokio::test(start_paused = true)]
 async fn a_slow_reader_admitted_during_a_probe_holds_it_no_longer_than_its_deadline() {
-    use crate::adaptive::{AdaptiveSettings, Bounds, GradientSettings, Phase};
-    let bounds = Bounds {
-        min: 1,
-        max: 100,
-        initial: 4,
-    };
-    let gradient = GradientSettings {
-        min_samples: 4,
-        baseline_interval: Duration::from_secs(1),
-        ..GradientSettings::default()
-    };
-    let c = Controller::adaptive(
-        AdmissionSettings {
-            queue_capacity: 0,
-            ..AdmissionSettings::DEFAULT
-        },
-        AdaptiveSettings::Gradient(bounds, gradient),
-        AdmissionMetrics::new("t", &crate::metrics::Registry::new()),
-    );
+    use crate::adaptive::Phase;
+    let c = probing_controller();
     let phase = |c: &Arc<Controller>| c.snapshot().adaptive.unwrap().phase;
     let tick = Duration::from_millis(20);
     let mut held: Vec<Permit> = std::iter::from_fn(|| c.try_acquire()).collect();

@@ -185,43 +185,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::body::testing::Trickle;
     use http_body_util::BodyExt;
-
-    /// One byte every `every`, `chunks` times, then the end.
-    struct Drip {
-        chunks: u32,
-        every: Duration,
-        sleep: Pin<Box<Sleep>>,
-    }
-
-    impl Drip {
-        fn new(chunks: u32, every: Duration) -> Self {
-            Self {
-                chunks,
-                every,
-                sleep: Box::pin(tokio::time::sleep(every)),
-            }
-        }
-    }
-
-    impl Body for Drip {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            if self.chunks == 0 {
-                return Poll::Ready(None);
-            }
-            ready!(self.sleep.as_mut().poll(cx));
-            self.chunks -= 1;
-            let next = Instant::now() + self.every;
-            self.sleep.as_mut().reset(next);
-            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
-        }
-    }
 
     fn stall_of(err: &BoxError) -> Stall {
         err.downcast_ref::<ReadTimedOut>().expect("timed out").stall
@@ -232,7 +197,7 @@ mod tests {
         // A reader that takes 5 s between asks (a slow client) while the
         // sender answers each ask within 100 ms: never cut for a 1 s timeout.
         let mut body = Box::pin(ReadTimeout::new(
-            Drip::new(3, Duration::from_millis(100)),
+            Trickle::new(3, Duration::from_millis(100)),
             Duration::from_secs(1),
             Side::Upstream,
         ));
@@ -246,7 +211,7 @@ mod tests {
     async fn a_pause_past_the_timeout_is_cut() {
         let start = Instant::now();
         let mut body = Box::pin(ReadTimeout::new(
-            Drip::new(3, Duration::from_secs(2)),
+            Trickle::new(3, Duration::from_secs(2)),
             Duration::from_secs(1),
             Side::Client,
         ));
@@ -267,7 +232,7 @@ mod tests {
         };
         let mut body = Box::pin(
             ReadTimeout::new(
-                Drip::new(10_000, Duration::from_millis(900)),
+                Trickle::new(10_000, Duration::from_millis(900)),
                 Duration::from_secs(1),
                 Side::Client,
             )
@@ -298,7 +263,7 @@ mod tests {
         };
         let mut body = Box::pin(
             ReadTimeout::new(
-                Drip::new(2_000, Duration::from_millis(5)),
+                Trickle::new(2_000, Duration::from_millis(5)),
                 Duration::from_secs(1),
                 Side::Client,
             )

@@ -1,53 +1,16 @@
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 use http_body_util::{BodyExt, Empty};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
 use super::*;
 use crate::body::BoxError;
+use crate::body::testing::Trickle;
 use crate::error::{Reason, Rejection};
-
-/// `chunks` one-byte frames, one every `every`: a slow uplink.
-struct Trickle {
-    chunks: u32,
-    every: Duration,
-    sleep: Pin<Box<Sleep>>,
-}
-
-impl Trickle {
-    fn new(chunks: u32, every: Duration) -> Self {
-        Self {
-            chunks,
-            every,
-            sleep: Box::pin(tokio::time::sleep(every)),
-        }
-    }
-}
-
-impl Body for Trickle {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.chunks == 0 {
-            return Poll::Ready(None);
-        }
-        ready!(self.sleep.as_mut().poll(cx));
-        self.chunks -= 1;
-        let next = Instant::now() + self.every;
-        self.sleep.as_mut().reset(next);
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
-    }
-}
 
 /// Reads the whole request body, then answers after `work` (never if None).
 async fn upstream<B>(req: Request<B>, work: Option<Duration>) -> Result<Response<()>, BoxError>
