@@ -215,10 +215,16 @@ async fn a_spool_drains_by_itself_after_a_restart_into_a_fragile_upstream() {
     let second = binary(upstream, &text);
     sleep(Duration::from_secs(1)).await;
     let up = serve_fragile(upstream).await;
+    let back = Instant::now();
     within(Duration::from_secs(60), "the spool drains", async || {
         spool_of(&second).await["requests"] == 0
     })
     .await;
+    eprintln!(
+        "420 spooled requests drained in {:?} after the upstream came back, peak {} at once",
+        back.elapsed(),
+        up.peak.load(Ordering::SeqCst)
+    );
     assert_eq!(up.delivered(), 400, "every acknowledged request delivered");
     assert_eq!(spool_of(&second).await["dead_letters"], 20);
     // Never a burst at an upstream that has just come back: the pace grew
