@@ -584,6 +584,20 @@ impl RouteConfig {
         if let Some(a) = &self.admission {
             a.validate(&format!("{at}.admission"))?;
         }
+        if self.write_timeout_ms.get() < self.connect_timeout_ms.get() {
+            // Waiting for a way to the upstream (a connection, an HTTP/2
+            // stream) is bounded by connect_timeout_ms and answered 502 or
+            // 503; a shorter write timeout would cut it first as the
+            // upstream's failure.
+            return Err((
+                format!("{at}.write_timeout_ms"),
+                format!(
+                    "must be at least connect_timeout_ms ({} < {})",
+                    self.write_timeout_ms.get().as_millis(),
+                    self.connect_timeout_ms.get().as_millis()
+                ),
+            ));
+        }
         if let Some(r) = &self.rate_limit {
             r.validate(&format!("{at}.rate_limit"))?;
             if self.admission.is_none()

@@ -151,6 +151,11 @@ fn bad_values_name_their_key() {
         let e = err(&format!("[server]\n{key} = 0\n{ROUTE}"));
         assert_eq!(e.key(), Some(format!("server.{key}").as_str()), "{e}");
     }
+    let e = err(&format!(
+        "{ROUTE}write_timeout_ms = 1000\nconnect_timeout_ms = 2000\n"
+    ));
+    assert_eq!(e.key(), Some("route[0].write_timeout_ms"), "{e}");
+    assert!(e.message().contains("at least connect_timeout_ms"), "{e}");
     let e = err(&format!("{ROUTE}[route.circuit]\nprobe_timeout_ms = 0\n"));
     assert_eq!(e.key(), Some("route[0].circuit.probe_timeout_ms"), "{e}");
     let e = err(&format!("[server]\nlisten = \"localhost:80\"\n{ROUTE}"));

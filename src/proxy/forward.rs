@@ -23,9 +23,9 @@ use super::retry::{self, Reclaim};
 use super::upstream::{UpstreamClientTls, UpstreamProtocol};
 use crate::body::{BodyProgress, BoxError, Counted, boxed};
 use crate::conn::ClientAddr;
+use crate::dispatch::Dispatch;
 use crate::error::Side;
 use crate::error::{NotSent, Reason, Rejection};
-use crate::upstream_timeout::Dispatch;
 
 /// Idle upstream connections kept per route; a bound on the pool's memory and on
 /// the file descriptors it holds.

@@ -164,7 +164,12 @@ impl H2Pool {
                 return Ok(stream);
             }
             if self.lock().len() < H2_CONNECTIONS {
-                let _dialing = self.shared.dialing.lock().await;
+                // Bounded: behind a dial that hangs, the next waits no
+                // longer than its own deadline.
+                let Ok(_dialing) = tokio::time::timeout_at(until, self.shared.dialing.lock()).await
+                else {
+                    return Err(NoStream.into());
+                };
                 // Another request may have dialled while this one waited.
                 if let Some(stream) = self.least_busy() {
                     return Ok(stream);

@@ -12,6 +12,6 @@ mod upstream;
 pub use connector::{Connector, TrackedStream};
 pub use forward::{Forward, ForwardSettings};
 pub use pool::Pooled;
-pub use read_timeout::{MinRate, ReadTimeout};
+pub use read_timeout::ReadTimeout;
 pub use retry::Reclaim;
 pub use upstream::{UpstreamClientTls, UpstreamProtocol};

@@ -14,8 +14,7 @@
 //!
 //! A bound on each pause does not bound a body that sends one byte just
 //! before every timeout. A client's body can also be held to a minimum rate
-//! (Apache's `mod_reqtimeout` `MinRate`): the time spent waiting on it may
-//! not exceed one pause timeout plus a second per `min_rate` bytes received.
+//! ([`crate::pace`], Apache's `mod_reqtimeout` `MinRate`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -27,31 +26,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 use crate::error::{ClientBodyError, ReadTimedOut, Side, Stall};
-
-/// How much waiting a body earns: a grace, and a second per `per_s` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MinRate {
-    /// Bytes per second the sender must keep up on average while waited on.
-    pub per_s: u64,
-    /// Waiting allowed before any bytes have earned more.
-    pub grace: Duration,
-}
-
-impl MinRate {
-    /// The waiting `bytes` have earned, beyond the grace.
-    pub fn allowance(&self, bytes: u64) -> Duration {
-        self.grace + Duration::from_secs_f64(bytes as f64 / self.per_s.max(1) as f64)
-    }
-}
-
-/// The pace a body has kept, when it is held to a [`MinRate`].
-#[derive(Debug)]
-struct Pace {
-    min: MinRate,
-    /// Time spent waiting on the sender, waits ended.
-    waited: Duration,
-    received: u64,
-}
+use crate::pace::{Credit, MinRate};
 
 pin_project! {
     /// A body whose every wait for the next frame must end within `timeout`,
@@ -69,7 +44,7 @@ pin_project! {
         waiting: Option<Instant>,
         timeout: Duration,
         side: Side,
-        pace: Option<Pace>,
+        pace: Option<Credit>,
     }
 }
 
@@ -88,11 +63,7 @@ impl<B> ReadTimeout<B> {
 
     /// Also holds the body to `min` on average over the time it is waited on.
     pub fn min_rate(mut self, min: MinRate) -> Self {
-        self.pace = Some(Pace {
-            min,
-            waited: Duration::ZERO,
-            received: 0,
-        });
+        self.pace = Some(Credit::new(min));
         self
     }
 }
@@ -113,12 +84,12 @@ where
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             if let Some(pace) = this.pace.as_mut() {
                 if let Some(since) = *this.waiting {
-                    pace.waited += since.elapsed();
+                    pace.waited(since.elapsed());
                 }
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
                     && let Some(data) = data
                 {
-                    pace.received += bytes::Buf::remaining(data) as u64;
+                    pace.moved(bytes::Buf::remaining(data) as u64);
                 }
             }
             *this.waiting = None;
@@ -140,22 +111,16 @@ where
             // The wait's deadline: its pause timeout, or sooner the rest of
             // the waiting the body has earned.
             let (deadline, stall) = match this.pace.as_ref() {
-                Some(pace) => {
-                    let left = pace
-                        .min
-                        .allowance(pace.received)
-                        .saturating_sub(pace.waited);
-                    match left < *this.timeout {
-                        true => (since + left, Stall::Rate(pace.min.per_s)),
-                        false => (since + *this.timeout, Stall::Pause(*this.timeout)),
-                    }
-                }
+                Some(pace) => pace.deadline(since, *this.timeout),
                 None => (since + *this.timeout, Stall::Pause(*this.timeout)),
             };
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 break stall;
             }
-            if this.sleep.deadline() != deadline {
+            // Lazily: a later deadline is left to the armed sleep, which
+            // fires early and comes back here.
+            if deadline < this.sleep.deadline() || this.sleep.deadline() <= now {
                 this.sleep.as_mut().reset(deadline);
             }
             ready!(this.sleep.as_mut().poll(cx));

@@ -11,10 +11,9 @@
 //! doing, not the upstream's).
 //!
 //! A bound on each wait does not bound a client that takes a few bytes just
-//! before every timeout. So the waits also add up against a minimum rate
-//! (`send_min_bytes_per_s`, the response side of Apache's `MinRate`): all the
-//! time the proxy spends waiting on the client may not exceed one
-//! `send_timeout_ms` plus a second per that many bytes the client took.
+//! before every timeout. So the waits also draw on a credit the client's pace
+//! keeps ([`crate::pace`], `send_min_bytes_per_s`: the response side of
+//! Apache's `MinRate`).
 
 use std::io;
 use std::pin::Pin;
@@ -27,23 +26,20 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::Stall;
-use crate::proxy::MinRate;
+use crate::pace::{Credit, MinRate};
 
 /// The socket of one client connection.
 pub(super) struct ClientIo {
     stream: Arc<TcpStream>,
-    /// Each wait is bounded by its grace (`send_timeout_ms`), all of them by
-    /// its rate.
-    rate: MinRate,
+    /// Each wait is bounded by `send_timeout_ms`, all of them by the credit
+    /// the client's pace keeps ([`crate::pace`]).
+    send_timeout: Duration,
+    credit: Credit,
     /// Armed when a write would block, for that wait's deadline; made on the
     /// first wait and reused.
     stall: Option<Pin<Box<Sleep>>>,
     /// When the current wait began, while the client takes no bytes.
     blocked: Option<Instant>,
-    /// The waits ended so far, and the bytes the client took.
-    waited: Duration,
-    written: u64,
     timed_out: Counter,
 }
 
@@ -51,11 +47,10 @@ impl ClientIo {
     pub(super) fn new(stream: Arc<TcpStream>, rate: MinRate, timed_out: Counter) -> Self {
         Self {
             stream,
-            rate,
+            send_timeout: rate.grace,
+            credit: Credit::new(rate),
             stall: None,
             blocked: None,
-            waited: Duration::ZERO,
-            written: 0,
             timed_out,
         }
     }
@@ -65,36 +60,35 @@ impl ClientIo {
     /// pace has earned; past it the write fails.
     fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let since = *self.blocked.get_or_insert_with(Instant::now);
-        let left = self
-            .rate
-            .allowance(self.written)
-            .saturating_sub(self.waited);
-        let deadline = since + left.min(self.rate.grace);
+        let (deadline, why) = self.credit.deadline(since, self.send_timeout);
         let stall = self
             .stall
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if stall.deadline() != deadline {
-            stall.as_mut().reset(deadline);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // Lazily: a later deadline is left to the armed sleep.
+            if deadline < stall.deadline() || stall.deadline() <= now {
+                stall.as_mut().reset(deadline);
+            }
+            ready!(stall.as_mut().poll(cx));
         }
-        ready!(stall.as_mut().poll(cx));
         self.timed_out.increment(1);
-        let stall = match left < self.rate.grace {
-            true => Stall::Rate(self.rate.per_s),
-            false => Stall::Pause(self.rate.grace),
-        };
-        tracing::debug!(%stall, "client took no response bytes; connection closed");
+        tracing::debug!(stall = %why, "client took no response bytes; connection closed");
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("client took response bytes too slowly: {stall}"),
+            format!("client took response bytes too slowly: {why}"),
         )))
     }
 
     /// The client took `n` bytes: its wait, if any, is over.
     fn took(&mut self, n: usize) {
         if let Some(since) = self.blocked.take() {
-            self.waited += since.elapsed();
+            self.credit.waited(since.elapsed());
         }
-        self.written += n as u64;
+        self.credit.moved(n as u64);
     }
 
     fn poll_write_with(

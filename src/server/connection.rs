@@ -19,20 +19,15 @@
 //!   accepted; these were accepted.
 //! - **The drain**: closed gracefully when the proxy drains.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Buf;
-use http_body::{Body, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
-use pin_project_lite::pin_project;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::body::{BoxError, ended};
+use crate::body::BoxError;
 
 /// A stream cancelled by its client sooner than this after it opened is a
 /// premature reset (Envoy's `premature_reset_min_stream_lifetime_seconds`).
@@ -50,8 +45,10 @@ pub(super) struct Bounds {
     pub(super) http2_idle: Duration,
 }
 
-/// Why a connection was closed by one of its bounds (a metric label).
+/// Why a connection was closed by one of its bounds (a metric label; the
+/// discriminant is its place in [`Closed::ALL`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub(super) enum Closed {
     /// No request within `header_read_timeout_ms` of the start.
     FirstRequestTimeout,
@@ -60,6 +57,8 @@ pub(super) enum Closed {
     /// HTTP/2, most streams cancelled by the client at once.
     PrematureResets,
 }
+
+const _: () = assert!(Closed::PrematureResets as usize == Closed::ALL.len() - 1);
 
 impl Closed {
     /// Every reason, for pre-registering metrics.
@@ -222,96 +221,16 @@ impl Drop for Open {
 }
 
 impl StreamGuard {
-    /// The response went out whole: not a cancel.
-    fn ended(&mut self) {
+    /// Whether this is an HTTP/2 stream's (HTTP/1's are not tracked).
+    pub(super) fn is_stream(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The response ended, whole or cut by the upstream: not a cancel.
+    pub(super) fn ended(&mut self) {
         if let Some(open) = &mut self.0 {
             open.ended = true;
         }
-    }
-}
-
-pin_project! {
-    /// A response body that holds its stream open until its end.
-    pub(super) struct Tracked<B> {
-        #[pin]
-        inner: B,
-        guard: Option<StreamGuard>,
-    }
-}
-
-impl<B> Tracked<B> {
-    pub(super) fn new(inner: B, guard: StreamGuard) -> Self {
-        let guard = guard.0.is_some().then_some(guard);
-        Self { inner, guard }
-    }
-}
-
-impl<B: Body> Body for Tracked<B>
-where
-    B::Data: Buf,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let stream = this.guard.is_some();
-        if stream {
-            super::streams::asked();
-        }
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        if stream && let Some(Ok(frame)) = &frame {
-            super::streams::handed(frame.data_ref().map_or(0, |d| d.remaining()));
-        }
-        if let Some(whole) = ended(&frame, &*this.inner)
-            && let Some(mut guard) = this.guard.take()
-            && whole
-        {
-            guard.ended();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Tells connections to finish, and waits for them: hyper-util's
-/// `GracefulShutdown`, whose watch cannot be combined with bounds of our own.
-#[derive(Debug)]
-pub(super) struct Drain {
-    tx: watch::Sender<()>,
-}
-
-impl Drain {
-    pub(super) fn new() -> Self {
-        Self {
-            tx: watch::Sender::new(()),
-        }
-    }
-
-    /// A connection's end of the drain signal.
-    pub(super) fn watcher(&self) -> watch::Receiver<()> {
-        self.tx.subscribe()
-    }
-
-    /// Connections still open.
-    pub(super) fn count(&self) -> usize {
-        self.tx.receiver_count()
-    }
-
-    /// Tells every connection to finish and resolves once all have.
-    pub(super) async fn shutdown(self) {
-        self.tx.send_replace(());
-        self.tx.closed().await;
     }
 }
 

@@ -16,15 +16,17 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 use super::client_io::ClientIo;
-use super::connection::{self, Activity, Bounds, Closed, Drain, Tracked};
+use super::connection::{self, Activity, Bounds, Closed};
+use super::drain::Drain;
 use super::framing::FramingGuard;
-use super::streams::StreamExecutor;
+use super::streams::{ResponseBody, StreamExecutor};
 use super::tls::TlsListener;
 use crate::body::BoxError;
 use crate::config::ServerConfig;
 use crate::conn::{ClientAddr, PeerClosed};
 use crate::error::Side;
-use crate::proxy::{MinRate, ReadTimeout};
+use crate::pace::MinRate;
+use crate::proxy::ReadTimeout;
 use crate::stack::ProxyService;
 
 /// The most permits a tokio semaphore can hold.
@@ -80,8 +82,7 @@ pub(super) struct Counters {
 
 impl Counters {
     fn closed(&self, why: Closed) {
-        let at = Closed::ALL.iter().position(|c| *c == why).unwrap_or(0);
-        self.closed[at].increment(1);
+        self.closed[why as usize].increment(1);
     }
 }
 
@@ -242,7 +243,7 @@ impl Connection {
             let call = service.clone().oneshot(req);
             async move {
                 let res = call.await?;
-                Ok::<_, std::convert::Infallible>(res.map(|body| Tracked::new(body, stream)))
+                Ok::<_, std::convert::Infallible>(res.map(|body| ResponseBody::new(body, stream)))
             }
         });
         let guarded = FramingGuard::new(io, max_head, counters.framing_refused.clone());

@@ -4,6 +4,7 @@
 pub mod admin;
 mod client_io;
 mod connection;
+mod drain;
 mod framing;
 mod history;
 mod listener;
@@ -167,7 +168,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         ));
         let upkeep = tokio::spawn(upkeep(registry));
         let sampler = tokio::spawn(sample_history(serving.clone()));
-        let drain_signal = connection::Drain::new();
+        let drain_signal = drain::Drain::new();
         listener::accept_loop(
             listener,
             built.service,
@@ -234,7 +235,7 @@ async fn bind(addr: SocketAddr, key: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("{key} = \"{addr}\": cannot bind: {e}")))
 }
 
-async fn drain(graceful: connection::Drain, timeout: Duration) -> DrainReport {
+async fn drain(graceful: drain::Drain, timeout: Duration) -> DrainReport {
     let open = graceful.count();
     tracing::info!(open_connections = open, ?timeout, "draining");
     match tokio::time::timeout(timeout, graceful.shutdown()).await {

@@ -14,20 +14,23 @@
 //! dropped: hyper resets the stream (`CANCEL`), its slot is freed, and the
 //! call counts as neither success nor failure (the client's doing).
 //!
-//! The response body ([`Tracked`](super::connection::Tracked)) finds its
-//! stream's pace through a thread-local the wrapper sets while it polls the
-//! stream: the pace moves in and out of it, so nothing is shared or counted.
+//! The response body ([`ResponseBody`]) finds its stream's pace through a
+//! thread-local the wrapper sets while it polls the stream: the pace moves
+//! in and out of it, so nothing is shared or counted.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::{Context, Poll, ready};
 
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::MinRate;
+use super::connection::StreamGuard;
+use crate::body::ended;
+use crate::pace::{Credit, MinRate};
 
 thread_local! {
     /// The pace of the stream being polled on this thread, if any.
@@ -39,28 +42,25 @@ thread_local! {
 struct Pace {
     /// When the last frame was handed out, while the next is not asked for.
     waiting: Option<Instant>,
-    /// Waits ended so far, and the bytes handed out.
-    waited: Duration,
-    bytes: u64,
+    credit: Credit,
 }
 
-/// Called by a response body as it is asked for a frame: the client's wait,
-/// if any, is over.
-pub(super) fn asked() {
+/// A response body is asked for a frame: the client's wait, if any, is over.
+fn asked() {
     CURRENT.with_borrow_mut(|pace| {
         if let Some(pace) = pace
             && let Some(since) = pace.waiting.take()
         {
-            pace.waited += since.elapsed();
+            pace.credit.waited(since.elapsed());
         }
     });
 }
 
-/// Called by a response body as it hands out `bytes`: the client's turn.
-pub(super) fn handed(bytes: usize) {
+/// A response body hands out `bytes`: the client's turn.
+fn handed(bytes: usize) {
     CURRENT.with_borrow_mut(|pace| {
         if let Some(pace) = pace {
-            pace.bytes += bytes as u64;
+            pace.credit.moved(bytes as u64);
             pace.waiting = Some(Instant::now());
         }
     });
@@ -91,8 +91,7 @@ where
             inner: fut,
             pace: Some(Box::new(Pace {
                 waiting: None,
-                waited: Duration::ZERO,
-                bytes: 0,
+                credit: Credit::new(self.rate),
             })),
             sleep: None,
             rate: self.rate,
@@ -131,13 +130,18 @@ impl<F: Future> Future for Paced<F> {
         let Some(since) = pace.waiting else {
             return Poll::Pending;
         };
-        let left = this.rate.allowance(pace.bytes).saturating_sub(pace.waited);
-        let deadline = since + left.min(this.rate.grace);
-        if Instant::now() < deadline {
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if sleep.deadline() != deadline {
+        let (deadline, _) = pace.credit.deadline(since, this.rate.grace);
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // Re-armed lazily: each frame moves the deadline later, and a timer
+        // reset per frame would touch the wheel for every WINDOW_UPDATE.
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if deadline < sleep.deadline() || sleep.deadline() <= now {
                 sleep.as_mut().reset(deadline);
             }
             if sleep.as_mut().poll(cx).is_pending() {
@@ -148,5 +152,75 @@ impl<F: Future> Future for Paced<F> {
         tracing::debug!("client took no bytes of an HTTP/2 stream; stream reset");
         // Dropping the stream's future resets it and frees what it held.
         Poll::Ready(())
+    }
+}
+
+// === ResponseBody ===
+
+pin_project! {
+    /// The body of every response to a client. For an HTTP/2 stream it
+    /// holds the stream open in its connection's accounting until the body
+    /// ends (or is dropped: a cancel when it had not ended), and tells the
+    /// stream's pace ([`asked`], [`handed`]) as its client takes it.
+    pub(super) struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<StreamGuard>,
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(super) fn new(inner: B, mut guard: StreamGuard) -> Self {
+        if !guard.is_stream() {
+            return Self { inner, guard: None };
+        }
+        // hyper never polls a body already at its end (204, 304, HEAD,
+        // Content-Length: 0): ended now, or dropping it would read as a
+        // cancel.
+        if inner.is_end_stream() {
+            guard.ended();
+        }
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B>
+where
+    B::Data: Buf,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let stream = this.guard.is_some();
+        if stream {
+            asked();
+        }
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if stream && let Some(Ok(frame)) = &frame {
+            handed(frame.data_ref().map_or(0, |d| d.remaining()));
+        }
+        // Whole, or failed (the upstream's doing, not a cancel): ended.
+        if ended(&frame, &*this.inner).is_some()
+            && let Some(mut guard) = this.guard.take()
+        {
+            guard.ended();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -7,9 +7,9 @@
 //! [`INLINE`] bytes is kept in memory until it is written; a larger one is
 //! streamed to a temporary file in the spool's `incoming/` directory in
 //! chunks of about that size, and the writer copies it into the log the same
-//! way. At most [`AT_ONCE`] requests are taken in at once in the process, so
+//! way. At most [`AT_ONCE`] requests are taken into a spool at once, so
 //! whatever the clients do, the bodies being spooled hold at most
-//! `AT_ONCE × (INLINE + a chunk)` bytes of memory (32 MiB).
+//! `AT_ONCE × (INLINE + a chunk)` bytes of memory per spool (32 MiB).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::sync::Semaphore;
 
 use super::Spool;
 use super::record::{Stored, StoredHead};
@@ -28,12 +27,10 @@ use crate::body::BoxError;
 /// are streamed to disk in chunks of about this size.
 pub(super) const INLINE: usize = 64 * 1024;
 
-/// Requests taken into spools at once, in the whole process. Each holds at
-/// most [`INLINE`] bytes and one body chunk (64 KiB at most: the listener's
-/// read buffer, or an HTTP/2 frame) in memory.
+/// Requests taken into one spool at once. Each holds at most [`INLINE`]
+/// bytes and one body chunk (64 KiB at most: the listener's read buffer, or
+/// an HTTP/2 frame) in memory.
 pub(super) const AT_ONCE: usize = 256;
-
-static TAKING: Semaphore = Semaphore::const_new(AT_ONCE);
 
 /// Why a request was not spooled.
 #[derive(Debug)]
@@ -76,7 +73,7 @@ where
     if deliverable.is_some_and(|max| declared.is_some_and(|len| len > max)) {
         return Err(NotTaken::Undeliverable);
     }
-    let Ok(_taking) = TAKING.try_acquire() else {
+    let Ok(_taking) = spool.taking().try_acquire() else {
         return Err(SpoolError::Full.into());
     };
     let store = spool.store();

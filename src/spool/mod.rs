@@ -108,6 +108,8 @@ pub struct Spool {
     route: Arc<str>,
     settings: SpoolSettings,
     store: Arc<Store>,
+    /// Requests being taken in at once ([`intake::AT_ONCE`]).
+    taking: tokio::sync::Semaphore,
 }
 
 impl Spool {
@@ -122,6 +124,7 @@ impl Spool {
             route: route.into(),
             settings,
             store,
+            taking: tokio::sync::Semaphore::new(intake::AT_ONCE),
         }))
     }
 
@@ -138,6 +141,11 @@ impl Spool {
     /// Its store.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The places for requests being taken in at once.
+    fn taking(&self) -> &tokio::sync::Semaphore {
+        &self.taking
     }
 
     /// Whether requests with `method` may be spooled.

@@ -119,9 +119,10 @@ impl Pause {
         }
     }
 
-    fn clear(&mut self) {
+    /// A delivery succeeded: the next pause starts small again. A pause in
+    /// force (another delivery's `Retry-After`) still runs out by itself.
+    fn succeeded(&mut self) {
         self.failures = 0;
-        self.until = None;
     }
 
     /// Pauses for the next step (up to `cap`), and at least `at_least`.
@@ -178,14 +179,36 @@ impl Shared {
         self.pause.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A delivery of `bytes` ended; `change` moves the window.
-    fn ended(&self, bytes: u64, change: fn(&mut Pace)) {
+    /// A delivery of `bytes` starts: counted until its guard is dropped.
+    fn start(self: &Arc<Self>, bytes: u64) -> InFlight {
         let mut pace = self.pace();
+        pace.running += 1;
+        pace.bytes += bytes;
+        InFlight {
+            shared: self.clone(),
+            bytes,
+            change: restart,
+        }
+    }
+}
+
+/// A delivery in flight, counted in the pace until dropped, however it ends
+/// (a panic, an abort): `change` then moves the window (a delivery that
+/// never said how it went starts it again).
+struct InFlight {
+    shared: Arc<Shared>,
+    bytes: u64,
+    change: fn(&mut Pace),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut pace = self.shared.pace();
         pace.running -= 1;
-        pace.bytes -= bytes;
-        change(&mut pace);
+        pace.bytes -= self.bytes;
+        (self.change)(&mut pace);
         drop(pace);
-        self.ended.notify_one();
+        self.shared.ended.notify_one();
     }
 }
 
@@ -246,7 +269,7 @@ pub async fn run(
                 _ = stopped(&mut stop) => break 'requests,
             }
         };
-        let Some(stored) = read(&spool, &next).await else {
+        let Some(stored) = read(&spool, &next, &shared).await else {
             continue;
         };
         let bytes = stored.body.len() as u64;
@@ -265,20 +288,9 @@ pub async fn run(
                             status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
                             excerpt,
                         };
-                        {
-                            let mut pace = shared.pace();
-                            pace.running += 1;
-                            pace.bytes += bytes;
-                        }
-                        settle(
-                            &spool,
-                            &next,
-                            stored,
-                            outcome,
-                            &target.backpressure,
-                            &shared,
-                        )
-                        .await;
+                        let mut flight = shared.start(bytes);
+                        let backpressure = &target.backpressure;
+                        settle(&spool, &next, stored, outcome, backpressure, &mut flight).await;
                         continue 'requests;
                     }
                     let acquire = target
@@ -319,14 +331,9 @@ pub async fn run(
                 }
             }
         };
-        {
-            let mut pace = shared.pace();
-            pace.running += 1;
-            pace.bytes += bytes;
-        }
+        let mut flight = shared.start(bytes);
         let request = replay_request(stored.clone(), Granted::new(permit));
         let spool = spool.clone();
-        let shared = shared.clone();
         let Target {
             service,
             backpressure,
@@ -334,7 +341,7 @@ pub async fn run(
         } = target;
         tokio::spawn(async move {
             let outcome = deliver(service, request).await;
-            settle(&spool, &next, stored, outcome, &backpressure, &shared).await;
+            settle(&spool, &next, stored, outcome, &backpressure, &mut flight).await;
         });
     }
     // Let deliveries in flight finish (each within the route's timeouts).
@@ -385,16 +392,23 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// Reads `next` back from disk; a record that cannot be read has nothing
-/// left to deliver or to bury.
-async fn read(spool: &Spool, next: &Next) -> Option<Stored> {
+/// Reads `next` back from disk. A record found damaged has nothing left to
+/// deliver or to bury; any other failure (out of descriptors, an I/O error)
+/// is the disk's, not the record's: it stays, and the route waits a pause.
+async fn read(spool: &Spool, next: &Next, shared: &Shared) -> Option<Stored> {
     let store = spool.store();
     match store.read(next).await {
         Ok(stored) => Some(stored),
-        Err(e) => {
-            tracing::error!(route = spool.route(), error = %e, "spool: a record cannot be read back; dropped");
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            tracing::error!(route = spool.route(), error = %e, "spool: a record is damaged; dropped");
             store.metrics().damaged.increment(1);
             store.delivered(next);
+            None
+        }
+        Err(e) => {
+            tracing::warn!(route = spool.route(), error = %e, "spool: cannot read a record; trying later");
+            shared.pause().extend(BACKOFF_MAX, None);
+            store.retry(next, false, None);
             None
         }
     }
@@ -554,17 +568,17 @@ async fn settle(
     stored: Stored,
     outcome: Outcome,
     backpressure: &[u16],
-    shared: &Shared,
+    flight: &mut InFlight,
 ) {
     let store = spool.store();
     let metrics = store.metrics();
-    let bytes = stored.body.len() as u64;
+    let shared = &*flight.shared.clone();
     let (status, excerpt, attempts) = match outcome {
         Outcome::Delivered => {
-            shared.pause().clear();
+            shared.pause().succeeded();
             metrics.delivered.increment(1);
             store.delivered(next);
-            shared.ended(bytes, grow);
+            flight.change = grow;
             return;
         }
         Outcome::Again {
@@ -588,7 +602,7 @@ async fn settle(
                     Instant::now() + own.max(retry_after.unwrap_or_default().min(RETRY_AFTER_MAX))
                 });
                 store.retry(next, attempted, after);
-                shared.ended(bytes, if attempted { halve } else { restart });
+                flight.change = if attempted { halve } else { restart };
                 return;
             }
             (status, excerpt, attempts)
@@ -612,7 +626,7 @@ async fn settle(
     match store.bury(next, buried).await {
         Ok(()) => {
             burying(spool, shared, true);
-            shared.ended(bytes, keep);
+            flight.change = keep;
         }
         Err(e) => {
             // The attempt counts and the route pauses: a disk that cannot
@@ -622,7 +636,7 @@ async fn settle(
             }
             shared.pause().extend(DEAD_LETTER_PAUSE_MAX, None);
             store.retry(next, true, shared.pause().until());
-            shared.ended(bytes, restart);
+            flight.change = restart;
         }
     }
 }
@@ -676,9 +690,9 @@ mod tests {
         p.until = None;
         p.extend(BACKOFF_MAX, Some(Duration::from_secs(70)));
         assert!(p.until.unwrap() - start >= Duration::from_secs(70));
-        p.clear();
+        p.succeeded();
         assert_eq!(p.failures, 0);
-        assert!(p.until().is_none());
+        assert!(p.until().is_some(), "a pause in force runs out by itself");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::body::ended;
+use crate::dispatch::Sent;
 
 /// Where a request body's upload stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,18 +88,10 @@ impl Progress {
     }
 }
 
-/// Request extension, on routes whose requests may wait below for a way to
-/// the upstream (an HTTP/2 stream under the upstream's stream limit): the
-/// forwarder calls [`Dispatch::sent`] once a request without a body is on
-/// its way, and the response deadline starts then, not at the call. Waiting
-/// for the stream is bounded by the forwarder itself.
-#[derive(Debug, Clone)]
-pub struct Dispatch(pub(super) Arc<Progress>);
-
-impl Dispatch {
-    /// The request (without a body) has been handed to the upstream.
-    pub fn sent(&self) {
-        self.0.done();
+/// A request without a body is on its way: the response deadline starts.
+impl Sent for Progress {
+    fn sent(&self) {
+        self.done();
     }
 }
 

@@ -167,7 +167,12 @@ where
                     Check::Sent => break,
                     Check::Cut(rejection) => return Poll::Ready(Err(rejection.into())),
                     Check::Later(at) => {
-                        this.sleep.as_mut().reset(cut_at(at, *this.deadline));
+                        // Lazily: a later check is left to the armed sleep,
+                        // which fires early and comes back here.
+                        let at = cut_at(at, *this.deadline);
+                        if at < this.sleep.deadline() || this.sleep.deadline() <= now {
+                            this.sleep.as_mut().reset(at);
+                        }
                         ready!(this.sleep.as_mut().poll(cx));
                     }
                 }

@@ -38,13 +38,14 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use body::Progress;
-pub use body::{Dispatch, SentBody};
+pub use body::SentBody;
 pub use future::{ResponseFuture, WriteTimedOut};
 use future::{Uploading, WATCH_CLIENT_AFTER, cut_at};
 
 use crate::body::BoxError;
 use crate::conn::PeerClosed;
 use crate::deadline::Deadline;
+use crate::dispatch::Dispatch;
 
 /// Response extension: the upstream's own time, from the end of the request
 /// body to the response headers (queue waits and uploads excluded).

@@ -10,6 +10,7 @@ use tower::{Layer, ServiceExt};
 use super::*;
 use crate::body::BoxError;
 use crate::body::testing::Trickle;
+use crate::dispatch::Dispatch;
 use crate::error::{Reason, Rejection};
 
 /// Reads the whole request body, then answers after `work` (never if None).

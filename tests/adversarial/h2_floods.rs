@@ -704,3 +704,45 @@ async fn settings_flood_from_a_client_that_never_reads_is_bounded() {
     }
     control_flood_is_bounded(batch, "SETTINGS flood").await;
 }
+
+/// Answers without a body (204, HEAD) end at once and are never polled by
+/// hyper: they are not the client cancelling, however many there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_answers_are_not_premature_resets() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", ""))
+        .await
+        .unwrap();
+    let addr = proxy.proxy_addr();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    for i in 0..300 {
+        let req = if i % 2 == 0 {
+            Request::head(format!("http://{addr}/x"))
+        } else {
+            Request::get(format!("http://{addr}/empty/204"))
+        }
+        .body(full(""))
+        .unwrap();
+        let res = timeout(PHASE, tx.send_request(req))
+            .await
+            .expect("answered in time")
+            .expect("answered, not refused by a GOAWAY");
+        assert!(res.status().is_success(), "{}", res.status());
+    }
+    assert!(!conn.is_finished(), "the connection was closed");
+    let text = metrics_text(proxy.admin_addr()).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"sluicegate_connections_closed_total{reason="premature_resets"}"#
+        ),
+        Some(0.0)
+    );
+    proxy.shutdown().await;
+}

@@ -214,3 +214,41 @@ async fn an_http2_stream_its_client_stops_reading_is_reset_and_frees_its_slot() 
     drop(stalled);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn bytes_sent_early_buy_no_lasting_credit() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config_with(
+        up.addr.unwrap(),
+        "body_read_timeout_ms = 1000\nbody_min_bytes_per_s = 500",
+        "[route.admission]\nmax_inflight = 1\nqueue_capacity = 0\n",
+    ))
+    .await
+    .unwrap();
+    // 200 kB at once (worth 400 s at 500 B/s if it could be banked), then a
+    // byte every 800 ms, inside every pause bound.
+    let mut conn = TcpStream::connect(proxy.proxy_addr()).await.unwrap();
+    let head = "POST /ingest HTTP/1.1\r\nhost: x\r\ncontent-length: 300000\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&[b'x'; 200_000]).await.unwrap();
+    let start = Instant::now();
+    let mut answer = [0u8; 64];
+    let line = loop {
+        match timeout(Duration::from_millis(800), conn.read(&mut answer)).await {
+            Ok(Ok(n)) => break String::from_utf8_lossy(&answer[..n]).to_string(),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {
+                assert!(start.elapsed() < Duration::from_secs(20), "held for 20 s");
+                conn.write_all(b"x").await.unwrap();
+            }
+        }
+    };
+    assert!(line.contains(" 408 "), "{line}");
+    // About a second of credit once the early bytes' grace is spent.
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    proxy.shutdown().await;
+}

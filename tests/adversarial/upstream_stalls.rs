@@ -37,7 +37,7 @@ async fn metrics_of(admin: SocketAddr) -> String {
 #[tokio::test(start_paused = true)]
 async fn an_upstream_that_stops_reading_the_body_is_cut_and_blamed() {
     let upstream = deaf_upstream().await;
-    let route = "write_timeout_ms = 500\n\
+    let route = "write_timeout_ms = 500\nconnect_timeout_ms = 500\n\
                  [route.admission]\nmax_inflight = 1\nqueue_capacity = 0\n\
                  [route.circuit]\nfailure_threshold = 1\nopen_ms = 60000\n";
     let proxy = sluicegate::start(config(upstream, "/", route))
