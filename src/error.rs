@@ -286,9 +286,12 @@ pub fn client_fault(err: &(dyn std::error::Error + 'static)) -> Option<Reason> {
         });
     }
     if let Some(rejection) = find_cause::<Rejection>(err)
-        && rejection.reason == Reason::ClientClosed
+        && matches!(
+            rejection.reason,
+            Reason::ClientClosed | Reason::RequestTimeout
+        )
     {
-        return Some(Reason::ClientClosed);
+        return Some(rejection.reason);
     }
     find_cause::<ReadTimedOut>(err)
         .filter(|t| t.side == Side::Client)

@@ -17,9 +17,9 @@ use crate::dispatch::Sent;
 /// Where a request body's upload stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Upload {
-    /// The next frame is awaited from the client: its pace, not the
-    /// upstream's.
-    AwaitingClient,
+    /// The next frame is awaited from the client since this moment: its
+    /// pace, not the upstream's.
+    AwaitingClient(Instant),
     /// A frame was handed to the upstream connection at this moment (or the
     /// request was, before any frame), and the connection has not asked for
     /// the next since: the upstream is not taking bytes.
@@ -28,15 +28,21 @@ pub(super) enum Upload {
     Done,
 }
 
-const AWAITING_CLIENT: u64 = 0;
+/// Set in the state while the client is awaited (the rest: since when).
+const AWAITING_CLIENT: u64 = 1 << 62;
+/// Set once the body was dropped unsent (the call is failing): done, and
+/// the rest says what it was waiting on then.
+const DROPPED: u64 = 1 << 61;
 const DONE: u64 = u64::MAX;
+/// The latest moment the state can hold.
+const LATEST: u64 = DROPPED - 2;
 
 /// Shared by a [`SentBody`] and its exchange's future. One allocation per
 /// request with a body; frames touch one atomic (and the clock).
 #[derive(Debug)]
 pub(super) struct Progress {
-    /// `AWAITING_CLIENT`, `DONE`, or 1 + nanoseconds since `base` of the last
-    /// hand-off to the upstream.
+    /// `DONE`; `AWAITING_CLIENT` | nanoseconds since `base` it has been; or
+    /// 1 + nanoseconds since `base` of the last hand-off to the upstream.
     state: AtomicU64,
     base: Instant,
     /// The exchange's future, woken when the body is done.
@@ -54,10 +60,11 @@ impl Progress {
     }
 
     pub(super) fn upload(&self) -> Upload {
+        let at = |nanos: u64| self.base + std::time::Duration::from_nanos(nanos);
         match self.state.load(Ordering::Acquire) {
-            AWAITING_CLIENT => Upload::AwaitingClient,
-            DONE => Upload::Done,
-            at => Upload::AwaitingUpstream(self.base + std::time::Duration::from_nanos(at - 1)),
+            s if s == DONE || s & DROPPED != 0 => Upload::Done,
+            s if s & AWAITING_CLIENT != 0 => Upload::AwaitingClient(at(s & !AWAITING_CLIENT)),
+            s => Upload::AwaitingUpstream(at(s - 1)),
         }
     }
 
@@ -70,20 +77,52 @@ impl Progress {
         }
     }
 
-    fn handed(&self) {
+    fn now(&self) -> u64 {
         let nanos = Instant::now()
             .saturating_duration_since(self.base)
             .as_nanos();
-        let at = u64::try_from(nanos).unwrap_or(DONE - 2).min(DONE - 2) + 1;
-        self.state.store(at, Ordering::Release);
+        u64::try_from(nanos).unwrap_or(LATEST).min(LATEST)
+    }
+
+    fn handed(&self) {
+        self.state.store(self.now() + 1, Ordering::Release);
+    }
+
+    /// Since when the client was awaited, if it was when the body was last
+    /// polled (or dropped).
+    pub(super) fn client_paused_since(&self) -> Option<Instant> {
+        let s = self.state.load(Ordering::Acquire);
+        (s != DONE && s & AWAITING_CLIENT != 0).then(|| {
+            let nanos = s & !(AWAITING_CLIENT | DROPPED);
+            self.base + std::time::Duration::from_nanos(nanos)
+        })
+    }
+
+    /// Dropped unsent: done, keeping what it waited on.
+    fn dropped(&self) {
+        if self.state.fetch_or(DROPPED, Ordering::AcqRel) != DONE {
+            self.wake();
+        }
+    }
+
+    /// The client is awaited: from now, unless it was already.
+    fn awaiting_client(&self) {
+        if self.state.load(Ordering::Relaxed) & AWAITING_CLIENT == 0 {
+            self.state
+                .store(AWAITING_CLIENT | self.now(), Ordering::Release);
+        }
     }
 
     pub(super) fn done(&self) {
         if self.state.swap(DONE, Ordering::AcqRel) != DONE {
-            let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(waker) = waker {
-                waker.wake();
-            }
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 }
@@ -111,7 +150,7 @@ pin_project! {
             // Dropped unsent (the call is failing): the deadline runs from
             // here, so that nothing waits for ever.
             if let Some(progress) = this.project().progress.take() {
-                progress.done();
+                progress.dropped();
             }
         }
     }
@@ -138,7 +177,7 @@ impl<B: Body> Body for SentBody<B> {
         let frame = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
-                progress.state.store(AWAITING_CLIENT, Ordering::Release);
+                progress.awaiting_client();
                 return Poll::Pending;
             }
         };

@@ -18,7 +18,7 @@ use super::body::{Progress, Upload};
 use crate::body::BoxError;
 use crate::conn::PeerClosed;
 use crate::deadline::ClientDeadline;
-use crate::error::{Reason, Rejection};
+use crate::error::{ErrorChain, Reason, Rejection, client_fault};
 
 /// How long an upload may run before the client's connection is watched for
 /// the client going away. hyper notices a client that leaves while it reads
@@ -100,7 +100,7 @@ impl Uploading {
         let upload = self.progress.upload();
         let next = match upload {
             Upload::Done => return Check::Sent,
-            Upload::AwaitingClient => now + self.write_timeout,
+            Upload::AwaitingClient(_) => now + self.write_timeout,
             Upload::AwaitingUpstream(at) if now >= at + self.write_timeout => {
                 tracing::warn!(
                     after_ms = self.write_timeout.as_millis() as u64,
@@ -145,7 +145,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
-            let mut res = result.map_err(Into::into)?;
+            let mut res = match result {
+                Ok(res) => res,
+                Err(e) => return Poll::Ready(Err(blame(e.into(), this.uploading.as_deref()))),
+            };
             // An upstream that answers before the body is in has taken no time
             // of its own beyond the upload; measured from the call then.
             res.extensions_mut()
@@ -198,6 +201,45 @@ where
                 .into(),
         };
         Poll::Ready(Err(rejection))
+    }
+}
+
+/// How long an upload must have waited on its client for a failure of the
+/// upstream's connection to be taken for the upstream giving up on it:
+/// far above the gaps between a live client's segments, far below any
+/// application server's body timeout.
+pub(super) const CLIENT_PAUSE: Duration = Duration::from_millis(200);
+
+/// An upstream that breaks the connection while the upload has waited on
+/// its client for a while gave up on the client's pace (its own body
+/// timeout, as uWSGI's or gunicorn's): the client's `408`, not the
+/// upstream's failure, or pausing clients could open the circuit.
+fn blame(err: BoxError, uploading: Option<&Uploading>) -> BoxError {
+    let paused = uploading
+        .and_then(|u| u.progress.client_paused_since())
+        .is_some_and(|since| since.elapsed() >= CLIENT_PAUSE);
+    if !paused || client_fault(err.as_ref()).is_some() {
+        return err;
+    }
+    tracing::debug!(error = %ErrorChain(err.as_ref()), "the upstream gave up on a paused upload");
+    Rejection::new(Reason::RequestTimeout)
+        .with_cause(UpstreamGaveUp(err))
+        .into()
+}
+
+/// The upstream broke off an upload its client had paused.
+#[derive(Debug)]
+pub struct UpstreamGaveUp(pub BoxError);
+
+impl std::fmt::Display for UpstreamGaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream gave up on a request body its client had paused")
+    }
+}
+
+impl std::error::Error for UpstreamGaveUp {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
     }
 }
 

@@ -39,7 +39,7 @@ use tower::{Layer, Service};
 
 use body::Progress;
 pub use body::SentBody;
-pub use future::{ResponseFuture, WriteTimedOut};
+pub use future::{ResponseFuture, UpstreamGaveUp, WriteTimedOut};
 use future::{Uploading, WATCH_CLIENT_AFTER, cut_at};
 
 use crate::body::BoxError;

@@ -122,3 +122,57 @@ async fn a_client_that_leaves_during_a_stuck_upload_frees_its_slot_at_once() {
     );
     proxy.shutdown().await;
 }
+
+/// An upstream with a body timeout of its own (uWSGI's `socket-timeout`,
+/// gunicorn's worker timeout) that closes the connection when the body
+/// pauses for half a second.
+async fn impatient_upstream() -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        return;
+                    }
+                }
+                // Gave up on the client's pace: closed without an answer.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_that_gives_up_on_a_paused_upload_is_not_blamed() {
+    use tokio::io::AsyncReadExt;
+    let upstream = impatient_upstream().await;
+    let route = "[route.circuit]\nfailure_threshold = 1\nopen_ms = 60000\n";
+    let proxy = sluicegate::start(config_with(upstream, "body_read_timeout_ms = 5000", route))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let mut conn = TcpStream::connect(proxy.proxy_addr()).await.unwrap();
+        let head = "POST /ingest HTTP/1.1\r\nhost: x\r\ncontent-length: 20\r\n\r\n0123456789";
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // Paused inside the proxy's own bounds, past the upstream's.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let _ = conn.write_all(b"0123456789").await;
+        let mut answer = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        let line = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(line.starts_with("HTTP/1.1 408"), "{line}");
+    }
+    // The client's pace, not the upstream's failure: the circuit is closed.
+    let route = status_of(proxy.admin_addr()).await;
+    assert_eq!(route["circuit"]["state"], "closed", "{route}");
+    proxy.shutdown().await;
+}
