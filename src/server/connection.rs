@@ -93,6 +93,10 @@ pub(super) struct Activity {
     idle_since: AtomicU64,
     /// HTTP/2 streams the client cancelled within [`PREMATURE`].
     premature: AtomicU64,
+    /// HTTP/2 streams the proxy answered itself (a 404, a refusal): they
+    /// reached no upstream, so they do not dilute the share of premature
+    /// resets (a client padding its resets with them).
+    local: AtomicU64,
     /// Wakes [`serve`] at the first request, and when premature resets pass
     /// the allowance.
     alarm: Notify,
@@ -107,6 +111,7 @@ impl Activity {
             open: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             premature: AtomicU64::new(0),
+            local: AtomicU64::new(0),
             alarm: Notify::new(),
         })
     }
@@ -165,7 +170,8 @@ impl Activity {
             return Verdict::Done;
         }
         let premature = self.premature.load(Ordering::Relaxed);
-        if self.premature_beyond(1) && premature * 2 >= requests {
+        let forwarded = requests.saturating_sub(self.local.load(Ordering::Relaxed));
+        if self.premature_beyond(1) && premature * 2 >= forwarded {
             return Verdict::Goaway(Closed::PrematureResets);
         }
         if self.open.load(Ordering::Acquire) > 0 {
@@ -224,6 +230,13 @@ impl StreamGuard {
     /// Whether this is an HTTP/2 stream's (HTTP/1's are not tracked).
     pub(super) fn is_stream(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// The proxy answered it itself: it reached no upstream.
+    pub(super) fn answered_locally(&self) {
+        if let Some(open) = &self.0 {
+            open.activity.local.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The response ended, whole or cut by the upstream: not a cancel.

@@ -1,15 +1,17 @@
 //! Taking a refused request's body into the spool without ever holding it
 //! whole in memory.
 //!
-//! Room on disk is reserved before a byte of the body is read: its declared
-//! length (a body of unknown length reserves as it arrives), so a body the
-//! spool cannot keep is refused at once, not after it was read. A body up to
+//! A body whose declared length the spool has no room for is refused at
+//! once, before a byte of it is read; room is then reserved as the bytes
+//! arrive, so a client that declares a large body and sends nothing holds
+//! nothing (silent uploads cannot fill `max_bytes` and shut spooling off). A body up to
 //! [`INLINE`] bytes is kept in memory until it is written; a larger one is
 //! streamed to a temporary file in the spool's `incoming/` directory in
 //! chunks of about that size, and the writer copies it into the log the same
-//! way. At most [`AT_ONCE`] requests are taken into a spool at once, so
-//! whatever the clients do, the bodies being spooled hold at most
-//! `AT_ONCE × (INLINE + a chunk)` bytes of memory per spool (32 MiB).
+//! way. At most [`AT_ONCE`] requests hold body bytes in a spool's memory at
+//! once (a place is taken with the first bytes, not before), so whatever the
+//! clients do, the bodies being spooled hold at most `AT_ONCE × (INLINE + a
+//! chunk)` bytes of memory per spool (32 MiB).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,9 +42,10 @@ pub(super) enum NotTaken {
     Client(BoxError),
     /// Heavier than the route could ever admit (`max_inflight_bytes`).
     Undeliverable,
-    /// The spool cannot keep it (full, busy, a write failed): the refusal
-    /// stands.
+    /// The spool cannot keep it (full, a write failed): the refusal stands.
     CannotKeep(SpoolError),
+    /// [`AT_ONCE`] requests are being taken in already: the refusal stands.
+    Busy,
 }
 
 impl From<SpoolError> for NotTaken {
@@ -73,11 +76,14 @@ where
     if deliverable.is_some_and(|max| declared.is_some_and(|len| len > max)) {
         return Err(NotTaken::Undeliverable);
     }
-    let Ok(_taking) = spool.taking().try_acquire() else {
-        return Err(SpoolError::Full.into());
-    };
     let store = spool.store();
-    let mut reservation = store.reserve(need(&head, declared.unwrap_or(0))?)?;
+    if let Some(len) = declared
+        && !store.has_room(need(&head, len)?)
+    {
+        return Err(SpoolError::Full.into());
+    }
+    let mut reservation = store.reserve(need(&head, 0)?)?;
+    let mut taking = None;
     let mut body = std::pin::pin!(body);
     let mut pending = BytesMut::new();
     let mut total = 0u64;
@@ -92,6 +98,10 @@ where
             // Trailers: a spooled request has none.
             continue;
         };
+        if taking.is_none() {
+            // A place among those holding bytes in memory, with the first.
+            taking = Some(spool.taking().try_acquire().map_err(|_| NotTaken::Busy)?);
+        }
         total += data.len() as u64;
         if deliverable.is_some_and(|max| total > max) {
             return Err(NotTaken::Undeliverable);

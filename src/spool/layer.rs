@@ -274,6 +274,13 @@ where
             tracing::warn!(route = spool.route(), error = %e, "cannot spool; the refusal stands");
             Err(refusal)
         }
+        Err(NotTaken::Busy) => {
+            tracing::warn!(
+                route = spool.route(),
+                "too many requests being spooled at once; the refusal stands"
+            );
+            Err(refusal)
+        }
     }
 }
 

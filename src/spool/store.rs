@@ -417,6 +417,13 @@ impl Store {
         })
     }
 
+    /// Whether there is room for one more request of `bytes` now (nothing
+    /// reserved).
+    pub fn has_room(&self, bytes: u64) -> bool {
+        let state = self.lock();
+        state.bytes + bytes <= self.max_bytes && state.requests < self.max_requests
+    }
+
     /// Where a body being spooled is streamed to before it joins the log.
     pub fn incoming(&self, id: &str) -> io::Result<PathBuf> {
         if !valid_id(id) {

@@ -746,3 +746,78 @@ async fn bodyless_answers_are_not_premature_resets() {
     );
     proxy.shutdown().await;
 }
+
+/// The paced reset padded with requests the proxy answers itself (404s):
+/// they reach no upstream, so they do not dilute the share of cancelled
+/// streams that did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_rapid_reset_padded_with_local_answers_is_cut_off_too() {
+    const SLOTS: u32 = 4;
+    const PADDING: u32 = 8;
+    const ROUNDS: u32 = 150;
+    let (up, mut held) = spawn_upstream().await;
+    let route = format!(
+        "[route.admission]\nmax_inflight = {SLOTS}\nqueue_capacity = 64\n\
+         queue_timeout_ms = 2000\n"
+    );
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/hold", &route))
+        .await
+        .unwrap();
+    let (r, mut w) = handshake(proxy.proxy_addr()).await.into_split();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn(watch_frames(r, stop.clone()));
+    let hold = get_block("sluicegate.test", "/hold");
+    let pad = get_block("sluicegate.test", "/nowhere");
+    let cancel = CANCEL.to_be_bytes();
+    let mut next_id = 1u32;
+    let mut id = || {
+        let this = next_id;
+        next_id += 2;
+        this
+    };
+    let flood = async {
+        'rounds: for _ in 0..ROUNDS {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let ids: Vec<u32> = (0..SLOTS).map(|_| id()).collect();
+            let mut frames = Vec::new();
+            for &i in &ids {
+                push_frame(&mut frames, HEADERS, END_HEADERS | END_STREAM, i, &hold);
+            }
+            if w.write_all(&frames).await.is_err() {
+                break;
+            }
+            for _ in &ids {
+                if !matches!(timeout(PHASE, held.recv()).await, Ok(Some(()))) {
+                    break 'rounds;
+                }
+            }
+            let mut frames = Vec::new();
+            for &i in &ids {
+                push_frame(&mut frames, RST_STREAM, 0, i, &cancel);
+            }
+            for _ in 0..PADDING {
+                push_frame(&mut frames, HEADERS, END_HEADERS | END_STREAM, id(), &pad);
+            }
+            if w.write_all(&frames).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = timeout(FLOOD, flood).await;
+    let cut_off = stop.load(Ordering::SeqCst);
+    let reached = up.requests.load(Ordering::SeqCst);
+    drop(w);
+    let _ = timeout(PHASE, reader).await;
+    up.release.notify_waiters();
+    assert!(
+        cut_off,
+        "{reached} requests reached the upstream, no GOAWAY"
+    );
+    assert!(
+        reached <= 100 + 2 * u64::from(SLOTS),
+        "{reached} requests reached the upstream before the proxy cut off"
+    );
+    proxy.shutdown().await;
+}

@@ -643,3 +643,29 @@ async fn uploads_a_spool_cannot_keep_are_refused_before_they_are_read() {
     assert!(grown < 16 << 20, "peak RSS grew by {grown} bytes");
     assert_eq!(spool_of(&proxy).await["requests"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_uploads_cannot_fill_the_spool() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = reserve_addr();
+    let dir = spool_dir("silent");
+    let text = format!(
+        "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
+        dir.display()
+    );
+    let proxy = binary(upstream, &text);
+    // Ten clients declare 400 kB each (four times the spool between them),
+    // send their heads and nothing more.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        let mut conn = tokio::net::TcpStream::connect(proxy.proxy).await.unwrap();
+        let head = "POST /ingest HTTP/1.1\r\nhost: x\r\ncontent-length: 400000\r\n\r\n";
+        conn.write_all(head.as_bytes()).await.unwrap();
+        silent.push(conn);
+    }
+    sleep(Duration::from_millis(300)).await;
+    // They hold no room: a real request of 300 kB is still spooled.
+    let status = spool_post(&proxy, "/ingest", "real", vec![b'r'; 300_000]).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    drop(silent);
+}
