@@ -225,7 +225,13 @@ impl SmallDisk {
         let dir = spool_dir(name);
         std::fs::create_dir_all(&dir).ok()?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(&dir)
             .stderr(std::process::Stdio::null())
             .status()

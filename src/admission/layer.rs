@@ -209,6 +209,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let grpc = req.extensions().get::<crate::grpc::GrpcCall>().is_some();
+        let priority = self.priority.decide(&mut req);
         if let Some(permit) = req
             .extensions_mut()
             .remove::<Granted>()
@@ -259,7 +260,6 @@ where
                 grpc,
             };
         }
-        let priority = self.priority.of(&req);
         let tenant = tenant.unwrap_or_else(|| self.tenant_of(&req));
         let peer = req.extensions().get::<PeerClosed>().cloned();
         let deadline = req.extensions().get::<Deadline>().copied();

@@ -118,12 +118,29 @@ impl PriorityRule {
             .map_or(Priority::Normal, |&(_, priority)| priority)
     }
 
+    /// The class of `req`, written into its header for the next tier: a
+    /// tier behind this proxy that trusts it (README's layering) must see the
+    /// class decided here, never a claim this proxy did not believe.
+    pub fn decide<B>(&self, req: &mut Request<B>) -> Priority {
+        let priority = self.of(req);
+        let headers = req.headers_mut();
+        if priority != Priority::Normal || headers.contains_key(&self.header) {
+            headers.insert(
+                self.header.clone(),
+                HeaderValue::from_static(priority.as_str()),
+            );
+        }
+        priority
+    }
+
     fn believes(&self, peer: Option<IpAddr>) -> bool {
         match &self.trust {
             Trust::Anyone => true,
-            Trust::Peers(networks) => {
-                peer.is_some_and(|ip| networks.iter().any(|net| net.contains(&ip)))
-            }
+            // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`.
+            Trust::Peers(networks) => peer.is_some_and(|ip| {
+                let ip = ip.to_canonical();
+                networks.iter().any(|net| net.contains(&ip))
+            }),
         }
     }
 }

@@ -40,9 +40,18 @@ use crate::rate_limit::RateLimitSnapshot;
 use crate::spool::SpoolSnapshot;
 use crate::stack::RouteInfo;
 
-/// Who may read `/status` and call `/reload`: anyone on a loopback listener;
-/// elsewhere only a client presenting `admin_token` as a bearer token.
-/// `/metrics`, `/healthz` and `/readyz` stay open for scrapers and probes.
+/// Who may use the admin endpoints.
+///
+/// A configured `admin_token` is always required for `/status`, `/reload`
+/// and `/spool` (on loopback too: another local user, or a process in the
+/// same pod, is not the operator). Without one, those are open on a loopback
+/// listener only. `/metrics`, `/healthz` and `/readyz` stay open for scrapers
+/// and probes.
+///
+/// A loopback listener also answers only requests whose `Host` names
+/// loopback (probes excepted): a web page a local user visits can make its own name resolve to
+/// 127.0.0.1 (DNS rebinding) and then read from it as a same-origin page,
+/// but its requests still carry its own name.
 #[derive(Debug, Clone)]
 pub struct Access {
     loopback: bool,
@@ -53,17 +62,45 @@ impl Access {
     /// The rule for an admin listener bound to `addr`.
     pub fn new(server: &ServerConfig, addr: SocketAddr) -> Self {
         Self {
-            loopback: addr.ip().is_loopback(),
+            loopback: addr.ip().to_canonical().is_loopback(),
             token: server.admin_token.clone(),
+        }
+    }
+
+    /// `None`: the request may reach this listener at all. `Some`: the
+    /// refusal to send (a foreign `Host` on a loopback listener).
+    fn misdirected(&self, req: &Request) -> Option<Response> {
+        if !self.loopback {
+            return None;
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.host().to_owned())
+            .or_else(|| {
+                let value = req.headers().get(header::HOST)?.to_str().ok()?;
+                Some(host_of(value).to_owned())
+            });
+        match host {
+            // No name at all (HTTP/1.0): no browser sends that.
+            None => None,
+            Some(host) if names_loopback(&host) => None,
+            Some(host) => {
+                let msg = format!(
+                    "this admin listener is on loopback and answers only Host names that \
+                     are loopback (localhost, 127.0.0.1, [::1]), not {host:?}"
+                );
+                Some((StatusCode::FORBIDDEN, Json(json!({"error": msg}))).into_response())
+            }
         }
     }
 
     /// `None`: allowed. `Some`: the refusal to send.
     fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
-        if self.loopback {
-            return None;
-        }
         let Some(token) = &self.token else {
+            if self.loopback {
+                return None;
+            }
             let msg = "the admin listener is not on loopback: set server.admin_token to use this";
             return Some((StatusCode::FORBIDDEN, Json(json!({"error": msg}))).into_response());
         };
@@ -81,6 +118,29 @@ impl Access {
         );
         Some(res.into_response())
     }
+}
+
+/// The host part of a `Host` value: without its port, an IPv6 literal
+/// still in brackets.
+fn host_of(value: &str) -> &str {
+    let value = value.trim();
+    if value.starts_with('[') {
+        return value.find(']').map_or(value, |end| &value[..=end]);
+    }
+    value.rsplit_once(':').map_or(value, |(host, _)| host)
+}
+
+/// Whether `host` can only mean this machine: `localhost` and its
+/// subdomains (RFC 6761 §6.3), or a loopback address.
+fn names_loopback(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    literal
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// The token of an `Authorization: Bearer <token>` value; the scheme is
@@ -127,18 +187,29 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/spool/dead/{id}", axum::routing::delete(spool::forget))
         .route("/spool/dead/{id}/replay", post(spool::resurrect))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
+    // Probes hold no data: a health checker may send any `Host`.
+    let probes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
     Router::new()
         .route("/", get(dashboard::page))
         .route("/assets/{name}", get(dashboard::asset))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .merge(guarded)
+        .route_layer(middleware::from_fn_with_state(state.clone(), same_host))
+        .merge(probes)
         .with_state(state)
 }
 
 async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
     match state.access.refusal(req.headers()) {
+        None => next.run(req).await,
+        Some(refusal) => refusal,
+    }
+}
+
+async fn same_host(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    match state.access.misdirected(&req) {
         None => next.run(req).await,
         Some(refusal) => refusal,
     }

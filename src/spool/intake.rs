@@ -168,9 +168,16 @@ impl Incoming {
     async fn create(store: &Store, id: &str) -> std::io::Result<Self> {
         let path = store.incoming(id)?;
         let open = path.clone();
-        let file = tokio::task::spawn_blocking(move || std::fs::File::create_new(open))
-            .await
-            .map_err(std::io::Error::other)??;
+        let file = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(open)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(Self {
             file: Some(file),
             path,

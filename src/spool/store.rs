@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -313,12 +313,17 @@ impl Store {
         let context = |what: &str, e: io::Error| {
             io::Error::new(e.kind(), format!("spool {}: {what}: {e}", dir.display()))
         };
-        std::fs::create_dir_all(dead_dir(&dir)).map_err(|e| context("cannot create", e))?;
+        private_dir(&dir).map_err(|e| context("cannot use", e))?;
+        private_dir(&dead_dir(&dir)).map_err(|e| context("cannot create", e))?;
         // Bodies being streamed when the process stopped were never
         // acknowledged: their requests got their refusal, or nothing.
         let _ = std::fs::remove_dir_all(incoming_dir(&dir));
-        std::fs::create_dir_all(incoming_dir(&dir)).map_err(|e| context("cannot create", e))?;
-        let lock = File::create(dir.join("LOCK")).map_err(|e| context("cannot create LOCK", e))?;
+        private_dir(&incoming_dir(&dir)).map_err(|e| context("cannot create", e))?;
+        let lock = private_file()
+            .write(true)
+            .truncate(false)
+            .open(dir.join("LOCK"))
+            .map_err(|e| context("cannot create LOCK", e))?;
         lock.try_lock().map_err(|_| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -766,10 +771,41 @@ fn dead_letter(b: &Buried, file_bytes: u64) -> DeadLetter {
     }
 }
 
+/// A spool holds requests as they came, credentials included (an
+/// `Authorization` header, a token in a body): its folders are its owner's
+/// alone (0700), whatever the umask, and a folder that already lets others
+/// in is refused rather than used. A folder sluicegate creates is private
+/// from the start, so pointing `dir` below a shared mount works.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} lets other users in (mode {mode:03o}) and spooled requests keep their \
+                 credentials: `chmod 700` it, or name a folder that does not exist yet",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Options creating a file only its owner can read (0600).
+fn private_file() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.create(true).mode(0o600);
+    options
+}
+
 /// Writes `bytes` to `path` so that it is whole or absent after a crash.
 fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
+    let mut file = private_file().write(true).truncate(true).open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_data()?;
     std::fs::rename(&tmp, path)?;
@@ -792,6 +828,7 @@ fn open_segment(dir: &Path, no: u64) -> io::Result<(File, FileKey)> {
     let file = OpenOptions::new()
         .create_new(true)
         .append(true)
+        .mode(0o600)
         .open(segment_path(dir, no))?;
     // The new name must survive a crash too.
     File::open(dir)?.sync_all()?;

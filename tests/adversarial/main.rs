@@ -8,6 +8,7 @@ mod support;
 
 mod h2_floods;
 mod h2_upstream;
+mod one_party;
 mod silent_clients;
 mod slow_clients;
 mod spool_replay;

@@ -669,3 +669,75 @@ async fn silent_uploads_cannot_fill_the_spool() {
     assert_eq!(status, StatusCode::ACCEPTED);
     drop(silent);
 }
+
+/// Every file and folder under `dir`, with its permission bits.
+fn modes(dir: &std::path::Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = vec![(
+        dir.to_path_buf(),
+        std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
+    )];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(modes(&path));
+        } else {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            out.push((path, mode));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_keeps_its_requests_from_other_local_users() {
+    let upstream = reserve_addr();
+    let dir = spool_dir("private");
+    let proxy = sluicegate::start(config(upstream, "/", &route(&dir, "")))
+        .await
+        .unwrap();
+    for (path, key) in [("/bad", "b"), ("/ok", "o")] {
+        let req = Request::post(format!("http://{}{path}", proxy.proxy_addr()))
+            .header("idempotency-key", key)
+            .header("authorization", "Bearer secret-of-a-client")
+            .body(full("{}"))
+            .unwrap();
+        assert_eq!(send(&client(), req).await.0.status(), StatusCode::ACCEPTED);
+    }
+    // The upstream is back: one delivered, one a dead letter.
+    let _up = serve_fragile(upstream).await;
+    within(Duration::from_secs(30), "one dead letter", async || {
+        spool_of(&proxy).await["dead_letters"] == 1
+    })
+    .await;
+    let modes = modes(&dir);
+    assert!(
+        modes
+            .iter()
+            .any(|(p, _)| p.extension().is_some_and(|e| e == "seg"))
+    );
+    assert!(
+        modes
+            .iter()
+            .any(|(p, _)| p.extension().is_some_and(|e| e == "dead"))
+    );
+    for (path, mode) in &modes {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{} is {mode:03o}", path.display());
+    }
+    proxy.shutdown().await;
+
+    // A folder others can open is refused, by name.
+    let open = spool_dir("shared");
+    std::fs::create_dir_all(&open).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let Err(error) = sluicegate::start(config(upstream, "/", &route(&open, ""))).await else {
+        panic!("a spool folder other users can read is refused");
+    };
+    let error = error.to_string();
+    assert!(error.contains(&open.display().to_string()), "{error}");
+    assert!(error.contains("chmod 700"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&open);
+}

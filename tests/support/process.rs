@@ -120,6 +120,9 @@ pub fn scratch_dir(name: &str) -> PathBuf {
         std::process::id(),
         rand_name()
     ));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Private, as a spool folder must be.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .unwrap();
     dir
 }
