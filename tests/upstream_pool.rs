@@ -85,7 +85,10 @@ async fn serve(mut stream: TcpStream, idle: Duration, first_only: bool, seen: Ar
     }
 }
 
-/// GETs and POSTs with a body, `every` apart; their statuses.
+/// GETs and POSTs with a body, `every` apart; their statuses. The POSTs
+/// carry an `Idempotency-Key`: only requests that may run twice are sent
+/// again after losing the race (`tests/adversarial/retries.rs` shows a POST
+/// without one is not).
 async fn traffic(proxy: SocketAddr, every: Duration, n: usize) -> Vec<StatusCode> {
     let mut statuses = Vec::new();
     for i in 0..n {
@@ -93,7 +96,10 @@ async fn traffic(proxy: SocketAddr, every: Duration, n: usize) -> Vec<StatusCode
         let req = if i % 2 == 0 {
             Request::get(url).body(full("")).unwrap()
         } else {
-            Request::post(url).body(full(vec![b'e'; 10_000])).unwrap()
+            Request::post(url)
+                .header("idempotency-key", format!("batch-{i}"))
+                .body(full(vec![b'e'; 10_000]))
+                .unwrap()
         };
         statuses.push(send(&client(), req).await.0.status());
         tokio::time::sleep(every).await;

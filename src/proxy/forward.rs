@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
 use super::connector::Connector;
-use super::h2::{H2Pool, NoStream};
+use super::h2::{H2Pool, NoStream, Stream};
 use super::headers;
 use super::pool::{Conn, Pool, Pooled};
 use super::read_timeout::ReadTimeout;
@@ -254,35 +254,30 @@ impl Forward {
         }
         parts.version = Version::HTTP_11;
         // Kept to send the request again if it loses the race with the
-        // upstream closing an idle connection (see `retry`).
-        let again = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        );
-        let (body, reclaim) = Reclaim::new(body);
+        // upstream closing an idle connection, when it may run twice (see
+        // `retry`).
+        let again = retry::may_run_twice(&parts.method, &parts.headers).then(|| Again::of(&parts));
+        let (body, reclaim) = match again {
+            Some(_) => Reclaim::new(body),
+            None => (Reclaim::sent(body), None),
+        };
         let request = Request::from_parts(parts, body);
         let read_timeout = self.inner.read_timeout;
         Box::pin(async move {
             let (res, conn) = match send(&pool, request).await {
                 Ok(sent) => sent,
                 Err(SendError::Failed(err, exchanges))
-                    if retry::lost_the_idle_race(&err, &exchanges) =>
+                    if again.is_some() && retry::lost_the_idle_race(&err, &exchanges) =>
                 {
-                    let body = match reclaim {
-                        None => Reclaim::empty(),
-                        // Gone when too much was sent, or the body failed.
-                        Some(back) => Reclaim::replay(back.await.map_err(|_| classify(err))?),
-                    };
+                    let request = again
+                        .expect("checked")
+                        .with(reclaim)
+                        .await
+                        .ok_or_else(|| classify(err))?;
                     tracing::debug!(
                         "the upstream closed a reused connection before answering; \
                          sending the request again on a new one"
                     );
-                    let (method, uri, headers) = again;
-                    let mut request = Request::new(body);
-                    *request.method_mut() = method;
-                    *request.uri_mut() = uri;
-                    *request.headers_mut() = headers;
                     send_fresh(&pool, request).await.map_err(classify)?
                 }
                 Err(SendError::Failed(err, _)) => return Err(classify(err)),
@@ -321,32 +316,121 @@ impl Forward {
         .expect("a scheme, an authority and a path make a URI");
         parts.version = Version::HTTP_2;
         let dispatch = parts.extensions.remove::<Dispatch>();
-        let request = Request::from_parts(parts, Reclaim::sent(body));
+        // Kept to send the request again if the upstream says it did not
+        // process it (see `retry`).
+        let again = Again::of(&parts);
+        let (body, reclaim) = Reclaim::new(body);
+        let request = Request::from_parts(parts, body);
         let read_timeout = self.inner.read_timeout;
         let until = tokio::time::Instant::now() + self.inner.connect_timeout;
         Box::pin(async move {
-            let stream = pool
-                .stream(until)
-                .await
-                .map_err(|e| match e.is::<NoStream>() {
-                    // The upstream's own limit, every connection full: it is
-                    // saturated, not failing (503, like a full queue).
-                    true => Rejection::new(Reason::QueueTimeout)
-                        .with_retry_after(1)
-                        .with_cause(NotSent(e))
-                        .into(),
-                    false => classify(NotSent(e)),
-                })?;
-            let mut tx = stream.sender();
-            tx.ready().await.map_err(|e| classify(NotSent(e.into())))?;
+            let stream = pool.stream(until).await.map_err(no_stream)?;
             if let Some(dispatch) = dispatch {
                 // On its way: the response deadline starts now.
                 dispatch.sent();
             }
-            let res = tx.send_request(request).await.map_err(classify)?;
-            let (head, body) = res.into_parts();
-            answer(head, Pooled::multiplexed(body, stream), read_timeout)
+            let err = match send_h2(&stream, request).await? {
+                Ok(res) => return answer_h2(res, stream, read_timeout),
+                Err(err) => err,
+            };
+            let Some(unprocessed) = retry::unprocessed(&err) else {
+                return Err(classify(err));
+            };
+            if unprocessed == retry::Unprocessed::GoingAway {
+                stream.going_away();
+            }
+            // Never processed: not the upstream's failure, whatever comes.
+            let refused = || {
+                Rejection::new(Reason::QueueTimeout)
+                    .with_retry_after(1)
+                    .with_cause(NotSent(err.to_string().into()))
+            };
+            let Some(request) = again.with(reclaim).await else {
+                return Err(refused().into());
+            };
+            tracing::debug!(
+                ?unprocessed,
+                "the upstream did not process an HTTP/2 stream; sending it again"
+            );
+            let retry = pool
+                .stream_avoiding(until, Some(&stream))
+                .await
+                .map_err(no_stream)?;
+            drop(stream);
+            match send_h2(&retry, request).await? {
+                Ok(res) => answer_h2(res, retry, read_timeout),
+                Err(e) if retry::unprocessed(&e).is_some() => Err(refused().into()),
+                Err(e) => Err(classify(e)),
+            }
         })
+    }
+}
+
+/// What sending a request again needs besides its body.
+struct Again {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Again {
+    fn of(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        }
+    }
+
+    /// The request again, with its body handed back by the failed attempt;
+    /// `None` when the body cannot be sent again (too much of it was sent,
+    /// or it failed).
+    async fn with(
+        self,
+        reclaim: Option<tokio::sync::oneshot::Receiver<retry::Replay>>,
+    ) -> Option<Request<Reclaim>> {
+        let body = match reclaim {
+            None => Reclaim::empty(),
+            Some(back) => Reclaim::replay(back.await.ok()?),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        Some(request)
+    }
+}
+
+/// Sends `request` on `stream`'s connection: a connection that is gone
+/// before the request could start is [`NotSent`] (as the answer says), a
+/// failure after that is given back to look at.
+async fn send_h2(
+    stream: &Stream,
+    request: Request<Reclaim>,
+) -> Result<Result<Response<Incoming>, hyper::Error>, BoxError> {
+    let mut tx = stream.sender();
+    tx.ready().await.map_err(|e| classify(NotSent(e.into())))?;
+    Ok(tx.send_request(request).await)
+}
+
+fn answer_h2(
+    res: Response<Incoming>,
+    stream: Stream,
+    read_timeout: Duration,
+) -> Result<Response<ReadTimeout<Pooled>>, BoxError> {
+    let (head, body) = res.into_parts();
+    answer(head, Pooled::multiplexed(body, stream), read_timeout)
+}
+
+/// No stream to be had: the upstream's own limit, every connection full, is
+/// saturation, not failure (503, like a full queue).
+fn no_stream(e: BoxError) -> BoxError {
+    match e.is::<NoStream>() {
+        true => Rejection::new(Reason::QueueTimeout)
+            .with_retry_after(1)
+            .with_cause(NotSent(e))
+            .into(),
+        false => classify(NotSent(e)),
     }
 }
 

@@ -26,7 +26,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -84,6 +84,8 @@ struct H2Conn {
     tx: http2::SendRequest<Reclaim>,
     streams: AtomicUsize,
     conn: Driven,
+    /// The upstream sent a graceful GOAWAY: no new streams here.
+    going_away: AtomicBool,
 }
 
 impl H2Conn {
@@ -118,6 +120,12 @@ impl Stream {
     /// The connection's sender.
     pub(super) fn sender(&self) -> http2::SendRequest<Reclaim> {
         self.conn.tx.clone()
+    }
+
+    /// The upstream is closing this stream's connection (a GOAWAY): no
+    /// request is sent on it any more (the streams it took finish).
+    pub(super) fn going_away(&self) {
+        self.conn.going_away.store(true, Ordering::Relaxed);
     }
 }
 
@@ -154,13 +162,24 @@ impl H2Pool {
     /// when none has room and there may be more; else waits for one to free
     /// up, until `until` ([`NoStream`] then).
     pub(super) async fn stream(&self, until: Instant) -> Result<Stream, BoxError> {
+        self.stream_avoiding(until, None).await
+    }
+
+    /// The same, on another connection than `avoid`'s when there is or may
+    /// be one (a stream the upstream refused is tried elsewhere).
+    pub(super) async fn stream_avoiding(
+        &self,
+        until: Instant,
+        avoid: Option<&Stream>,
+    ) -> Result<Stream, BoxError> {
+        let avoid = avoid.map(|s| &s.conn);
         loop {
             // Registered before looking, so that a stream freed meanwhile
             // is not missed.
             let freed = self.shared.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            if let Some(stream) = self.least_busy() {
+            if let Some(stream) = self.least_busy(avoid) {
                 return Ok(stream);
             }
             if self.lock().len() < H2_CONNECTIONS {
@@ -171,7 +190,7 @@ impl H2Pool {
                     return Err(NoStream.into());
                 };
                 // Another request may have dialled while this one waited.
-                if let Some(stream) = self.least_busy() {
+                if let Some(stream) = self.least_busy(avoid) {
                     return Ok(stream);
                 }
                 if self.lock().len() < H2_CONNECTIONS {
@@ -182,6 +201,10 @@ impl H2Pool {
                         Err(e) => tracing::debug!(error = %e, "another HTTP/2 connection failed"),
                     }
                 }
+            }
+            // No other connection to be had: the avoided one will do.
+            if let Some(stream) = avoid.and_then(|_| self.least_busy(None)) {
+                return Ok(stream);
             }
             if Instant::now() >= until {
                 return Err(NoStream.into());
@@ -195,11 +218,13 @@ impl H2Pool {
 
     /// The open connection with the fewest streams, if it has room; counts
     /// the new stream.
-    fn least_busy(&self) -> Option<Stream> {
+    fn least_busy(&self, avoid: Option<&Arc<H2Conn>>) -> Option<Stream> {
         let mut conns = self.lock();
-        conns.retain(|c| !c.tx.is_closed());
+        // A connection going away leaves the pool (its streams finish).
+        conns.retain(|c| !c.tx.is_closed() && !c.going_away.load(Ordering::Relaxed));
         let conn = conns
             .iter()
+            .filter(|c| avoid.is_none_or(|a| !Arc::ptr_eq(a, c)))
             .filter(|c| c.streams.load(Ordering::Relaxed) < c.cap())
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))?
             .clone();
@@ -215,7 +240,7 @@ impl H2Pool {
         conn.streams.store(1, Ordering::Relaxed);
         let conn = Arc::new(conn);
         let mut conns = self.lock();
-        conns.retain(|c| !c.tx.is_closed());
+        conns.retain(|c| !c.tx.is_closed() && !c.going_away.load(Ordering::Relaxed));
         conns.push(conn.clone());
         Stream {
             conn,
@@ -255,6 +280,7 @@ impl H2Pool {
             tx,
             streams: AtomicUsize::new(0),
             conn,
+            going_away: AtomicBool::new(false),
         })
     }
 }

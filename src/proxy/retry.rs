@@ -1,19 +1,40 @@
-//! When a request that failed at the upstream may be sent again: the upstream
-//! closed or reset a reused keep-alive connection before any byte of an answer,
-//! and no byte of the request body had been taken (see [`super::connector`]).
-//! At most once, on a fresh connection: a second failure is the upstream's.
+//! When a request that failed at the upstream may be sent again, at most
+//! once (a second failure is the upstream's):
+//!
+//! - HTTP/1.1: the upstream closed or reset a reused keep-alive connection
+//!   before any byte of an answer (the race with an upstream closing an idle
+//!   connection, see [`super::connector`]). The request may have been read
+//!   and executed before the close, so only a request that may run twice is
+//!   sent again: an idempotent method (RFC 9110 §9.2.2), or one carrying an
+//!   `Idempotency-Key` (the upstream deduplicates it). A request hyper gives
+//!   back unwritten goes on the next connection whatever its method.
+//! - HTTP/2: the upstream said it did not process the stream (RFC 9113
+//!   §8.7): `REFUSED_STREAM`, or a stream above a graceful `GOAWAY`'s last
+//!   stream id. Any method, on another connection (Envoy's
+//!   `refused-stream`), and never the upstream's failure.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
 use super::connector::Exchanges;
 use crate::body::{BoxError, ProxyBody, find_cause};
 use crate::error::client_fault;
+
+/// The header by which a client says that a request may be executed more
+/// than once with one effect (IETF draft `Idempotency-Key`, Stripe's).
+pub(super) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Whether a request may reach the upstream twice: an idempotent method, or
+/// an `Idempotency-Key` that lets the upstream tell the repeat.
+pub(super) fn may_run_twice(method: &Method, headers: &HeaderMap) -> bool {
+    method.is_idempotent() || headers.contains_key(IDEMPOTENCY_KEY)
+}
 
 /// Whether `err`, from sending a request on a connection that has carried
 /// `exchanges`, is the race with an upstream closing an idle connection: a
@@ -31,6 +52,31 @@ pub(super) fn lost_the_idle_race(err: &hyper::Error, exchanges: &Exchanges) -> b
         )
     });
     closed || reset
+}
+
+/// How an HTTP/2 upstream said it never processed a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unprocessed {
+    /// `RST_STREAM(REFUSED_STREAM)`: the connection is fine.
+    Refused,
+    /// Above the last stream id of a graceful `GOAWAY`: the connection
+    /// takes no new streams.
+    GoingAway,
+}
+
+/// Whether `err` says the upstream did not process the stream. A `GOAWAY`
+/// with an error code is not enough: h2 gives that error to every stream of
+/// the connection, processed or not.
+pub(super) fn unprocessed(err: &hyper::Error) -> Option<Unprocessed> {
+    let h2 = find_cause::<h2::Error>(err)?;
+    if !h2.is_remote() {
+        return None;
+    }
+    match h2.reason()? {
+        h2::Reason::REFUSED_STREAM if h2.is_reset() => Some(Unprocessed::Refused),
+        h2::Reason::NO_ERROR if h2.is_go_away() => Some(Unprocessed::GoingAway),
+        _ => None,
+    }
 }
 
 /// Request body bytes kept, as references to the frames already sent, so that

@@ -9,6 +9,7 @@ mod support;
 mod h2_floods;
 mod h2_upstream;
 mod one_party;
+mod retries;
 mod silent_clients;
 mod slow_clients;
 mod spool_replay;
