@@ -72,7 +72,15 @@ pub struct KeyExtractor {
     header: Option<HeaderName>,
     trusted: Vec<ipnet::IpNet>,
     hasher: Digests,
+    /// IPv6 clients are their network of this many bits: one host holds a
+    /// /64 (or more) and can pick any address in it.
+    ipv6_prefix: u8,
 }
+
+/// The prefix an IPv6 client is known by unless configured: a /64 is what
+/// one subscriber, or one host, gets (RFC 6177), and picks addresses from
+/// freely (privacy addresses, RFC 8981).
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// How keys longer than 64 bytes are digested.
 #[derive(Debug, Clone)]
@@ -107,6 +115,32 @@ impl KeyExtractor {
             },
             trusted,
             hasher: Digests::Random(RandomState::new()),
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+        }
+    }
+
+    /// Knows IPv6 clients by their network of `bits` (1 to 128).
+    pub fn ipv6_prefix(mut self, bits: u8) -> Self {
+        self.ipv6_prefix = bits.clamp(1, 128);
+        self
+    }
+
+    /// The key a tier lists (`keys = [...]`), as requests will produce it.
+    pub fn listed(&self, source: &KeySource, text: &str) -> ClientKey {
+        match ClientKey::listed(source, text, &self.hasher) {
+            ClientKey::Ip(ip) => ClientKey::Ip(self.group(ip)),
+            key => key,
+        }
+    }
+
+    /// An address as clients are counted: IPv4 as is, IPv6 by its network.
+    fn group(&self, ip: IpAddr) -> IpAddr {
+        match canonical(ip) {
+            IpAddr::V6(v6) => {
+                let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).map_or(v6, |n| n.network());
+                IpAddr::V6(net)
+            }
+            v4 => v4,
         }
     }
 
@@ -132,12 +166,18 @@ impl KeyExtractor {
         {
             return ClientKey::value(value.as_bytes(), &self.hasher);
         }
+        ClientKey::Ip(self.address(headers, extensions))
+    }
+
+    /// The client address of a request with these headers and extensions,
+    /// as clients are counted (an IPv6 client by its network).
+    pub fn address(&self, headers: &HeaderMap, extensions: &http::Extensions) -> IpAddr {
         // Without a peer address (a service not behind our listener) every
         // request shares one key.
         let peer = extensions
             .get::<ClientAddr>()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.addr().ip());
-        ClientKey::Ip(self.client_ip(peer, headers.get_all(&X_FORWARDED_FOR)))
+        self.group(self.client_ip(peer, headers.get_all(&X_FORWARDED_FOR)))
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {

@@ -456,7 +456,11 @@ impl RouteConfig {
             .as_ref()
             .map(|r| r.trusted_proxies.clone())
             .unwrap_or_default();
-        Some(crate::client_key::KeyExtractor::new(source, trusted))
+        let prefix = self
+            .rate_limit
+            .as_ref()
+            .map_or(crate::client_key::DEFAULT_IPV6_PREFIX, |r| r.ipv6_prefix);
+        Some(crate::client_key::KeyExtractor::new(source, trusted).ipv6_prefix(prefix))
     }
 
     /// Where a waiting request's class comes from: the admission section's

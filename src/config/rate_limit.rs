@@ -23,9 +23,21 @@ pub struct RateLimitConfig {
     /// them the socket address is the client, whatever the headers say.
     #[serde(default, deserialize_with = "super::values::cidrs")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Most clients tracked at once; past it new clients share one bucket.
+    /// Most clients tracked at once; past it a new header key is counted
+    /// in its client address's bucket, a new address in one shared bucket.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// With `key = "header:..."`: the most one client address may send per
+    /// second, whatever keys it sends (a ceiling over invented keys).
+    #[serde(default)]
+    pub per_ip_per_second: Option<f64>,
+    /// Its burst; default one second's worth.
+    #[serde(default)]
+    pub per_ip_burst: Option<u32>,
+    /// IPv6 clients are counted by their network of this many bits (a
+    /// host can choose any address in its /64).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
     /// Per-key overrides (`[[route.rate_limit.tier]]`), for API-key plans.
     #[serde(default, rename = "tier")]
     pub tiers: Vec<TierConfig>,
@@ -105,6 +117,10 @@ const fn default_max_keys() -> usize {
     RateLimitSettings::DEFAULT_MAX_KEYS
 }
 
+const fn default_ipv6_prefix() -> u8 {
+    crate::client_key::DEFAULT_IPV6_PREFIX
+}
+
 /// Largest rate accepted: beyond a million per second per client, a limit
 /// means nothing.
 const MAX_RATE: f64 = 1_000_000.0;
@@ -151,6 +167,32 @@ impl RateLimitConfig {
                 format!("{at}.max_keys"),
                 "must be greater than 0 (got 0)".into(),
             ));
+        }
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return Err((
+                format!("{at}.ipv6_prefix"),
+                format!("must be 1 to 128 bits (got {})", self.ipv6_prefix),
+            ));
+        }
+        match (self.per_ip_per_second, &self.key) {
+            (Some(rate), KeySource::Header(_)) => {
+                check_rate(format!("{at}.per_ip_per_second"), rate)?;
+                check_burst(format!("{at}.per_ip_burst"), self.per_ip_burst, rate)?;
+            }
+            (Some(_), KeySource::Ip) => {
+                return Err((
+                    format!("{at}.per_ip_per_second"),
+                    "only applies with key = \"header:...\" (with key = \"ip\", per_second is per address)"
+                        .into(),
+                ));
+            }
+            (None, _) if self.per_ip_burst.is_some() => {
+                return Err((
+                    format!("{at}.per_ip_burst"),
+                    "needs per_ip_per_second".into(),
+                ));
+            }
+            (None, _) => {}
         }
         if self.scope == ScopeConfig::Local {
             let set = [
@@ -207,6 +249,11 @@ impl From<&RateLimitConfig> for RateLimitSettings {
             },
             trusted_proxies: c.trusted_proxies.clone(),
             max_keys: c.max_keys,
+            per_ip: c.per_ip_per_second.map(|per_second| Rate {
+                per_second,
+                burst: c.per_ip_burst,
+            }),
+            ipv6_prefix: c.ipv6_prefix,
             tiers: c
                 .tiers
                 .iter()

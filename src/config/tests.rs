@@ -402,10 +402,43 @@ fn a_minimal_rate_limit_section_is_the_runtime_default() {
         },
         trusted_proxies: Vec::new(),
         max_keys: RateLimitSettings::DEFAULT_MAX_KEYS,
+        per_ip: None,
+        ipv6_prefix: 64,
         tiers: Vec::new(),
         scope: crate::rate_limit::Scope::Local,
     };
     assert_eq!(settings, want);
+}
+
+#[test]
+fn a_per_ip_ceiling_needs_header_keys_and_a_sane_prefix() {
+    let e = err(&format!(
+        "{ROUTE}[route.rate_limit]
+per_second = 5
+per_ip_per_second = 50
+"
+    ));
+    assert_eq!(
+        e.key(),
+        Some("route[0].rate_limit.per_ip_per_second"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{ROUTE}[route.rate_limit]
+per_second = 5
+key = \"header:x-api-key\"
+per_ip_burst = 5
+"
+    ));
+    assert_eq!(e.key(), Some("route[0].rate_limit.per_ip_burst"), "{e}");
+    let e = err(&format!(
+        "{ROUTE}[route.rate_limit]
+per_second = 5
+ipv6_prefix = 0
+"
+    ));
+    assert_eq!(e.key(), Some("route[0].rate_limit.ipv6_prefix"), "{e}");
+    assert!(e.to_string().contains("1 to 128"), "{e}");
 }
 
 #[test]

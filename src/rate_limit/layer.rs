@@ -151,10 +151,20 @@ where
             .limiter
             .extractor()
             .key(req.headers(), req.extensions());
+        // Header keys: the client's address too (its ceiling, and its
+        // bucket for a key beyond `max_keys`).
+        let address = self.limiter.wants_address().then(|| {
+            self.limiter
+                .extractor()
+                .address(req.headers(), req.extensions())
+        });
         let here = if self.limiter.is_shared() {
-            self.limiter.decide_here(&key)
+            match self.limiter.over_ceiling(address) {
+                Some(refused) => Ok(refused),
+                None => self.limiter.decide_here(&key),
+            }
         } else {
-            Ok(self.limiter.check(&key))
+            Ok(self.limiter.check_from(&key, address))
         };
         let verdict = match here {
             Ok(verdict) => verdict,

@@ -2,6 +2,7 @@
 //! tiers, and the `RateLimit` header fields that tell clients where they stand.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,8 +85,14 @@ pub struct RateLimitSettings {
     pub rate: Rate,
     /// Load balancers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Most clients tracked at once; past it new clients share one bucket.
+    /// Most clients tracked at once; past it a new header key is counted in
+    /// its client address's bucket, a new address in one shared bucket.
     pub max_keys: usize,
+    /// With header keys: the most one client address may send, whatever
+    /// keys it sends (`per_ip_per_second`, `per_ip_burst`).
+    pub per_ip: Option<Rate>,
+    /// IPv6 clients are counted by their network of this many bits.
+    pub ipv6_prefix: u8,
     /// Per-key overrides.
     pub tiers: Vec<Tier>,
     /// Whose buckets: this replica's, or every replica's on Redis.
@@ -147,6 +154,8 @@ struct Bucket {
     tier: Option<Arc<str>>,
     rate: Rate,
     governor: Keyed,
+    /// The governor's store, to ask whether a key fits.
+    store: CappedStore<ClientKey>,
     policy: HeaderValue,
 }
 
@@ -166,12 +175,13 @@ impl Bucket {
         let policy = HeaderValue::from_str(&format!("\"{quoted}\";q={burst};w={window}"))
             .unwrap_or_else(|_| HeaderValue::from_static("\"default\""));
         let store = CappedStore::new(max_keys, overflowed, keys);
-        let governor: Keyed = Governor::new(rate.quota(), store, TokioClock::default());
+        let governor: Keyed = Governor::new(rate.quota(), store.clone(), TokioClock::default());
         Self {
             tier: tier.then(|| Arc::from(name.as_str())),
             name: quoted,
             rate,
             governor,
+            store,
             policy,
         }
     }
@@ -277,6 +287,16 @@ pub struct RateLimiter {
     default: Bucket,
     tiers: Vec<Bucket>,
     tier_of: HashMap<ClientKey, usize>,
+    /// With header keys: each client address's bucket, where a new key is
+    /// counted once `max_keys` are tracked (so that keys invented by one
+    /// client cannot lock out everyone's new keys), and, with `per_ip`, the
+    /// ceiling over all the keys an address sends.
+    per_ip: Option<Bucket>,
+    /// `per_ip` is a ceiling on every request, not only the overflow's.
+    ceiling: bool,
+    /// When the default store was last pruned because it was full (ms on
+    /// the limiter's clock): at most once a second.
+    pruned_at: std::sync::atomic::AtomicU64,
     max_keys: usize,
     metrics: RateLimitMetrics,
     /// `scope = "cluster"`: where the buckets are.
@@ -449,6 +469,9 @@ impl RateLimiter {
             default,
             tiers: Vec::new(),
             tier_of: HashMap::new(),
+            per_ip: None,
+            ceiling: false,
+            pruned_at: std::sync::atomic::AtomicU64::new(0),
             max_keys,
             metrics,
             shared: None,
@@ -457,13 +480,25 @@ impl RateLimiter {
 
     /// The limiter `settings` describe (a `[route.rate_limit]` section).
     pub fn with_settings(settings: &RateLimitSettings, metrics: RateLimitMetrics) -> Self {
-        let extractor = KeyExtractor::new(&settings.key, settings.trusted_proxies.clone());
+        let extractor = KeyExtractor::new(&settings.key, settings.trusted_proxies.clone())
+            .ipv6_prefix(settings.ipv6_prefix);
         // Shared buckets: long keys must digest the same on every replica.
         let extractor = match settings.scope {
             Scope::Local => extractor,
             Scope::Cluster { .. } => extractor.shared(),
         };
         let mut limiter = Self::build(extractor, settings.rate, settings.max_keys, metrics);
+        if matches!(settings.key, KeySource::Header(_)) {
+            limiter.per_ip = Some(Bucket::new(
+                "per_ip".into(),
+                false,
+                settings.per_ip.unwrap_or(settings.rate),
+                settings.max_keys,
+                limiter.metrics.overflowed.clone(),
+                Gauge::noop(),
+            ));
+            limiter.ceiling = settings.per_ip.is_some();
+        }
         for tier in &settings.tiers {
             // A tier holds only its listed keys: its store never overflows.
             let bucket = Bucket::new(
@@ -475,7 +510,7 @@ impl RateLimiter {
                 Gauge::noop(),
             );
             for key in &tier.keys {
-                let key = ClientKey::listed(&settings.key, key, limiter.extractor.hasher());
+                let key = limiter.extractor.listed(&settings.key, key);
                 limiter.tier_of.insert(key, limiter.tiers.len());
             }
             limiter.tiers.push(bucket);
@@ -611,9 +646,70 @@ impl RateLimiter {
         &self.extractor
     }
 
+    /// Whether [`RateLimiter::check_from`] and
+    /// [`RateLimiter::over_ceiling`] want the client's address (header keys).
+    pub fn wants_address(&self) -> bool {
+        self.per_ip.is_some()
+    }
+
+    /// The per-address ceiling's refusal, when `address` is over it
+    /// (counts the request against it otherwise).
+    pub fn over_ceiling(&self, address: Option<IpAddr>) -> Option<Verdict> {
+        let per_ip = self.per_ip.as_ref().filter(|_| self.ceiling)?;
+        let verdict = self.spend(per_ip, &ClientKey::Ip(address?));
+        verdict.retry_after_s.is_some().then_some(verdict)
+    }
+
     /// Counts one request of `key` and says whether it may go on.
     pub fn check(&self, key: &ClientKey) -> Verdict {
+        self.spend(self.bucket_of(key), key)
+    }
+
+    /// The same for a request from `address` (see
+    /// [`RateLimiter::wants_address`]): over its address's ceiling it is
+    /// refused; a new key once `max_keys` are tracked is counted in its
+    /// address's bucket.
+    pub fn check_from(&self, key: &ClientKey, address: Option<IpAddr>) -> Verdict {
         let bucket = self.bucket_of(key);
+        let Some((per_ip, address)) = self.per_ip.as_ref().zip(address) else {
+            return self.spend(bucket, key);
+        };
+        if let Some(refused) = self.over_ceiling(Some(address)) {
+            return refused;
+        }
+        if bucket.tier.is_none() && !bucket.store.takes(key) {
+            self.prune_when_full();
+            if !bucket.store.takes(key) {
+                self.metrics.overflowed.increment(1);
+                let ip = ClientKey::Ip(address);
+                if self.ceiling {
+                    // Already counted against the ceiling just above.
+                    return per_ip.verdict(None, 0);
+                }
+                return self.spend(per_ip, &ip);
+            }
+        }
+        self.spend(bucket, key)
+    }
+
+    /// Forgets refilled buckets now rather than at the next timer, at most
+    /// once a second: keys that were used once and have refilled are idle,
+    /// and hold places new keys need.
+    fn prune_when_full(&self) {
+        use std::sync::atomic::Ordering;
+        let now = self.default.governor.clock().now().as_millis() as u64;
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .pruned_at
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.default.governor.retain_recent();
+        }
+    }
+
+    fn spend(&self, bucket: &Bucket, key: &ClientKey) -> Verdict {
         let (retry_after_s, remaining) = match bucket.governor.check_key(key) {
             Ok(snapshot) => (None, snapshot.remaining_burst_capacity()),
             Err(not_until) => {
@@ -631,6 +727,10 @@ impl RateLimiter {
     pub fn prune(&self) {
         self.default.governor.retain_recent();
         self.default.governor.shrink_to_fit();
+        if let Some(per_ip) = &self.per_ip {
+            per_ip.governor.retain_recent();
+            per_ip.governor.shrink_to_fit();
+        }
         for tier in &self.tiers {
             tier.governor.retain_recent();
         }

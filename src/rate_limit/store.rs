@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use governor::nanos::Nanos;
 use governor::state::StateStore;
@@ -20,9 +20,28 @@ use metrics::{Counter, Gauge};
 /// Shards, so that concurrent requests from different clients rarely contend.
 const SHARDS: usize = 16;
 
-/// A sharded map of GCRA states with a cap on the number of keys.
+/// A sharded map of GCRA states with a cap on the number of keys. Cheap to
+/// clone: the limiter keeps a handle to ask whether a key fits
+/// ([`CappedStore::takes`]) while governor owns the store.
 #[derive(Debug)]
-pub struct CappedStore<K> {
+pub struct CappedStore<K>(Arc<Inner<K>>);
+
+impl<K> Clone for CappedStore<K> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<K> std::ops::Deref for CappedStore<K> {
+    type Target = Inner<K>;
+    fn deref(&self) -> &Inner<K> {
+        &self.0
+    }
+}
+
+/// The store's state.
+#[derive(Debug)]
+pub struct Inner<K> {
     shards: Box<[Mutex<HashMap<K, u64>>]>,
     hasher: RandomState,
     len: AtomicUsize,
@@ -42,7 +61,7 @@ impl<K: Hash + Eq + Clone> CappedStore<K> {
     /// shared bucket, `keys` shows how many are tracked.
     pub fn new(max_keys: usize, overflowed: Counter, keys: Gauge) -> Self {
         keys.set(0.0);
-        Self {
+        Self(Arc::new(Inner {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             len: AtomicUsize::new(0),
@@ -50,7 +69,13 @@ impl<K: Hash + Eq + Clone> CappedStore<K> {
             overflow: Mutex::new(None),
             overflowed,
             keys,
-        }
+        }))
+    }
+
+    /// Whether `key` has (or can have) a bucket of its own: it is tracked,
+    /// or there is room for it.
+    pub fn takes(&self, key: &K) -> bool {
+        self.len.load(Ordering::Acquire) < self.max_keys || lock(self.shard(key)).contains_key(key)
     }
 
     fn shard(&self, key: &K) -> &Mutex<HashMap<K, u64>> {

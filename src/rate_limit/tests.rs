@@ -53,7 +53,8 @@ fn behind_trusted_proxies_the_client_is_the_rightmost_untrusted_address() {
             &["6.6.6.6", "198.51.100.7:5555", "10.1.1.1"],
             "198.51.100.7",
         ),
-        (&["[2001:db8::7]:443, fd00::1"], "2001:db8::7"),
+        // An IPv6 client is its /64.
+        (&["[2001:db8::7]:443, fd00::1"], "2001:db8::"),
         (&["::ffff:198.51.100.8"], "198.51.100.8"),
         // Only trusted hops: the left-most is as far as we can see.
         (&["10.0.0.3, 10.0.0.2"], "10.0.0.3"),
@@ -66,6 +67,20 @@ fn behind_trusted_proxies_the_client_is_the_rightmost_untrusted_address() {
         let (h, e) = request("10.9.9.9", &headers);
         assert_eq!(keys.key(&h, &e), ip(want), "{lines:?}");
     }
+}
+
+#[test]
+fn ipv6_clients_are_their_network() {
+    let (h, e) = request("2001:db8:0:1:aaaa::5", &[]);
+    let keys = KeyExtractor::new(&KeySource::Ip, Vec::new());
+    assert_eq!(keys.key(&h, &e), ip("2001:db8:0:1::"));
+    let keys = keys.ipv6_prefix(48);
+    assert_eq!(keys.key(&h, &e), ip("2001:db8::"));
+    let keys = keys.ipv6_prefix(128);
+    assert_eq!(keys.key(&h, &e), ip("2001:db8:0:1:aaaa::5"));
+    // IPv4 stays whole.
+    let (h, e) = request("192.0.2.77", &[]);
+    assert_eq!(keys.key(&h, &e), ip("192.0.2.77"));
 }
 
 #[test]

@@ -197,3 +197,73 @@ async fn a_loopback_admin_listener_is_closed_to_dns_rebinding_and_keeps_its_toke
     assert_eq!(get(&metrics).await.0.status(), StatusCode::OK);
     proxy.shutdown().await;
 }
+
+/// `n` requests with fresh API keys `prefix-0..n`, from `client` (through a
+/// trusted `X-Forwarded-For`); how many were refused.
+async fn keyed(proxy: SocketAddr, client_ip: &str, prefix: &str, n: usize) -> usize {
+    let mut refused = 0;
+    for i in 0..n {
+        let req = Request::get(format!("http://{proxy}/echo"))
+            .header("x-api-key", format!("{prefix}-{i}"))
+            .header("x-forwarded-for", client_ip)
+            .body(full(""))
+            .unwrap();
+        match send(&client(), req).await.0.status() {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => refused += 1,
+            other => panic!("{other}"),
+        }
+    }
+    refused
+}
+
+const FARMED: &str = "[route.rate_limit]\nkey = \"header:x-api-key\"\nper_second = 1\nburst = 1\n\
+                      max_keys = 50\ntrusted_proxies = [\"127.0.0.1\"]\n";
+
+#[tokio::test(start_paused = true)]
+async fn keys_farmed_by_one_client_do_not_lock_out_new_customers() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", FARMED))
+        .await
+        .unwrap();
+    let addr = proxy.proxy_addr();
+    // 60 junk keys fill the 50 places (and more).
+    keyed(addr, "10.9.9.9", "junk", 60).await;
+    // Ten customers never seen before, each from its own address: counted
+    // in their address's bucket, not in one bucket shared with the junk.
+    for i in 0..10 {
+        let ip = format!("10.0.1.{i}");
+        assert_eq!(
+            keyed(addr, &ip, &format!("customer{i}"), 1).await,
+            0,
+            "{ip}"
+        );
+    }
+    // Once the junk has refilled (idle), its places go to new keys at once,
+    // not at the next pruning: ten new keys from one address all pass.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(keyed(addr, "10.0.2.1", "new", 10).await, 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_per_address_ceiling_holds_whatever_keys_are_invented() {
+    let (up, _) = spawn_upstream().await;
+    let route = format!("{FARMED}per_ip_per_second = 5\nper_ip_burst = 5\n");
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))
+        .await
+        .unwrap();
+    let addr = proxy.proxy_addr();
+    // 20 fresh keys from one address at once: 5 pass, the rest are refused.
+    assert_eq!(keyed(addr, "10.9.9.9", "rotating", 20).await, 15);
+    // Another address is untouched.
+    assert_eq!(keyed(addr, "10.0.1.1", "customer", 1).await, 0);
+    // IPv6: one host's /64 is one address, whatever address it picks.
+    let mut refused = 0;
+    for i in 0..10 {
+        let ip = format!("2001:db8:1:2::{i:x}");
+        refused += keyed(addr, &ip, &format!("v6-{i}"), 1).await;
+    }
+    assert_eq!(refused, 5);
+    proxy.shutdown().await;
+}
