@@ -208,7 +208,8 @@ fn circuit(
     let name = route.display_name();
     let probes = settings.half_open_max_probes as usize;
     let mut circuit = Circuit::new(settings, FailurePolicy::from(config))
-        .with_metrics(name, CircuitMetrics::new(name, registry));
+        .with_metrics(name, CircuitMetrics::new(name, registry))
+        .with_clients(route.client_addresses());
     if let Some(f) = &config.fallback {
         circuit = circuit.with_fallback(StaticAnswer {
             status: f.status,

@@ -284,9 +284,25 @@ where
     }
 }
 
-/// Whether a gRPC verdict is an overload signal for the adaptive limit.
+/// Whether a gRPC verdict is an overload signal for the adaptive limit: out
+/// of capacity or time, or explicit backpressure; not INTERNAL or UNKNOWN,
+/// which a server answers by itself to one client's undecodable message.
 fn overloads(verdict: crate::grpc::Verdict) -> bool {
-    !matches!(verdict, crate::grpc::Verdict::Healthy)
+    use crate::grpc::Verdict;
+    matches!(verdict, Verdict::Unavailable | Verdict::Backpressure(_))
+}
+
+/// Whether an upstream status is an overload signal: `503` (the upstream's
+/// own backpressure) and `504` (a gateway behind it timed out). Any other
+/// 5xx is the upstream's error, often an instant answer to one client's
+/// input: it says nothing about load and is no sample at all, neither
+/// against the limit nor for the latency it measures.
+fn overloaded_status(status: http::StatusCode) -> Option<bool> {
+    match status.as_u16() {
+        503 | 504 => Some(true),
+        500..=599 => None,
+        _ => Some(false),
+    }
 }
 
 /// The admitted request's answer: its sample for the limit, its queue wait,
@@ -309,7 +325,9 @@ fn finish<ResB, E: Into<BoxError>>(
             // trailers-only answer, else in the trailers, read as they pass.
             let grpc = grpc_call && crate::grpc::is_grpc_response(&res);
             let grpc_overload = grpc && crate::grpc::verdict(res.headers()).is_some_and(overloads);
-            permit.record(rtt, res.status().is_server_error() || grpc_overload);
+            if let Some(overloaded) = overloaded_status(res.status()) {
+                permit.record(rtt, overloaded || grpc_overload);
+            }
             res.extensions_mut().insert(QueueWait(waited));
             let trailed = grpc
                 && !res

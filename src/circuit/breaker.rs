@@ -32,6 +32,11 @@ pub struct CircuitSettings {
     /// a slowly read answer) cannot hold the circuit half-open. Its outcome
     /// still counts if it comes.
     pub probe_timeout: Duration,
+    /// The circuit opens only on failures from at least this many distinct
+    /// clients over the window (`failure_rate`'s, else 10 s), or from every
+    /// client that called in it when fewer did: one client sending what the
+    /// upstream answers 500 to cannot open it for everyone.
+    pub min_failing_clients: u32,
 }
 
 /// Open when `threshold` (0..=1) of the calls over `window` failed, once at least
@@ -66,6 +71,7 @@ impl Default for CircuitSettings {
             success_threshold: 3,
             min_half_open: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(10),
+            min_failing_clients: 3,
         }
     }
 }
@@ -171,6 +177,8 @@ pub struct Ticket {
     generation: u64,
     /// A half-open probe's number.
     probe: Option<u32>,
+    /// Who made the call (a digest of the client's address).
+    client: u64,
 }
 
 impl Ticket {
@@ -204,6 +212,9 @@ enum Inner {
     Closed {
         failures: u32,
         window: Option<FailureWindow>,
+        /// Clients that called, and clients whose calls failed, lately.
+        callers: Clients,
+        failing: Clients,
     },
     Open {
         until: Instant,
@@ -213,6 +224,44 @@ enum Inner {
         leases: Vec<Lease>,
         successes: u32,
     },
+}
+
+/// Distinct clients seen over a sliding window, up to `cap` of them: the
+/// breaker only needs to know whether at least `cap` did (bounded memory,
+/// whatever the number of clients).
+#[derive(Debug, Clone)]
+struct Clients {
+    cap: usize,
+    window: Duration,
+    /// Each client's last time, most recent last.
+    seen: Vec<(u64, Instant)>,
+}
+
+impl Clients {
+    fn new(cap: usize, window: Duration) -> Self {
+        Self {
+            cap,
+            window,
+            seen: Vec::with_capacity(cap),
+        }
+    }
+
+    fn note(&mut self, client: u64, now: Instant) {
+        if let Some(i) = self.seen.iter().position(|&(c, _)| c == client) {
+            self.seen.remove(i);
+        } else if self.seen.len() >= self.cap {
+            self.seen.remove(0);
+        }
+        self.seen.push((client, now));
+    }
+
+    /// Distinct clients over the window, at most `cap`.
+    fn count(&self, now: Instant) -> usize {
+        self.seen
+            .iter()
+            .filter(|&&(_, at)| now.saturating_duration_since(at) < self.window)
+            .count()
+    }
 }
 
 /// The state machine: closed → open on failures; open → half-open when the open
@@ -249,11 +298,17 @@ impl Breaker {
     }
 
     fn closed(settings: &CircuitSettings, now: Instant) -> Inner {
+        let window = settings
+            .failure_rate
+            .map_or(FailureRate::DEFAULT_WINDOW, |r| r.window);
+        let cap = settings.min_failing_clients.max(1) as usize;
         Inner::Closed {
             failures: 0,
             window: settings
                 .failure_rate
                 .map(|r| FailureWindow::new(r.window, now)),
+            callers: Clients::new(cap, window),
+            failing: Clients::new(cap, window),
         }
     }
 
@@ -337,6 +392,16 @@ impl Breaker {
     /// until the half-open window while open, the rest of `min_half_open` when
     /// every probe slot is taken.
     pub fn try_acquire(&mut self, now: Instant) -> (Result<Ticket, Duration>, Option<Transition>) {
+        self.try_acquire_as(0, now)
+    }
+
+    /// The same for a call by `client` (a digest of its address), so that
+    /// its failures count as one client's ([`CircuitSettings::min_failing_clients`]).
+    pub fn try_acquire_as(
+        &mut self,
+        client: u64,
+        now: Instant,
+    ) -> (Result<Ticket, Duration>, Option<Transition>) {
         // Probes that succeeded before `min_half_open` was up close it now;
         // an open duration that passed makes it half-open.
         let transition = self.tick(now);
@@ -353,6 +418,7 @@ impl Breaker {
             Inner::Closed { .. } => Ok(Ticket {
                 generation,
                 probe: None,
+                client,
             }),
             Inner::HalfOpen { leases, .. }
                 if leases.len() < self.settings.half_open_max_probes as usize =>
@@ -366,6 +432,7 @@ impl Breaker {
                 Ok(Ticket {
                     generation,
                     probe: Some(id),
+                    client,
                 })
             }
             Inner::HalfOpen { .. } => {
@@ -388,9 +455,24 @@ impl Breaker {
             return None;
         }
         match (&mut self.inner, outcome) {
-            (Inner::Closed { failures, window }, outcome) => {
+            (
+                Inner::Closed {
+                    failures,
+                    window,
+                    callers,
+                    failing,
+                },
+                outcome,
+            ) => {
                 let failed = matches!(outcome, CallOutcome::Failure { .. });
                 *failures = if failed { *failures + 1 } else { 0 };
+                callers.note(ticket.client, now);
+                if failed {
+                    failing.note(ticket.client, now);
+                }
+                // Enough clients fail: the configured number, or every one
+                // that called lately when fewer did.
+                let widely = failing.count(now) >= callers.count(now);
                 let consecutive = *failures;
                 let rate = window.as_mut().and_then(|w| {
                     w.record(failed, now);
@@ -405,6 +487,9 @@ impl Breaker {
                 let CallOutcome::Failure { retry_after } = outcome else {
                     return None;
                 };
+                if !widely {
+                    return None;
+                }
                 if consecutive >= self.settings.failure_threshold {
                     Some(self.open(Cause::ConsecutiveFailures(consecutive), retry_after, now))
                 } else {

@@ -132,7 +132,8 @@ where
             };
         };
         let start = Instant::now();
-        match circuit.acquire(start) {
+        let client = circuit.client_of(req.headers(), req.extensions());
+        match circuit.acquire_as(client, start) {
             Ok(ticket) => ResponseFuture::Called {
                 grpc: req.extensions().get::<crate::grpc::GrpcCall>().is_some(),
                 inner: self.inner.call(req),

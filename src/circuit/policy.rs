@@ -106,7 +106,9 @@ impl FailurePolicy {
     pub fn classify_grpc(headers: &HeaderMap) -> Option<CallOutcome> {
         Some(match grpc::verdict(headers)? {
             grpc::Verdict::Healthy => CallOutcome::Success,
-            grpc::Verdict::Failing => CallOutcome::Failure { retry_after: None },
+            grpc::Verdict::Failing | grpc::Verdict::Unavailable => {
+                CallOutcome::Failure { retry_after: None }
+            }
             grpc::Verdict::Backpressure(d) => CallOutcome::Failure {
                 retry_after: Some(d),
             },

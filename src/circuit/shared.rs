@@ -1,5 +1,6 @@
 //! [`Circuit`]: one route's breaker with its metrics, log, fallback and slow start.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use super::breaker::{Breaker, CallOutcome, CircuitSettings, CircuitState, Ticket
 use super::policy::FailurePolicy;
 use crate::admission::Controller;
 use crate::admission::retry_after::jitter;
+use crate::client_key::{KeyExtractor, KeySource};
 use crate::error::{Reason, Rejection, StaticAnswer};
 use crate::metrics::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS, Registry};
 
@@ -116,6 +118,9 @@ pub struct Circuit {
     metrics: CircuitMetrics,
     fallback: Option<Arc<StaticAnswer>>,
     slow_start: Option<SlowStart>,
+    /// Who a call's client is, so that failures count per client.
+    clients: KeyExtractor,
+    digests: RandomState,
 }
 
 impl std::fmt::Debug for Circuit {
@@ -140,7 +145,23 @@ impl Circuit {
             metrics: CircuitMetrics::noop(),
             fallback: None,
             slow_start: None,
+            clients: KeyExtractor::new(&KeySource::Ip, Vec::new()),
+            digests: RandomState::new(),
         }
+    }
+
+    /// Tells clients apart with `clients` (the route's trusted proxies and
+    /// IPv6 prefix) instead of by socket peer.
+    pub fn with_clients(mut self, clients: KeyExtractor) -> Self {
+        self.clients = clients;
+        self
+    }
+
+    /// Who makes a call with these headers and extensions, for
+    /// [`Circuit::acquire_as`].
+    pub fn client_of(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> u64 {
+        self.digests
+            .hash_one(self.clients.address(headers, extensions))
     }
 
     /// Names the route in logs and exports to `metrics`.
@@ -201,8 +222,13 @@ impl Circuit {
     /// Asks to call the upstream; a refusal is a `circuit_open` [`Rejection`]
     /// with `Retry-After` = time left until the half-open window.
     pub fn acquire(&self, now: Instant) -> Result<Ticket, Rejection> {
+        self.acquire_as(0, now)
+    }
+
+    /// The same for a call by `client` ([`Circuit::client_of`]).
+    pub fn acquire_as(&self, client: u64, now: Instant) -> Result<Ticket, Rejection> {
         let mut state = self.lock();
-        let (result, transition) = state.breaker.try_acquire(now);
+        let (result, transition) = state.breaker.try_acquire_as(client, now);
         if let Some(t) = transition {
             self.on_transition(&mut state, t, now);
         }

@@ -32,7 +32,48 @@ fn settings() -> CircuitSettings {
         success_threshold: 3,
         min_half_open: Duration::from_millis(1_000),
         probe_timeout: Duration::from_millis(10_000),
+        min_failing_clients: 3,
     }
+}
+
+#[test]
+fn failures_open_only_when_enough_of_the_clients_fail() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut b = Breaker::new(settings(), t0);
+    let call = |b: &mut Breaker, client: u64, ms: u64, failed: bool| {
+        let ticket = b.try_acquire_as(client, at(ms)).0.unwrap();
+        let outcome = match failed {
+            true => CallOutcome::Failure { retry_after: None },
+            false => CallOutcome::Success,
+        };
+        b.record(ticket, outcome, at(ms))
+    };
+    // Client 1 called (and was served); client 2 fails on and on alone.
+    call(&mut b, 1, 0, false);
+    for ms in 1..=10 {
+        assert_eq!(call(&mut b, 2, ms, true), None);
+    }
+    assert_eq!(b.state(), Closed);
+    // Once client 1 fails too, every client that called has failed: open.
+    let t = call(&mut b, 1, 11, true).expect("opens");
+    assert_eq!(t.to, Open);
+    // With three or more callers, three distinct failing clients are enough.
+    let mut b = Breaker::new(settings(), t0);
+    for client in 10..20 {
+        call(&mut b, client, 0, false);
+    }
+    call(&mut b, 1, 1, true);
+    call(&mut b, 2, 2, true);
+    assert_eq!(b.state(), Closed);
+    assert_eq!(call(&mut b, 3, 3, true).map(|t| t.to), Some(Open));
+    // Clients that called longer ago than the window are not waited for.
+    let mut b = Breaker::new(settings(), t0);
+    call(&mut b, 1, 0, false);
+    for ms in 0..3 {
+        call(&mut b, 2, 20_000 + ms, true);
+    }
+    assert_eq!(b.state(), Open);
 }
 
 /// Runs `(at ms, step, state after)` rows and checks each.

@@ -55,6 +55,11 @@ pub struct CircuitConfig {
     /// to another request (its outcome still counts if it comes).
     #[serde(default = "default_probe_timeout")]
     pub probe_timeout_ms: Millis,
+    /// Failures must come from at least this many distinct clients over
+    /// the window (or from every client that called, when fewer did) to
+    /// open the circuit.
+    #[serde(default = "default_min_failing_clients")]
+    pub min_failing_clients: Limit,
     /// After closing, the admission limit ramps up over this long; 0 = off.
     #[serde(default)]
     pub slow_start_ms: u64,
@@ -126,6 +131,9 @@ fn default_probes() -> Limit {
 fn default_success_threshold() -> Limit {
     limit(runtime().success_threshold)
 }
+fn default_min_failing_clients() -> Limit {
+    limit(runtime().min_failing_clients)
+}
 fn default_min_half_open() -> u64 {
     u64::try_from(runtime().min_half_open.as_millis()).unwrap_or(u64::MAX)
 }
@@ -135,6 +143,10 @@ fn default_probe_timeout() -> Millis {
 fn default_content_type() -> http::HeaderValue {
     http::HeaderValue::from_static("application/json")
 }
+
+/// The most distinct failing clients the breaker can be asked to wait for
+/// (it remembers that many per route).
+const MAX_FAILING_CLIENTS: u64 = 64;
 
 fn count(limit: Limit) -> u32 {
     u32::try_from(limit.get()).unwrap_or(u32::MAX)
@@ -155,6 +167,7 @@ impl From<&CircuitConfig> for CircuitSettings {
             success_threshold: count(c.success_threshold),
             min_half_open: Duration::from_millis(c.min_half_open_ms),
             probe_timeout: c.probe_timeout_ms.get(),
+            min_failing_clients: count(c.min_failing_clients),
         }
     }
 }
@@ -219,6 +232,15 @@ impl CircuitConfig {
                     "must not be below open_ms ({} < {})",
                     self.max_open_ms.get().as_millis(),
                     self.open_ms.get().as_millis()
+                ),
+            ));
+        }
+        if self.min_failing_clients.get() > MAX_FAILING_CLIENTS {
+            return Err((
+                key("min_failing_clients"),
+                format!(
+                    "must be at most {MAX_FAILING_CLIENTS} (got {})",
+                    self.min_failing_clients.get()
                 ),
             ));
         }

@@ -446,6 +446,20 @@ impl RouteConfig {
         self.name.as_deref().unwrap_or(self.path_prefix.as_str())
     }
 
+    /// Who a request's client is by address, as the rate limit resolves it
+    /// (its `trusted_proxies`, its `ipv6_prefix`): the breaker counts
+    /// failing clients by it.
+    pub fn client_addresses(&self) -> crate::client_key::KeyExtractor {
+        let (trusted, prefix) = self
+            .rate_limit
+            .as_ref()
+            .map_or((Vec::new(), crate::client_key::DEFAULT_IPV6_PREFIX), |r| {
+                (r.trusted_proxies.clone(), r.ipv6_prefix)
+            });
+        crate::client_key::KeyExtractor::new(&crate::client_key::KeySource::Ip, trusted)
+            .ipv6_prefix(prefix)
+    }
+
     /// Who a request's tenant is, when the route has a `tenant_key`: for
     /// `"ip"`, the client address as the rate limit resolves it (believing
     /// `X-Forwarded-For` from its `trusted_proxies`).

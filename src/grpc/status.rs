@@ -117,9 +117,13 @@ pub enum Verdict {
     /// PERMISSION_DENIED, ...) or a quota of its own (RESOURCE_EXHAUSTED
     /// without pushback): says nothing against the upstream.
     Healthy,
-    /// The upstream failing: UNAVAILABLE, DEADLINE_EXCEEDED, and the codes
-    /// gRPC uses as HTTP uses 500 (UNKNOWN, INTERNAL, DATA_LOSS).
+    /// The upstream failing: the codes gRPC uses as HTTP uses 500
+    /// (UNKNOWN, INTERNAL, DATA_LOSS). A server also answers them by itself
+    /// to a message it cannot decode, so they say nothing about load.
     Failing,
+    /// The upstream out of capacity or time: UNAVAILABLE, DEADLINE_EXCEEDED
+    /// (a failure, and an overload signal).
+    Unavailable,
     /// RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`: route-wide
     /// backpressure, as a 503 with Retry-After.
     Backpressure(std::time::Duration),
@@ -136,7 +140,8 @@ pub fn verdict(headers: &http::HeaderMap) -> Option<Verdict> {
         .parse()
         .ok()?;
     Some(match code {
-        2 | 4 | 13 | 14 | 15 => Verdict::Failing,
+        2 | 13 | 15 => Verdict::Failing,
+        4 | 14 => Verdict::Unavailable,
         8 => match headers
             .get(&GRPC_RETRY_PUSHBACK_MS)
             .and_then(|v| v.to_str().ok())
@@ -184,8 +189,8 @@ mod verdicts {
         assert_eq!(of("0"), Some(Verdict::Healthy));
         assert_eq!(of("3"), Some(Verdict::Healthy)); // INVALID_ARGUMENT
         assert_eq!(of("5"), Some(Verdict::Healthy)); // NOT_FOUND
-        assert_eq!(of("14"), Some(Verdict::Failing));
-        assert_eq!(of("4"), Some(Verdict::Failing));
+        assert_eq!(of("14"), Some(Verdict::Unavailable));
+        assert_eq!(of("4"), Some(Verdict::Unavailable));
         assert_eq!(of("13"), Some(Verdict::Failing));
         assert_eq!(of("8"), Some(Verdict::Healthy)); // a quota, no pushback
         let pushed = headers(&[("grpc-status", "8"), ("grpc-retry-pushback-ms", "2500")]);

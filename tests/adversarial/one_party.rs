@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::support::*;
 
@@ -265,5 +266,152 @@ async fn a_per_address_ceiling_holds_whatever_keys_are_invented() {
         refused += keyed(addr, &ip, &format!("v6-{i}"), 1).await;
     }
     assert_eq!(refused, 5);
+    proxy.shutdown().await;
+}
+
+/// An HTTP/1.1 client whose connections come from `ip` (any 127.x.y.z is
+/// this machine): a distinct client to the proxy.
+fn client_from(ip: [u8; 4]) -> hyper_util::client::legacy::Client<HttpConnector, TestBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(std::net::IpAddr::from(ip)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+async fn status_from(ip: [u8; 4], url: &str) -> StatusCode {
+    let req = Request::get(url).body(full("")).unwrap();
+    send(&client_from(ip), req).await.0.status()
+}
+
+#[tokio::test]
+async fn one_client_cannot_open_the_breaker_for_everyone() {
+    let (up, _) = spawn_upstream().await;
+    let route = "[route.circuit]\nfailure_threshold = 5\nopen_ms = 60000\n";
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", route))
+        .await
+        .unwrap();
+    let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
+    let (victim, attacker) = ([127, 0, 0, 2], [127, 0, 0, 3]);
+    assert_eq!(status_from(victim, &url("/ok")).await, StatusCode::OK);
+    // Input the upstream answers 500 to, at once, again and again.
+    for _ in 0..20 {
+        assert_eq!(
+            status_from(attacker, &url("/status/500")).await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    assert_eq!(status_from(victim, &url("/ok")).await, StatusCode::OK);
+    assert_eq!(circuit_state(&proxy).await, "closed");
+    proxy.shutdown().await;
+
+    // An upstream failing for everybody opens it as fast as before: at the
+    // fifth failure, whoever the clients are.
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", route))
+        .await
+        .unwrap();
+    let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
+    let clients = [[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4]];
+    for i in 0..5 {
+        assert_eq!(
+            status_from(clients[i % 3], &url("/status/500")).await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    assert_eq!(circuit_state(&proxy).await, "open");
+    assert_eq!(
+        status_from(clients[0], &url("/ok")).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    proxy.shutdown().await;
+
+    // A single client failing alone is everybody there is: it opens too.
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/", route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/status/500", proxy.proxy_addr());
+    for _ in 0..5 {
+        status_from([127, 0, 0, 5], &url).await;
+    }
+    assert_eq!(circuit_state(&proxy).await, "open");
+    proxy.shutdown().await;
+}
+
+async fn circuit_state(proxy: &sluicegate::Running) -> serde_json::Value {
+    let status = json(
+        &get(&format!("http://{}/status", proxy.admin_addr()))
+            .await
+            .1,
+    );
+    status["routes"][0]["circuit"]["state"].clone()
+}
+
+/// 32 workers of 20 ms; `/bad` is refused with an instant 500 (an input
+/// check), without a worker.
+async fn checking_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let workers = Arc::new(tokio::sync::Semaphore::new(32));
+    serve_http1(listener, workers, |workers, req| async move {
+        if req.uri().path() == "/bad" {
+            let res = http::Response::builder()
+                .status(500)
+                .body(full("bad input"));
+            return Ok(res.unwrap());
+        }
+        let _worker = workers.acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(http::Response::new(full("ok")))
+    });
+    addr
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_clients_instant_errors_do_not_lower_everyones_limit() {
+    let upstream = checking_upstream().await;
+    let route = "[route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 64\n\
+                 queue_timeout_ms = 100\n[route.admission.adaptive]\ninitial_limit = 10\n";
+    let proxy = sluicegate::start(config(upstream, "/", route))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawn = |path: &'static str| {
+        let (url, stop) = (format!("{base}{path}"), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut other) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(&url).await.0.status() {
+                    StatusCode::OK => ok += 1,
+                    _ => other += 1,
+                }
+                if path == "/bad" {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            (ok, other)
+        })
+    };
+    // 16 clients well within the upstream's 32 workers; one sends what the
+    // upstream refuses at once, 10 times a second.
+    let legit: Vec<_> = (0..16).map(|_| spawn("/ok")).collect();
+    let bad = spawn("/bad");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let status = json(
+        &get(&format!("http://{}/status", proxy.admin_addr()))
+            .await
+            .1,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut refused) = (0, 0);
+    for client in legit {
+        let (o, r) = client.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    let (_, bad_answers) = bad.await.unwrap();
+    assert!(bad_answers > 50, "{bad_answers}");
+    let limit = status["routes"][0]["admission"]["limit"].as_u64().unwrap();
+    assert!(limit >= 16, "limit {limit}");
+    assert!(refused * 100 <= ok, "{refused} refused, {ok} served");
     proxy.shutdown().await;
 }
