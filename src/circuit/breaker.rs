@@ -211,7 +211,8 @@ pub enum CallOutcome {
 enum Inner {
     Closed {
         failures: u32,
-        window: Option<FailureWindow>,
+        /// Boxed: ten buckets, only with a failure-rate rule.
+        window: Option<Box<FailureWindow>>,
         /// Clients that called, and clients whose calls failed, lately.
         callers: Clients,
         failing: Clients,
@@ -306,7 +307,7 @@ impl Breaker {
             failures: 0,
             window: settings
                 .failure_rate
-                .map(|r| FailureWindow::new(r.window, now)),
+                .map(|r| Box::new(FailureWindow::new(r.window, now))),
             callers: Clients::new(cap, window),
             failing: Clients::new(cap, window),
         }
