@@ -177,8 +177,12 @@ pub fn open_spools(config: &Config, registry: &Registry) -> std::io::Result<Spoo
 /// a `tenant_key`, its tenants.
 fn admission_layer(route: &RouteConfig, controller: Arc<Controller>) -> AdmissionLayer {
     let layer = AdmissionLayer::with_controller(controller).priority(route.priority_rule());
+    let per_client = route
+        .admission
+        .as_ref()
+        .map_or(1, |a| a.tenants_per_client.as_usize());
     match route.tenant_extractor() {
-        Some(keys) => layer.tenants(keys),
+        Some(keys) => layer.tenants_per_client(keys, per_client),
         None => layer,
     }
 }
@@ -262,12 +266,28 @@ impl Protections {
     /// The protections `route` configures, registered in `registry`, with
     /// what the process opened once (its spool, the cluster connection).
     pub fn new(route: &RouteConfig, registry: &Registry, opened: Opened<'_>) -> Self {
+        Self::after(route, registry, opened, None)
+    }
+
+    /// The same, carrying on from `previous`, the route's protections
+    /// before a reload changed it: requests in flight and queued count
+    /// against the new limits (the two never admit side by side), the
+    /// breaker keeps its state, clients keep what they spent of their rate.
+    pub fn after(
+        route: &RouteConfig,
+        registry: &Registry,
+        opened: Opened<'_>,
+        previous: Option<&Protections>,
+    ) -> Self {
         let admission = controller(route, registry);
         let name = route.display_name();
         let rate_limit = route.rate_limit.as_ref().map(|config| {
             let metrics = RateLimitMetrics::new(name, registry);
             let settings = RateLimitSettings::from(config);
-            let limiter = RateLimiter::with_settings(&settings, metrics);
+            let mut limiter = RateLimiter::with_settings(&settings, metrics);
+            if let Some(old) = previous.and_then(|p| p.rate_limit.as_ref()) {
+                limiter = limiter.carry_from(old);
+            }
             Arc::new(match (settings.scope, opened.cluster) {
                 (Scope::Cluster { fallback, sync }, Some(cluster)) => {
                     let fallbacks = registry.counter(CLUSTER_FALLBACK_TOTAL, &[("route", name)]);
@@ -278,9 +298,16 @@ impl Protections {
             })
         });
         let spool = opened.spools.get(name);
+        let circuit = circuit(route, &admission, registry);
+        if let Some(previous) = previous {
+            if let (Some(old), Some(new)) = (&previous.circuit, &circuit) {
+                old.hand_over(new);
+            }
+            previous.admission.hand_over(&admission);
+        }
         Self {
             rate_limit,
-            circuit: circuit(route, &admission, registry),
+            circuit,
             admission,
             spool,
         }
@@ -314,9 +341,10 @@ pub(crate) fn route_parts<S>(
     registry: &Registry,
     opened: Opened<'_>,
     make_inner: &mut impl FnMut(&RouteConfig) -> S,
+    previous: Option<&Protections>,
 ) -> (RouteEntry<RouteStack<S>>, RouteInfo) {
     let stats = Arc::new(RouteStats::new(route.display_name(), registry));
-    let protections = Protections::new(route, registry, opened);
+    let protections = Protections::after(route, registry, opened, previous);
     let inner = make_inner(route);
     let entry = RouteEntry {
         name: route.display_name().to_string(),
@@ -343,7 +371,7 @@ pub fn build_with<S>(
     let (entries, routes): (Vec<_>, Vec<_>) = config
         .routes
         .iter()
-        .map(|route| route_parts(route, registry, opened, &mut make_inner))
+        .map(|route| route_parts(route, registry, opened, &mut make_inner, None))
         .unzip();
     let unmatched = Arc::new(Unmatched::new(
         registry.counter(UNMATCHED_TOTAL, &[]),

@@ -274,7 +274,8 @@ async fn a_rate_limit_tier_carries_its_class() {
 async fn a_quiet_tenant_is_not_refused_behind_a_flooding_one() {
     let (up, mut held) = spawn_upstream().await;
     let route = format!(
-        "{}tenant_key = \"header:x-api-key\"\n",
+        // Every tenant of this test comes from one address (127.0.0.1).
+        "{}tenant_key = \"header:x-api-key\"\ntenants_per_client = 10\n",
         admission(1, 2, 60_000)
     );
     let proxy = sluicegate::start(config(up.addr.unwrap(), "/", &route))

@@ -242,3 +242,120 @@ async fn off_loopback_status_and_reload_need_the_admin_token() {
     }
     proxy.shutdown().await;
 }
+
+/// An upstream holding each request 20 ms, noting the most at once.
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let peak = Arc::new(AtomicU64::new(0));
+    let seen = peak.clone();
+    serve_http1(listener, Arc::new((state, seen)), |s, _req| async move {
+        let ((now, _), peak) = (&*s.0, &s.1);
+        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+        peak.fetch_max(at_once, Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        now.fetch_sub(1, Ordering::SeqCst);
+        Ok(http::Response::new(full("ok")))
+    });
+    (addr, peak)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_never_admit_past_the_limit() {
+    let (upstream, peak) = counting_upstream().await;
+    let text = |timeout: u64| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [[route]]\nname = \"r\"\nupstream = \"http://{upstream}\"\ntimeout_ms = {timeout}\n\
+             [route.admission]\nmax_inflight = 4\nqueue_capacity = 256\nqueue_timeout_ms = 30000\n"
+        )
+    };
+    let path = file("under-load.toml", &text(5000));
+    let proxy = sluicegate::server::start_from(Config::load(&path).unwrap(), Some(path.clone()))
+        .await
+        .unwrap();
+    let (addr, admin) = (proxy.proxy_addr(), proxy.admin_addr());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    answers.push(get(&format!("http://{addr}/x")).await.0.status());
+                }
+                answers
+            })
+        })
+        .collect();
+    // Ten reloads that change the route, under load.
+    for i in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        std::fs::write(&path, text(5000 + i + 1)).unwrap();
+        let (status, body) = reload(admin).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["routes"]["changed"], serde_json::json!(["r"]));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.unwrap());
+    }
+    assert!(answers.len() > 100, "{}", answers.len());
+    assert!(answers.iter().all(|s| *s == StatusCode::OK));
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        4,
+        "the upstream saw more than max_inflight"
+    );
+    // Nothing leaked: the last controller counts none in flight.
+    let admission = &status(admin).await["routes"][0]["admission"];
+    assert_eq!(admission["inflight"], 0, "{admission}");
+    assert_eq!(admission["queued"], 0, "{admission}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_open_breaker_and_spent_rates() {
+    let (up, _) = spawn_upstream().await;
+    let upstream = up.addr.unwrap();
+    let text = |timeout: u64| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [[route]]\nname = \"r\"\nupstream = \"http://{upstream}\"\ntimeout_ms = {timeout}\n\
+             [route.rate_limit]\nper_second = 0.01\nburst = 3\n\
+             [route.circuit]\nfailure_threshold = 1\nopen_ms = 600000\nmax_open_ms = 600000\n"
+        )
+    };
+    let path = file("keeps-state.toml", &text(5000));
+    let proxy = sluicegate::server::start_from(Config::load(&path).unwrap(), Some(path.clone()))
+        .await
+        .unwrap();
+    let (addr, admin) = (proxy.proxy_addr(), proxy.admin_addr());
+    // Two of the burst of 3 spent, the second opening the circuit.
+    assert_eq!(
+        get(&format!("http://{addr}/ok")).await.0.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&format!("http://{addr}/status/500")).await.0.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    std::fs::write(&path, text(6000)).unwrap();
+    assert_eq!(reload(admin).await.0, StatusCode::OK);
+    let route = &status(admin).await["routes"][0];
+    assert_eq!(route["circuit"]["state"], "open", "{route}");
+    // Still open: refused without reaching the upstream (the third token).
+    assert_eq!(
+        get(&format!("http://{addr}/ok")).await.0.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // The burst is spent: no fresh one came with the reload.
+    assert_eq!(
+        get(&format!("http://{addr}/ok")).await.0.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    proxy.shutdown().await;
+}

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
@@ -219,7 +219,6 @@ struct State {
     holding: HashMap<ClientKey, usize>,
     shed_by_tenant: ShedCounts,
     rate: CompletionRate,
-    next_id: u64,
     /// Moves `limit` from the samples of answered requests (adaptive mode).
     algorithm: Option<Box<dyn LimitAlgorithm>>,
     /// While the algorithm probes: its number, and the requests admitted
@@ -249,10 +248,30 @@ impl State {
 /// [`Rejection`] carrying an honest `Retry-After`.
 pub struct Controller {
     settings: AdmissionSettings,
+    /// The adaptive algorithm's settings, when adaptive.
+    adaptive: Option<AdaptiveSettings>,
     mode: Mode,
     metrics: AdmissionMetrics,
     shed_full: AtomicU64,
     shed_timeout: AtomicU64,
+    /// The controller a reload built for the route's new settings: it has
+    /// taken this one's requests (in flight and queued) and takes every
+    /// call made here since, so that the two never admit side by side.
+    successor: OnceLock<Arc<Controller>>,
+}
+
+/// Waiters' ids, unique across controllers: a waiter handed to a reload's
+/// controller keeps its id, by which it leaves the queue.
+static WAITER_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// What a controller hands to the one a reload built in its place.
+#[derive(Default)]
+struct Adopted {
+    inflight: usize,
+    bytes: u64,
+    holding: HashMap<ClientKey, usize>,
+    queue: WaitQueue<ClientKey, Waiter>,
+    algorithm: Option<Box<dyn LimitAlgorithm>>,
 }
 
 /// A controller's mode at hand: the unlimited count, or the limited state
@@ -310,7 +329,7 @@ impl Controller {
         metrics: AdmissionMetrics,
         adaptive: Option<AdaptiveSettings>,
     ) -> Arc<Self> {
-        let algorithm = adaptive.map(|a| a.build(Instant::now()));
+        let algorithm = adaptive.as_ref().map(|a| a.build(Instant::now()));
         let limit = algorithm
             .as_ref()
             .map_or(settings.max_inflight, |a| a.limit());
@@ -338,18 +357,106 @@ impl Controller {
                 holding: HashMap::new(),
                 shed_by_tenant: ShedCounts::default(),
                 rate: CompletionRate::for_limit(settings.max_inflight),
-                next_id: 0,
                 algorithm,
                 probe: None,
             })))
         };
         Arc::new(Self {
             settings,
+            adaptive,
             mode,
             metrics,
             shed_full: AtomicU64::new(0),
             shed_timeout: AtomicU64::new(0),
+            successor: OnceLock::new(),
         })
+    }
+
+    /// Hands this controller's requests to `next`, built by a reload for the
+    /// route's new settings: the requests in flight count against `next`'s
+    /// limit (a changed limit applies to the same count), the queue keeps
+    /// its order there, the adaptive limit carries on when its settings did
+    /// not change, and every call on this controller from now on is
+    /// `next`'s. Without it, requests admitted by the old limit and by the
+    /// new one would be at the upstream side by side.
+    pub fn hand_over(self: &Arc<Self>, next: &Arc<Controller>) {
+        if Arc::ptr_eq(self, next) || self.successor.get().is_some() {
+            return;
+        }
+        match self.lock() {
+            Locked::Unlimited(inflight) => {
+                let _ = self.successor.set(next.clone());
+                let n = inflight.swap(0, Ordering::SeqCst);
+                next.adopt(Adopted {
+                    inflight: n,
+                    ..Adopted::default()
+                });
+            }
+            Locked::Limited(mut state) => {
+                let _ = self.successor.set(next.clone());
+                let algorithm = state
+                    .algorithm
+                    .take()
+                    .filter(|_| self.adaptive.is_some() && self.adaptive == next.adaptive);
+                state.probe = None;
+                let adopted = Adopted {
+                    inflight: std::mem::take(&mut state.inflight),
+                    bytes: std::mem::take(&mut state.inflight_bytes),
+                    holding: std::mem::take(&mut state.holding),
+                    queue: std::mem::take(&mut state.queue),
+                    algorithm,
+                };
+                // Locks `next` under this one's lock: a controller with no
+                // successor never locks another, so the order is one way.
+                next.adopt(adopted);
+            }
+        }
+    }
+
+    /// Takes in what a predecessor handed over.
+    fn adopt(self: &Arc<Self>, adopted: Adopted) {
+        let Adopted {
+            inflight: n,
+            bytes,
+            holding,
+            mut queue,
+            algorithm,
+        } = adopted;
+        match self.lock() {
+            Locked::Unlimited(inflight) => {
+                inflight.fetch_add(n, Ordering::SeqCst);
+                self.metrics.inflight.increment(n as f64);
+                // No limit any more: every waiter goes now.
+                while let Some((_, _, waiter)) = queue.pop_next(|_| true, |_| true, false) {
+                    let permit = self.count_unlimited(inflight);
+                    let _ = waiter.tx.send(Ok(permit));
+                }
+            }
+            Locked::Limited(mut state) => {
+                state.inflight += n;
+                state.inflight_bytes += bytes;
+                if self.caps_tenants() {
+                    for (tenant, held) in holding {
+                        *state.holding.entry(tenant).or_default() += held;
+                    }
+                }
+                if state.queue.len() == 0 {
+                    state.queue = queue;
+                }
+                if let Some(algorithm) = algorithm {
+                    state.limit = algorithm.limit().min(self.settings.max_inflight).max(1);
+                    self.metrics.limit.set(state.limit as f64);
+                    state.algorithm = Some(algorithm);
+                }
+                self.fill(&mut state);
+                self.publish(&mut state);
+            }
+        }
+    }
+
+    /// The controller that took over, if a reload replaced this one.
+    fn successor(&self) -> Option<&Arc<Controller>> {
+        self.successor.get()
     }
 
     /// The limits.
@@ -391,8 +498,15 @@ impl Controller {
     /// is free, nobody who may run waits for one, the tenant is below its
     /// share and the weight fits.
     pub fn try_acquire_as(self: &Arc<Self>, tenant: &ClientKey, weight: u64) -> Option<Permit> {
+        if let Some(next) = self.successor() {
+            return next.try_acquire_as(tenant, weight);
+        }
         match self.lock() {
             Locked::Unlimited(inflight) => Some(self.count_unlimited(inflight)),
+            Locked::Limited(state) if self.successor().is_some() => {
+                drop(state);
+                self.try_acquire_as(tenant, weight)
+            }
             Locked::Limited(mut state) => {
                 self.take_free_slot(&mut state, tenant, weight, Instant::now())
             }
@@ -438,6 +552,10 @@ impl Controller {
         let Locked::Limited(mut state) = self.lock() else {
             return;
         };
+        if let Some(next) = self.successor() {
+            drop(state);
+            return next.grow(meter, base, total);
+        }
         let extra = meter.extra.load(Ordering::Relaxed);
         if meter.released.load(Ordering::Relaxed) || total <= base + extra {
             return;
@@ -580,12 +698,19 @@ impl Controller {
             return Err(Rejection::new(Reason::BodyTooLarge)
                 .with_cause("the request outweighs max_inflight_bytes"));
         }
+        if let Some(next) = self.successor() {
+            return Box::pin(next.acquire_before(priority, tenant, weight, deadline)).await;
+        }
         let now = Instant::now();
         let (id, mut rx) = {
             let mut state = match self.lock() {
                 Locked::Unlimited(inflight) => return Ok(self.count_unlimited(inflight)),
                 Locked::Limited(state) => state,
             };
+            if let Some(next) = self.successor() {
+                drop(state);
+                return Box::pin(next.acquire_before(priority, tenant, weight, deadline)).await;
+            }
             if let Some(permit) = self.take_free_slot(&mut state, &tenant, weight, now) {
                 return Ok(permit);
             }
@@ -627,8 +752,7 @@ impl Controller {
                 }
             }
             let (tx, rx) = oneshot::channel();
-            let id = state.next_id;
-            state.next_id += 1;
+            let id = WAITER_IDS.fetch_add(1, Ordering::Relaxed);
             state
                 .queue
                 .push(id, priority, &tenant, Waiter { tx, weight });
@@ -714,12 +838,23 @@ impl Controller {
     ) {
         let mut state = match self.lock() {
             Locked::Unlimited(inflight) => {
-                inflight.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.inflight.decrement(1.0);
+                // Zero: the count went to the controller that took over.
+                if inflight
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    self.metrics.inflight.decrement(1.0);
+                } else if let Some(next) = self.successor() {
+                    next.release(sample, tenant, weight, meter, None);
+                }
                 return;
             }
             Locked::Limited(state) => state,
         };
+        if let Some(next) = self.successor() {
+            drop(state);
+            return next.release(sample, tenant, weight, meter, None);
+        }
         let now = Instant::now();
         self.tick(&mut state, now);
         let saturated = state.busy() >= state.limit || state.queue.len() > 0;
@@ -848,6 +983,9 @@ impl Controller {
     /// limit takes effect as they finish. A higher one admits waiters at once.
     /// No effect on an unlimited controller.
     pub fn set_limit(self: &Arc<Self>, limit: usize) {
+        if let Some(next) = self.successor() {
+            return next.set_limit(limit);
+        }
         let Locked::Limited(mut state) = self.lock() else {
             return;
         };
@@ -943,13 +1081,22 @@ impl QueuePlace {
         if std::mem::replace(&mut self.left, true) {
             return;
         }
-        if let Locked::Limited(mut state) = self.controller.lock()
-            && state
-                .queue
-                .remove(self.id, self.priority, &self.tenant)
-                .is_some()
-        {
-            self.controller.publish(&mut state);
+        // Handed to a reload's controller, the waiter is in its queue now.
+        let mut controller = &self.controller;
+        loop {
+            if let Locked::Limited(mut state) = controller.lock()
+                && state
+                    .queue
+                    .remove(self.id, self.priority, &self.tenant)
+                    .is_some()
+            {
+                controller.publish(&mut state);
+                return;
+            }
+            match controller.successor() {
+                Some(next) => controller = next,
+                None => return,
+            }
         }
     }
 }

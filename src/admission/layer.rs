@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::tenants::everyone;
-use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule};
+use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule, Tenants};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
 use crate::client_key::{ClientKey, KeyExtractor};
 use crate::conn::PeerClosed;
@@ -61,7 +61,7 @@ use crate::upstream_timeout::UpstreamLatency;
 pub struct AdmissionLayer {
     controller: Arc<Controller>,
     priority: Arc<PriorityRule>,
-    tenants: Option<Arc<KeyExtractor>>,
+    tenants: Option<Arc<Tenants>>,
 }
 
 /// The header a request's priority class is read from unless configured.
@@ -100,7 +100,14 @@ impl AdmissionLayer {
     /// tenant with the most waiting, and the controller's
     /// `max_inflight_per_tenant` caps each one's slots.
     pub fn tenants(mut self, keys: KeyExtractor) -> Self {
-        self.tenants = Some(Arc::new(keys));
+        self.tenants = Some(Arc::new(Tenants::new(keys, None)));
+        self
+    }
+
+    /// The same, each client address at most `per_client` tenants at once
+    /// (see [`Tenants`]): names a client invents buy it no more turns.
+    pub fn tenants_per_client(mut self, keys: KeyExtractor, per_client: usize) -> Self {
+        self.tenants = Some(Arc::new(Tenants::new(keys, Some(per_client))));
         self
     }
 
@@ -179,14 +186,14 @@ pub struct Admission<S> {
     controller: Arc<Controller>,
     // Shared: the stack is cloned for every request.
     priority: Arc<PriorityRule>,
-    tenants: Option<Arc<KeyExtractor>>,
+    tenants: Option<Arc<Tenants>>,
 }
 
 impl<S> Admission<S> {
     fn tenant_of<B>(&self, req: &Request<B>) -> ClientKey {
         self.tenants
             .as_ref()
-            .map_or_else(everyone, |keys| keys.key(req.headers(), req.extensions()))
+            .map_or_else(everyone, |t| t.of(req.headers(), req.extensions()))
     }
 }
 

@@ -23,7 +23,7 @@ pub use layer::{
     Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, Granted, QueueWait, ResponseFuture,
 };
 pub use priority::{Priority, PriorityRule, Trust};
-pub use tenants::everyone;
+pub use tenants::{NAMES_KEPT_FOR, Tenants, everyone};
 pub use tenants::{SHED_TENANTS, TenantCount};
 
 #[cfg(test)]

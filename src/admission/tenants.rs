@@ -1,12 +1,84 @@
-//! Tenants as admission sees them: the one tenant of a route without a
-//! `tenant_key`, the bounded count of whom admission shed, and how a tenant is
-//! shown.
+//! Tenants as admission sees them: who a request's tenant is ([`Tenants`]),
+//! the one tenant of a route without a `tenant_key`, the bounded count of
+//! whom admission shed, and how a tenant is shown.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::Serialize;
+use tokio::time::Instant;
 
-use crate::client_key::ClientKey;
+use crate::client_key::{ClientKey, KeyExtractor};
+
+/// Who a request's tenant is: what `keys` finds (an address, a header
+/// value). A header value is the client's own word, and tenants take turns:
+/// a client inventing a name per request would get a turn per name. So each
+/// client address may be at most `per_client` tenants at once (names it used
+/// in the last [`NAMES_KEPT_FOR`]); a further name counts as the first of
+/// its names. One client, one share, whatever it calls itself.
+#[derive(Debug)]
+pub struct Tenants {
+    keys: KeyExtractor,
+    per_client: Option<usize>,
+    names: Mutex<HashMap<IpAddr, Vec<(ClientKey, Instant)>>>,
+}
+
+/// How long a client's tenant name counts against its share after its last use.
+pub const NAMES_KEPT_FOR: Duration = Duration::from_secs(10);
+
+/// Client addresses whose names are kept at once: past it (after dropping
+/// the stale), a new address's requests are its address's tenant.
+const ADDRESSES: usize = 65_536;
+
+impl Tenants {
+    /// Tenants as `keys` finds them, each client address at most
+    /// `per_client` of them (`None`: no bound, for callers that are all
+    /// trusted).
+    pub fn new(keys: KeyExtractor, per_client: Option<usize>) -> Self {
+        Self {
+            keys,
+            per_client: per_client.map(|n| n.max(1)),
+            names: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tenant of a request with these headers and extensions.
+    pub fn of(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> ClientKey {
+        let key = self.keys.key(headers, extensions);
+        let Some(cap) = self.per_client else {
+            return key;
+        };
+        if matches!(key, ClientKey::Ip(_)) {
+            return key; // named by its address: nothing to invent
+        }
+        let address = self.keys.address(headers, extensions);
+        let now = Instant::now();
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < NAMES_KEPT_FOR;
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.len() >= ADDRESSES && !names.contains_key(&address) {
+            names.retain(|_, used| {
+                used.retain(|(_, at)| fresh(at));
+                !used.is_empty()
+            });
+            if names.len() >= ADDRESSES {
+                return ClientKey::Ip(address);
+            }
+        }
+        let used = names.entry(address).or_default();
+        used.retain(|(_, at)| fresh(at));
+        if let Some((_, at)) = used.iter_mut().find(|(name, _)| *name == key) {
+            *at = now;
+            return key;
+        }
+        if used.len() < cap {
+            used.push((key.clone(), now));
+            return key;
+        }
+        used[0].0.clone()
+    }
+}
 
 /// The tenant of every request on a route without a `tenant_key`.
 pub fn everyone() -> ClientKey {

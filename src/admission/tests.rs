@@ -1017,3 +1017,33 @@ async fn a_slow_reader_admitted_during_a_probe_holds_it_no_longer_than_its_deadl
     );
     drop(slow);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reloaded_controller_takes_over_what_is_in_flight_and_queued() {
+    let old = controller(2, 10, 60_000);
+    let held = old.acquire(Priority::Normal).await.unwrap();
+    let other = old.acquire(Priority::Normal).await.unwrap();
+    let queued = waiter(&old, Priority::Normal).await;
+    let leaving = waiter(&old, Priority::Normal).await;
+    assert_eq!(old.snapshot().queued, 2);
+    // The reload lowers the limit to 1: the two in flight count against it.
+    let new = controller(1, 10, 60_000);
+    old.hand_over(&new);
+    assert_eq!((new.snapshot().inflight, new.snapshot().queued), (2, 2));
+    // Calls on the old controller are the new one's now.
+    assert!(old.try_acquire().is_none());
+    // A waiter that gives up leaves the new queue.
+    leaving.abort();
+    tokio::task::yield_now().await;
+    assert_eq!(new.snapshot().queued, 1);
+    // One release leaves 1 in flight: at the new limit, nobody admitted.
+    drop(other);
+    tokio::task::yield_now().await;
+    assert_eq!((new.snapshot().inflight, new.snapshot().queued), (1, 1));
+    // The next one lets the waiter in, under the new controller.
+    drop(held);
+    let permit = queued.await.unwrap().unwrap();
+    assert_eq!((new.snapshot().inflight, new.snapshot().queued), (1, 0));
+    drop(permit);
+    assert_eq!(new.snapshot().inflight, 0);
+}

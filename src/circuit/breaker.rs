@@ -313,6 +313,29 @@ impl Breaker {
         }
     }
 
+    /// Its settings.
+    pub fn settings(&self) -> &CircuitSettings {
+        &self.settings
+    }
+
+    /// Takes `settings` (a reload) and keeps the state: a changed
+    /// threshold applies to the failures counted so far, an open duration
+    /// already running keeps its end.
+    pub fn reconfigure(&mut self, settings: CircuitSettings) {
+        self.open_for = self.open_for.clamp(settings.open, settings.max_open);
+        if let Inner::Closed { window, .. } = &mut self.inner {
+            match (window.as_ref(), settings.failure_rate) {
+                (_, None) => *window = None,
+                (Some(_), Some(r))
+                    if self.settings.failure_rate.map(|o| o.window) == Some(r.window) => {}
+                (_, Some(r)) => {
+                    *window = Some(Box::new(FailureWindow::new(r.window, Instant::now())))
+                }
+            }
+        }
+        self.settings = settings;
+    }
+
     /// The state as of the last transition ([`Breaker::tick`] makes the ones
     /// time alone makes).
     pub fn state(&self) -> CircuitState {

@@ -1,7 +1,7 @@
 //! [`Circuit`]: one route's breaker with its metrics, log, fallback and slow start.
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge};
@@ -121,6 +121,9 @@ pub struct Circuit {
     /// Who a call's client is, so that failures count per client.
     clients: KeyExtractor,
     digests: RandomState,
+    /// The circuit a reload built for the route's new settings: it carries
+    /// on from this one's state and takes every call made here since.
+    successor: OnceLock<Arc<Circuit>>,
 }
 
 impl std::fmt::Debug for Circuit {
@@ -147,7 +150,38 @@ impl Circuit {
             slow_start: None,
             clients: KeyExtractor::new(&KeySource::Ip, Vec::new()),
             digests: RandomState::new(),
+            successor: OnceLock::new(),
         }
+    }
+
+    /// Hands this circuit's state to `next`, built by a reload for the
+    /// route's new settings: an open circuit stays open (for what is left
+    /// of its open time), a half-open one keeps its probes, a closed one its
+    /// count of failures, and every call on this circuit from now on is
+    /// `next`'s (the answers of calls let through here count there). A
+    /// reload must not close a breaker the upstream opened.
+    pub fn hand_over(&self, next: &Arc<Circuit>) {
+        if std::ptr::eq(self, Arc::as_ptr(next)) || self.successor.get().is_some() {
+            return;
+        }
+        let state = self.lock();
+        let _ = self.successor.set(next.clone());
+        let mut carried = next.lock();
+        let settings = carried.breaker.settings().clone();
+        carried.breaker = state.breaker.clone();
+        carried.breaker.reconfigure(settings);
+        carried.ramp_since = state.ramp_since;
+        carried.transitions = state.transitions;
+        next.metrics.state.set(carried.breaker.state().gauge());
+    }
+
+    /// The circuit in force: this one, or the one a reload handed it to.
+    fn live(&self) -> &Circuit {
+        let mut circuit = self;
+        while let Some(next) = circuit.successor.get() {
+            circuit = next;
+        }
+        circuit
     }
 
     /// Tells clients apart with `clients` (the route's trusted proxies and
@@ -210,13 +244,13 @@ impl Circuit {
     /// second for each route, so that the gauge follows the breaker on a quiet
     /// route).
     pub fn tick(&self, now: Instant) {
-        drop(self.lock_at(now));
+        drop(self.live().lock_at(now));
     }
 
     /// Time left until an open circuit lets a probe through (`None` unless
     /// open).
     pub fn open_remaining(&self, now: Instant) -> Option<Duration> {
-        self.lock_at(now).breaker.open_remaining(now)
+        self.live().lock_at(now).breaker.open_remaining(now)
     }
 
     /// Asks to call the upstream; a refusal is a `circuit_open` [`Rejection`]
@@ -228,6 +262,10 @@ impl Circuit {
     /// The same for a call by `client` ([`Circuit::client_of`]).
     pub fn acquire_as(&self, client: u64, now: Instant) -> Result<Ticket, Rejection> {
         let mut state = self.lock();
+        if let Some(next) = self.successor.get() {
+            drop(state);
+            return next.acquire_as(client, now);
+        }
         let (result, transition) = state.breaker.try_acquire_as(client, now);
         if let Some(t) = transition {
             self.on_transition(&mut state, t, now);
@@ -256,6 +294,10 @@ impl Circuit {
     /// Records how a call ended; `None`: neither success nor failure.
     pub fn finish(&self, ticket: Ticket, outcome: Option<CallOutcome>, now: Instant) {
         let mut state = self.lock();
+        if let Some(next) = self.successor.get() {
+            drop(state);
+            return next.finish(ticket, outcome, now);
+        }
         let Some(outcome) = outcome else {
             state.breaker.cancel(ticket);
             return;
@@ -306,7 +348,8 @@ impl Circuit {
     /// The live state.
     pub fn snapshot(&self) -> CircuitSnapshot {
         let now = Instant::now();
-        let state = self.lock_at(now);
+        let this = self.live();
+        let state = this.lock_at(now);
         let b = &state.breaker;
         CircuitSnapshot {
             state: b.state(),
@@ -316,7 +359,7 @@ impl Circuit {
             open_remaining_ms: b.open_remaining(now).map(|d| d.as_millis() as u64),
             slow_start_limit: state
                 .ramp_since
-                .and(self.slow_start.as_ref())
+                .and(this.slow_start.as_ref())
                 .map(|s| s.controller.limit()),
             transitions: state.transitions,
         }
@@ -324,11 +367,11 @@ impl Circuit {
 
     /// State changes since the route was built.
     pub fn transitions(&self) -> u64 {
-        self.lock().transitions
+        self.live().lock().transitions
     }
 
     /// The current state.
     pub fn state(&self) -> CircuitState {
-        self.lock_at(Instant::now()).breaker.state()
+        self.live().lock_at(Instant::now()).breaker.state()
     }
 }

@@ -282,6 +282,11 @@ pub struct AdmissionConfig {
     /// Slots one tenant may hold at once (needs `tenant_key`).
     #[serde(default)]
     pub max_inflight_per_tenant: Option<Limit>,
+    /// With `tenant_key = "header:..."`: tenants one client address may be
+    /// at once; a further name counts as its first (invented names buy no
+    /// more turns).
+    #[serde(default = "default_tenants_per_client")]
+    pub tenants_per_client: Limit,
     /// `"fifo"` (default) or `"codel"`: adaptive LIFO with a short wait
     /// while the queue stands.
     #[serde(default)]
@@ -311,6 +316,13 @@ pub struct AdmissionConfig {
     #[serde(default)]
     pub adaptive: Option<AdaptiveConfig>,
 }
+
+fn default_tenants_per_client() -> Limit {
+    Limit::new(1)
+}
+
+/// The most tenant names one client address may use at once.
+const MAX_TENANTS_PER_CLIENT: u64 = 1000;
 
 /// `queue_discipline`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -731,6 +743,15 @@ impl AdmissionConfig {
                 ));
             }
             _ => {}
+        }
+        if self.tenants_per_client.get() > MAX_TENANTS_PER_CLIENT {
+            return Err((
+                format!("{at}.tenants_per_client"),
+                format!(
+                    "must be at most {MAX_TENANTS_PER_CLIENT} (got {})",
+                    self.tenants_per_client.get()
+                ),
+            ));
         }
         if let Some(cap) = self.max_inflight_per_tenant {
             if self.tenant_key.is_none() {

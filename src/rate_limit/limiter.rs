@@ -186,6 +186,17 @@ impl Bucket {
         }
     }
 
+    /// Counts on in `old`'s buckets (a reload): clients keep what they have
+    /// spent, at this bucket's rate. Not when the table's size changed.
+    fn carry(&mut self, old: &Bucket) {
+        if self.store.max_keys() != old.store.max_keys() {
+            return;
+        }
+        let clock = old.governor.clock().clone();
+        self.governor = Governor::new(self.rate.quota(), old.store.clone(), clock);
+        self.store = old.store.clone();
+    }
+
     /// The `RateLimit` field: `"name";r=<remaining>;t=<reset>`, written
     /// without the formatting machinery (it is on every response).
     fn state(&self, remaining: u32, reset: u64) -> HeaderValue {
@@ -516,6 +527,22 @@ impl RateLimiter {
             limiter.tiers.push(bucket);
         }
         limiter
+    }
+
+    /// Carries on from `old`'s buckets, the limiter of this route before a
+    /// reload: a reload must not give every client a fresh burst. Tiers
+    /// carry by name; a bucket whose table changed size starts afresh.
+    pub fn carry_from(mut self, old: &RateLimiter) -> Self {
+        self.default.carry(&old.default);
+        for tier in &mut self.tiers {
+            if let Some(before) = old.tiers.iter().find(|t| t.name == tier.name) {
+                tier.carry(before);
+            }
+        }
+        if let (Some(per_ip), Some(before)) = (&mut self.per_ip, &old.per_ip) {
+            per_ip.carry(before);
+        }
+        self
     }
 
     /// Keeps the buckets on `cluster` (`scope = "cluster"`), for `route`,

@@ -72,6 +72,11 @@ impl<K: Hash + Eq + Clone> CappedStore<K> {
         }))
     }
 
+    /// The most keys it tracks.
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
     /// Whether `key` has (or can have) a bucket of its own: it is tracked,
     /// or there is room for it.
     pub fn takes(&self, key: &K) -> bool {

@@ -241,7 +241,8 @@ pub struct RouteChanges {
     pub kept: Vec<String>,
     /// New names.
     pub added: Vec<String>,
-    /// Same name, new settings: rebuilt (fresh state).
+    /// Same name, new settings: rebuilt, carrying on from the old state
+    /// (in-flight and queued requests, breaker state, rate-limit buckets).
     pub changed: Vec<String>,
     /// Gone.
     pub removed: Vec<String>,
@@ -281,7 +282,10 @@ pub fn rebuild<S: Clone>(
                 list.push(name.to_string());
                 // The spool and the cluster connection stay open across
                 // reloads (their settings cannot change without a restart).
-                let (entry, info) = stack::route_parts(route, registry, opened, &mut make_inner);
+                // A changed route carries on from its old protections.
+                let previous = old.map(|info| &info.protections);
+                let (entry, info) =
+                    stack::route_parts(route, registry, opened, &mut make_inner, previous);
                 entries.push(entry);
                 routes.push(info);
             }

@@ -415,3 +415,78 @@ async fn one_clients_instant_errors_do_not_lower_everyones_limit() {
     assert!(refused * 100 <= ok, "{refused} refused, {ok} served");
     proxy.shutdown().await;
 }
+
+/// An upstream of 4 workers taking 20 ms each.
+async fn four_workers() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let workers = Arc::new(tokio::sync::Semaphore::new(4));
+    serve_http1(listener, workers, |workers, _req| async move {
+        let _worker = workers.acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(http::Response::new(full("ok")))
+    });
+    addr
+}
+
+/// The victim's successes over 5 s while an attacker floods the route at
+/// about 5× its capacity, naming a new tenant per request when `rotating`.
+async fn victims_successes(rotating: bool) -> u32 {
+    let upstream = four_workers().await;
+    let route = "[route.admission]\nmax_inflight = 4\nqueue_capacity = 16\n\
+                 queue_timeout_ms = 500\ntenant_key = \"header:x-tenant\"\n";
+    let proxy = sluicegate::start(config(upstream, "/", route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/ingest", proxy.proxy_addr());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = client_from([127, 0, 0, 3]);
+                for n in 0u64.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let tenant = match rotating {
+                        true => format!("sybil-{i}-{n}"),
+                        false => "attacker".to_string(),
+                    };
+                    let req = Request::get(&url).header("x-tenant", tenant);
+                    let status = send(&client, req.body(full("")).unwrap()).await.0.status();
+                    if status != StatusCode::OK {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    // The victim: 20 requests a second, a tenth of the capacity.
+    let client = client_from([127, 0, 0, 2]);
+    let mut ok = 0;
+    for _ in 0..100 {
+        let req = Request::get(&url).header("x-tenant", "victim");
+        if send(&client, req.body(full("")).unwrap()).await.0.status() == StatusCode::OK {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        a.await.unwrap();
+    }
+    proxy.shutdown().await;
+    ok
+}
+
+#[tokio::test(start_paused = true)]
+async fn invented_tenant_names_buy_no_share_of_the_slots() {
+    let fixed = victims_successes(false).await;
+    let rotating = victims_successes(true).await;
+    eprintln!(
+        "victim served: {fixed}/100 against a fixed key, {rotating}/100 against rotating keys"
+    );
+    assert!(fixed >= 90, "{fixed}");
+    assert!(rotating * 100 >= fixed * 95, "{rotating} vs {fixed}");
+}
