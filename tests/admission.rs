@@ -409,3 +409,95 @@ async fn a_chunked_upload_weighs_what_it_streams() {
     assert_eq!(bytes().await, 0);
     proxy.shutdown().await;
 }
+
+/// An upstream of 4 workers taking 100 ms each: 40 requests a second.
+async fn slow_workers() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let workers = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
+    serve_http1(listener, workers, |workers, _req| async move {
+        let _worker = workers.acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(http::Response::new(full("ok")))
+    });
+    addr
+}
+
+/// What `bursts` bursts of `size` requests `every` apart did through a
+/// route with `discipline`: requests served while the load lasted (goodput;
+/// a FIFO's full queue drains after it), refused in all, and the served
+/// ones' mean latency (ms).
+async fn bursts(discipline: &str, bursts: usize, size: usize, every: Duration) -> (u32, u32, u64) {
+    let upstream = slow_workers().await;
+    let route = format!(
+        "{}queue_discipline = \"{discipline}\"\n",
+        admission(4, 16, 1000)
+    );
+    let proxy = sluicegate::start(config(upstream, "/", &route))
+        .await
+        .unwrap();
+    let url = format!("http://{}/x", proxy.proxy_addr());
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..bursts {
+        for _ in 0..size {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let sent = tokio::time::Instant::now();
+                let status = get(&url).await.0.status();
+                (status, sent, tokio::time::Instant::now())
+            }));
+        }
+        tokio::time::sleep(every).await;
+    }
+    let end = start + every * bursts as u32;
+    let (mut served, mut refused, mut waited) = (0, 0, Duration::ZERO);
+    for t in tasks {
+        let (status, sent, done) = t.await.unwrap();
+        if status != StatusCode::OK {
+            refused += 1;
+            continue;
+        }
+        waited += done - sent;
+        if done <= end {
+            served += 1;
+        }
+    }
+    proxy.shutdown().await;
+    let all = tasks_len(bursts, size) - refused;
+    let mean = waited.as_millis() as u64 / u64::from(all.max(1));
+    (served, refused, mean)
+}
+
+fn tasks_len(bursts: usize, size: usize) -> u32 {
+    u32::try_from(bursts * size).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn codel_loses_no_more_than_fifo_to_bursts_or_overload() {
+    // Bursts of 12 every 600 ms: 20 a second, half of what the upstream
+    // serves, each burst taking 300 ms to drain.
+    let every = Duration::from_millis(600);
+    let fifo = bursts("fifo", 10, 12, every).await;
+    let codel = bursts("codel", 10, 12, every).await;
+    eprintln!("bursts at half load: fifo {fifo:?}, codel {codel:?} (served, refused, mean ms)");
+    assert!(
+        codel.1 <= fifo.1,
+        "codel refused {} > fifo {}",
+        codel.1,
+        fifo.1
+    );
+    // Twice the capacity: 8 every 100 ms for 5 s.
+    let every = Duration::from_millis(100);
+    let fifo = bursts("fifo", 50, 8, every).await;
+    let codel = bursts("codel", 50, 8, every).await;
+    eprintln!("2x overload: fifo {fifo:?}, codel {codel:?} (served, refused, mean ms)");
+    assert!(
+        codel.0 >= fifo.0,
+        "codel served {} < fifo {}",
+        codel.0,
+        fifo.0
+    );
+    // At its lower latency.
+    assert!(codel.2 < fifo.2, "codel {} ms, fifo {} ms", codel.2, fifo.2);
+}

@@ -212,9 +212,15 @@ struct State {
     nonempty_since: Option<Instant>,
     /// Since when it has been empty.
     empty_since: Option<Instant>,
-    /// Whether it stands (CoDel): entered after an interval never empty,
-    /// left after an interval always empty.
+    /// Whether it stands (CoDel): entered when it has grown over an
+    /// interval without emptying (or is full), left after an interval
+    /// always empty.
     standing: bool,
+    /// The current interval's start and the queue's shortest length in it
+    /// (CoDel's standing test).
+    window: Option<(Instant, usize)>,
+    /// The shortest length in each of the last two intervals, oldest first.
+    mins: [Option<usize>; 2],
     /// Slots held per tenant (kept only with `max_inflight_per_tenant`).
     holding: HashMap<ClientKey, usize>,
     shed_by_tenant: ShedCounts,
@@ -354,6 +360,8 @@ impl Controller {
                 nonempty_since: None,
                 empty_since: None,
                 standing: false,
+                window: None,
+                mins: [None, None],
                 holding: HashMap::new(),
                 shed_by_tenant: ShedCounts::default(),
                 rate: CompletionRate::for_limit(settings.max_inflight),
@@ -478,6 +486,9 @@ impl Controller {
     }
 
     fn publish(&self, state: &mut State) {
+        if let Discipline::Codel { interval, .. } = self.settings.discipline {
+            Self::observe(state, interval, Instant::now());
+        }
         if state.queue.len() == 0 {
             state.nonempty_since = None;
             state.empty_since.get_or_insert_with(Instant::now);
@@ -721,14 +732,12 @@ impl Controller {
             let standing = self.standing(&mut state, now);
             // Deadline-aware: refuse now what would only time out later. A
             // standing queue serves the newest first: only higher classes
-            // are ahead, and the wait allowed is the target.
-            let (ahead, allowed) = match standing {
-                Some(target) => (state.queue.above(priority), target),
-                None => (
-                    state.queue.ahead_of(priority, &tenant),
-                    self.settings.queue_timeout,
-                ),
+            // are ahead of an arrival (it takes the next slot of its class).
+            let ahead = match standing {
+                Some(_) => state.queue.above(priority),
+                None => state.queue.ahead_of(priority, &tenant),
             };
+            let allowed = self.settings.queue_timeout;
             // The client's own deadline, when sooner, is the wait allowed.
             let allowed = deadline.map_or(allowed, |d| allowed.min(d.remaining(now)));
             if let Some(wait) = state.rate.time_for(ahead + 1, now)
@@ -896,14 +905,38 @@ impl Controller {
         };
         let lasted =
             |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= interval);
-        if state.standing && lasted(state.empty_since) {
+        Self::observe(state, interval, now);
+        // Never empty over the last two intervals, and not draining:
+        // arrivals outpace the upstream. A burst that drains, however long
+        // it takes, only shrinks: shedding it would lose what a FIFO serves;
+        // and once arrivals fall behind the upstream (the queue shrinks from
+        // one interval to the next) what is left is served, not shed.
+        let (grown, draining) = match state.mins {
+            [Some(before), Some(last)] => (before > 0 && last >= before, last < before),
+            _ => (false, false),
+        };
+        let full = state.queue.len() >= self.settings.queue_capacity;
+        if state.standing && !full && (lasted(state.empty_since) || draining) {
             state.standing = false;
-        } else if !state.standing
-            && (lasted(state.nonempty_since) || state.queue.len() >= self.settings.queue_capacity)
-        {
+        } else if !state.standing && (grown || full) {
             state.standing = true;
         }
         state.standing.then_some(target)
+    }
+
+    /// Notes the queue's length for the standing test: the shortest it was
+    /// in each interval, for the last two.
+    fn observe(state: &mut State, interval: Duration, now: Instant) {
+        let len = state.queue.len();
+        match &mut state.window {
+            Some((start, min)) if now.duration_since(*start) < interval => *min = (*min).min(len),
+            window => {
+                if let Some((_, min)) = *window {
+                    state.mins = [state.mins[1], Some(min)];
+                }
+                *window = Some((now, len));
+            }
+        }
     }
 
     /// Sheds the waiters that have waited past `target`.

@@ -604,48 +604,65 @@ async fn named(
 
 #[tokio::test(start_paused = true)]
 async fn a_standing_queue_serves_the_newest_and_sheds_past_the_target() {
-    // A target above the interval, so that the first waiter outlives the
-    // standing test (configuration keeps it below; the controller does not care).
+    // A target above the interval, so that waiters outlive the standing
+    // test (configuration keeps it below; the controller does not care).
     let c = codel(200);
     let held = c.acquire(Priority::Normal).await.unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // One more waiter each interval, never empty: growing for two
+    // intervals, the queue stands.
     let w1 = named(&c, "w1", &order).await;
-    // Not empty for a whole interval: the queue stands.
     tokio::time::advance(Duration::from_millis(100)).await;
     let w2 = named(&c, "w2", &order).await;
+    tokio::time::advance(Duration::from_millis(100)).await;
     let w3 = named(&c, "w3", &order).await;
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let w4 = named(&c, "w4", &order).await;
     drop(held);
-    for w in [w1, w2, w3] {
+    for w in [w4, w3, w2] {
         w.await.unwrap().unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), ["w3", "w2", "w1"], "newest first");
-    // Empty for an instant: it still stands.
-    let held = c.acquire(Priority::Normal).await.unwrap();
-    let w4 = named(&c, "w4", &order).await;
-    let w5 = named(&c, "w5", &order).await;
-    drop(held);
-    w4.await.unwrap().unwrap();
-    w5.await.unwrap().unwrap();
-    assert_eq!(order.lock().unwrap()[3..], ["w5", "w4"]);
+    // Newest first; w1, left past the target once the slot was given, shed
+    // (well before its 1 s).
+    assert_eq!(*order.lock().unwrap(), ["w4", "w3", "w2"], "newest first");
+    assert_eq!(w1.await.unwrap(), Err(Reason::QueueTimeout));
+    assert_eq!(c.snapshot().shed_queue_timeout, 1);
     // Empty for a whole interval: oldest first again.
     tokio::time::advance(Duration::from_millis(100)).await;
     let held = c.acquire(Priority::Normal).await.unwrap();
-    let w4 = named(&c, "w4", &order).await;
     let w5 = named(&c, "w5", &order).await;
-    drop(held);
-    w4.await.unwrap().unwrap();
-    w5.await.unwrap().unwrap();
-    assert_eq!(order.lock().unwrap()[5..], ["w4", "w5"]);
-    // Standing, a waiter left past the target once the slots are given is
-    // shed (well before its 1 s).
-    let held = c.acquire(Priority::Normal).await.unwrap();
     let w6 = named(&c, "w6", &order).await;
-    let w7 = named(&c, "w7", &order).await;
-    tokio::time::advance(Duration::from_millis(250)).await;
     drop(held);
-    w7.await.unwrap().unwrap();
-    assert_eq!(w6.await.unwrap(), Err(Reason::QueueTimeout));
-    assert_eq!(c.snapshot().shed_queue_timeout, 1);
+    w5.await.unwrap().unwrap();
+    w6.await.unwrap().unwrap();
+    assert_eq!(order.lock().unwrap()[3..], ["w5", "w6"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_that_drains_is_not_a_standing_queue() {
+    let c = codel(5);
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // A burst: one in flight, three waiting; a slot frees every 100 ms, so
+    // the queue is never empty for a while but only ever shrinks.
+    let mut held = c.acquire(Priority::Normal).await.unwrap();
+    let mut waiters = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        let c2 = c.clone();
+        let order = order.clone();
+        waiters.push(tokio::spawn(async move {
+            let permit = c2.acquire(Priority::Normal).await.map_err(|r| r.reason())?;
+            order.lock().unwrap().push(name);
+            Ok::<_, Reason>(permit)
+        }));
+        tokio::task::yield_now().await;
+    }
+    for w in waiters {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        drop(held);
+        held = w.await.unwrap().expect("served, not shed");
+    }
+    assert_eq!(*order.lock().unwrap(), ["b1", "b2", "b3"], "oldest first");
+    assert_eq!(c.snapshot().shed_queue_timeout, 0);
 }
 
 #[tokio::test(start_paused = true)]
