@@ -132,9 +132,19 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
 /// Request extension: told the running total of the request body's bytes as
 /// they are sent upstream, by whoever sends them
 /// ([`Forward`](crate::proxy::Forward)). Admission re-weighs a body of
-/// unknown length with it.
+/// unknown length with it, and may answer [`Growth::Wait`]: the bytes are
+/// not there yet, and the body must not go on until they are (backpressure
+/// on the client's upload, not an overrun of the budget).
 #[derive(Clone)]
-pub struct BodyProgress(pub std::sync::Arc<dyn Fn(u64) + Send + Sync>);
+pub struct BodyProgress(pub std::sync::Arc<dyn Fn(u64) -> Growth + Send + Sync>);
+
+/// What a [`BodyProgress`] says of the bytes read so far.
+pub enum Growth {
+    /// They fit: send them on.
+    Go,
+    /// Hold them until this resolves, then ask again.
+    Wait(Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+}
 
 impl std::fmt::Debug for BodyProgress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,23 +153,34 @@ impl std::fmt::Debug for BodyProgress {
 }
 
 pin_project! {
-    /// A body that tells a [`BodyProgress`] its running byte total.
-    #[derive(Debug)]
-    pub struct Counted<B> {
+    /// A body that tells a [`BodyProgress`] its running byte total, and
+    /// holds a frame back while it says to wait (one frame in memory: the
+    /// client is not read meanwhile).
+    pub struct Counted<B: Body> {
         #[pin]
         inner: B,
         seen: u64,
         progress: BodyProgress,
+        held: Option<Frame<Bytes>>,
+        waiting: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     }
 }
 
-impl<B> Counted<B> {
+impl<B: Body> std::fmt::Debug for Counted<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted").field("seen", &self.seen).finish()
+    }
+}
+
+impl<B: Body> Counted<B> {
     /// Counts `inner`'s data bytes for `progress`.
     pub fn new(inner: B, progress: BodyProgress) -> Self {
         Self {
             inner,
             seen: 0,
             progress,
+            held: None,
+            waiting: None,
         }
     }
 }
@@ -172,19 +193,39 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
-            && let Some(data) = data
-        {
+        let mut this = self.project();
+        loop {
+            if let Some(wait) = this.waiting.as_mut() {
+                ready!(wait.as_mut().poll(cx));
+                *this.waiting = None;
+                match (this.progress.0)(*this.seen) {
+                    Growth::Go => return Poll::Ready(this.held.take().map(Ok)),
+                    Growth::Wait(wait) => {
+                        *this.waiting = Some(wait);
+                        continue;
+                    }
+                }
+            }
+            let frame = ready!(this.inner.as_mut().poll_frame(cx));
+            let Some(Ok(frame)) = frame else {
+                return Poll::Ready(frame);
+            };
+            let Some(data) = frame.data_ref() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
             *this.seen += data.len() as u64;
-            (this.progress.0)(*this.seen);
+            match (this.progress.0)(*this.seen) {
+                Growth::Go => return Poll::Ready(Some(Ok(frame))),
+                Growth::Wait(wait) => {
+                    *this.held = Some(frame);
+                    *this.waiting = Some(wait);
+                }
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -15,6 +15,7 @@ use super::queue::WaitQueue;
 use super::retry_after::{CompletionRate, jitter, retry_after_secs};
 use super::tenants::{ShedCounts, TenantCount, everyone};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
+use crate::body::Growth;
 use crate::client_key::ClientKey;
 use crate::deadline::Deadline;
 use crate::error::{Reason, Rejection};
@@ -216,6 +217,9 @@ struct State {
     /// interval without emptying (or is full), left after an interval
     /// always empty.
     standing: bool,
+    /// The streaming body allowed past the bytes budget, if one is (see
+    /// `Controller::grow`).
+    overrun: Option<Arc<Meter>>,
     /// The current interval's start and the queue's shortest length in it
     /// (CoDel's standing test).
     window: Option<(Instant, usize)>,
@@ -264,6 +268,8 @@ pub struct Controller {
     /// taken this one's requests (in flight and queued) and takes every
     /// call made here since, so that the two never admit side by side.
     successor: OnceLock<Arc<Controller>>,
+    /// Told when bytes come back, for bodies waiting to grow.
+    bytes_freed: Arc<tokio::sync::Notify>,
 }
 
 /// Waiters' ids, unique across controllers: a waiter handed to a reload's
@@ -362,6 +368,7 @@ impl Controller {
                 standing: false,
                 window: None,
                 mins: [None, None],
+                overrun: None,
                 holding: HashMap::new(),
                 shed_by_tenant: ShedCounts::default(),
                 rate: CompletionRate::for_limit(settings.max_inflight),
@@ -377,6 +384,7 @@ impl Controller {
             shed_full: AtomicU64::new(0),
             shed_timeout: AtomicU64::new(0),
             successor: OnceLock::new(),
+            bytes_freed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -417,6 +425,8 @@ impl Controller {
                 // Locks `next` under this one's lock: a controller with no
                 // successor never locks another, so the order is one way.
                 next.adopt(adopted);
+                // Bodies waiting to grow here ask the successor now.
+                self.bytes_freed.notify_waiters();
             }
         }
     }
@@ -556,12 +566,17 @@ impl Controller {
         crate::body::BodyProgress(Arc::new(move |total| controller.grow(&meter, base, total)))
     }
 
-    fn grow(&self, meter: &Meter, base: u64, total: u64) {
+    /// A streaming body has reached `total` bytes: its weight grows to
+    /// cover them when the bytes left allow, and it waits for them when not
+    /// (the upload is held back, not the budget overrun). One body at a
+    /// time may grow past the budget, so that bodies all waiting for each
+    /// other's bytes never wedge: it finishes and gives them back.
+    fn grow(&self, meter: &Arc<Meter>, base: u64, total: u64) -> Growth {
         if total <= base + meter.extra.load(Ordering::Relaxed) {
-            return;
+            return Growth::Go;
         }
         let Locked::Limited(mut state) = self.lock() else {
-            return;
+            return Growth::Go;
         };
         if let Some(next) = self.successor() {
             drop(state);
@@ -569,11 +584,28 @@ impl Controller {
         }
         let extra = meter.extra.load(Ordering::Relaxed);
         if meter.released.load(Ordering::Relaxed) || total <= base + extra {
-            return;
+            return Growth::Go;
         }
         let wanted = (total - base).div_ceil(REWEIGH_STEP) * REWEIGH_STEP;
-        state.inflight_bytes += wanted - extra;
+        let more = wanted - extra;
+        let fits = self.fits(&state, more);
+        let overrunning = state
+            .overrun
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, meter));
+        if !fits && !overrunning {
+            if state.overrun.is_some() {
+                // Wait for bytes to come back; registered before the lock is
+                // let go, so that no release is missed.
+                let mut freed = Box::pin(self.bytes_freed.clone().notified_owned());
+                freed.as_mut().enable();
+                return Growth::Wait(freed);
+            }
+            state.overrun = Some(meter.clone());
+        }
+        state.inflight_bytes += more;
         meter.extra.store(wanted, Ordering::Relaxed);
+        Growth::Go
     }
 
     fn fits(&self, state: &State, weight: u64) -> bool {
@@ -886,8 +918,15 @@ impl Controller {
         }
         let extra = meter.map_or(0, |m| {
             m.released.store(true, Ordering::Relaxed);
+            if state.overrun.as_ref().is_some_and(|o| Arc::ptr_eq(o, &m)) {
+                state.overrun = None;
+            }
             m.extra.load(Ordering::Relaxed)
         });
+        if weight + extra > 0 {
+            // Bodies waiting to grow look again.
+            self.bytes_freed.notify_waiters();
+        }
         Self::ungrant(&mut state, tenant.as_ref(), weight + extra, probe);
         self.fill(&mut state);
         let still = state.busy() >= state.limit || state.queue.len() > 0;
