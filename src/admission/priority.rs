@@ -107,10 +107,18 @@ impl PriorityRule {
 
     /// The class of `req`.
     pub fn of<B>(&self, req: &Request<B>) -> Priority {
-        if let Some(value) = req.headers().get(&self.header)
+        self.of_claiming(req, req.headers().get(&self.header))
+    }
+
+    /// The class of `req`, whose header says `claim`.
+    fn of_claiming<B>(&self, req: &Request<B>, claim: Option<&HeaderValue>) -> Priority {
+        if let Some(value) = claim
             && self.believes(req.extensions().get::<ClientAddr>().map(|c| c.addr().ip()))
         {
             return Priority::from_header(Some(value));
+        }
+        if self.tiers.is_empty() {
+            return Priority::Normal;
         }
         req.extensions()
             .get::<ClientTier>()
@@ -122,10 +130,11 @@ impl PriorityRule {
     /// tier behind this proxy that trusts it (README's layering) must see the
     /// class decided here, never a claim this proxy did not believe.
     pub fn decide<B>(&self, req: &mut Request<B>) -> Priority {
-        let priority = self.of(req);
-        let headers = req.headers_mut();
-        if priority != Priority::Normal || headers.contains_key(&self.header) {
-            headers.insert(
+        let claim = req.headers().get(&self.header);
+        let claimed = claim.is_some();
+        let priority = self.of_claiming(req, claim);
+        if priority != Priority::Normal || claimed {
+            req.headers_mut().insert(
                 self.header.clone(),
                 HeaderValue::from_static(priority.as_str()),
             );

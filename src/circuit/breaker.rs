@@ -3,6 +3,7 @@
 //! tested in a table and replayed in a simulation.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -177,8 +178,8 @@ pub struct Ticket {
     generation: u64,
     /// A half-open probe's number.
     probe: Option<u32>,
-    /// Who made the call (a digest of the client's address).
-    client: u64,
+    /// Who made the call (the client's address, as clients are counted).
+    client: IpAddr,
 }
 
 impl Ticket {
@@ -235,7 +236,7 @@ struct Clients {
     cap: usize,
     window: Duration,
     /// Each client's last time, most recent last.
-    seen: Vec<(u64, Instant)>,
+    seen: Vec<(IpAddr, Instant)>,
 }
 
 impl Clients {
@@ -247,7 +248,7 @@ impl Clients {
         }
     }
 
-    fn note(&mut self, client: u64, now: Instant) {
+    fn note(&mut self, client: IpAddr, now: Instant) {
         if let Some(i) = self.seen.iter().position(|&(c, _)| c == client) {
             self.seen.remove(i);
         } else if self.seen.len() >= self.cap {
@@ -416,14 +417,14 @@ impl Breaker {
     /// until the half-open window while open, the rest of `min_half_open` when
     /// every probe slot is taken.
     pub fn try_acquire(&mut self, now: Instant) -> (Result<Ticket, Duration>, Option<Transition>) {
-        self.try_acquire_as(0, now)
+        self.try_acquire_as(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), now)
     }
 
-    /// The same for a call by `client` (a digest of its address), so that
-    /// its failures count as one client's ([`CircuitSettings::min_failing_clients`]).
+    /// The same for a call by `client` (its address), so that its failures
+    /// count as one client's ([`CircuitSettings::min_failing_clients`]).
     pub fn try_acquire_as(
         &mut self,
-        client: u64,
+        client: IpAddr,
         now: Instant,
     ) -> (Result<Ticket, Duration>, Option<Transition>) {
         // Probes that succeeded before `min_half_open` was up close it now;

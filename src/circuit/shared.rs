@@ -1,6 +1,5 @@
 //! [`Circuit`]: one route's breaker with its metrics, log, fallback and slow start.
 
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -120,7 +119,6 @@ pub struct Circuit {
     slow_start: Option<SlowStart>,
     /// Who a call's client is, so that failures count per client.
     clients: KeyExtractor,
-    digests: RandomState,
     /// The circuit a reload built for the route's new settings: it carries
     /// on from this one's state and takes every call made here since.
     successor: OnceLock<Arc<Circuit>>,
@@ -149,7 +147,6 @@ impl Circuit {
             fallback: None,
             slow_start: None,
             clients: KeyExtractor::new(&KeySource::Ip, Vec::new()),
-            digests: RandomState::new(),
             successor: OnceLock::new(),
         }
     }
@@ -193,9 +190,12 @@ impl Circuit {
 
     /// Who makes a call with these headers and extensions, for
     /// [`Circuit::acquire_as`].
-    pub fn client_of(&self, headers: &http::HeaderMap, extensions: &http::Extensions) -> u64 {
-        self.digests
-            .hash_one(self.clients.address(headers, extensions))
+    pub fn client_of(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> std::net::IpAddr {
+        self.clients.address(headers, extensions)
     }
 
     /// Names the route in logs and exports to `metrics`.
@@ -256,11 +256,11 @@ impl Circuit {
     /// Asks to call the upstream; a refusal is a `circuit_open` [`Rejection`]
     /// with `Retry-After` = time left until the half-open window.
     pub fn acquire(&self, now: Instant) -> Result<Ticket, Rejection> {
-        self.acquire_as(0, now)
+        self.acquire_as(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), now)
     }
 
     /// The same for a call by `client` ([`Circuit::client_of`]).
-    pub fn acquire_as(&self, client: u64, now: Instant) -> Result<Ticket, Rejection> {
+    pub fn acquire_as(&self, client: std::net::IpAddr, now: Instant) -> Result<Ticket, Rejection> {
         let mut state = self.lock();
         if let Some(next) = self.successor.get() {
             drop(state);

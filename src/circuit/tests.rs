@@ -41,7 +41,8 @@ fn failures_open_only_when_enough_of_the_clients_fail() {
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     let mut b = Breaker::new(settings(), t0);
-    let call = |b: &mut Breaker, client: u64, ms: u64, failed: bool| {
+    let call = |b: &mut Breaker, client: u8, ms: u64, failed: bool| {
+        let client = std::net::IpAddr::from([10, 0, 0, client]);
         let ticket = b.try_acquire_as(client, at(ms)).0.unwrap();
         let outcome = match failed {
             true => CallOutcome::Failure { retry_after: None },
