@@ -176,7 +176,9 @@ pub fn open_spools(config: &Config, registry: &Registry) -> std::io::Result<Spoo
 /// The route's admission layer over `controller`: its priority rule and, with
 /// a `tenant_key`, its tenants.
 fn admission_layer(route: &RouteConfig, controller: Arc<Controller>) -> AdmissionLayer {
-    let layer = AdmissionLayer::with_controller(controller).priority(route.priority_rule());
+    let layer = AdmissionLayer::with_controller(controller)
+        .priority(route.priority_rule())
+        .clients(route.client_addresses());
     let per_client = route
         .admission
         .as_ref()

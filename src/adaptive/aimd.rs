@@ -67,7 +67,7 @@ impl LimitAlgorithm for Aimd {
             let window = std::mem::replace(&mut self.window, Window::new(now));
             let mean = window.mean();
             self.current = mean.or(self.current);
-            let overloaded = window.dropped > 0 || mean.is_some_and(|m| m > s.latency_threshold);
+            let overloaded = window.overloaded() || mean.is_some_and(|m| m > s.latency_threshold);
             if overloaded {
                 self.limit = self.bounds.clamp(self.limit * s.backoff);
             } else if window.max_inflight as f64 >= self.limit / 2.0 {

@@ -266,7 +266,7 @@ impl Gradient {
         if self.phase == Phase::Probing {
             return self.probe_window(mean, now);
         }
-        if window.dropped > 0 {
+        if window.overloaded() {
             self.limit = self.bounds.clamp(self.limit * s.backoff);
             self.phase = Phase::Tracking;
             return;

@@ -11,6 +11,7 @@
 mod aimd;
 mod gradient;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -26,11 +27,41 @@ pub struct Sample {
     pub rtt: Duration,
     /// Requests in flight when it finished (itself included).
     pub inflight: usize,
-    /// An overload signal: a timeout, a connection failure or a 5xx.
+    /// An overload signal: a timeout, a connection failure, a 503 or 504.
     pub dropped: bool,
     /// The limit was binding when it finished: every slot taken, or requests
     /// waiting for one. Demand, not the limit, set the pace otherwise.
     pub limited: bool,
+    /// Who sent it (its address), when known: overload signals count only
+    /// when enough of the clients see them.
+    pub client: Option<IpAddr>,
+}
+
+/// A window's overload signals count when they come from at least this
+/// many distinct clients, or from every client of the window when fewer:
+/// one client whose requests time out (a query heavier than the others')
+/// cannot lower everyone's limit, as it cannot open the circuit.
+pub const MIN_OVERLOADED_CLIENTS: usize = 3;
+
+/// Distinct clients, up to [`MIN_OVERLOADED_CLIENTS`] of them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Few {
+    seen: [Option<Option<IpAddr>>; MIN_OVERLOADED_CLIENTS],
+}
+
+impl Few {
+    fn note(&mut self, client: Option<IpAddr>) {
+        if self.seen.contains(&Some(client)) {
+            return;
+        }
+        if let Some(free) = self.seen.iter_mut().find(|c| c.is_none()) {
+            *free = Some(client);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.seen.iter().filter(|c| c.is_some()).count()
+    }
 }
 
 /// What `/status` shows of an algorithm.
@@ -133,6 +164,9 @@ struct Window {
     /// Samples that finished with the limit binding.
     limited: u32,
     max_inflight: usize,
+    /// The window's clients, and those whose samples were dropped.
+    callers: Few,
+    droppers: Few,
 }
 
 impl Window {
@@ -144,6 +178,8 @@ impl Window {
             dropped: 0,
             limited: 0,
             max_inflight: 0,
+            callers: Few::default(),
+            droppers: Few::default(),
         }
     }
 
@@ -151,8 +187,10 @@ impl Window {
         self.count += 1;
         self.max_inflight = self.max_inflight.max(s.inflight);
         self.limited += u32::from(s.limited);
+        self.callers.note(s.client);
         if s.dropped {
             self.dropped += 1;
+            self.droppers.note(s.client);
         } else {
             self.rtt_sum += s.rtt;
         }
@@ -160,6 +198,12 @@ impl Window {
 
     fn done(&self, length: Duration, min_samples: u32, now: Instant) -> bool {
         self.count >= min_samples && now - self.started >= length
+    }
+
+    /// Overload signals from enough of the window's clients (see
+    /// [`MIN_OVERLOADED_CLIENTS`]).
+    fn overloaded(&self) -> bool {
+        self.dropped > 0 && self.droppers.len() >= self.callers.len()
     }
 
     /// The limit bound at least half the window: demand was held back.

@@ -37,6 +37,7 @@ fn drive(
                 inflight,
                 dropped: false,
                 limited,
+                client: None,
             };
             algorithm.sample(sample, now);
         }
@@ -151,6 +152,7 @@ fn gradient_remeasures_a_baseline_that_went_stale() {
                     inflight: limit,
                     dropped: false,
                     limited: true,
+                    client: None,
                 },
                 now,
             );
@@ -200,6 +202,7 @@ fn aimd_backs_off_on_overload_signals_and_creeps_up_without() {
                     inflight,
                     dropped,
                     limited: true,
+                    client: None,
                 },
                 now,
             );
@@ -215,6 +218,43 @@ fn aimd_backs_off_on_overload_signals_and_creeps_up_without() {
         feed(&mut a, true, Duration::from_millis(20));
     }
     assert_eq!(a.limit(), 2, "never below min_limit");
+}
+
+#[test]
+fn one_clients_overload_signals_do_not_move_everyones_limit() {
+    let bounds = Bounds {
+        min: 2,
+        max: 100,
+        initial: 20,
+    };
+    let mut a = Aimd::new(bounds, AimdSettings::default(), Instant::now());
+    let mut now = Instant::now();
+    // Per window: 20 samples from clients 1..=4 in turn; `dropping` of them
+    // time out (their own heavy requests), the rest are answered.
+    let mut feed = |a: &mut Aimd, dropping: &[u8]| {
+        for i in 0..20u8 {
+            now += Duration::from_millis(15);
+            let client = 1 + i % 4;
+            let inflight = a.limit();
+            let sample = Sample {
+                rtt: Duration::from_millis(20),
+                inflight,
+                dropped: dropping.contains(&client),
+                limited: true,
+                client: Some(std::net::IpAddr::from([10, 0, 0, client])),
+            };
+            a.sample(sample, now);
+        }
+    };
+    feed(&mut a, &[]);
+    assert_eq!(a.limit(), 21);
+    // One client's (or two clients') timeouts among four: no back-off.
+    feed(&mut a, &[1]);
+    feed(&mut a, &[1, 2]);
+    assert_eq!(a.limit(), 23);
+    // Three of them: the upstream is overloaded for everyone.
+    feed(&mut a, &[1, 2, 3]);
+    assert_eq!(a.limit(), 21); // 23 × 0.9, rounded
 }
 
 #[test]
@@ -258,6 +298,7 @@ fn a_stale_baseline_waits_for_the_limit_to_bind_before_a_probe() {
                 inflight: g.limit().min(4),
                 dropped: false,
                 limited,
+                client: None,
             };
             g.sample(sample, now);
         }

@@ -550,6 +550,11 @@ impl Controller {
             .is_some_and(|max| weight > max)
     }
 
+    /// Whether an adaptive algorithm moves the limit.
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
     /// Whether request bytes are counted (`max_inflight_bytes`).
     pub fn weighs_bytes(&self) -> bool {
         self.settings.max_inflight_bytes.is_some()
@@ -871,7 +876,7 @@ impl Controller {
     /// (and any the limit gained) to the next waiters, or free it.
     fn release(
         self: &Arc<Self>,
-        sample: Option<(Duration, bool)>,
+        sample: Option<(Duration, bool, Option<std::net::IpAddr>)>,
         tenant: Option<ClientKey>,
         weight: u64,
         meter: Option<Arc<Meter>>,
@@ -903,12 +908,14 @@ impl Controller {
         // at the concurrency they were admitted at.
         let inflight = state.busy();
         let sample = sample.filter(|_| state.probe.is_none_or(|(id, _)| probe == Some(id)));
-        if let (Some(algorithm), Some((rtt, dropped))) = (state.algorithm.as_mut(), sample) {
+        if let (Some(algorithm), Some((rtt, dropped, client))) = (state.algorithm.as_mut(), sample)
+        {
             let sample = Sample {
                 rtt,
                 inflight,
                 dropped,
                 limited: saturated,
+                client,
             };
             if let Some(limit) = algorithm.sample(sample, now) {
                 state.limit = limit;
@@ -1194,6 +1201,8 @@ pub struct Permit {
     controller: Arc<Controller>,
     armed: bool,
     sample: Option<(Duration, bool)>,
+    /// Who holds it, when an adaptive limit asks (see [`Permit::from_client`]).
+    client: Option<std::net::IpAddr>,
     /// The tenant whose share it counts against (with
     /// `max_inflight_per_tenant`).
     tenant: Option<ClientKey>,
@@ -1224,6 +1233,7 @@ impl Permit {
             controller,
             armed: true,
             sample: None,
+            client: None,
             tenant,
             weight,
             meter: None,
@@ -1239,6 +1249,13 @@ impl Permit {
         self.sample = Some((rtt, overloaded));
     }
 
+    /// Says who holds it (its address), so that its overload signals count
+    /// as one client's (an adaptive limit backs off only when enough of its
+    /// clients see overload).
+    pub fn from_client(&mut self, client: std::net::IpAddr) {
+        self.client = Some(client);
+    }
+
     /// Marks the recorded sample an overload signal after all (a gRPC
     /// status in the trailers said so).
     pub fn overloaded(&mut self) {
@@ -1252,7 +1269,7 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
             self.controller.release(
-                self.sample.take(),
+                self.sample.take().map(|(rtt, d)| (rtt, d, self.client)),
                 self.tenant.take(),
                 self.weight,
                 self.meter.take(),

@@ -62,6 +62,7 @@ pub struct AdmissionLayer {
     controller: Arc<Controller>,
     priority: Arc<PriorityRule>,
     tenants: Option<Arc<Tenants>>,
+    clients: Option<Arc<KeyExtractor>>,
 }
 
 /// The header a request's priority class is read from unless configured.
@@ -80,7 +81,18 @@ impl AdmissionLayer {
             controller,
             priority: Arc::new(PriorityRule::header(DEFAULT_PRIORITY_HEADER)),
             tenants: None,
+            clients: None,
         }
+    }
+
+    /// Tells an adaptive limit who sent each request (its address as
+    /// `keys` resolves it), so that one client's overload signals cannot
+    /// lower everyone's limit. No effect on a static limit.
+    pub fn clients(mut self, keys: KeyExtractor) -> Self {
+        if self.controller.is_adaptive() {
+            self.clients = Some(Arc::new(keys));
+        }
+        self
     }
 
     /// Reads the priority class from `header` instead of `x-priority`.
@@ -125,6 +137,7 @@ impl<S> Layer<S> for AdmissionLayer {
             controller: self.controller.clone(),
             priority: self.priority.clone(),
             tenants: self.tenants.clone(),
+            clients: self.clients.clone(),
         }
     }
 }
@@ -187,6 +200,7 @@ pub struct Admission<S> {
     // Shared: the stack is cloned for every request.
     priority: Arc<PriorityRule>,
     tenants: Option<Arc<Tenants>>,
+    clients: Option<Arc<KeyExtractor>>,
 }
 
 impl<S> Admission<S> {
@@ -217,11 +231,19 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let grpc = req.extensions().get::<crate::grpc::GrpcCall>().is_some();
         let priority = self.priority.decide(&mut req);
-        if let Some(permit) = req
+        // Adaptive limits only: who sent it, for its overload signals.
+        let client = self
+            .clients
+            .as_ref()
+            .map(|keys| keys.address(req.headers(), req.extensions()));
+        if let Some(mut permit) = req
             .extensions_mut()
             .remove::<Granted>()
             .and_then(|g| g.take())
         {
+            if let Some(client) = client {
+                permit.from_client(client);
+            }
             return ResponseFuture::Admitted {
                 inner: self.inner.call(req),
                 admitted: Some((permit, Instant::now())),
@@ -256,6 +278,9 @@ where
             None => self.controller.try_acquire_as(&everyone(), weight),
         };
         if let Some(mut permit) = free {
+            if let Some(client) = client {
+                permit.from_client(client);
+            }
             if reweigh {
                 req.extensions_mut()
                     .insert(self.controller.progress(&mut permit));
@@ -279,6 +304,9 @@ where
                 let start = Instant::now();
                 let mut permit =
                     wait(controller.clone(), priority, tenant, weight, peer, deadline).await?;
+                if let Some(client) = client {
+                    permit.from_client(client);
+                }
                 if reweigh {
                     req.extensions_mut()
                         .insert(controller.progress(&mut permit));
