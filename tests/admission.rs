@@ -410,25 +410,13 @@ async fn a_chunked_upload_weighs_what_it_streams() {
     proxy.shutdown().await;
 }
 
-/// An upstream of 4 workers taking 100 ms each: 40 requests a second.
-async fn slow_workers() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let workers = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
-    serve_http1(listener, workers, |workers, _req| async move {
-        let _worker = workers.acquire().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Ok(http::Response::new(full("ok")))
-    });
-    addr
-}
-
 /// What `bursts` bursts of `size` requests `every` apart did through a
 /// route with `discipline`: requests served while the load lasted (goodput;
 /// a FIFO's full queue drains after it), refused in all, and the served
 /// ones' mean latency (ms).
 async fn bursts(discipline: &str, bursts: usize, size: usize, every: Duration) -> (u32, u32, u64) {
-    let upstream = slow_workers().await;
+    // 4 workers of 100 ms: 40 requests a second.
+    let upstream = workers(4, Duration::from_millis(100)).await;
     let route = format!(
         "{}queue_discipline = \"{discipline}\"\n",
         admission(4, 16, 1000)

@@ -345,29 +345,10 @@ async fn circuit_state(proxy: &sluicegate::Running) -> serde_json::Value {
     status["routes"][0]["circuit"]["state"].clone()
 }
 
-/// 32 workers of 20 ms; `/bad` is refused with an instant 500 (an input
-/// check), without a worker.
-async fn checking_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let workers = Arc::new(tokio::sync::Semaphore::new(32));
-    serve_http1(listener, workers, |workers, req| async move {
-        if req.uri().path() == "/bad" {
-            let res = http::Response::builder()
-                .status(500)
-                .body(full("bad input"));
-            return Ok(res.unwrap());
-        }
-        let _worker = workers.acquire().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok(http::Response::new(full("ok")))
-    });
-    addr
-}
-
 #[tokio::test(start_paused = true)]
 async fn one_clients_instant_errors_do_not_lower_everyones_limit() {
-    let upstream = checking_upstream().await;
+    // 32 workers of 20 ms; `/bad` is refused at once with a 500.
+    let upstream = workers(32, Duration::from_millis(20)).await;
     let route = "[route.admission]\nmax_inflight = \"adaptive\"\nqueue_capacity = 64\n\
                  queue_timeout_ms = 100\n[route.admission.adaptive]\ninitial_limit = 10\n";
     let proxy = sluicegate::start(config(upstream, "/", route))
@@ -416,23 +397,10 @@ async fn one_clients_instant_errors_do_not_lower_everyones_limit() {
     proxy.shutdown().await;
 }
 
-/// An upstream of 4 workers taking 20 ms each.
-async fn four_workers() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let workers = Arc::new(tokio::sync::Semaphore::new(4));
-    serve_http1(listener, workers, |workers, _req| async move {
-        let _worker = workers.acquire().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok(http::Response::new(full("ok")))
-    });
-    addr
-}
-
 /// The victim's successes over 5 s while an attacker floods the route at
 /// about 5× its capacity, naming a new tenant per request when `rotating`.
 async fn victims_successes(rotating: bool) -> u32 {
-    let upstream = four_workers().await;
+    let upstream = workers(4, Duration::from_millis(20)).await;
     let route = "[route.admission]\nmax_inflight = 4\nqueue_capacity = 16\n\
                  queue_timeout_ms = 500\ntenant_key = \"header:x-tenant\"\n";
     let proxy = sluicegate::start(config(upstream, "/", route))

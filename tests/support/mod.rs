@@ -90,6 +90,25 @@ pub async fn spawn_upstream() -> (Arc<Upstream>, mpsc::UnboundedReceiver<()>) {
     (state, held_rx)
 }
 
+/// An HTTP/1.1 upstream of `n` workers, each request taking one for
+/// `service` (the rest wait for a worker); `/bad` is refused at once with a
+/// 500, without a worker (an application's input check).
+pub async fn workers(n: usize, service: std::time::Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pool = Arc::new((tokio::sync::Semaphore::new(n), service));
+    serve_http1(listener, pool, |pool, req| async move {
+        if req.uri().path() == "/bad" {
+            let res = Response::builder().status(500).body(full("bad input"));
+            return Ok(res.unwrap());
+        }
+        let _worker = pool.0.acquire().await.unwrap();
+        tokio::time::sleep(pool.1).await;
+        Ok(Response::new(full("ok")))
+    });
+    addr
+}
+
 /// Serves HTTP/1.1 on `listener` until it fails, each request answered by
 /// `handle` with the shared `state`.
 pub fn serve_http1<S, F, B>(
