@@ -155,26 +155,28 @@ impl std::fmt::Debug for BodyProgress {
 pin_project! {
     /// A body that tells a [`BodyProgress`] its running byte total, and
     /// holds a frame back while it says to wait (one frame in memory: the
-    /// client is not read meanwhile).
-    pub struct Counted<B: Body> {
+    /// client is not read meanwhile). Without a progress, the body as is.
+    /// The upstream timeout wraps it, so that a frame held here reads as
+    /// waiting on the client, never on the upstream.
+    pub struct Counted<B> {
         #[pin]
         inner: B,
         seen: u64,
-        progress: BodyProgress,
+        progress: Option<BodyProgress>,
         held: Option<Frame<Bytes>>,
         waiting: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     }
 }
 
-impl<B: Body> std::fmt::Debug for Counted<B> {
+impl<B> std::fmt::Debug for Counted<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Counted").field("seen", &self.seen).finish()
     }
 }
 
-impl<B: Body> Counted<B> {
-    /// Counts `inner`'s data bytes for `progress`.
-    pub fn new(inner: B, progress: BodyProgress) -> Self {
+impl<B> Counted<B> {
+    /// Counts `inner`'s data bytes for `progress`, if any.
+    pub fn new(inner: B, progress: Option<BodyProgress>) -> Self {
         Self {
             inner,
             seen: 0,
@@ -194,11 +196,14 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
+        let Some(progress) = this.progress.as_ref() else {
+            return this.inner.poll_frame(cx);
+        };
         loop {
             if let Some(wait) = this.waiting.as_mut() {
                 ready!(wait.as_mut().poll(cx));
                 *this.waiting = None;
-                match (this.progress.0)(*this.seen) {
+                match (progress.0)(*this.seen) {
                     Growth::Go => return Poll::Ready(this.held.take().map(Ok)),
                     Growth::Wait(wait) => {
                         *this.waiting = Some(wait);
@@ -214,7 +219,7 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
                 return Poll::Ready(Some(Ok(frame)));
             };
             *this.seen += data.len() as u64;
-            match (this.progress.0)(*this.seen) {
+            match (progress.0)(*this.seen) {
                 Growth::Go => return Poll::Ready(Some(Ok(frame))),
                 Growth::Wait(wait) => {
                     *this.held = Some(frame);

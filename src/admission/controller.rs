@@ -222,7 +222,7 @@ struct State {
     overrun: Option<Arc<Meter>>,
     /// The current interval's start and the queue's shortest length in it
     /// (CoDel's standing test).
-    window: Option<(Instant, usize)>,
+    window: Option<(Instant, usize, usize)>,
     /// The shortest length in each of the last two intervals, oldest first.
     mins: [Option<usize>; 2],
     /// Slots held per tenant (kept only with `max_inflight_per_tenant`).
@@ -284,6 +284,7 @@ struct Adopted {
     holding: HashMap<ClientKey, usize>,
     queue: WaitQueue<ClientKey, Waiter>,
     algorithm: Option<Box<dyn LimitAlgorithm>>,
+    overrun: Option<Arc<Meter>>,
 }
 
 /// A controller's mode at hand: the unlimited count, or the limited state
@@ -421,6 +422,7 @@ impl Controller {
                     holding: std::mem::take(&mut state.holding),
                     queue: std::mem::take(&mut state.queue),
                     algorithm,
+                    overrun: state.overrun.take(),
                 };
                 // Locks `next` under this one's lock: a controller with no
                 // successor never locks another, so the order is one way.
@@ -439,6 +441,7 @@ impl Controller {
             holding,
             mut queue,
             algorithm,
+            overrun,
         } = adopted;
         match self.lock() {
             Locked::Unlimited(inflight) => {
@@ -453,6 +456,9 @@ impl Controller {
             Locked::Limited(mut state) => {
                 state.inflight += n;
                 state.inflight_bytes += bytes;
+                if state.overrun.is_none() {
+                    state.overrun = overrun;
+                }
                 if self.caps_tenants() {
                     for (tenant, held) in holding {
                         *state.holding.entry(tenant).or_default() += held;
@@ -575,7 +581,10 @@ impl Controller {
     /// cover them when the bytes left allow, and it waits for them when not
     /// (the upload is held back, not the budget overrun). One body at a
     /// time may grow past the budget, so that bodies all waiting for each
-    /// other's bytes never wedge: it finishes and gives them back.
+    /// other's bytes never wedge: it finishes and gives them back. It keeps
+    /// that right until its slot is back, as its bytes stay counted until
+    /// then: handing it on at the body's end would let every upload past
+    /// the budget in turn.
     fn grow(&self, meter: &Arc<Meter>, base: u64, total: u64) -> Growth {
         if total <= base + meter.extra.load(Ordering::Relaxed) {
             return Growth::Go;
@@ -789,6 +798,7 @@ impl Controller {
                 && let Some(oldest) = state.queue.pop_oldest_up_to(priority)
             {
                 let _ = oldest.tx.send(Err(Reason::QueueFull));
+                Self::count_shed(&mut state, 1);
             }
             if state.queue.len() >= self.settings.queue_capacity {
                 match state.queue.evict_for(priority, &tenant) {
@@ -975,13 +985,24 @@ impl Controller {
     fn observe(state: &mut State, interval: Duration, now: Instant) {
         let len = state.queue.len();
         match &mut state.window {
-            Some((start, min)) if now.duration_since(*start) < interval => *min = (*min).min(len),
-            window => {
-                if let Some((_, min)) = *window {
-                    state.mins = [state.mins[1], Some(min)];
-                }
-                *window = Some((now, len));
+            Some((start, min, _)) if now.duration_since(*start) < interval => {
+                *min = (*min).min(len);
             }
+            window => {
+                // What the queue's own shedding took counts as still there:
+                // a standing queue that sheds is not draining.
+                if let Some((_, min, shed)) = *window {
+                    state.mins = [state.mins[1], Some(min + shed)];
+                }
+                *window = Some((now, len, 0));
+            }
+        }
+    }
+
+    /// Counts waiters a standing queue shed, for the standing test.
+    fn count_shed(state: &mut State, n: usize) {
+        if let Some((_, _, shed)) = &mut state.window {
+            *shed += n;
         }
     }
 
@@ -992,6 +1013,7 @@ impl Controller {
         };
         let expired = state.queue.older_than(cutoff);
         if !expired.is_empty() {
+            Self::count_shed(state, expired.len());
             for waiter in expired {
                 let _ = waiter.tx.send(Err(Reason::QueueTimeout));
             }

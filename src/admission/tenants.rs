@@ -22,7 +22,14 @@ use crate::client_key::{ClientKey, KeyExtractor};
 pub struct Tenants {
     keys: KeyExtractor,
     per_client: Option<usize>,
-    names: Mutex<HashMap<IpAddr, Vec<(ClientKey, Instant)>>>,
+    names: Mutex<Names>,
+}
+
+/// Each client address's names, and when the table was last swept.
+#[derive(Debug, Default)]
+struct Names {
+    by_address: HashMap<IpAddr, Vec<(ClientKey, Instant)>>,
+    swept: Option<Instant>,
 }
 
 /// How long a client's tenant name counts against its share after its last use.
@@ -40,7 +47,7 @@ impl Tenants {
         Self {
             keys,
             per_client: per_client.map(|n| n.max(1)),
-            names: Mutex::new(HashMap::new()),
+            names: Mutex::new(Names::default()),
         }
     }
 
@@ -57,16 +64,22 @@ impl Tenants {
         let now = Instant::now();
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < NAMES_KEPT_FOR;
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        if names.len() >= ADDRESSES && !names.contains_key(&address) {
-            names.retain(|_, used| {
-                used.retain(|(_, at)| fresh(at));
-                !used.is_empty()
-            });
-            if names.len() >= ADDRESSES {
+        let Names { by_address, swept } = &mut *names;
+        if by_address.len() >= ADDRESSES && !by_address.contains_key(&address) {
+            // Swept at most once a second: a flood of new addresses costs
+            // a lookup each, not a scan each.
+            if swept.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+                *swept = Some(now);
+                by_address.retain(|_, used| {
+                    used.retain(|(_, at)| fresh(at));
+                    !used.is_empty()
+                });
+            }
+            if by_address.len() >= ADDRESSES {
                 return ClientKey::Ip(address);
             }
         }
-        let used = names.entry(address).or_default();
+        let used = by_address.entry(address).or_default();
         used.retain(|(_, at)| fresh(at));
         if let Some((_, at)) = used.iter_mut().find(|(name, _)| *name == key) {
             *at = now;

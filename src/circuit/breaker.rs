@@ -324,6 +324,21 @@ impl Breaker {
     /// already running keeps its end.
     pub fn reconfigure(&mut self, settings: CircuitSettings) {
         self.open_for = self.open_for.clamp(settings.open, settings.max_open);
+        let clients_window = |s: &CircuitSettings| {
+            s.failure_rate
+                .map_or(FailureRate::DEFAULT_WINDOW, |r| r.window)
+        };
+        if let Inner::Closed {
+            callers, failing, ..
+        } = &mut self.inner
+            && (settings.min_failing_clients != self.settings.min_failing_clients
+                || clients_window(&settings) != clients_window(&self.settings))
+        {
+            // Counted afresh under the new rule.
+            let cap = settings.min_failing_clients.max(1) as usize;
+            *callers = Clients::new(cap, clients_window(&settings));
+            *failing = Clients::new(cap, clients_window(&settings));
+        }
         if let Inner::Closed { window, .. } = &mut self.inner {
             match (window.as_ref(), settings.failure_rate) {
                 (_, None) => *window = None,

@@ -21,7 +21,7 @@ use super::pool::{Conn, Pool, Pooled};
 use super::read_timeout::ReadTimeout;
 use super::retry::{self, Reclaim};
 use super::upstream::{UpstreamClientTls, UpstreamProtocol};
-use crate::body::{BodyProgress, BoxError, Counted, boxed};
+use crate::body::{BoxError, boxed};
 use crate::conn::ClientAddr;
 use crate::dispatch::Dispatch;
 use crate::error::Side;
@@ -222,11 +222,7 @@ where
         let h2 = matches!(self.inner.upstream, Upstream::Http2(_));
         let te_trailers = h2 && parts.headers.get(TE).is_some_and(|v| v == "trailers");
         headers::prepare_request(&mut parts.headers, parts.version, &parts.uri, client);
-        // Told the bytes as they go, when admission re-weighs this body.
-        let body = match parts.extensions.get::<BodyProgress>() {
-            Some(progress) => boxed(Counted::new(body, progress.clone())),
-            None => boxed(body),
-        };
+        let body = boxed(body);
         match &self.inner.upstream {
             Upstream::Http1(pool) => self.call_http1(pool.clone(), parts, body),
             Upstream::Http2(pool) => {
@@ -352,11 +348,14 @@ impl Forward {
                 ?unprocessed,
                 "the upstream did not process an HTTP/2 stream; sending it again"
             );
+            // The refused stream's place goes back before another is asked
+            // for: on a full pool it may be the one to have.
+            let avoid = stream.connection();
+            drop(stream);
             let retry = pool
-                .stream_avoiding(until, Some(&stream))
+                .stream_avoiding(until, Some(&avoid))
                 .await
                 .map_err(no_stream)?;
-            drop(stream);
             match send_h2(&retry, request).await? {
                 Ok(res) => answer_h2(res, retry, read_timeout),
                 Err(e) if retry::unprocessed(&e).is_some() => Err(refused().into()),

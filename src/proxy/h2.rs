@@ -122,12 +122,20 @@ impl Stream {
         self.conn.tx.clone()
     }
 
+    /// Its connection, to try a retry elsewhere once this stream is gone.
+    pub(super) fn connection(&self) -> Avoid {
+        Avoid(self.conn.clone())
+    }
+
     /// The upstream is closing this stream's connection (a GOAWAY): no
     /// request is sent on it any more (the streams it took finish).
     pub(super) fn going_away(&self) {
         self.conn.going_away.store(true, Ordering::Relaxed);
     }
 }
+
+/// A connection a retry should not go to (it refused the stream).
+pub(super) struct Avoid(Arc<H2Conn>);
 
 /// No stream could be had in time.
 #[derive(Debug)]
@@ -170,9 +178,9 @@ impl H2Pool {
     pub(super) async fn stream_avoiding(
         &self,
         until: Instant,
-        avoid: Option<&Stream>,
+        avoid: Option<&Avoid>,
     ) -> Result<Stream, BoxError> {
-        let avoid = avoid.map(|s| &s.conn);
+        let avoid = avoid.map(|a| &a.0);
         loop {
             // Registered before looking, so that a stream freed meanwhile
             // is not missed.

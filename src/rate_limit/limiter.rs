@@ -21,15 +21,33 @@ use crate::metrics::{RATE_LIMIT_KEYS, RATE_LIMIT_OVERFLOW_TOTAL, RATE_LIMITED_TO
 
 /// governor's clock, read from tokio's, so that rate limits run on the paused
 /// clock in tests like every other timer of the proxy.
+///
+/// governor keeps its buckets' times relative to its first reading of the
+/// clock; that reading is always zero here, so that a limiter a reload
+/// builds over the same buckets ([`TokioClock::continuing`]) reads them on
+/// the same scale.
 #[derive(Debug, Clone)]
 pub struct TokioClock {
     origin: tokio::time::Instant,
+    read: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for TokioClock {
     fn default() -> Self {
         Self {
             origin: tokio::time::Instant::now(),
+            read: Arc::default(),
+        }
+    }
+}
+
+impl TokioClock {
+    /// A clock on the same scale as `self`, for a new limiter over the same
+    /// buckets.
+    fn continuing(&self) -> Self {
+        Self {
+            origin: self.origin,
+            read: Arc::default(),
         }
     }
 }
@@ -37,6 +55,10 @@ impl Default for TokioClock {
 impl Clock for TokioClock {
     type Instant = Duration;
     fn now(&self) -> Duration {
+        use std::sync::atomic::Ordering;
+        if !self.read.load(Ordering::Relaxed) && !self.read.swap(true, Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
         self.origin.elapsed()
     }
 }
@@ -192,7 +214,7 @@ impl Bucket {
         if self.store.max_keys() != old.store.max_keys() {
             return;
         }
-        let clock = old.governor.clock().clone();
+        let clock = old.governor.clock().continuing();
         self.governor = Governor::new(self.rate.quota(), old.store.clone(), clock);
         self.store = old.store.clone();
     }
@@ -534,8 +556,27 @@ impl RateLimiter {
     /// carry by name; a bucket whose table changed size starts afresh.
     pub fn carry_from(mut self, old: &RateLimiter) -> Self {
         self.default.carry(&old.default);
-        for tier in &mut self.tiers {
-            if let Some(before) = old.tiers.iter().find(|t| t.name == tier.name) {
+        for (i, tier) in self.tiers.iter_mut().enumerate() {
+            let Some((j, before)) = old
+                .tiers
+                .iter()
+                .enumerate()
+                .find(|(_, t)| t.name == tier.name)
+            else {
+                continue;
+            };
+            // Its table holds exactly its keys: carried only when they are
+            // the same keys, or a new key would find no place.
+            let keys = |map: &HashMap<ClientKey, usize>, at| {
+                let mut keys: Vec<_> = map
+                    .iter()
+                    .filter(|(_, n)| **n == at)
+                    .map(|(k, _)| k)
+                    .collect();
+                keys.sort_by_key(|k| k.shared_bytes());
+                keys.into_iter().cloned().collect::<Vec<_>>()
+            };
+            if keys(&self.tier_of, i) == keys(&old.tier_of, j) {
                 tier.carry(before);
             }
         }
@@ -683,7 +724,16 @@ impl RateLimiter {
     /// (counts the request against it otherwise).
     pub fn over_ceiling(&self, address: Option<IpAddr>) -> Option<Verdict> {
         let per_ip = self.per_ip.as_ref().filter(|_| self.ceiling)?;
-        let verdict = self.spend(per_ip, &ClientKey::Ip(address?));
+        let key = ClientKey::Ip(address?);
+        if !per_ip.store.takes(&key) {
+            self.prune_when_full();
+            if !per_ip.store.takes(&key) {
+                // No place to count this address alone: its key's own
+                // bucket limits it, never a bucket shared with strangers.
+                return None;
+            }
+        }
+        let verdict = self.spend(per_ip, &key);
         verdict.retry_after_s.is_some().then_some(verdict)
     }
 
@@ -733,6 +783,9 @@ impl RateLimiter {
                 .is_ok()
         {
             self.default.governor.retain_recent();
+            if let Some(per_ip) = &self.per_ip {
+                per_ip.governor.retain_recent();
+            }
         }
     }
 

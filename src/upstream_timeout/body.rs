@@ -11,7 +11,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::body::ended;
+use bytes::Bytes;
+
+use crate::body::{BodyProgress, Counted, ended};
 use crate::dispatch::Sent;
 
 /// Where a request body's upload stands.
@@ -140,8 +142,10 @@ pin_project! {
     /// connection (the response deadline starts), and whether the next frame
     /// waits on the client or on the upstream taking the last one.
     pub struct SentBody<B> {
+        // Counted inside: a frame held for admission's bytes budget is a
+        // wait on the client's side, never the upstream's.
         #[pin]
-        inner: B,
+        inner: Counted<B>,
         progress: Option<Arc<Progress>>,
     }
 
@@ -157,19 +161,28 @@ pin_project! {
 }
 
 impl<B> SentBody<B> {
-    pub(super) fn new(inner: B, progress: Option<Arc<Progress>>) -> Self {
-        Self { inner, progress }
+    /// `inner`, telling `progress` how its upload stands, and `budget`
+    /// (admission re-weighing a body of unknown length) its running total.
+    pub(super) fn new(
+        inner: B,
+        progress: Option<Arc<Progress>>,
+        budget: Option<BodyProgress>,
+    ) -> Self {
+        Self {
+            inner: Counted::new(inner, budget),
+            progress,
+        }
     }
 }
 
-impl<B: Body> Body for SentBody<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes>> Body for SentBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         let Some(progress) = this.progress.as_ref() else {
             return this.inner.poll_frame(cx);

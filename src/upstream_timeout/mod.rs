@@ -42,6 +42,7 @@ pub use body::SentBody;
 pub use future::{ResponseFuture, UpstreamGaveUp, WriteTimedOut};
 use future::{Uploading, WATCH_CLIENT_AFTER, cut_at};
 
+use crate::body::BodyProgress;
 use crate::body::BoxError;
 use crate::conn::PeerClosed;
 use crate::deadline::Deadline;
@@ -159,7 +160,9 @@ where
             }
             (_, progress) => progress,
         };
-        let req = req.map(|inner| SentBody::new(inner, progress));
+        // Admission re-weighs a body of unknown length as it streams.
+        let budget = req.extensions().get::<BodyProgress>().cloned();
+        let req = req.map(|inner| SentBody::new(inner, progress, budget));
         ResponseFuture {
             inner: self.inner.call(req),
             sleep: tokio::time::sleep_until(cut_at(first_check, deadline)),
