@@ -15,18 +15,23 @@
 //! 4. **Request id** (tower-http): kept or generated, echoed on the response.
 //! 5. **Route** ([`crate::route`]): the one host and path in normal form (400
 //!    otherwise), matched against the live [`Generation`] (404 when none).
-//! 6. **Per route**, outermost first: observe (counts, access log) → rescue
-//!    (errors become responses, [`crate::respond`]) → body limit (413) →
+//! 6. **Per route**, outermost first: observe (counts, access log) → gRPC
+//!    answers (a refusal to a gRPC call becomes its `grpc-status`,
+//!    [`crate::grpc`]) → rescue (errors become responses,
+//!    [`crate::respond`]) → body limit (413) →
 //!    rate limit (429) → spool (an eligible refusal below becomes a `202`,
 //!    [`crate::spool`]) → circuit breaker (503, never queued) → admission
-//!    (in-flight limit, queue; 503 with `Retry-After`) → upstream timeout
-//!    (504) → forward. A client over its rate is refused before it can count
-//!    as an upstream call; an open circuit never takes a queue slot.
+//!    (in-flight limit, queue; 503 with `Retry-After`; the priority header
+//!    rewritten as decided) → upstream timeout (504; the upload's progress,
+//!    and admission's bytes budget on a streaming body) → forward. A client
+//!    over its rate is refused before it can count as an upstream call; an
+//!    open circuit never takes a queue slot.
 //! 7. **Forward** ([`crate::proxy::Forward`]): hop-by-hop headers out,
 //!    forwarding headers in, a connection from the route's keep-alive pool
 //!    (`proxy/pool.rs`, given back when the response body has been read), one
 //!    retry when a reused connection loses the race with the upstream closing
-//!    it.
+//!    it and the request may run twice (`proxy/retry.rs`), or an HTTP/2
+//!    stream the upstream did not process.
 //!
 //! On the way back the same layers see the response in reverse order, and two
 //! of them keep a hand on its body: the admission slot is held until the body
