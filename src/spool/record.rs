@@ -159,9 +159,27 @@ impl Format {
 
 // === impl Stored ===
 
-/// A request as it was accepted, whole.
+/// A request as it was accepted, whole: its head and its body. Reads of
+/// the head's fields go through to it (`stored.id`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
+    /// Everything but the body.
+    pub head: StoredHead,
+    /// Its body.
+    pub body: Bytes,
+}
+
+impl std::ops::Deref for Stored {
+    type Target = StoredHead;
+    fn deref(&self) -> &StoredHead {
+        &self.head
+    }
+}
+
+/// A [`Stored`] without its body: what is written ahead of a body streamed
+/// to the file ([`PutFrame`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredHead {
     /// The spool's id for it (and its generated idempotency key).
     pub id: String,
     /// When it was accepted, in Unix milliseconds.
@@ -177,113 +195,28 @@ pub struct Stored {
     pub uri: String,
     /// Its end-to-end header fields, the idempotency key among them.
     pub headers: HeaderMap,
-    /// Its body.
-    pub body: Bytes,
-}
-
-/// A [`Stored`] without its body: what is written ahead of a body streamed
-/// to the file ([`PutFrame`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredHead {
-    /// The spool's id for it (and its generated idempotency key).
-    pub id: String,
-    /// When it was accepted, in Unix milliseconds.
-    pub created_ms: u64,
-    /// The client's address, for `X-Forwarded-For` on replay.
-    pub client: Option<String>,
-    /// Whether the client came over HTTPS.
-    pub tls: bool,
-    /// Its method.
-    pub method: Method,
-    /// Its path and query.
-    pub uri: String,
-    /// Its end-to-end header fields, the idempotency key among them.
-    pub headers: HeaderMap,
 }
 
 impl Stored {
     /// The request from its head and body.
     pub fn from_parts(head: StoredHead, body: Bytes) -> Self {
-        let StoredHead {
-            id,
-            created_ms,
-            client,
-            tls,
-            method,
-            uri,
-            headers,
-        } = head;
-        Self {
-            id,
-            created_ms,
-            client,
-            tls,
-            method,
-            uri,
-            headers,
-            body,
-        }
+        Self { head, body }
     }
 
     /// The request's head and body.
     pub fn into_parts(self) -> (StoredHead, Bytes) {
-        let head = StoredHead {
-            id: self.id,
-            created_ms: self.created_ms,
-            client: self.client,
-            tls: self.tls,
-            method: self.method,
-            uri: self.uri,
-            headers: self.headers,
-        };
-        (head, self.body)
-    }
-
-    fn head_ref(&self) -> HeadRef<'_> {
-        HeadRef {
-            id: &self.id,
-            created_ms: self.created_ms,
-            client: self.client.as_deref(),
-            tls: self.tls,
-            method: &self.method,
-            uri: &self.uri,
-            headers: &self.headers,
-        }
+        (self.head, self.body)
     }
 }
 
 impl StoredHead {
-    fn head_ref(&self) -> HeadRef<'_> {
-        HeadRef {
-            id: &self.id,
-            created_ms: self.created_ms,
-            client: self.client.as_deref(),
-            tls: self.tls,
-            method: &self.method,
-            uri: &self.uri,
-            headers: &self.headers,
-        }
-    }
-
     /// The length of the PUT frame of this head with a body of `body_len`
     /// bytes: what the store reserves before the body is read.
     pub(super) fn frame_len(&self, body_len: u64) -> io::Result<u64> {
         let mut fields = Vec::new();
-        put_head(&mut fields, &self.head_ref())?;
+        put_head(&mut fields, self)?;
         Ok((FRAME_HEADER + fields.len() + 4 + FRAME_TRAILER) as u64 + body_len)
     }
-}
-
-/// A request's head, borrowed from a [`Stored`] or a [`StoredHead`], so
-/// that both encode through one function.
-struct HeadRef<'a> {
-    id: &'a str,
-    created_ms: u64,
-    client: Option<&'a str>,
-    tls: bool,
-    method: &'a Method,
-    uri: &'a str,
-    headers: &'a HeaderMap,
 }
 
 /// A request that will not be delivered, and why.
@@ -350,9 +283,9 @@ impl Entry {
         let mut fields = Vec::new();
         let (kind, body) = match self {
             Entry::Put(stored) => {
-                let head = stored.head_ref();
-                check_id(head.id)?;
-                put_head(&mut fields, &head)?;
+                let head = &stored.head;
+                check_id(&head.id)?;
+                put_head(&mut fields, head)?;
                 (PUT, Some(&stored.body[..]))
             }
             Entry::Done(id) => {
@@ -361,14 +294,14 @@ impl Entry {
                 (DONE, None)
             }
             Entry::Dead(buried) => {
-                let head = buried.request.head_ref();
-                check_id(head.id)?;
+                let head = &buried.request.head;
+                check_id(&head.id)?;
                 let w = &mut fields;
                 w.extend_from_slice(&buried.status.unwrap_or(0).to_le_bytes());
                 put_bytes(w, buried.excerpt.as_bytes())?;
                 w.extend_from_slice(&buried.attempts.to_le_bytes());
                 w.extend_from_slice(&buried.buried_ms.to_le_bytes());
-                put_head(w, &head)?;
+                put_head(w, head)?;
                 (DEAD, Some(&buried.request.body[..]))
             }
         };
@@ -430,16 +363,16 @@ fn put_bytes(w: &mut Vec<u8>, b: &[u8]) -> io::Result<()> {
 
 /// The head's fields, in the order [`Reader::head`] reads them. The id is
 /// not checked here (the callers do), so that tests can forge records.
-fn put_head(w: &mut Vec<u8>, h: &HeadRef<'_>) -> io::Result<()> {
+fn put_head(w: &mut Vec<u8>, h: &StoredHead) -> io::Result<()> {
     put_bytes(w, h.id.as_bytes())?;
     w.extend_from_slice(&h.created_ms.to_le_bytes());
-    put_bytes(w, h.client.unwrap_or("").as_bytes())?;
+    put_bytes(w, h.client.as_deref().unwrap_or("").as_bytes())?;
     w.push(u8::from(h.tls));
     put_bytes(w, h.method.as_str().as_bytes())?;
     put_bytes(w, h.uri.as_bytes())?;
     let count = u32::try_from(h.headers.len()).map_err(|_| too_large())?;
     w.extend_from_slice(&count.to_le_bytes());
-    for (name, value) in h.headers {
+    for (name, value) in &h.headers {
         put_bytes(w, name.as_str().as_bytes())?;
         put_bytes(w, value.as_bytes())?;
     }
@@ -469,10 +402,9 @@ impl PutFrame {
         head: &StoredHead,
         body_len: u64,
     ) -> io::Result<(Vec<u8>, Self)> {
-        let head = head.head_ref();
-        check_id(head.id)?;
+        check_id(&head.id)?;
         let mut fields = Vec::new();
-        put_head(&mut fields, &head)?;
+        put_head(&mut fields, head)?;
         Self::start(key, PUT, &fields, Some(body_len))
     }
 
@@ -930,13 +862,15 @@ mod tests {
         headers.append("x-tag", HeaderValue::from_static("a"));
         headers.append("x-tag", HeaderValue::from_static("b"));
         Stored {
-            id: id.into(),
-            created_ms: 1_700_000_000_000,
-            client: Some("10.0.0.1".into()),
-            tls: true,
-            method: Method::POST,
-            uri: "/ingest?batch=1".into(),
-            headers,
+            head: StoredHead {
+                id: id.into(),
+                created_ms: 1_700_000_000_000,
+                client: Some("10.0.0.1".into()),
+                tls: true,
+                method: Method::POST,
+                uri: "/ingest?batch=1".into(),
+                headers,
+            },
             body: Bytes::copy_from_slice(body),
         }
     }
@@ -977,7 +911,7 @@ mod tests {
     /// client would plant in a body if it could guess a key.
     fn forged_frame(key: &FileKey, stored: &Stored) -> Vec<u8> {
         let mut fields = Vec::new();
-        put_head(&mut fields, &stored.head_ref()).expect("small");
+        put_head(&mut fields, &stored.head).expect("small");
         let body_len = stored.body.len() as u64;
         let (mut out, mut frame) =
             PutFrame::start(key, PUT, &fields, Some(body_len)).expect("small");
@@ -990,8 +924,8 @@ mod tests {
     #[test]
     fn every_entry_comes_back_as_written() {
         let mut plain = stored("0b", b"");
-        plain.tls = false;
-        plain.client = None;
+        plain.head.tls = false;
+        plain.head.client = None;
         let written = [
             put("0a", b"{\"n\":1}"),
             Entry::Put(plain),
@@ -1142,11 +1076,11 @@ mod tests {
     #[test]
     fn a_legacy_file_is_read_to_its_first_damaged_frame_and_no_further() {
         let mut old = stored("0a", b"old");
-        old.tls = false;
+        old.head.tls = false;
         let written: Vec<Entry> = (0..4)
             .map(|i| {
                 let mut s = old.clone();
-                s.id = format!("0{i}");
+                s.head.id = format!("0{i}");
                 Entry::Put(s)
             })
             .chain([Entry::Done("01".into())])
@@ -1189,7 +1123,7 @@ mod tests {
         let Entry::Dead(mut old) = dead else {
             unreachable!()
         };
-        old.request.tls = false;
+        old.request.head.tls = false;
         let old = Entry::Dead(old);
         assert_eq!(read_file(&v1::encode(&old)), Some(old));
     }
@@ -1202,13 +1136,15 @@ mod tests {
         headers.insert("authorization", HeaderValue::from_static("Bearer admin"));
         headers.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
         Stored {
-            id: id.into(),
-            created_ms: 1,
-            client: Some("127.0.0.1".into()),
-            tls: true,
-            method: Method::DELETE,
-            uri: "/admin/users/all".into(),
-            headers,
+            head: StoredHead {
+                id: id.into(),
+                created_ms: 1,
+                client: Some("127.0.0.1".into()),
+                tls: true,
+                method: Method::DELETE,
+                uri: "/admin/users/all".into(),
+                headers,
+            },
             body: Bytes::new(),
         }
     }
@@ -1290,7 +1226,7 @@ mod tests {
         ]
         .map(|e| match e {
             Entry::Put(mut s) => {
-                s.tls = false;
+                s.head.tls = false;
                 Entry::Put(s)
             }
             other => other,
@@ -1386,13 +1322,15 @@ mod tests {
                     headers.append(name, value);
                 }
                 Stored {
-                    id,
-                    created_ms,
-                    client,
-                    tls,
-                    method,
-                    uri,
-                    headers,
+                    head: StoredHead {
+                        id,
+                        created_ms,
+                        client,
+                        tls,
+                        method,
+                        uri,
+                        headers,
+                    },
                     body: body.into(),
                 }
             })
@@ -1469,15 +1407,17 @@ mod tests {
     fn realise(key: &FileKey, plan: &Plan, tls: bool) -> Entry {
         match plan {
             Plan::Put(s, pieces) => Entry::Put(Stored {
+                head: StoredHead {
+                    tls: s.tls && tls,
+                    ..s.head.clone()
+                },
                 body: body(key, &s.body, pieces),
-                tls: s.tls && tls,
-                ..s.clone()
             }),
             Plan::Done(id) => Entry::Done(id.clone()),
             Plan::Dead(b, pieces) => {
                 let mut b = b.clone();
                 b.request.body = body(key, &b.request.body, pieces);
-                b.request.tls &= tls;
+                b.request.head.tls &= tls;
                 Entry::Dead(b)
             }
         }

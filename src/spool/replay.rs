@@ -418,7 +418,8 @@ async fn read(spool: &Spool, next: &Next, shared: &Shared) -> Option<Stored> {
 /// and the client it came from (its address and whether it used TLS), so
 /// that the forwarding headers are the ones the live request would have had.
 fn replay_request(stored: Stored, granted: Granted) -> ReplayRequest {
-    let mut request = Request::new(Full::new(stored.body));
+    let (stored, body) = stored.into_parts();
+    let mut request = Request::new(Full::new(body));
     *request.method_mut() = stored.method;
     *request.uri_mut() = stored
         .uri

@@ -871,11 +871,11 @@ fn recover_segments(dir: &Path, state: &mut State) -> io::Result<u64> {
                     state.pending.insert(
                         seq,
                         Pending {
-                            id: stored.id.into(),
+                            id: stored.head.id.into(),
                             segment: no,
                             offset: found.offset,
                             len: found.len,
-                            created_ms: stored.created_ms,
+                            created_ms: stored.head.created_ms,
                             attempts: 0,
                         },
                     );

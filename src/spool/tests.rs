@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method};
 
-use super::record::{Buried, Stored};
+use super::record::{Buried, Stored, StoredHead};
 use super::store::{SpoolError, Store};
 use super::{Durability, SpoolMetrics, SpoolSettings};
 use crate::error::Reason;
@@ -85,13 +85,15 @@ fn close(store: Arc<Store>) {
 
 fn request(store: &Store, body: &str) -> Stored {
     Stored {
-        id: store.new_id(),
-        created_ms: 1,
-        client: None,
-        tls: false,
-        method: Method::POST,
-        uri: "/ingest".into(),
-        headers: HeaderMap::new(),
+        head: StoredHead {
+            id: store.new_id(),
+            created_ms: 1,
+            client: None,
+            tls: false,
+            method: Method::POST,
+            uri: "/ingest".into(),
+            headers: HeaderMap::new(),
+        },
         body: Bytes::from(body.to_string()),
     }
 }
