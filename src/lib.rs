@@ -67,6 +67,7 @@ pub mod conn;
 pub mod deadline;
 pub mod demo;
 pub mod dispatch;
+pub mod distinct_clients;
 pub mod error;
 pub mod grpc;
 pub mod jitter;

@@ -17,6 +17,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::distinct_clients::DistinctClients;
+
 pub use aimd::{Aimd, AimdSettings};
 pub use gradient::{BaselineSource, Gradient, GradientSettings, Phase};
 
@@ -42,27 +44,6 @@ pub struct Sample {
 /// one client whose requests time out (a query heavier than the others')
 /// cannot lower everyone's limit, as it cannot open the circuit.
 pub const MIN_OVERLOADED_CLIENTS: usize = 3;
-
-/// Distinct clients, up to [`MIN_OVERLOADED_CLIENTS`] of them.
-#[derive(Debug, Clone, Copy, Default)]
-struct Few {
-    seen: [Option<Option<IpAddr>>; MIN_OVERLOADED_CLIENTS],
-}
-
-impl Few {
-    fn note(&mut self, client: Option<IpAddr>) {
-        if self.seen.contains(&Some(client)) {
-            return;
-        }
-        if let Some(free) = self.seen.iter_mut().find(|c| c.is_none()) {
-            *free = Some(client);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.seen.iter().filter(|c| c.is_some()).count()
-    }
-}
 
 /// What `/status` shows of an algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -165,8 +146,8 @@ struct Window {
     limited: u32,
     max_inflight: usize,
     /// The window's clients, and those whose samples were dropped.
-    callers: Few,
-    droppers: Few,
+    callers: DistinctClients,
+    droppers: DistinctClients,
 }
 
 impl Window {
@@ -178,8 +159,9 @@ impl Window {
             dropped: 0,
             limited: 0,
             max_inflight: 0,
-            callers: Few::default(),
-            droppers: Few::default(),
+            // Counted for the window's life: a window starts them afresh.
+            callers: DistinctClients::new(MIN_OVERLOADED_CLIENTS, Duration::MAX),
+            droppers: DistinctClients::new(MIN_OVERLOADED_CLIENTS, Duration::MAX),
         }
     }
 
@@ -187,10 +169,14 @@ impl Window {
         self.count += 1;
         self.max_inflight = self.max_inflight.max(s.inflight);
         self.limited += u32::from(s.limited);
-        self.callers.note(s.client);
+        // A client not known (a service outside the listener) is one client.
+        let client = s
+            .client
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        self.callers.note(client, self.started);
         if s.dropped {
             self.dropped += 1;
-            self.droppers.note(s.client);
+            self.droppers.note(client, self.started);
         } else {
             self.rtt_sum += s.rtt;
         }
@@ -203,7 +189,7 @@ impl Window {
     /// Overload signals from enough of the window's clients (see
     /// [`MIN_OVERLOADED_CLIENTS`]).
     fn overloaded(&self) -> bool {
-        self.dropped > 0 && self.droppers.len() >= self.callers.len()
+        self.dropped > 0 && self.droppers.count(self.started) >= self.callers.count(self.started)
     }
 
     /// The limit bound at least half the window: demand was held back.

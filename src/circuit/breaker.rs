@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::window::FailureWindow;
+use crate::distinct_clients::DistinctClients;
 
 /// When to open, how long to stay open, what it takes to close.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,8 +216,8 @@ enum Inner {
         /// Boxed: ten buckets, only with a failure-rate rule.
         window: Option<Box<FailureWindow>>,
         /// Clients that called, and clients whose calls failed, lately.
-        callers: Clients,
-        failing: Clients,
+        callers: DistinctClients,
+        failing: DistinctClients,
     },
     Open {
         until: Instant,
@@ -226,44 +227,6 @@ enum Inner {
         leases: Vec<Lease>,
         successes: u32,
     },
-}
-
-/// Distinct clients seen over a sliding window, up to `cap` of them: the
-/// breaker only needs to know whether at least `cap` did (bounded memory,
-/// whatever the number of clients).
-#[derive(Debug, Clone)]
-struct Clients {
-    cap: usize,
-    window: Duration,
-    /// Each client's last time, most recent last.
-    seen: Vec<(IpAddr, Instant)>,
-}
-
-impl Clients {
-    fn new(cap: usize, window: Duration) -> Self {
-        Self {
-            cap,
-            window,
-            seen: Vec::with_capacity(cap),
-        }
-    }
-
-    fn note(&mut self, client: IpAddr, now: Instant) {
-        if let Some(i) = self.seen.iter().position(|&(c, _)| c == client) {
-            self.seen.remove(i);
-        } else if self.seen.len() >= self.cap {
-            self.seen.remove(0);
-        }
-        self.seen.push((client, now));
-    }
-
-    /// Distinct clients over the window, at most `cap`.
-    fn count(&self, now: Instant) -> usize {
-        self.seen
-            .iter()
-            .filter(|&&(_, at)| now.saturating_duration_since(at) < self.window)
-            .count()
-    }
 }
 
 /// The state machine: closed → open on failures; open → half-open when the open
@@ -303,14 +266,14 @@ impl Breaker {
         let window = settings
             .failure_rate
             .map_or(FailureRate::DEFAULT_WINDOW, |r| r.window);
-        let cap = settings.min_failing_clients.max(1) as usize;
+        let cap = settings.min_failing_clients as usize;
         Inner::Closed {
             failures: 0,
             window: settings
                 .failure_rate
                 .map(|r| Box::new(FailureWindow::new(r.window, now))),
-            callers: Clients::new(cap, window),
-            failing: Clients::new(cap, window),
+            callers: DistinctClients::new(cap, window),
+            failing: DistinctClients::new(cap, window),
         }
     }
 
@@ -335,9 +298,9 @@ impl Breaker {
                 || clients_window(&settings) != clients_window(&self.settings))
         {
             // Counted afresh under the new rule.
-            let cap = settings.min_failing_clients.max(1) as usize;
-            *callers = Clients::new(cap, clients_window(&settings));
-            *failing = Clients::new(cap, clients_window(&settings));
+            let cap = settings.min_failing_clients as usize;
+            *callers = DistinctClients::new(cap, clients_window(&settings));
+            *failing = DistinctClients::new(cap, clients_window(&settings));
         }
         if let Inner::Closed { window, .. } = &mut self.inner {
             match (window.as_ref(), settings.failure_rate) {
