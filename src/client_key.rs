@@ -135,7 +135,7 @@ impl KeyExtractor {
 
     /// An address as clients are counted: IPv4 as is, IPv6 by its network.
     fn group(&self, ip: IpAddr) -> IpAddr {
-        match canonical(ip) {
+        match ip.to_canonical() {
             IpAddr::V6(v6) => {
                 let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).map_or(v6, |n| n.network());
                 IpAddr::V6(net)
@@ -181,7 +181,8 @@ impl KeyExtractor {
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        // `::ffff:1.2.3.4` (a dual-stack socket's IPv4 peer) is 1.2.3.4.
+        let ip = ip.to_canonical();
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
@@ -191,9 +192,9 @@ impl KeyExtractor {
         forwarded: http::header::GetAll<'a, HeaderValue>,
     ) -> IpAddr {
         if !self.is_trusted(peer) {
-            return canonical(peer);
+            return peer.to_canonical();
         }
-        let mut client = canonical(peer);
+        let mut client = peer.to_canonical();
         // Right to left over every X-Forwarded-For line and entry.
         for line in forwarded.iter().rev() {
             let Ok(line) = line.to_str() else {
@@ -218,19 +219,10 @@ impl KeyExtractor {
 /// `2001:db8::1` or `[2001:db8::1]:5678`.
 fn parse_entry(entry: &str) -> Option<IpAddr> {
     if let Ok(ip) = entry.parse::<IpAddr>() {
-        return Some(canonical(ip));
+        return Some(ip.to_canonical());
     }
     entry
         .parse::<std::net::SocketAddr>()
         .ok()
-        .map(|s| canonical(s.ip()))
-}
-
-/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`, from dual-stack sockets) are
-/// the IPv4 client they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+        .map(|s| s.ip().to_canonical())
 }
