@@ -151,15 +151,18 @@ where
             .limiter
             .extractor()
             .key(req.headers(), req.extensions());
-        // Header keys: the client's address too (its ceiling, and its
-        // bucket for a key beyond `max_keys`).
-        let address = self.limiter.wants_address().then(|| {
-            self.limiter
-                .extractor()
-                .address(req.headers(), req.extensions())
-        });
+        // Header keys: the client's address too, when asked (its ceiling,
+        // its bucket for a key beyond `max_keys`).
+        let address = || {
+            Some(
+                self.limiter
+                    .extractor()
+                    .address(req.headers(), req.extensions()),
+            )
+        };
         let here = if self.limiter.is_shared() {
-            match self.limiter.over_ceiling(address) {
+            let ceiling = self.limiter.has_ceiling().then(address).flatten();
+            match self.limiter.over_ceiling(ceiling) {
                 Some(refused) => Ok(refused),
                 None => self.limiter.decide_here(&key),
             }

@@ -714,10 +714,10 @@ impl RateLimiter {
         &self.extractor
     }
 
-    /// Whether [`RateLimiter::check_from`] and
-    /// [`RateLimiter::over_ceiling`] want the client's address (header keys).
-    pub fn wants_address(&self) -> bool {
-        self.per_ip.is_some()
+    /// Whether a per-address ceiling is configured
+    /// ([`RateLimiter::over_ceiling`] wants every request's address).
+    pub fn has_ceiling(&self) -> bool {
+        self.ceiling
     }
 
     /// The per-address ceiling's refusal, when `address` is over it
@@ -742,28 +742,34 @@ impl RateLimiter {
         self.spend(self.bucket_of(key), key)
     }
 
-    /// The same for a request from `address` (see
-    /// [`RateLimiter::wants_address`]): over its address's ceiling it is
-    /// refused; a new key once `max_keys` are tracked is counted in its
-    /// address's bucket.
-    pub fn check_from(&self, key: &ClientKey, address: Option<IpAddr>) -> Verdict {
+    /// The same for a request whose client address `address` finds (header
+    /// keys; asked only when needed: for the ceiling, or for a new key once
+    /// `max_keys` are tracked): over its address's ceiling it is refused; a
+    /// new key that finds no place is counted in its address's bucket.
+    pub fn check_from(&self, key: &ClientKey, address: impl FnOnce() -> Option<IpAddr>) -> Verdict {
         let bucket = self.bucket_of(key);
-        let Some((per_ip, address)) = self.per_ip.as_ref().zip(address) else {
+        let Some(per_ip) = self.per_ip.as_ref() else {
             return self.spend(bucket, key);
         };
-        if let Some(refused) = self.over_ceiling(Some(address)) {
-            return refused;
+        let mut address = Some(address);
+        let mut ip = None;
+        if self.ceiling {
+            ip = address.take().and_then(|f| f());
+            if let Some(refused) = self.over_ceiling(ip) {
+                return refused;
+            }
         }
         if bucket.tier.is_none() && !bucket.store.takes(key) {
             self.prune_when_full();
-            if !bucket.store.takes(key) {
+            if !bucket.store.takes(key)
+                && let Some(ip) = ip.or_else(|| address.take().and_then(|f| f()))
+            {
                 self.metrics.overflowed.increment(1);
-                let ip = ClientKey::Ip(address);
                 if self.ceiling {
                     // Already counted against the ceiling just above.
                     return per_ip.verdict(None, 0);
                 }
-                return self.spend(per_ip, &ip);
+                return self.spend(per_ip, &ClientKey::Ip(ip));
             }
         }
         self.spend(bucket, key)
