@@ -15,11 +15,10 @@ ARG BUILDER_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${BUILDER_IMAGE} AS build
+# One COPY (what .dockerignore leaves): every build step is a layer, and a
+# storage driver without overlays (vfs) stores each one whole.
+COPY . /src
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY benches ./benches
-COPY config.toml ./
 RUN cargo build --release --locked --bin sluicegate \
  && sed -e 's/^listen = "127.0.0.1:8080"/listen = "0.0.0.0:8080"/' \
         -e 's/^admin_listen = "127.0.0.1:9901"/admin_listen = "0.0.0.0:9901"/' \
