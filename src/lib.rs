@@ -60,6 +60,7 @@ pub mod admission;
 pub mod body;
 pub mod body_limit;
 pub mod circuit;
+pub mod classify;
 pub mod client_key;
 pub mod cluster;
 pub mod config;

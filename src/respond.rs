@@ -18,11 +18,13 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ProxyBody, boxed};
-use crate::error::{ErrorChain, Reason, Rejection, client_fault};
+use crate::classify::{self, Failure};
+use crate::error::{ErrorChain, Reason, Rejection};
 
 /// Turns a stack error into the client's response, logging the cause.
 pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
-    if let Some(reason) = client_fault(err.as_ref()) {
+    let failure = classify::failure(err.as_ref());
+    if let Failure::Client(reason) = failure {
         // The client's doing: worth a line when debugging, not a warning.
         tracing::debug!(
             route,
@@ -34,10 +36,7 @@ pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
     }
     let rejection = match err.downcast::<Rejection>() {
         Ok(rejection) => *rejection,
-        Err(err) if err.is::<tower::timeout::error::Elapsed>() => {
-            Rejection::new(Reason::UpstreamTimeout).with_cause(err)
-        }
-        Err(err) => Rejection::new(Reason::UpstreamUnavailable).with_cause(err),
+        Err(err) => Rejection::new(failure.reason()).with_cause(err),
     };
     if let Some(cause) = rejection.cause() {
         tracing::warn!(

@@ -376,3 +376,251 @@ async fn a_client_that_stops_reading_frees_the_probe_slot_after_send_timeout() {
     assert_eq!(route(admin).await["circuit"]["state"], "closed");
     proxy.shutdown().await;
 }
+
+// === README "How an exchange ended" ===
+
+/// README's two tables of how an exchange ended are what the classifier
+/// and its readers decide: generated here from `sluicegate::classify`, the
+/// circuit's default failure policy and a spool's default `on`, and compared
+/// with README's text (on a difference, the generated tables are printed to
+/// paste).
+#[test]
+fn readme_says_how_each_ending_is_judged() {
+    use sluicegate::circuit::{CallOutcome, FailurePolicy};
+    use sluicegate::classify::{self, Delivery, Failure, Load};
+    use sluicegate::error::Reason;
+
+    let config = sluicegate::Config::parse(
+        "t.toml",
+        "[[route]]\nupstream = \"http://127.0.0.1:9\"\n[route.spool]\ndir = \"/tmp/x\"\nmax_bytes = 1048576\n",
+    )
+    .unwrap();
+    let on = config.routes[0].spool.as_ref().unwrap().on.clone();
+    let policy = FailurePolicy::default();
+    let circuit = |outcome: Option<CallOutcome>| match outcome {
+        None => "neither".to_string(),
+        Some(CallOutcome::Success) => "success".to_string(),
+        Some(CallOutcome::Failure { retry_after: None }) => "failure".to_string(),
+        Some(CallOutcome::Failure {
+            retry_after: Some(d),
+        }) => format!("failure, open ≥ {} s", d.as_secs()),
+    };
+    let load = |load: Load| match load {
+        Load::Normal => "sample",
+        Load::Overload => "overload",
+        Load::Unrelated => "no sample",
+    };
+
+    // The upstream answered: its head, then (a success so far) its body's end.
+    let mut answers = String::from(
+        "| the upstream answered | circuit breaker | adaptive limit | spool replay |\n|---|---|---|---|\n",
+    );
+    let answer = |status: u16, headers: &[(&'static str, &'static str)], grpc: bool| {
+        let mut res = http::Response::new(());
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in headers {
+            res.headers_mut()
+                .insert(*k, http::HeaderValue::from_static(v));
+        }
+        classify::answer(&res, grpc)
+    };
+    let grpc = |code: &'static str, pushback: Option<&'static str>| {
+        let mut h = vec![("content-type", "application/grpc"), ("grpc-status", code)];
+        if let Some(ms) = pushback {
+            h.push(("grpc-retry-pushback-ms", ms));
+        }
+        answer(200, &h, true)
+    };
+    let rows: Vec<(&str, classify::Answer)> = vec![
+        ("`2xx`", answer(200, &[], false)),
+        ("`408`, `429`", answer(429, &[], false)),
+        ("another `4xx` (`400`, `404`, ...)", answer(404, &[], false)),
+        ("`500`, `502` (any other `5xx`)", answer(500, &[], false)),
+        ("`503`", answer(503, &[], false)),
+        (
+            "`503` with `Retry-After: 5`",
+            answer(503, &[("retry-after", "5")], false),
+        ),
+        ("`504`", answer(504, &[], false)),
+        (
+            "gRPC `OK`, or a client's code (`INVALID_ARGUMENT`, `NOT_FOUND`, `RESOURCE_EXHAUSTED` without pushback, ...)",
+            grpc("0", None),
+        ),
+        ("gRPC `UNAVAILABLE`, `DEADLINE_EXCEEDED`", grpc("14", None)),
+        ("gRPC `INTERNAL`, `UNKNOWN`, `DATA_LOSS`", grpc("13", None)),
+        (
+            "gRPC `RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms: 5000`",
+            grpc("8", Some("5000")),
+        ),
+    ];
+    for (label, answer) in rows {
+        let spool = if label.starts_with("gRPC") {
+            "never spooled".to_string()
+        } else {
+            match answer.delivery() {
+                Delivery::Delivered => "delivered".to_string(),
+                Delivery::Refused => "dead letter".to_string(),
+                Delivery::Again => match answer.retry_after {
+                    Some(d) => format!("again, not before {} s", d.as_secs()),
+                    None => "again".to_string(),
+                },
+            }
+        };
+        let judged = policy.judge(&answer, Duration::ZERO);
+        answers += &format!(
+            "| {label} | {} | {} | {spool} |\n",
+            circuit(Some(judged)),
+            load(answer.load()),
+        );
+    }
+    let ends = [
+        (
+            "a body that ends whole (or no body)",
+            classify::body_end(true, None, false),
+        ),
+        (
+            "a gRPC body whose trailers say `UNAVAILABLE`",
+            classify::body_end(
+                true,
+                Some(
+                    &[("grpc-status", "14")]
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                http::HeaderName::from_static(k),
+                                http::HeaderValue::from_static(v),
+                            )
+                        })
+                        .collect(),
+                ),
+                true,
+            ),
+        ),
+        (
+            "a gRPC body that ends without a status",
+            classify::body_end(true, None, true),
+        ),
+        (
+            "a body the upstream cuts off, resets or stalls",
+            classify::body_end(false, None, false),
+        ),
+    ];
+    for (label, end) in ends {
+        answers += &format!(
+            "| then {label} | {} | {} | |\n",
+            circuit(Some(FailurePolicy::of_body_end(end))),
+            match end {
+                classify::BodyEnd::Status(v) => load(v.load()),
+                _ => "as its head said",
+            },
+        );
+    }
+
+    // No answer: an error below, blamed once. A layer's own refusal is not
+    // an exchange it judges.
+    let mut failures = String::from(
+        "| no answer: | the client gets | circuit breaker | adaptive limit | a spool takes it over | spool replay |\n|---|---|---|---|---|---|\n",
+    );
+    enum Own {
+        Neither,
+        Admission,
+        Circuit,
+    }
+    let refused = |reason| Failure::Refused {
+        reason,
+        retry_after: Some(Duration::from_secs(1)),
+    };
+    let upstream = |reason, sent| Failure::Upstream { reason, sent };
+    let rows = [
+        (
+            "a body over `max_body_bytes`",
+            Failure::Client(Reason::BodyTooLarge),
+            Own::Neither,
+        ),
+        (
+            "a body paused or too slow",
+            Failure::Client(Reason::RequestTimeout),
+            Own::Neither,
+        ),
+        (
+            "a body malformed",
+            Failure::Client(Reason::BadRequest),
+            Own::Neither,
+        ),
+        (
+            "the client gone",
+            Failure::Client(Reason::ClientClosed),
+            Own::Neither,
+        ),
+        (
+            "the client's deadline (`grpc-timeout`) passed",
+            Failure::ClientDeadline,
+            Own::Neither,
+        ),
+        (
+            "the circuit open",
+            refused(Reason::CircuitOpen),
+            Own::Circuit,
+        ),
+        (
+            "admission's queue full",
+            refused(Reason::QueueFull),
+            Own::Admission,
+        ),
+        (
+            "admission's queue wait over",
+            refused(Reason::QueueTimeout),
+            Own::Admission,
+        ),
+        (
+            "no free HTTP/2 stream upstream in `connect_timeout_ms`",
+            refused(Reason::QueueTimeout),
+            Own::Neither,
+        ),
+        (
+            "the upstream unreachable, nothing sent",
+            upstream(Reason::UpstreamUnavailable, false),
+            Own::Neither,
+        ),
+        (
+            "the upstream broke the connection after the request went out",
+            upstream(Reason::UpstreamUnavailable, true),
+            Own::Neither,
+        ),
+        (
+            "the upstream timed out (`timeout_ms`, `write_timeout_ms`)",
+            upstream(Reason::UpstreamTimeout, true),
+            Own::Neither,
+        ),
+    ];
+    for (label, failure, own) in rows {
+        let reason = failure.reason();
+        let breaker = failure
+            .upstream_failed()
+            .then_some(CallOutcome::Failure { retry_after: None });
+        let (breaker, adaptive) = match own {
+            Own::Circuit => ("its own refusal".to_string(), "never admitted"),
+            Own::Admission => (circuit(breaker), "its own refusal"),
+            Own::Neither => (circuit(breaker), load(failure.load())),
+        };
+        failures += &format!(
+            "| {label} | {} `{}` | {breaker} | {adaptive} | {} | {} |\n",
+            reason.status().as_u16(),
+            reason.as_str(),
+            if failure.spoolable(&on) { "yes" } else { "no" },
+            if failure.held_back() {
+                "again, the route waits (not an attempt)"
+            } else {
+                "again (an attempt)"
+            },
+        );
+    }
+
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let expected = format!("{answers}\n{failures}");
+    assert!(
+        readme.contains(&expected),
+        "README's \"How an exchange ended\" tables differ from the code; they should read:\n\n{expected}"
+    );
+}

@@ -16,6 +16,7 @@ use super::retry_after::{CompletionRate, jitter, retry_after_secs};
 use super::tenants::{ShedCounts, TenantCount, everyone};
 use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::body::Growth;
+use crate::classify::Load;
 use crate::client_key::ClientKey;
 use crate::deadline::Deadline;
 use crate::error::{Reason, Rejection};
@@ -1278,11 +1279,18 @@ impl Permit {
         self.client = Some(client);
     }
 
-    /// Marks the recorded sample an overload signal after all (a gRPC
-    /// status in the trailers said so).
-    pub fn overloaded(&mut self) {
-        if let Some((_, overloaded)) = &mut self.sample {
-            *overloaded = true;
+    /// Corrects the recorded sample by what the end of the exchange said
+    /// (a gRPC status in the trailers): an overload signal after all, or no
+    /// sample at all.
+    pub fn correct(&mut self, load: Load) {
+        match load {
+            Load::Normal => {}
+            Load::Overload => {
+                if let Some((_, overloaded)) = &mut self.sample {
+                    *overloaded = true;
+                }
+            }
+            Load::Unrelated => self.sample = None,
         }
     }
 }

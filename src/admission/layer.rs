@@ -14,10 +14,11 @@ use tower::{Layer, Service, ServiceExt};
 use super::tenants::everyone;
 use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule, Tenants};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
+use crate::classify::{self, GrpcCall, Load};
 use crate::client_key::{ClientKey, KeyExtractor};
 use crate::conn::PeerClosed;
 use crate::deadline::Deadline;
-use crate::error::{Reason, Rejection, client_fault, refused};
+use crate::error::{Reason, Rejection, refused};
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Admission control for any `Service<http::Request<B>>`.
@@ -229,7 +230,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let grpc = req.extensions().get::<crate::grpc::GrpcCall>().is_some();
+        let grpc = req.extensions().get::<GrpcCall>().is_some();
         let priority = self.priority.decide(&mut req);
         // Adaptive limits only: who sent it, for its overload signals.
         let client = self
@@ -319,27 +320,6 @@ where
     }
 }
 
-/// Whether a gRPC verdict is an overload signal for the adaptive limit: out
-/// of capacity or time, or explicit backpressure; not INTERNAL or UNKNOWN,
-/// which a server answers by itself to one client's undecodable message.
-fn overloads(verdict: crate::grpc::Verdict) -> bool {
-    use crate::grpc::Verdict;
-    matches!(verdict, Verdict::Unavailable | Verdict::Backpressure(_))
-}
-
-/// Whether an upstream status is an overload signal: `503` (the upstream's
-/// own backpressure) and `504` (a gateway behind it timed out). Any other
-/// 5xx is the upstream's error, often an instant answer to one client's
-/// input: it says nothing about load and is no sample at all, neither
-/// against the limit nor for the latency it measures.
-fn overloaded_status(status: http::StatusCode) -> Option<bool> {
-    match status.as_u16() {
-        503 | 504 => Some(true),
-        500..=599 => None,
-        _ => Some(false),
-    }
-}
-
 /// The admitted request's answer: its sample for the limit, its queue wait,
 /// and a body that holds the slot until it ends.
 fn finish<ResB, E: Into<BoxError>>(
@@ -356,24 +336,18 @@ fn finish<ResB, E: Into<BoxError>>(
                 .extensions()
                 .get::<UpstreamLatency>()
                 .map_or_else(|| admitted.elapsed(), |l| l.0);
-            // gRPC says how a call went in grpc-status: in the headers of a
-            // trailers-only answer, else in the trailers, read as they pass.
-            let grpc = grpc_call && crate::grpc::is_grpc_response(&res);
-            let grpc_overload = grpc && crate::grpc::verdict(res.headers()).is_some_and(overloads);
-            if let Some(overloaded) = overloaded_status(res.status()) {
-                permit.record(rtt, overloaded || grpc_overload);
-            }
+            // The classifier says what the answer says of load; a gRPC
+            // call's status in its trailers is read as they pass.
+            let answer = classify::answer(&res, grpc_call);
+            record(&mut permit, rtt, answer.load());
             res.extensions_mut().insert(QueueWait(waited));
-            let trailed = grpc
-                && !res
-                    .headers()
-                    .contains_key(&crate::grpc::status::GRPC_STATUS);
+            let trailed = answer.trailers_decide();
             Ok(res.map(|body| {
                 let body = GuardedBody::new(body, permit);
                 if trailed {
                     body.on_trailers(|permit, trailers| {
-                        if crate::grpc::verdict(trailers).is_some_and(overloads) {
-                            permit.overloaded();
+                        if let Some(verdict) = classify::grpc_verdict(trailers) {
+                            permit.correct(verdict.load());
                         }
                     })
                 } else {
@@ -385,12 +359,19 @@ fn finish<ResB, E: Into<BoxError>>(
             // A body over its limit, stalled, cut short or malformed, or a
             // client deadline that ran out, is the client's doing, not load:
             // no sample.
-            let deadline = crate::body::find_cause::<crate::deadline::ClientDeadline>(err.as_ref());
-            if client_fault(err.as_ref()).is_none() && deadline.is_none() {
-                permit.record(admitted.elapsed(), true);
-            }
+            let load = classify::failure(err.as_ref()).load();
+            record(&mut permit, admitted.elapsed(), load);
             Err(err)
         }
+    }
+}
+
+/// Gives the adaptive limit its sample, if the exchange is one.
+fn record(permit: &mut Permit, rtt: Duration, load: Load) {
+    match load {
+        Load::Normal => permit.record(rtt, false),
+        Load::Overload => permit.record(rtt, true),
+        Load::Unrelated => {}
     }
 }
 

@@ -22,6 +22,7 @@ use super::breaker::{CallOutcome, Ticket};
 use super::policy::FailurePolicy;
 use super::shared::Circuit;
 use crate::body::ended;
+use crate::classify;
 
 /// A call let through by the circuit whose outcome is not decided yet. Dropped
 /// undecided, it counts as neither success nor failure.
@@ -118,14 +119,8 @@ impl<B: Body> Body for CircuitBody<B> {
                 Some(Ok(f)) => f.trailers_ref(),
                 _ => None,
             };
-            let grpc = trailers.and_then(FailurePolicy::classify_grpc);
-            pending.decide(Some(match (whole, *this.grpc, grpc) {
-                (false, _, _) => CallOutcome::Failure { retry_after: None },
-                (true, _, Some(outcome)) => outcome,
-                // A gRPC body that ends without a status: a broken upstream.
-                (true, true, None) => CallOutcome::Failure { retry_after: None },
-                (true, false, None) => CallOutcome::Success,
-            }));
+            let end = classify::body_end(whole, trailers, *this.grpc);
+            pending.decide(Some(FailurePolicy::of_body_end(end)));
         }
         Poll::Ready(frame)
     }

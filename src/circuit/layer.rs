@@ -12,9 +12,10 @@ use tower::{Layer, Service};
 
 use super::body::{CircuitBody, Undecided};
 use super::breaker::{CallOutcome, CircuitSettings};
-use super::policy::FailurePolicy;
+use super::policy::{FailurePolicy, upstream_time};
 use super::shared::Circuit;
 use crate::body::BoxError;
+use crate::classify::{self, GrpcCall};
 use crate::error::{Rejection, refused};
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
@@ -135,7 +136,7 @@ where
         let client = circuit.client_of(req.headers(), req.extensions());
         match circuit.acquire_as(client, start) {
             Ok(ticket) => ResponseFuture::Called {
-                grpc: req.extensions().get::<crate::grpc::GrpcCall>().is_some(),
+                grpc: req.extensions().get::<GrpcCall>().is_some(),
                 inner: self.inner.call(req),
                 pending: Some(Undecided::new(circuit.clone(), ticket)),
                 start,
@@ -195,22 +196,22 @@ where
                 let result = ready!(inner.poll(cx)).map_err(Into::into);
                 let pending = pending.take().expect("polled after completion");
                 Poll::Ready(match result {
-                    Ok(res) => match pending.policy().classify_call(&res, start.elapsed(), *grpc) {
-                        // A success is only one once its body has arrived.
-                        CallOutcome::Success => {
-                            // Trailers-only gRPC answers were decided by their headers.
-                            let grpc = *grpc
-                                && crate::grpc::is_grpc_response(&res)
-                                && !res
-                                    .headers()
-                                    .contains_key(&crate::grpc::status::GRPC_STATUS);
-                            Ok(res.map(|body| CircuitBody::watch(body, pending, grpc)))
+                    Ok(res) => {
+                        let answer = classify::answer(&res, *grpc);
+                        let took = upstream_time(&res, start.elapsed());
+                        match pending.policy().judge(&answer, took) {
+                            // A success is only one once its body has arrived;
+                            // a trailers-only gRPC answer was decided by its head.
+                            CallOutcome::Success => {
+                                let trailers = answer.trailers_decide();
+                                Ok(res.map(|body| CircuitBody::watch(body, pending, trailers)))
+                            }
+                            failure => {
+                                pending.decide(Some(failure));
+                                Ok(res.map(CircuitBody::passthrough))
+                            }
                         }
-                        failure => {
-                            pending.decide(Some(failure));
-                            Ok(res.map(CircuitBody::passthrough))
-                        }
-                    },
+                    }
                     Err(err) => {
                         let outcome = pending.policy().classify_error(&err);
                         pending.decide(outcome);

@@ -2,14 +2,12 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, Response, StatusCode, header};
+use http::{Response, StatusCode};
 
 use super::breaker::CallOutcome;
 use crate::admission::QueueWait;
-use crate::body::{BoxError, find_cause};
-use crate::deadline::ClientDeadline;
-use crate::error::{Reason, Rejection, client_fault};
-use crate::grpc;
+use crate::body::BoxError;
+use crate::classify::{self, BodyEnd, GrpcStatus, Verdict};
 use crate::upstream_timeout::UpstreamLatency;
 
 /// Failure = connect error, timeout, a status in `statuses`, a status in
@@ -59,35 +57,29 @@ impl FailurePolicy {
         }
     }
 
-    /// Classifies a response that took `elapsed` since the breaker let it through.
-    ///
-    /// A gRPC response says how the call went in `grpc-status`: in its headers
-    /// when trailers-only (decided here), else in its trailers (decided by
-    /// [`CircuitBody`](super::CircuitBody) at the end, from
-    /// [`classify_grpc`](Self::classify_grpc)).
+    /// Classifies a response that took `elapsed` since the breaker let it
+    /// through, as an answer to a gRPC call (the content type tells).
     pub fn classify<B>(&self, res: &Response<B>, elapsed: Duration) -> CallOutcome {
-        self.classify_call(res, elapsed, true)
+        self.judge(&classify::answer(res, true), upstream_time(res, elapsed))
     }
 
-    /// As [`classify`](Self::classify), told whether the request was a gRPC
-    /// call (only then is the response's content type worth a look).
-    pub fn classify_call<B>(
-        &self,
-        res: &Response<B>,
-        elapsed: Duration,
-        grpc_call: bool,
-    ) -> CallOutcome {
-        let status = res.status();
-        if grpc_call
-            && status == StatusCode::OK
-            && grpc::is_grpc_response(res)
-            && let Some(outcome) = Self::classify_grpc(res.headers())
-            && outcome != CallOutcome::Success
-        {
-            return outcome;
+    /// Judges an upstream's answer whose head the classifier read, the
+    /// upstream having taken `upstream_time` for it.
+    ///
+    /// A gRPC answer says how the call went in `grpc-status`: in its headers
+    /// when trailers-only (decided here), else in its trailers (decided by
+    /// [`CircuitBody`](super::CircuitBody) at the body's end, through
+    /// [`of_verdict`](Self::of_verdict)).
+    pub fn judge(&self, answer: &classify::Answer, upstream_time: Duration) -> CallOutcome {
+        if let GrpcStatus::InHeaders(verdict) = answer.grpc {
+            let outcome = Self::of_verdict(verdict);
+            if outcome != CallOutcome::Success {
+                return outcome;
+            }
         }
+        let status = answer.status;
         let retry_after = if self.backpressure.contains(&status) {
-            retry_after(res.headers())
+            answer.retry_after
         } else {
             None
         };
@@ -95,52 +87,46 @@ impl FailurePolicy {
             return CallOutcome::Failure { retry_after };
         }
         if let Some(slow) = self.slow_call
-            && upstream_time(res, elapsed) > slow
+            && upstream_time > slow
         {
             return CallOutcome::Failure { retry_after: None };
         }
         CallOutcome::Success
     }
 
-    /// The outcome a `grpc-status` in `headers` says, if there is one.
-    pub fn classify_grpc(headers: &HeaderMap) -> Option<CallOutcome> {
-        Some(match grpc::verdict(headers)? {
-            grpc::Verdict::Healthy => CallOutcome::Success,
-            grpc::Verdict::Failing | grpc::Verdict::Unavailable => {
-                CallOutcome::Failure { retry_after: None }
-            }
-            grpc::Verdict::Backpressure(d) => CallOutcome::Failure {
+    /// The outcome a gRPC status says.
+    pub fn of_verdict(verdict: Verdict) -> CallOutcome {
+        match verdict {
+            Verdict::Healthy => CallOutcome::Success,
+            Verdict::Failing | Verdict::Unavailable => CallOutcome::Failure { retry_after: None },
+            Verdict::Backpressure(d) => CallOutcome::Failure {
                 retry_after: Some(d),
             },
-        })
+        }
     }
 
-    /// Classifies an error of the services below. `None`: neither.
+    /// The outcome a body's end says (a success until then).
+    pub fn of_body_end(end: BodyEnd) -> CallOutcome {
+        match end {
+            BodyEnd::Whole => CallOutcome::Success,
+            BodyEnd::Status(verdict) => Self::of_verdict(verdict),
+            BodyEnd::Broken => CallOutcome::Failure { retry_after: None },
+        }
+    }
+
+    /// Classifies an error of the services below. `None`: neither (the
+    /// client's doing or deadline, the proxy's own refusal further down).
     pub fn classify_error(&self, err: &BoxError) -> Option<CallOutcome> {
-        let err: &(dyn std::error::Error + 'static) = err.as_ref();
-        if client_fault(err).is_some() {
-            return None; // the client's body, not the upstream
-        }
-        if find_cause::<ClientDeadline>(err).is_some() {
-            return None; // the client's deadline ran out, not the upstream
-        }
-        if let Some(rejection) = find_cause::<Rejection>(err) {
-            return match rejection.reason() {
-                Reason::UpstreamTimeout | Reason::UpstreamUnavailable => {
-                    Some(CallOutcome::Failure { retry_after: None })
-                }
-                _ => None, // the proxy's own refusal (queue full, ...)
-            };
-        }
-        // A timeout, a connect error, or any other failure of the service below.
-        Some(CallOutcome::Failure { retry_after: None })
+        classify::failure(err.as_ref())
+            .upstream_failed()
+            .then_some(CallOutcome::Failure { retry_after: None })
     }
 }
 
 /// The upstream's own time: from the end of the request body to the response
 /// headers when the upstream timeout measured it, else the time since the
 /// breaker let the call through less the admission queue wait.
-fn upstream_time<B>(res: &Response<B>, elapsed: Duration) -> Duration {
+pub(super) fn upstream_time<B>(res: &Response<B>, elapsed: Duration) -> Duration {
     let ext = res.extensions();
     match ext.get::<UpstreamLatency>() {
         Some(latency) => latency.0,
@@ -148,22 +134,11 @@ fn upstream_time<B>(res: &Response<B>, elapsed: Duration) -> Duration {
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{Reason, Rejection};
+    use http::header;
 
     fn res(status: u16, retry_after: Option<&str>) -> Response<()> {
         let mut r = Response::builder().status(status);

@@ -10,24 +10,17 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::details;
-use super::status::{
-    Code, GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GRPC_TIMEOUT, encode_message,
-    parse_timeout,
-};
+use super::status::{Code, GRPC_MESSAGE, GRPC_TIMEOUT, encode_message, parse_timeout};
 use crate::body::{ProxyBody, full};
+use crate::classify::{GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GrpcCall, is_grpc_content};
 use crate::deadline::Deadline;
 use crate::error::Rejected;
 
 /// Whether `req` is a gRPC call (`application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web`...).
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    super::status::is_grpc_content(req.headers())
+    is_grpc_content(req.headers())
 }
-
-/// Request extension on a gRPC call, so that the layers below tell one by
-/// an extension lookup instead of matching the content type again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrpcCall;
 
 /// Layer rewriting the proxy's own answers to gRPC calls (see the module).
 #[derive(Debug, Clone, Copy, Default)]

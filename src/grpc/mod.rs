@@ -17,5 +17,5 @@ mod answer;
 pub mod details;
 pub mod status;
 
-pub use answer::{GrpcAnswers, GrpcAnswersLayer, GrpcCall, is_grpc};
-pub use status::{Code, Verdict, is_grpc_response, verdict};
+pub use answer::{GrpcAnswers, GrpcAnswersLayer, is_grpc};
+pub use status::Code;

@@ -4,14 +4,10 @@ use http::HeaderName;
 
 use crate::error::Reason;
 
-/// `grpc-status`.
-pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// `grpc-message`.
 pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// `grpc-timeout`: the client's deadline, relative.
 pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
-/// `grpc-retry-pushback-ms`: how long the client's retry policy waits.
-pub static GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
 /// The gRPC status codes sluicegate reads or answers
 /// (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>).
@@ -107,100 +103,6 @@ mod tests {
     fn messages_are_percent_encoded() {
         assert_eq!(encode_message("queue full: 100%"), "queue full: 100%25");
         assert_eq!(encode_message("é\n"), "%C3%A9%0A");
-    }
-}
-
-/// What a gRPC status says of the upstream's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// OK, or a code the client caused (INVALID_ARGUMENT, NOT_FOUND,
-    /// PERMISSION_DENIED, ...) or a quota of its own (RESOURCE_EXHAUSTED
-    /// without pushback): says nothing against the upstream.
-    Healthy,
-    /// The upstream failing: the codes gRPC uses as HTTP uses 500
-    /// (UNKNOWN, INTERNAL, DATA_LOSS). A server also answers them by itself
-    /// to a message it cannot decode, so they say nothing about load.
-    Failing,
-    /// The upstream out of capacity or time: UNAVAILABLE, DEADLINE_EXCEEDED
-    /// (a failure, and an overload signal).
-    Unavailable,
-    /// RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`: route-wide
-    /// backpressure, as a 503 with Retry-After.
-    Backpressure(std::time::Duration),
-}
-
-/// The verdict of the `grpc-status` in `headers` (a trailers-only response's
-/// headers, or a response's trailers); `None` without one.
-pub fn verdict(headers: &http::HeaderMap) -> Option<Verdict> {
-    let code: u32 = headers
-        .get(&GRPC_STATUS)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(match code {
-        2 | 13 | 15 => Verdict::Failing,
-        4 | 14 => Verdict::Unavailable,
-        8 => match headers
-            .get(&GRPC_RETRY_PUSHBACK_MS)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-        {
-            Some(ms) => Verdict::Backpressure(std::time::Duration::from_millis(ms)),
-            None => Verdict::Healthy,
-        },
-        _ => Verdict::Healthy,
-    })
-}
-
-/// Whether `headers` say gRPC: `application/grpc`, `application/grpc+proto`,
-/// `application/grpc-web`...
-pub fn is_grpc_content(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// Whether `res` is a gRPC response (its content type).
-pub fn is_grpc_response<B>(res: &http::Response<B>) -> bool {
-    is_grpc_content(res.headers())
-}
-
-#[cfg(test)]
-mod verdicts {
-    use super::*;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    http::HeaderName::from_static(k),
-                    http::HeaderValue::from_static(v),
-                )
-            })
-            .collect()
-    }
-
-    #[test]
-    fn server_codes_fail_client_codes_do_not() {
-        let of = |code| verdict(&headers(&[("grpc-status", code)]));
-        assert_eq!(of("0"), Some(Verdict::Healthy));
-        assert_eq!(of("3"), Some(Verdict::Healthy)); // INVALID_ARGUMENT
-        assert_eq!(of("5"), Some(Verdict::Healthy)); // NOT_FOUND
-        assert_eq!(of("14"), Some(Verdict::Unavailable));
-        assert_eq!(of("4"), Some(Verdict::Unavailable));
-        assert_eq!(of("13"), Some(Verdict::Failing));
-        assert_eq!(of("8"), Some(Verdict::Healthy)); // a quota, no pushback
-        let pushed = headers(&[("grpc-status", "8"), ("grpc-retry-pushback-ms", "2500")]);
-        assert_eq!(
-            verdict(&pushed),
-            Some(Verdict::Backpressure(std::time::Duration::from_millis(
-                2500
-            )))
-        );
-        assert_eq!(verdict(&headers(&[])), None);
     }
 }
 

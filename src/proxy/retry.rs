@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::connector::Exchanges;
 use crate::body::{BoxError, ProxyBody, find_cause};
-use crate::error::client_fault;
+use crate::classify;
 
 /// The header by which a client says that a request may be executed more
 /// than once with one effect (IETF draft `Idempotency-Key`, Stripe's).
@@ -40,7 +40,7 @@ pub(super) fn may_run_twice(method: &Method, headers: &HeaderMap) -> bool {
 /// `exchanges`, is the race with an upstream closing an idle connection: a
 /// reused connection, closed or reset before any answer.
 pub(super) fn lost_the_idle_race(err: &hyper::Error, exchanges: &Exchanges) -> bool {
-    if client_fault(err).is_some() || !exchanges.reused_and_unanswered() {
+    if classify::failure(err).clients_doing() || !exchanges.reused_and_unanswered() {
         return false;
     }
     let closed = err.is_incomplete_message();

@@ -30,8 +30,9 @@ pub use layer::{SpoolBody, SpoolLayer, Spooled, Spooling};
 pub use metrics::SpoolMetrics;
 pub use store::{DeadLetter, SpoolError, SpoolSnapshot, Store};
 
-use crate::body::{BoxError, find_cause};
-use crate::error::{NotSent, Reason, Rejection, client_fault};
+use crate::body::BoxError;
+use crate::classify;
+use crate::error::Reason;
 use crate::metrics::Registry;
 
 /// When a spooled request is on disk.
@@ -157,16 +158,7 @@ impl Spool {
     /// reasons, and for `upstream_unavailable` only when nothing of the
     /// request reached the upstream.
     pub fn takes_over(&self, err: &BoxError) -> bool {
-        if client_fault(err.as_ref()).is_some() {
-            return false;
-        }
-        let Some(rejection) = err.downcast_ref::<Rejection>() else {
-            return false;
-        };
-        let reason = rejection.reason();
-        self.settings.on.contains(&reason)
-            && (reason != Reason::UpstreamUnavailable
-                || find_cause::<NotSent>(err.as_ref()).is_some())
+        classify::failure(err.as_ref()).spoolable(&self.settings.on)
     }
 }
 

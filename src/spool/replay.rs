@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -43,10 +43,11 @@ use super::Spool;
 use super::record::{Buried, Stored};
 use super::store::{Next, now_ms};
 use crate::admission::{Controller, Granted, Priority, everyone};
-use crate::body::{BoxError, ProxyBody, find_cause};
+use crate::body::{BoxError, ProxyBody};
 use crate::circuit::Circuit;
+use crate::classify::{self, Delivery};
 use crate::conn::ClientAddr;
-use crate::error::{ErrorChain, NotSent, Reason, Rejection, client_fault};
+use crate::error::ErrorChain;
 use crate::jitter::Jitter;
 
 /// Deliveries at once, at most, whatever admission would grant.
@@ -469,62 +470,41 @@ async fn deliver(service: ReplayService, request: ReplayRequest) -> Outcome {
 }
 
 async fn answered(res: Response<ProxyBody>) -> Outcome {
-    let status = res.status();
-    let retry_after = retry_after(res.headers());
-    let excerpt = if status.is_success() {
-        drain(res.into_body(), 0).await;
-        String::new()
-    } else {
-        drain(res.into_body(), EXCERPT_BYTES).await
+    let answer = classify::answer(&res, false);
+    let delivery = answer.delivery();
+    let excerpt = match delivery {
+        Delivery::Delivered => {
+            drain(res.into_body(), 0).await;
+            String::new()
+        }
+        _ => drain(res.into_body(), EXCERPT_BYTES).await,
     };
-    if status.is_success() {
-        Outcome::Delivered
-    } else if status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error()
-    {
-        Outcome::Again {
+    let status = answer.status.as_u16();
+    match delivery {
+        Delivery::Delivered => Outcome::Delivered,
+        Delivery::Again => Outcome::Again {
             attempted: true,
             route_wide: false,
-            retry_after,
-            status: Some(status.as_u16()),
+            retry_after: answer.retry_after,
+            status: Some(status),
             excerpt,
-        }
-    } else {
-        Outcome::Refused {
-            status: status.as_u16(),
-            excerpt,
-        }
+        },
+        Delivery::Refused => Outcome::Refused { status, excerpt },
     }
 }
 
 fn failed(err: BoxError) -> Outcome {
-    let text = ErrorChain(err.as_ref()).to_string();
-    if let Some(rejection) = err.downcast_ref::<Rejection>()
-        && client_fault(err.as_ref()).is_none()
-    {
-        // Not this request's attempt: the proxy held it back, or the
-        // upstream could not be reached at all. An outage of any length
-        // leaves the spool as it was.
-        let held_back = matches!(
-            rejection.reason(),
-            Reason::CircuitOpen | Reason::QueueFull | Reason::QueueTimeout
-        ) || find_cause::<NotSent>(err.as_ref()).is_some();
-        return Outcome::Again {
-            attempted: !held_back,
-            route_wide: held_back,
-            retry_after: rejection.retry_after().map(Duration::from_secs),
-            status: None,
-            excerpt: text,
-        };
-    }
-    // Timed out, or the upstream broke the connection.
+    // Held back by the proxy, or the upstream could not be reached at all:
+    // not this request's attempt, and an outage of any length leaves the
+    // spool as it was. Otherwise timed out, or the upstream broke the
+    // connection.
+    let failure = classify::failure(err.as_ref());
     Outcome::Again {
-        attempted: true,
-        route_wide: false,
-        retry_after: None,
+        attempted: !failure.held_back(),
+        route_wide: failure.held_back(),
+        retry_after: failure.retry_after(),
         status: None,
-        excerpt: text,
+        excerpt: ErrorChain(err.as_ref()).to_string(),
     }
 }
 
@@ -550,15 +530,6 @@ async fn drain(mut body: ProxyBody, keep: usize) -> String {
         }
     }
     String::from_utf8_lossy(&kept).into_owned()
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    if let Ok(seconds) = value.trim().parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    at.duration_since(std::time::SystemTime::now()).ok()
 }
 
 /// What follows from `outcome` for `next` (read as `stored`), the route's
@@ -724,19 +695,5 @@ mod tests {
         pace.running = 0;
         pace.bytes = 0;
         assert!(pace.room(2 * MAX_INFLIGHT_BYTES));
-    }
-
-    #[test]
-    fn retry_after_in_seconds_or_as_a_date() {
-        let mut h = HeaderMap::new();
-        h.insert(http::header::RETRY_AFTER, "3".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        let later = std::time::SystemTime::now() + Duration::from_secs(60);
-        h.insert(
-            http::header::RETRY_AFTER,
-            httpdate::fmt_http_date(later).parse().unwrap(),
-        );
-        let d = retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(50) && d <= Duration::from_secs(60));
     }
 }

@@ -16,9 +16,10 @@ use tokio::time::{Instant, Sleep};
 use super::UpstreamLatency;
 use super::body::{Progress, Upload};
 use crate::body::BoxError;
+use crate::classify;
 use crate::conn::PeerClosed;
 use crate::deadline::ClientDeadline;
-use crate::error::{ErrorChain, Reason, Rejection, client_fault};
+use crate::error::{ErrorChain, Reason, Rejection};
 
 /// How long an upload may run before the client's connection is watched for
 /// the client going away. hyper notices a client that leaves while it reads
@@ -218,7 +219,7 @@ fn blame(err: BoxError, uploading: Option<&Uploading>) -> BoxError {
     let paused = uploading
         .and_then(|u| u.progress.client_paused_since())
         .is_some_and(|since| since.elapsed() >= CLIENT_PAUSE);
-    if !paused || client_fault(err.as_ref()).is_some() {
+    if !paused || classify::failure(err.as_ref()).clients_doing() {
         return err;
     }
     tracing::debug!(error = %ErrorChain(err.as_ref()), "the upstream gave up on a paused upload");
