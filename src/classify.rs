@@ -26,12 +26,6 @@ pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// `grpc-retry-pushback-ms`: how long the client's retry policy waits.
 pub static GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
-/// Request extension on a gRPC call (set by the gRPC answers layer), so that
-/// the layers below tell one by an extension lookup instead of matching the
-/// content type again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrpcCall;
-
 /// Whether `headers` say gRPC: `application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web`...
 pub fn is_grpc_content(headers: &HeaderMap) -> bool {

@@ -36,6 +36,21 @@ impl Jitter {
     }
 }
 
+/// A jitter factor in 0.8..=1.2, from a fast per-thread generator: spreading
+/// retries needs no cryptographic randomness.
+pub fn retry_factor() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<Jitter> = Cell::new(Jitter::from_entropy());
+    }
+    STATE.with(|s| {
+        let mut j = s.get();
+        let factor = j.between(0.8, 1.2);
+        s.set(j);
+        factor
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,9 +70,11 @@ pub mod demo;
 pub mod dispatch;
 pub mod distinct_clients;
 pub mod error;
+pub mod exchange;
 pub mod grpc;
 pub mod jitter;
 pub mod latency;
+pub mod limit;
 pub mod loadgen;
 pub mod metrics;
 pub mod normalize;
@@ -93,3 +95,6 @@ pub mod upstream_timeout;
 
 pub use config::Config;
 pub use server::{Running, start};
+
+#[cfg(test)]
+mod siblings;

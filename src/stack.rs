@@ -47,7 +47,7 @@ use tower_http::request_id::{
 };
 
 use crate::admission::{
-    Admission, AdmissionLayer, AdmissionMetrics, AdmissionSettings, Controller,
+    Admission, AdmissionLayer, AdmissionMetrics, AdmissionSettings, Controller, Priority, everyone,
 };
 use crate::body_limit::{BodyLimit, BodyLimitLayer};
 use crate::circuit::{
@@ -57,6 +57,7 @@ use crate::circuit::{
 use crate::cluster::Cluster;
 use crate::config::{Config, RouteConfig, normalize_host};
 use crate::error::StaticAnswer;
+use crate::exchange::Granted;
 use crate::grpc::{GrpcAnswers, GrpcAnswersLayer};
 use crate::metrics::CLUSTER_FALLBACK_TOTAL;
 use crate::metrics::{INVALID_TOTAL, Registry, UNMATCHED_TOTAL};
@@ -150,12 +151,47 @@ pub fn replay_target(info: &RouteInfo, forward: Forward) -> replay::Target {
     );
     replay::Target {
         service: BoxCloneService::new(service),
-        admission: info.protections.admission.clone(),
-        circuit: info.protections.circuit.clone(),
+        gate: Arc::new(ReplayGate {
+            admission: info.protections.admission.clone(),
+            circuit: info.protections.circuit.clone(),
+        }),
         backpressure: info.config.circuit.as_ref().map_or_else(
             || FailurePolicy::DEFAULT_BACKPRESSURE.to_vec(),
             |c| c.backpressure_statuses.clone(),
         ),
+    }
+}
+
+/// A route's circuit breaker and admission as its spool's replayer asks them.
+struct ReplayGate {
+    admission: Arc<Controller>,
+    circuit: Option<Arc<Circuit>>,
+}
+
+impl replay::Gate for ReplayGate {
+    fn too_heavy(&self, bytes: u64) -> bool {
+        self.admission.too_heavy(self.admission.weight(Some(bytes)))
+    }
+
+    fn open_remaining(&self, now: tokio::time::Instant) -> Option<std::time::Duration> {
+        self.circuit.as_ref()?.open_remaining(now)
+    }
+
+    fn admit(
+        &self,
+        bytes: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<http::Extensions>> + Send>> {
+        let admission = self.admission.clone();
+        Box::pin(async move {
+            let weight = admission.weight(Some(bytes));
+            let permit = admission
+                .acquire_as(Priority::Batch, everyone(), weight)
+                .await
+                .ok()?;
+            let mut granted = http::Extensions::new();
+            granted.insert(Granted::new(permit));
+            Some(granted)
+        })
     }
 }
 

@@ -27,10 +27,9 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{AlgorithmSnapshot, Bounds, LimitAlgorithm, Sample, Window};
+use super::{AlgorithmSnapshot, BaselineSource, Bounds, LimitAlgorithm, Phase, Sample, Window};
 use crate::jitter::Jitter;
 
 /// How far a window's latency may exceed the baseline and still confirm it.
@@ -75,31 +74,6 @@ impl Default for GradientSettings {
             backoff: 0.9,
         }
     }
-}
-
-/// What the algorithm is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Since start: growing by one per answer that found the limit binding,
-    /// until the latency rises.
-    SlowStart,
-    /// Moving the limit by the gradient.
-    Tracking,
-    /// Holding the limit at `min_limit` to measure the no-load latency.
-    Probing,
-}
-
-/// How the baseline was last measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BaselineSource {
-    /// The first window after start, at `initial_limit` or below.
-    FirstWindow,
-    /// A window faster than the baseline lowered it.
-    FasterWindow,
-    /// A probe: the limit held at `min_limit` for `baseline_windows`.
-    Probe,
 }
 
 #[derive(Debug, Clone, Copy)]

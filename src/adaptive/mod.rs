@@ -5,7 +5,7 @@
 //!
 //! An algorithm is pure logic behind [`LimitAlgorithm`]: it is fed one
 //! [`Sample`] per answered request and returns the new limit. The admission
-//! [`Controller`](crate::admission::Controller) applies it; its queue, priority,
+//! admission controller applies it; its queue, priority,
 //! timeout and Retry-After rules work unchanged on top of the moving limit.
 
 mod aimd;
@@ -14,83 +14,19 @@ mod gradient;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::distinct_clients::DistinctClients;
 
+pub use crate::limit::{AlgorithmSnapshot, BaselineSource, LimitAlgorithm, Phase, Sample};
 pub use aimd::{Aimd, AimdSettings};
-pub use gradient::{BaselineSource, Gradient, GradientSettings, Phase};
-
-/// One answered request, as an algorithm sees it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample {
-    /// Time from admission to the upstream's response headers.
-    pub rtt: Duration,
-    /// Requests in flight when it finished (itself included).
-    pub inflight: usize,
-    /// An overload signal: a timeout, a connection failure, a 503 or 504.
-    pub dropped: bool,
-    /// The limit was binding when it finished: every slot taken, or requests
-    /// waiting for one. Demand, not the limit, set the pace otherwise.
-    pub limited: bool,
-    /// Who sent it (its address), when known: overload signals count only
-    /// when enough of the clients see them.
-    pub client: Option<IpAddr>,
-}
+pub use gradient::{Gradient, GradientSettings};
 
 /// A window's overload signals count when they come from at least this
 /// many distinct clients, or from every client of the window when fewer:
 /// one client whose requests time out (a query heavier than the others')
 /// cannot lower everyone's limit, as it cannot open the circuit.
 pub const MIN_OVERLOADED_CLIENTS: usize = 3;
-
-/// What `/status` shows of an algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct AlgorithmSnapshot {
-    /// `gradient` or `aimd`.
-    pub algorithm: &'static str,
-    /// The limit now.
-    pub limit: usize,
-    /// gradient: what it is doing.
-    pub phase: Option<Phase>,
-    /// The no-load latency the limit is measured against (gradient), ms.
-    pub baseline_ms: Option<f64>,
-    /// gradient: how the baseline was last measured.
-    pub baseline_source: Option<BaselineSource>,
-    /// gradient: seconds since the baseline was last measured.
-    pub baseline_measured_s_ago: Option<f64>,
-    /// gradient: seconds since a window the limit did not bind last matched
-    /// the baseline (or since it was measured).
-    pub baseline_confirmed_s_ago: Option<f64>,
-    /// gradient: seconds until the baseline goes stale unless confirmed; a
-    /// stale baseline is re-measured by a probe the next time the limit binds
-    /// (0: stale now).
-    pub baseline_stale_in_s: Option<f64>,
-    /// The latency of the last window, ms.
-    pub current_ms: Option<f64>,
-}
-
-/// A limit algorithm: fed a sample per answered request, it says the limit.
-pub trait LimitAlgorithm: Send + std::fmt::Debug {
-    /// Takes one sample; returns the new limit when it changed.
-    fn sample(&mut self, sample: Sample, now: Instant) -> Option<usize>;
-    /// The limit now.
-    fn limit(&self) -> usize;
-    /// Its live state at `now`.
-    fn snapshot(&self, now: Instant) -> AlgorithmSnapshot;
-    /// While a probe holds the limit at `min_limit`: the probe's number (a
-    /// new one per probe). Requests admitted before it neither hold its
-    /// slots nor teach it.
-    fn probe(&self) -> Option<u64> {
-        None
-    }
-    /// Time passed without a sample: a probe past its deadline ends.
-    /// Returns the new limit when it changed.
-    fn tick(&mut self, _now: Instant) -> Option<usize> {
-        None
-    }
-}
 
 /// Bounds shared by every algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +68,24 @@ impl AdaptiveSettings {
         match *self {
             AdaptiveSettings::Gradient(b, _) | AdaptiveSettings::Aimd(b, _) => b,
         }
+    }
+}
+
+impl crate::limit::AlgorithmSettings for AdaptiveSettings {
+    fn upper_bound(&self) -> usize {
+        self.bounds().max
+    }
+
+    fn build(&self, now: Instant) -> Box<dyn LimitAlgorithm> {
+        AdaptiveSettings::build(self, now)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn same_as(&self, other: &dyn crate::limit::AlgorithmSettings) -> bool {
+        other.as_any().downcast_ref::<Self>() == Some(self)
     }
 }
 

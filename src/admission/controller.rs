@@ -12,15 +12,16 @@ use tokio::time::Instant;
 
 use super::Priority;
 use super::queue::WaitQueue;
-use super::retry_after::{CompletionRate, jitter, retry_after_secs};
+use super::retry_after::{CompletionRate, retry_after_secs};
 use super::tenants::{ShedCounts, TenantCount, everyone};
-use crate::adaptive::{AdaptiveSettings, AlgorithmSnapshot, LimitAlgorithm, Sample};
 use crate::body::Growth;
 use crate::classify::Load;
 use crate::client_key::ClientKey;
 use crate::deadline::Deadline;
 use crate::error::{Reason, Rejection};
+use crate::jitter::retry_factor;
 use crate::latency::LatencySketch;
+use crate::limit::{AlgorithmSettings, AlgorithmSnapshot, LimitAlgorithm, Sample, Throttle};
 use crate::metrics::{
     CONCURRENCY_LIMIT, INFLIGHT, QUEUE_DEPTH, QUEUE_TIMEOUT, QUEUE_WAIT, Registry, SHED_TOTAL,
 };
@@ -260,7 +261,7 @@ impl State {
 pub struct Controller {
     settings: AdmissionSettings,
     /// The adaptive algorithm's settings, when adaptive.
-    adaptive: Option<AdaptiveSettings>,
+    adaptive: Option<Box<dyn AlgorithmSettings>>,
     mode: Mode,
     metrics: AdmissionMetrics,
     shed_full: AtomicU64,
@@ -305,6 +306,20 @@ enum Mode {
     Limited(Box<Mutex<State>>),
 }
 
+impl Throttle for Controller {
+    fn full_limit(&self) -> usize {
+        self.settings.max_inflight
+    }
+
+    fn limit(&self) -> usize {
+        Controller::limit(self)
+    }
+
+    fn set_limit(self: Arc<Self>, limit: usize) {
+        Controller::set_limit(&self, limit);
+    }
+}
+
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")
@@ -328,20 +343,20 @@ impl Controller {
     /// bound replaces `settings.max_inflight`).
     pub fn adaptive(
         settings: AdmissionSettings,
-        adaptive: AdaptiveSettings,
+        adaptive: impl AlgorithmSettings,
         metrics: AdmissionMetrics,
     ) -> Arc<Self> {
         let settings = AdmissionSettings {
-            max_inflight: adaptive.bounds().max,
+            max_inflight: adaptive.upper_bound(),
             ..settings
         };
-        Self::build(settings, metrics, Some(adaptive))
+        Self::build(settings, metrics, Some(Box::new(adaptive)))
     }
 
     fn build(
         settings: AdmissionSettings,
         metrics: AdmissionMetrics,
-        adaptive: Option<AdaptiveSettings>,
+        adaptive: Option<Box<dyn AlgorithmSettings>>,
     ) -> Arc<Self> {
         let algorithm = adaptive.as_ref().map(|a| a.build(Instant::now()));
         let limit = algorithm
@@ -412,10 +427,14 @@ impl Controller {
             }
             Locked::Limited(mut state) => {
                 let _ = self.successor.set(next.clone());
-                let algorithm = state
-                    .algorithm
-                    .take()
-                    .filter(|_| self.adaptive.is_some() && self.adaptive == next.adaptive);
+                let algorithm =
+                    state
+                        .algorithm
+                        .take()
+                        .filter(|_| match (&self.adaptive, &next.adaptive) {
+                            (Some(this), Some(next)) => this.same_as(next.as_ref()),
+                            _ => false,
+                        });
                 state.probe = None;
                 let adopted = Adopted {
                     inflight: std::mem::take(&mut state.inflight),
@@ -876,7 +895,7 @@ impl Controller {
         let drain = state.rate.advise(work, now, state.limit);
         let secs = retry_after_secs(
             drain,
-            jitter(),
+            retry_factor(),
             self.settings.retry_after_min_s,
             self.settings.retry_after_max_s,
         );

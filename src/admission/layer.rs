@@ -14,12 +14,12 @@ use tower::{Layer, Service, ServiceExt};
 use super::tenants::everyone;
 use super::{AdmissionSettings, Controller, Permit, Priority, PriorityRule, Tenants};
 use crate::body::{BoxError, BoxFuture, GuardedBody};
-use crate::classify::{self, GrpcCall, Load};
+use crate::classify::{self, Load};
 use crate::client_key::{ClientKey, KeyExtractor};
 use crate::conn::PeerClosed;
 use crate::deadline::Deadline;
 use crate::error::{Reason, Rejection, refused};
-use crate::upstream_timeout::UpstreamLatency;
+use crate::exchange::{Granted, GrpcCall, QueueWait, UpstreamLatency};
 
 /// Admission control for any `Service<http::Request<B>>`.
 ///
@@ -170,29 +170,6 @@ fn wait(
     })
 }
 
-/// Response extension: how long the request waited for admission, so that outer
-/// layers can tell the upstream's time from the queue's (the circuit breaker's
-/// slow-call rule).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueWait(pub Duration);
-
-/// Request extension: a slot granted before the request was made (the
-/// spool's replayer waits for its slot at the lowest priority before it
-/// reads a request from disk). The request takes it instead of waiting.
-#[derive(Debug, Clone)]
-pub struct Granted(Arc<std::sync::Mutex<Option<Permit>>>);
-
-impl Granted {
-    /// Carries `permit` to the admission layer.
-    pub fn new(permit: Permit) -> Self {
-        Self(Arc::new(std::sync::Mutex::new(Some(permit))))
-    }
-
-    fn take(&self) -> Option<Permit> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
 /// Service of [`AdmissionLayer`].
 #[derive(Debug, Clone)]
 pub struct Admission<S> {
@@ -239,7 +216,7 @@ where
             .map(|keys| keys.address(req.headers(), req.extensions()));
         if let Some(mut permit) = req
             .extensions_mut()
-            .remove::<Granted>()
+            .remove::<Granted<Permit>>()
             .and_then(|g| g.take())
         {
             if let Some(client) = client {

@@ -19,9 +19,7 @@ pub use controller::{
     AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Discipline, Meter, Permit,
     TOP_TENANTS, TenantsSnapshot,
 };
-pub use layer::{
-    Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, Granted, QueueWait, ResponseFuture,
-};
+pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, ResponseFuture};
 pub use priority::{Priority, PriorityRule, Trust};
 pub use tenants::{NAMES_KEPT_FOR, Tenants, everyone};
 pub use tenants::{SHED_TENANTS, TenantCount};

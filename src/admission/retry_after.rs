@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::jitter::Jitter;
-
 /// Completions per second while the route is saturated (every slot taken, or
 /// requests waiting): its drain rate. Counted, not averaged: the last
 /// `window` saturated completions over the saturated time they took.
@@ -148,24 +146,10 @@ pub fn retry_after_secs(drain: Option<Duration>, jitter: f64, min: u64, max: u64
     (secs as u64).clamp(min, max)
 }
 
-/// A jitter factor in 0.8..=1.2, from a fast per-thread generator: spreading
-/// retries needs no cryptographic randomness.
-pub fn jitter() -> f64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<Jitter> = Cell::new(Jitter::from_entropy());
-    }
-    STATE.with(|s| {
-        let mut j = s.get();
-        let factor = j.between(0.8, 1.2);
-        s.set(j);
-        factor
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jitter::retry_factor;
 
     fn at(start: Instant, ms: u64) -> Instant {
         start + Duration::from_millis(ms)
@@ -361,7 +345,7 @@ mod tests {
 
     #[test]
     fn jitter_spreads_within_twenty_percent() {
-        let samples: Vec<f64> = (0..10_000).map(|_| jitter()).collect();
+        let samples: Vec<f64> = (0..10_000).map(|_| retry_factor()).collect();
         assert!(samples.iter().all(|j| (0.8..=1.2).contains(j)));
         let low = samples.iter().filter(|j| **j < 0.9).count();
         let high = samples.iter().filter(|j| **j > 1.1).count();

@@ -15,8 +15,9 @@ use super::breaker::{CallOutcome, CircuitSettings};
 use super::policy::{FailurePolicy, upstream_time};
 use super::shared::Circuit;
 use crate::body::BoxError;
-use crate::classify::{self, GrpcCall};
+use crate::classify;
 use crate::error::{Rejection, refused};
+use crate::exchange::GrpcCall;
 
 /// A circuit breaker for any `Service<http::Request<B>>`.
 ///

@@ -5,10 +5,9 @@ use std::time::Duration;
 use http::{Response, StatusCode};
 
 use super::breaker::CallOutcome;
-use crate::admission::QueueWait;
 use crate::body::BoxError;
 use crate::classify::{self, BodyEnd, GrpcStatus, Verdict};
-use crate::upstream_timeout::UpstreamLatency;
+use crate::exchange::{QueueWait, UpstreamLatency};
 
 /// Failure = connect error, timeout, a status in `statuses`, a status in
 /// `backpressure` carrying `Retry-After` (explicit, route-wide backpressure),

@@ -9,10 +9,10 @@ use tokio::time::Instant;
 
 use super::breaker::{Breaker, CallOutcome, CircuitSettings, CircuitState, Ticket, Transition};
 use super::policy::FailurePolicy;
-use crate::admission::Controller;
-use crate::admission::retry_after::jitter;
 use crate::client_key::{KeyExtractor, KeySource};
 use crate::error::{Reason, Rejection, StaticAnswer};
+use crate::jitter::retry_factor;
+use crate::limit::Throttle;
 use crate::metrics::{CIRCUIT_STATE, CIRCUIT_TRANSITIONS, Registry};
 
 /// Prometheus handles of one route's circuit.
@@ -55,18 +55,19 @@ impl CircuitMetrics {
 /// upstream does not get the full load at once.
 #[derive(Debug, Clone)]
 pub struct SlowStart {
-    controller: Arc<Controller>,
+    throttle: Arc<dyn Throttle>,
     full: usize,
     from: usize,
     over: Duration,
 }
 
 impl SlowStart {
-    /// Ramps `controller` from `from` to its configured limit over `over`.
-    pub fn new(controller: Arc<Controller>, from: usize, over: Duration) -> Self {
-        let full = controller.settings().max_inflight;
+    /// Ramps `throttle` (admission's limit) from `from` to its configured
+    /// limit over `over`.
+    pub fn new(throttle: Arc<dyn Throttle>, from: usize, over: Duration) -> Self {
+        let full = throttle.full_limit();
         Self {
-            controller,
+            throttle,
             full,
             from: from.clamp(1, full),
             over,
@@ -272,7 +273,7 @@ impl Circuit {
         }
         if let (Some(since), Some(slow)) = (state.ramp_since, &self.slow_start) {
             let limit = slow.limit_at(now - since);
-            slow.controller.set_limit(limit);
+            slow.throttle.clone().set_limit(limit);
             if limit >= slow.full {
                 state.ramp_since = None;
             }
@@ -281,7 +282,7 @@ impl Circuit {
         result.map_err(|wait| {
             // Whole seconds, rounded up, spread upwards only: coming back before
             // the window opens would just earn another 503.
-            let spread = 1.0 + (jitter() - 0.8) / 2.0;
+            let spread = 1.0 + (retry_factor() - 0.8) / 2.0;
             let secs = (wait.as_secs_f64() * spread).ceil().max(1.0) as u64;
             let rejection = Rejection::new(Reason::CircuitOpen).with_retry_after(secs);
             match &self.fallback {
@@ -338,7 +339,7 @@ impl Circuit {
         if let Some(slow) = &self.slow_start {
             if t.to == CircuitState::Closed {
                 state.ramp_since = Some(now);
-                slow.controller.set_limit(slow.from);
+                slow.throttle.clone().set_limit(slow.from);
             } else {
                 state.ramp_since = None;
             }
@@ -360,7 +361,7 @@ impl Circuit {
             slow_start_limit: state
                 .ramp_since
                 .and(this.slow_start.as_ref())
-                .map(|s| s.controller.limit()),
+                .map(|s| s.throttle.limit()),
             transitions: state.transitions,
         }
     }

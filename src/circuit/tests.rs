@@ -579,7 +579,7 @@ async fn grpc_statuses_in_trailers_are_the_calls_outcome() {
         for _ in 0..3 {
             // Marked as the gRPC layer above marks a gRPC call.
             let mut req = http::Request::new(());
-            req.extensions_mut().insert(crate::classify::GrpcCall);
+            req.extensions_mut().insert(crate::exchange::GrpcCall);
             let res = svc.clone().oneshot(req).await.unwrap();
             // Decided only once the trailers have passed.
             assert_eq!(circuit.state(), Closed);

@@ -12,9 +12,10 @@ use tower::{Layer, Service};
 use super::details;
 use super::status::{Code, GRPC_MESSAGE, GRPC_TIMEOUT, encode_message, parse_timeout};
 use crate::body::{ProxyBody, full};
-use crate::classify::{GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GrpcCall, is_grpc_content};
+use crate::classify::{GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, is_grpc_content};
 use crate::deadline::Deadline;
 use crate::error::Rejected;
+use crate::exchange::GrpcCall;
 
 /// Whether `req` is a gRPC call (`application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web`...).

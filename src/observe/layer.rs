@@ -12,8 +12,7 @@ use tower::{Layer, Service};
 
 use super::{Outcome, RouteStats};
 use crate::error::Rejected;
-use crate::spool::Spooled;
-use crate::upstream_timeout::UpstreamLatency;
+use crate::exchange::{SpoolReceipt, UpstreamLatency};
 
 /// Counts a route's requests by outcome, and writes the access log
 /// line (at debug level, target `sluicegate::access`).
@@ -156,7 +155,7 @@ where
             Ok(res) => {
                 let outcome = match res.extensions().get::<Rejected>() {
                     Some(Rejected(reason)) => Outcome::Rejected(*reason),
-                    None if res.extensions().get::<Spooled>().is_some() => Outcome::Spooled,
+                    None if res.extensions().get::<SpoolReceipt>().is_some() => Outcome::Spooled,
                     None => Outcome::of_status(res.status()),
                 };
                 let stats = pending.finish(outcome);

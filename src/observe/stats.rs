@@ -19,7 +19,7 @@ pub enum Outcome {
     Status(u8),
     /// The proxy answered itself.
     Rejected(Reason),
-    /// Spooled for later delivery (`202`, [`crate::spool`]).
+    /// Spooled for later delivery (`202`, README "store and forward").
     Spooled,
     /// The client went away before the response headers.
     Cancelled,

@@ -29,11 +29,7 @@ use super::store::now_ms;
 use crate::body::{BoxError, BoxFuture, ProxyBody, full};
 use crate::conn::ClientAddr;
 use crate::error::{Reason, Rejection};
-
-/// Response extension: the request was spooled (`202`), not answered by the
-/// upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Spooled(pub Arc<str>);
+use crate::exchange::SpoolReceipt;
 
 /// Layer of [`Spooling`]; a pass-through without a spool.
 #[derive(Debug, Clone)]
@@ -121,7 +117,10 @@ where
         let spool = match &self.spool {
             // A gRPC call needs its response message, which a 202 cannot
             // carry: it keeps its refusal (as a gRPC status).
-            Some(spool) if spool.takes(req.method()) && !crate::grpc::is_grpc(&req) => {
+            Some(spool)
+                if spool.takes(req.method())
+                    && !crate::classify::is_grpc_content(req.headers()) =>
+            {
                 spool.clone()
             }
             _ => {
@@ -293,7 +292,7 @@ fn accepted(id: String) -> Response<ProxyBody> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert("x-sluicegate-spooled", value);
-    res.extensions_mut().insert(Spooled(id.into()));
+    res.extensions_mut().insert(SpoolReceipt(id.into()));
     res
 }
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
-pub use layer::{SpoolBody, SpoolLayer, Spooled, Spooling};
+pub use layer::{SpoolBody, SpoolLayer, Spooling};
 pub use metrics::SpoolMetrics;
 pub use store::{DeadLetter, SpoolError, SpoolSnapshot, Store};
 

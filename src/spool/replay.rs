@@ -27,12 +27,14 @@
 //!   `sluicegate_spool_replay_paused` at 1, logged once when it starts and
 //!   once when it ends: never a storm of retries.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Extensions, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -42,9 +44,7 @@ use tower::util::BoxCloneService;
 use super::Spool;
 use super::record::{Buried, Stored};
 use super::store::{Next, now_ms};
-use crate::admission::{Controller, Granted, Priority, everyone};
 use crate::body::{BoxError, ProxyBody};
-use crate::circuit::Circuit;
 use crate::classify::{self, Delivery};
 use crate::conn::ClientAddr;
 use crate::error::ErrorChain;
@@ -84,13 +84,30 @@ pub type ReplayService = BoxCloneService<ReplayRequest, Response<ProxyBody>, Box
 pub struct Target {
     /// Circuit breaker → admission → upstream timeout → forward.
     pub service: ReplayService,
-    /// The route's admission controller.
-    pub admission: Arc<Controller>,
-    /// The route's circuit breaker.
-    pub circuit: Option<Arc<Circuit>>,
+    /// The route's circuit breaker and admission, asked before a request
+    /// is read from disk.
+    pub gate: Arc<dyn Gate>,
     /// Upstream statuses that, with a `Retry-After`, hold the whole route
     /// back (the circuit's `backpressure_statuses`; `[503]` without one).
     pub backpressure: Vec<u16>,
+}
+
+/// What the replayer asks of the route's protections before it sends: the
+/// stack wires the route's circuit breaker and admission controller to it,
+/// so that the spool imports neither.
+pub trait Gate: Send + Sync {
+    /// Whether admission could never take a request of `bytes`
+    /// (`max_inflight_bytes` lowered since it was spooled).
+    fn too_heavy(&self, bytes: u64) -> bool;
+
+    /// How long the route's circuit stays open from `now`, when it is.
+    fn open_remaining(&self, now: Instant) -> Option<Duration>;
+
+    /// Waits for an admission slot for a request of `bytes` at the lowest
+    /// priority: the request extensions that carry it to the admission
+    /// layer, or `None` when there is no slot, not even a place in the
+    /// queue (live traffic has them).
+    fn admit(&self, bytes: u64) -> Pin<Box<dyn Future<Output = Option<Extensions>> + Send>>;
 }
 
 // === Backoff ===
@@ -279,8 +296,7 @@ pub async fn run(
         let (target, permit) = loop {
             let wait = match ready_to_go(&shared, bytes, &mut target) {
                 Ok(target) => {
-                    let weight = target.admission.weight(Some(bytes));
-                    if target.admission.too_heavy(weight) {
+                    if target.gate.too_heavy(bytes) {
                         // Admission can never take it (max_inflight_bytes
                         // lowered since it was spooled): it must not hold up
                         // the rest.
@@ -294,9 +310,7 @@ pub async fn run(
                         settle(&spool, &next, stored, outcome, backpressure, &mut flight).await;
                         continue 'requests;
                     }
-                    let acquire = target
-                        .admission
-                        .acquire_as(Priority::Batch, everyone(), weight);
+                    let acquire = target.gate.admit(bytes);
                     let permit = tokio::select! {
                         permit = acquire => permit,
                         _ = stopped(&mut stop) => {
@@ -305,10 +319,10 @@ pub async fn run(
                         }
                     };
                     match permit {
-                        Ok(permit) => break (target, permit),
+                        Some(permit) => break (target, permit),
                         // No slot, not even a place in the queue: live
                         // traffic has them.
-                        Err(_) => Instant::now() + NO_SLOT_PAUSE,
+                        None => Instant::now() + NO_SLOT_PAUSE,
                     }
                 }
                 Err(Wait::Until(at)) => at,
@@ -333,7 +347,7 @@ pub async fn run(
             }
         };
         let mut flight = shared.start(bytes);
-        let request = replay_request(stored.clone(), Granted::new(permit));
+        let request = replay_request(stored.clone(), permit);
         let spool = spool.clone();
         let Target {
             service,
@@ -378,9 +392,8 @@ fn ready_to_go(
     // An open circuit: until its half-open window, then this request asks
     // for the probe itself (no live request needs to come first).
     if let Some(left) = target
-        .circuit
-        .as_ref()
-        .and_then(|c| c.open_remaining(Instant::now()))
+        .gate
+        .open_remaining(Instant::now())
         .filter(|left| !left.is_zero())
     {
         return Err(Wait::Until(Instant::now() + left));
@@ -418,7 +431,7 @@ async fn read(spool: &Spool, next: &Next, shared: &Shared) -> Option<Stored> {
 /// The spooled request as it is sent again: what the live request carried,
 /// and the client it came from (its address and whether it used TLS), so
 /// that the forwarding headers are the ones the live request would have had.
-fn replay_request(stored: Stored, granted: Granted) -> ReplayRequest {
+fn replay_request(stored: Stored, granted: Extensions) -> ReplayRequest {
     let (stored, body) = stored.into_parts();
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = stored.method;
@@ -428,7 +441,7 @@ fn replay_request(stored: Stored, granted: Granted) -> ReplayRequest {
         .unwrap_or_else(|_| "/".parse().expect("a path"));
     *request.headers_mut() = stored.headers;
     let extensions = request.extensions_mut();
-    extensions.insert(granted);
+    extensions.extend(granted);
     if let Some(ip) = stored.client.and_then(|c| c.parse::<IpAddr>().ok()) {
         let addr = SocketAddr::new(ip, 0);
         extensions.insert(match stored.tls {

@@ -13,13 +13,13 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use super::UpstreamLatency;
 use super::body::{Progress, Upload};
 use crate::body::BoxError;
 use crate::classify;
 use crate::conn::PeerClosed;
 use crate::deadline::ClientDeadline;
 use crate::error::{ErrorChain, Reason, Rejection};
+use crate::exchange::UpstreamLatency;
 
 /// How long an upload may run before the client's connection is watched for
 /// the client going away. hyper notices a client that leaves while it reads

@@ -48,11 +48,6 @@ use crate::conn::PeerClosed;
 use crate::deadline::Deadline;
 use crate::dispatch::Dispatch;
 
-/// Response extension: the upstream's own time, from the end of the request
-/// body to the response headers (queue waits and uploads excluded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamLatency(pub Duration);
-
 /// The default `write_timeout`, as nginx's `proxy_send_timeout`.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -12,6 +12,7 @@ use crate::body::BoxError;
 use crate::body::testing::Trickle;
 use crate::dispatch::Dispatch;
 use crate::error::{Reason, Rejection};
+use crate::exchange::UpstreamLatency;
 
 /// Reads the whole request body, then answers after `work` (never if None).
 async fn upstream<B>(req: Request<B>, work: Option<Duration>) -> Result<Response<()>, BoxError>
