@@ -5,7 +5,7 @@
 # request) and "cluster" with sync_ms = 10 (batches), interleaved in one run;
 # Redis (Debian's redis-server) on loopback. The rate is far above what wrk
 # sends, so every request is admitted: this measures the cost, not the limit.
-# (Accuracy over three replicas is measured by tests/cluster.rs; see
+# (Accuracy over three replicas is measured by tests/it/cluster.rs; see
 # BENCHMARKS.md.)
 #
 #   bash benches/cluster.sh

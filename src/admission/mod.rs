@@ -13,14 +13,15 @@ mod layer;
 mod priority;
 mod queue;
 pub mod retry_after;
+mod settings;
 mod tenants;
 
 pub use controller::{
-    AdmissionMetrics, AdmissionSettings, AdmissionSnapshot, Controller, Discipline, Meter, Permit,
-    TOP_TENANTS, TenantsSnapshot,
+    AdmissionMetrics, AdmissionSnapshot, Controller, Meter, Permit, TOP_TENANTS, TenantsSnapshot,
 };
 pub use layer::{Admission, AdmissionLayer, DEFAULT_PRIORITY_HEADER, ResponseFuture};
 pub use priority::{Priority, PriorityRule, Trust};
+pub use settings::{AdmissionSettings, Discipline};
 pub use tenants::{NAMES_KEPT_FOR, Tenants, everyone};
 pub use tenants::{SHED_TENANTS, TenantCount};
 

@@ -1,12 +1,10 @@
 //! The proxy in process, a real upstream on loopback, HTTP between them.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, StatusCode};
-use support::*;
 
 fn url(running: &sluicegate::Running, path: &str) -> String {
     format!("http://{}{path}", running.proxy_addr())

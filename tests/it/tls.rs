@@ -2,16 +2,14 @@
 //! certificate rotation by reload, plain HTTP on the TLS port, the handshake
 //! bounded by `header_read_timeout_ms`. Certificates are made in the test.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::process::scratch_dir;
+use crate::support::tls::{Ca, connect, connector, get_over, write};
+use crate::support::*;
 use http::{Request, StatusCode};
 use sluicegate::config::Config;
-use support::process::scratch_dir;
-use support::tls::{Ca, connect, connector, get_over, write};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,11 +1,9 @@
 //! Per-client rate limits through the real proxy, over HTTP (paused clock).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, StatusCode};
-use support::*;
 
 async fn call(url: &str, headers: &[(&str, &str)]) -> (http::Response<()>, serde_json::Value) {
     let mut req = Request::get(url);

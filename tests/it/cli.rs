@@ -1,15 +1,13 @@
 //! The `sluicegate` binary as users run it: check-config, signals, memory.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::process::{BIN, Proc, rand_name, write_config};
+use crate::support::*;
 use http::{Request, StatusCode};
-use support::process::{BIN, Proc, rand_name, write_config};
-use support::*;
 
 fn check_config(name: &str, text: &str) -> (i32, String) {
     let path = write_config(name, text);

@@ -1,12 +1,10 @@
 //! Ambiguous requests, sent over raw TCP: each is refused with 400 and the
 //! connection closed, and nothing reaches the upstream.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

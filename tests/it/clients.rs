@@ -1,13 +1,11 @@
 //! Hostile and careless clients against the real proxy, over raw TCP (paused
 //! clock): slowloris, oversized heads, idle keep-alive, trickled bodies.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;

@@ -9,17 +9,15 @@
 //! Skipped with a message where `chromedriver` is missing, unless
 //! `SLUICEGATE_REQUIRE_CHROMIUM=1` (CI sets it and installs the packages).
 
-mod support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::support::keys::reserve_addr;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use sluicegate::config::Config;
 use sluicegate::loadgen::{self, LoadPlan};
 use sluicegate::sim::{self, Mode, SimOptions};
-use support::keys::reserve_addr;
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";

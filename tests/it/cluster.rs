@@ -3,15 +3,13 @@
 //! down or frozen is decided by the fallback within the timeout, and the Lua
 //! GCRA decides as governor does.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::redis::RedisServer;
+use crate::support::*;
 use http::{Request, StatusCode};
 use sluicegate::server::Running;
-use support::redis::RedisServer;
-use support::*;
 use tokio::time::Instant;
 
 const RATE: f64 = 20.0;

@@ -3,14 +3,12 @@
 //! 502/504 (or a cut-off body once headers were sent), and every slot the
 //! request took is released: in-flight and queue depth return to 0.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
 use http_body_util::BodyExt;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

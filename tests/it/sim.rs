@@ -1,13 +1,11 @@
 //! The upstream simulator over HTTP, as benchmarks and users drive it.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, StatusCode};
 use sluicegate::sim::{self, Mode, SimOptions, SimStats};
-use support::*;
 
 async fn start(workers: usize, service_ms: u64) -> sim::SimHandle {
     let options = SimOptions {

@@ -3,15 +3,13 @@
 //! lost to the race with the server closing the connection it was about to
 //! reuse. Paused clock; a raw upstream that loses the race on purpose.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, StatusCode};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -1,18 +1,16 @@
 //! TLS to upstreams: a private CA and SNI, mutual TLS, refusal of an
 //! upstream that the CA did not sign, and gRPC over h2 chosen by ALPN.
 
-mod support;
-
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
+use crate::support::process::scratch_dir;
+use crate::support::tls::{Ca, Leaf, serve_tls, server_config};
+use crate::support::*;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use support::process::scratch_dir;
-use support::tls::{Ca, Leaf, serve_tls, server_config};
-use support::*;
 
 type Answer = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
 
@@ -149,7 +147,7 @@ async fn grpc_over_tls_with_alpn_h2() {
     let leaf = ca.issue(&["collector.test"]);
     let dir = scratch_dir("upstream-grpc-tls");
     let ca_file = write_pem(&dir, "ca.pem", &ca.pem);
-    let (receiver, service) = support::grpc::receiver_service();
+    let (receiver, service) = crate::support::grpc::receiver_service();
     let (addr, _) = serve_tls(
         server_config(&leaf, &ca, &[b"h2"], None),
         TraceServiceServer::new(service),
@@ -166,10 +164,13 @@ async fn grpc_over_tls_with_alpn_h2() {
     let mut client = TraceServiceClient::connect(format!("http://{}", proxy.proxy_addr()))
         .await
         .unwrap();
-    client.export(support::grpc::spans(3)).await.unwrap();
+    client.export(crate::support::grpc::spans(3)).await.unwrap();
     assert_eq!(receiver.spans.load(Ordering::SeqCst), 3);
-    receiver.answer(support::grpc::Answer::InvalidArgument);
-    let status = client.export(support::grpc::spans(1)).await.unwrap_err();
+    receiver.answer(crate::support::grpc::Answer::InvalidArgument);
+    let status = client
+        .export(crate::support::grpc::spans(1))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     proxy.shutdown().await;
 }

@@ -3,18 +3,16 @@
 //! upstream, and a request reaches it twice only if it was in flight at a
 //! kill. And a spool file with flipped bytes loses only what they hit.
 
-mod support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::keys::{reserve_addr, serve_keys};
+use crate::support::process::Proc;
+use crate::support::*;
 use http::{Request, StatusCode};
 use sluicegate::jitter::Jitter;
-use support::keys::{reserve_addr, serve_keys};
-use support::process::Proc;
-use support::*;
 use tokio::task::JoinSet;
 
 /// What the replayer sends at once, at most (`spool::replay::MAX_INFLIGHT`).

@@ -2,14 +2,12 @@
 //! request the same way, whatever the client writes. Raw TCP, real proxy,
 //! two real upstreams on 127.0.0.1 to tell the routes apart.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::support::*;
 use sluicegate::config::Config;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,14 +2,12 @@
 //! simulator switched to failing and back (paused clock: open durations and
 //! half-open times are advanced, not slept).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
 use sluicegate::sim::{self, Mode, SimHandle, SimOptions};
-use support::*;
 use tokio::time::advance;
 
 const CIRCUIT: &str = "[route.circuit]\nfailure_threshold = 3\nopen_ms = 5000\n\

@@ -3,14 +3,12 @@
 //! on 127.0.0.1, raw TCP where a client must misbehave, paused clock where
 //! time matters.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, StatusCode};
 use serde_json::Value;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, advance};

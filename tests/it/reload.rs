@@ -1,16 +1,14 @@
 //! Live reload through `POST /reload` (the binary's SIGHUP does the same; see
 //! tests/cli.rs) and the admin token.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::support::*;
 use http::{Request, StatusCode};
 use sluicegate::config::Config;
-use support::*;
 
 fn file(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluicegate-reload-{}", std::process::id()));

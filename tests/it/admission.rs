@@ -1,14 +1,12 @@
 //! Admission control through the real proxy, over HTTP (paused clock where
 //! time matters).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
 use sluicegate::sim::{self, SimOptions};
-use support::*;
 
 fn admission(max: usize, capacity: usize, timeout_ms: u64) -> String {
     format!(

@@ -2,14 +2,12 @@
 //! statuses (trailers-only, HTTP 200) with the pushback a gRPC retry policy
 //! obeys; other clients keep the JSON answers.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 
+use crate::support::grpc::{Answer, spans, spawn_receiver};
+use crate::support::*;
 use http::{Request, StatusCode};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use support::grpc::{Answer, spans, spawn_receiver};
-use support::*;
 use tonic::Code;
 
 fn grpc_call(url: String) -> Request<TestBody> {
@@ -88,7 +86,7 @@ async fn an_unreachable_upstream_is_unavailable() {
     drop(closed);
     // With a spool on the route: a 202 cannot carry a gRPC response
     // message, so gRPC calls keep their refusal while JSON posts are spooled.
-    let dir = support::process::scratch_dir("grpc-spool");
+    let dir = crate::support::process::scratch_dir("grpc-spool");
     let spool = format!(
         "[route.spool]\ndir = \"{}\"\nmax_bytes = 1048576\n",
         dir.display()

@@ -1,14 +1,12 @@
 //! The admin listener holds its ground: a head timeout and a connection cap of
 //! its own, a bearer scheme in any case, and a reload no web page can trigger.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, StatusCode};
 use sluicegate::config::Config;
 use sluicegate::server::admin::ADMIN_MAX_CONNECTIONS;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

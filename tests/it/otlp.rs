@@ -3,20 +3,18 @@
 //! exports with RESOURCE_EXHAUSTED and a RetryInfo (the OTLP throttling
 //! signal); the exporter waits the delay and retries, and every span arrives.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use crate::support::grpc::{Answer, spawn_receiver};
+use crate::support::*;
 use opentelemetry::InstrumentationScope;
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry_otlp::{RetryPolicy, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
-use support::grpc::{Answer, spawn_receiver};
-use support::*;
 
 fn batch(exporter: u64, n: u64) -> Vec<SpanData> {
     (0..n)

@@ -3,16 +3,14 @@
 //! ends in the dead-letter store and the admin API handles it, a full spool
 //! refuses as the proxy would without one.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::keys::{reserve_addr, serve_keys};
+use crate::support::*;
 use http::{Request, StatusCode};
 use serde_json::Value;
-use support::keys::{reserve_addr, serve_keys};
-use support::*;
 
 fn spool_dir(name: &str) -> PathBuf {
     let dir =

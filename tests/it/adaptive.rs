@@ -1,15 +1,13 @@
 //! An adaptive limit through the real proxy, against the upstream simulator
 //! (paused clock: the simulator's service times are exact and nothing sleeps).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use sluicegate::sim::{self, SimOptions};
-use support::*;
 
 #[tokio::test(start_paused = true)]
 async fn the_limit_finds_the_simulators_workers_without_being_told() {
