@@ -97,4 +97,4 @@ pub use config::Config;
 pub use server::{Running, start};
 
 #[cfg(test)]
-mod siblings;
+mod layout;

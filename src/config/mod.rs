@@ -7,26 +7,31 @@
 //! `sluicegate check-config` can answer like `nginx -t` does.
 
 mod adaptive;
+mod admission;
 mod circuit;
+mod cluster;
 mod error;
 mod rate_limit;
+mod server;
 mod spool;
 mod tls;
 mod values;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::admission::{AdmissionSettings, DEFAULT_PRIORITY_HEADER, Discipline, PriorityRule};
+use crate::admission::{DEFAULT_PRIORITY_HEADER, PriorityRule};
 use crate::proxy::{ForwardSettings, UpstreamClientTls, UpstreamProtocol};
 
 pub use adaptive::{AdaptiveConfig, Algorithm, MaxInflight};
+pub use admission::{AdmissionConfig, QueueDiscipline};
 pub use circuit::{CircuitConfig, FallbackConfig};
+pub use cluster::ClusterConfig;
 pub use error::ConfigError;
 pub use rate_limit::{QuotaFallback, RateLimitConfig, ScopeConfig, TierConfig};
+pub use server::ServerConfig;
 pub use spool::{Fsync, SpoolConfig};
 pub use tls::{ServerTlsConfig, UpstreamTlsConfig};
 pub use values::{ByteSize, Limit, Millis, PathPrefix, UpstreamUrl};
@@ -52,136 +57,15 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
 }
 
-/// `[cluster]`: the Redis that replicas share quotas on.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterConfig {
-    /// `redis://[user:password@]host:port/db`; the password may come from
-    /// `REDIS_PASSWORD` instead.
-    pub redis_url: String,
-    /// Longest a request waits on Redis before its route's fallback decides.
-    #[serde(default = "default_cluster_timeout")]
-    pub timeout_ms: Millis,
-    /// Prefix of every key the proxy writes.
-    #[serde(default = "default_key_prefix")]
-    pub key_prefix: String,
-}
-
-fn default_cluster_timeout() -> Millis {
-    Millis::from_ms(20)
-}
-
-fn default_key_prefix() -> String {
-    "sluicegate".into()
-}
-
-impl ClusterConfig {
-    fn validate(&self) -> Result<(), (String, String)> {
-        if self.redis_url.starts_with("rediss://") {
-            return Err((
-                "cluster.redis_url".into(),
-                "rediss:// (TLS) is not built in: use redis:// on a private network or a \
-                 TLS-terminating sidecar"
-                    .into(),
-            ));
-        }
-        if !self.redis_url.starts_with("redis://") {
-            return Err((
-                "cluster.redis_url".into(),
-                format!("`{}`: expected redis://host:port/db", self.redis_url),
-            ));
-        }
-        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis_url.as_str()) {
-            return Err(("cluster.redis_url".into(), e.to_string()));
-        }
-        if self.key_prefix.is_empty() || self.key_prefix.contains([' ', ':']) {
-            return Err((
-                "cluster.key_prefix".into(),
-                "must be a non-empty word without spaces or colons".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl From<&ClusterConfig> for crate::cluster::ClusterSettings {
-    fn from(c: &ClusterConfig) -> Self {
-        Self {
-            redis_url: c.redis_url.clone(),
-            timeout: c.timeout_ms.get(),
-            key_prefix: c.key_prefix.clone(),
-        }
-    }
-}
-
-/// `[server]`: how the proxy listens and shuts down.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// Address of the proxy listener.
-    #[serde(deserialize_with = "values::socket_addr")]
-    pub listen: SocketAddr,
-    /// Address of the admin listener (metrics, health, status).
-    #[serde(deserialize_with = "values::socket_addr")]
-    pub admin_listen: SocketAddr,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
-    pub drain_timeout_ms: u64,
-    /// Tokio worker threads; 0 means one per core.
-    pub worker_threads: usize,
-    /// Most client connections open at once; the accept loop pauses at the cap.
-    pub max_connections: Limit,
-    /// Longest time a client may take to send a request's headers.
-    pub header_read_timeout_ms: Millis,
-    /// Longest pause between two reads of a client's request body; past it
-    /// the client gets 408 and its slot is freed.
-    pub body_read_timeout_ms: Millis,
-    /// The average rate a client must keep up while the proxy waits on its
-    /// request body: the waits may add up to `body_read_timeout_ms` and a
-    /// second per this many bytes received (Apache's `MinRate`).
-    pub body_min_bytes_per_s: Limit,
-    /// Longest wait for a client to accept more response bytes; past it the
-    /// connection is closed and its slot freed (nginx's `send_timeout`).
-    pub send_timeout_ms: Millis,
-    /// The average rate a client must keep up while the proxy waits on it to
-    /// take response bytes: the waits may add up to `send_timeout_ms` and a
-    /// second per this many bytes taken.
-    pub send_min_bytes_per_s: Limit,
-    /// Largest request head (request line and headers); larger gets 431.
-    pub max_header_bytes: Limit,
-    /// Concurrent streams per HTTP/2 connection.
-    pub http2_max_concurrent_streams: Limit,
-    /// An HTTP/2 connection without an open stream is closed (GOAWAY) after
-    /// this long.
-    pub http2_idle_timeout_ms: Millis,
-    /// Bearer token for `/status` and `/reload` when the admin listener is not
-    /// on loopback.
-    pub admin_token: Option<String>,
-    /// `[server.tls]`: TLS on the proxy listener.
-    pub tls: Option<ServerTlsConfig>,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
-            drain_timeout_ms: 10_000,
-            worker_threads: 0,
-            max_connections: Limit::new(10_000),
-            header_read_timeout_ms: Millis::from_ms(10_000),
-            body_read_timeout_ms: Millis::from_ms(60_000),
-            // Apache mod_reqtimeout's default MinRate.
-            body_min_bytes_per_s: Limit::new(500),
-            send_min_bytes_per_s: Limit::new(500),
-            send_timeout_ms: Millis::from_ms(60_000),
-            max_header_bytes: Limit::new(64 * 1024),
-            http2_max_concurrent_streams: Limit::new(128),
-            // nginx's keepalive_timeout.
-            http2_idle_timeout_ms: Millis::from_ms(75_000),
-            admin_token: None,
-            tls: None,
-        }
-    }
+/// Lower-cases a host name and strips a `:port`, the form routes are matched on.
+pub(crate) fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = match host.rsplit_once(':') {
+        // `[::1]:80` or `name:80`; a bare IPv6 literal has more colons and no brackets.
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    without_port.to_ascii_lowercase()
 }
 
 /// `[[route]]`: where requests with a path prefix (and optionally a host) go.
@@ -244,147 +128,6 @@ pub struct RouteConfig {
     /// (or the defaults) when the config is read.
     #[serde(skip)]
     pub upstream_client_tls: Option<UpstreamClientTls>,
-}
-
-/// `[route.admission]`: how many requests may be at the upstream at once, and
-/// how many more may wait, for how long.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdmissionConfig {
-    /// Requests at the upstream at once.
-    #[serde(
-        default = "values::default_max_inflight",
-        deserialize_with = "values::max_inflight"
-    )]
-    pub max_inflight: MaxInflight,
-    /// Requests that may wait beyond `max_inflight`; 0 = none wait.
-    #[serde(default = "values::default_queue_capacity")]
-    pub queue_capacity: usize,
-    /// Longest time a request waits in the queue.
-    #[serde(default = "values::default_queue_timeout")]
-    pub queue_timeout_ms: Millis,
-    /// Request header naming the priority class: `critical`, `normal`, `batch`.
-    #[serde(
-        default = "values::default_priority_header",
-        deserialize_with = "values::header_name"
-    )]
-    pub priority_header: http::HeaderName,
-    /// Peers whose `priority_header` is believed (CIDRs or addresses): the
-    /// route's load balancers, internal callers. From anyone else the header
-    /// is ignored.
-    #[serde(default, deserialize_with = "values::cidrs")]
-    pub priority_trusted_proxies: Vec<ipnet::IpNet>,
-    /// Who a request's tenant is: `"ip"` (the client address, as the rate
-    /// limit resolves it) or `"header:<name>"` (an API key). Absent: one
-    /// tenant. Tenants that wait are served in turn.
-    #[serde(default, deserialize_with = "values::some_client_key")]
-    pub tenant_key: Option<crate::client_key::KeySource>,
-    /// Slots one tenant may hold at once (needs `tenant_key`).
-    #[serde(default)]
-    pub max_inflight_per_tenant: Option<Limit>,
-    /// With `tenant_key = "header:..."`: tenants one client address may be
-    /// at once; a further name counts as its first (invented names buy no
-    /// more turns).
-    #[serde(default = "default_tenants_per_client")]
-    pub tenants_per_client: Limit,
-    /// `"fifo"` (default) or `"codel"`: adaptive LIFO with a short wait
-    /// while the queue stands.
-    #[serde(default)]
-    pub queue_discipline: QueueDiscipline,
-    /// `codel`: how long the queue must have been non-empty to stand
-    /// (default 100).
-    #[serde(default)]
-    pub codel_interval_ms: Option<Millis>,
-    /// `codel`: the longest wait while it stands (default 5).
-    #[serde(default)]
-    pub codel_target_ms: Option<Millis>,
-    /// Request body bytes admitted at once: each request weighs its
-    /// declared `Content-Length`. Absent: bytes are not counted.
-    #[serde(default)]
-    pub max_inflight_bytes: Option<ByteSize>,
-    /// What a body of unknown length weighs (needs `max_inflight_bytes`;
-    /// default 65536).
-    #[serde(default)]
-    pub unknown_length_bytes: Option<ByteSize>,
-    /// Smallest `Retry-After` (seconds) sent with a 503.
-    #[serde(default = "values::default_retry_after_min")]
-    pub retry_after_min_s: u64,
-    /// Largest `Retry-After` (seconds) sent with a 503.
-    #[serde(default = "values::default_retry_after_max")]
-    pub retry_after_max_s: u64,
-    /// How an adaptive `max_inflight` moves (`[route.admission.adaptive]`).
-    #[serde(default)]
-    pub adaptive: Option<AdaptiveConfig>,
-}
-
-fn default_tenants_per_client() -> Limit {
-    Limit::new(1)
-}
-
-/// The most tenant names one client address may use at once.
-const MAX_TENANTS_PER_CLIENT: u64 = 1000;
-
-/// `queue_discipline`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueDiscipline {
-    /// Oldest first.
-    #[default]
-    Fifo,
-    /// Adaptive LIFO + CoDel.
-    Codel,
-}
-
-impl AdmissionConfig {
-    /// How the queue is served.
-    pub fn discipline(&self) -> Discipline {
-        match self.queue_discipline {
-            QueueDiscipline::Fifo => Discipline::Fifo,
-            QueueDiscipline::Codel => Discipline::Codel {
-                interval: self
-                    .codel_interval_ms
-                    .map_or(Discipline::DEFAULT_INTERVAL, Millis::get),
-                target: self
-                    .codel_target_ms
-                    .map_or(Discipline::DEFAULT_TARGET, Millis::get),
-            },
-        }
-    }
-
-    /// The adaptive settings when `max_inflight = "adaptive"` (the section's
-    /// values, or its defaults when it is absent).
-    pub fn adaptive_settings(&self) -> Option<crate::adaptive::AdaptiveSettings> {
-        match self.max_inflight {
-            MaxInflight::Fixed(_) => None,
-            MaxInflight::Adaptive => Some(self.adaptive.clone().unwrap_or_default().settings()),
-        }
-    }
-}
-
-impl From<&AdmissionConfig> for AdmissionSettings {
-    fn from(c: &AdmissionConfig) -> Self {
-        Self {
-            // Adaptive: the algorithm moves the limit below its upper bound.
-            max_inflight: match c.max_inflight {
-                MaxInflight::Fixed(limit) => limit.as_usize(),
-                MaxInflight::Adaptive => {
-                    c.adaptive_settings().map_or(usize::MAX, |a| a.bounds().max)
-                }
-            },
-            queue_capacity: c.queue_capacity,
-            queue_timeout: c.queue_timeout_ms.get(),
-            retry_after_min_s: c.retry_after_min_s,
-            retry_after_max_s: c.retry_after_max_s,
-            by_tenant: c.tenant_key.is_some(),
-            max_inflight_per_tenant: c.max_inflight_per_tenant.map(Limit::as_usize),
-            discipline: c.discipline(),
-            max_inflight_bytes: c.max_inflight_bytes.map(ByteSize::get),
-            unknown_length_bytes: c.unknown_length_bytes.map_or(
-                AdmissionSettings::DEFAULT.unknown_length_bytes,
-                ByteSize::get,
-            ),
-        }
-    }
 }
 
 impl From<&RouteConfig> for ForwardSettings {
@@ -661,170 +404,6 @@ impl RouteConfig {
         }
         Ok(())
     }
-}
-
-impl AdmissionConfig {
-    /// Checks what spans several keys; `at` is the section's key path.
-    fn validate(&self, at: &str) -> Result<(), (String, String)> {
-        match (&self.adaptive, self.max_inflight) {
-            (Some(_), MaxInflight::Fixed(_)) => {
-                return Err((
-                    format!("{at}.adaptive"),
-                    "only applies with max_inflight = \"adaptive\"".into(),
-                ));
-            }
-            (Some(adaptive), MaxInflight::Adaptive) => {
-                adaptive.validate(&format!("{at}.adaptive"))?
-            }
-            _ => {}
-        }
-        match self.discipline() {
-            Discipline::Fifo => {
-                let set = [
-                    ("codel_interval_ms", self.codel_interval_ms),
-                    ("codel_target_ms", self.codel_target_ms),
-                ];
-                if let Some((key, _)) = set.iter().find(|(_, v)| v.is_some()) {
-                    return Err((
-                        format!("{at}.{key}"),
-                        "only applies with queue_discipline = \"codel\"".into(),
-                    ));
-                }
-            }
-            Discipline::Codel { interval, target } => {
-                if target >= interval {
-                    return Err((
-                        format!("{at}.codel_target_ms"),
-                        format!(
-                            "must be below codel_interval_ms ({} >= {})",
-                            target.as_millis(),
-                            interval.as_millis()
-                        ),
-                    ));
-                }
-                if target >= self.queue_timeout_ms.get() {
-                    return Err((
-                        format!("{at}.codel_target_ms"),
-                        format!(
-                            "must be below queue_timeout_ms ({} >= {})",
-                            target.as_millis(),
-                            self.queue_timeout_ms.get().as_millis()
-                        ),
-                    ));
-                }
-            }
-        }
-        match (self.max_inflight_bytes, self.unknown_length_bytes) {
-            (None, Some(_)) => {
-                return Err((
-                    format!("{at}.unknown_length_bytes"),
-                    "only applies with max_inflight_bytes".into(),
-                ));
-            }
-            (Some(max), Some(unknown)) if unknown.get() > max.get() => {
-                return Err((
-                    format!("{at}.unknown_length_bytes"),
-                    format!(
-                        "must not exceed max_inflight_bytes ({} > {})",
-                        unknown.get(),
-                        max.get()
-                    ),
-                ));
-            }
-            (Some(max), None) if max.get() < AdmissionSettings::DEFAULT.unknown_length_bytes => {
-                return Err((
-                    format!("{at}.max_inflight_bytes"),
-                    format!(
-                        "below the default unknown_length_bytes ({} < {}): set \
-                         unknown_length_bytes too",
-                        max.get(),
-                        AdmissionSettings::DEFAULT.unknown_length_bytes
-                    ),
-                ));
-            }
-            _ => {}
-        }
-        if self.tenants_per_client.get() > MAX_TENANTS_PER_CLIENT {
-            return Err((
-                format!("{at}.tenants_per_client"),
-                format!(
-                    "must be at most {MAX_TENANTS_PER_CLIENT} (got {})",
-                    self.tenants_per_client.get()
-                ),
-            ));
-        }
-        if let Some(cap) = self.max_inflight_per_tenant {
-            if self.tenant_key.is_none() {
-                return Err((
-                    format!("{at}.max_inflight_per_tenant"),
-                    "needs tenant_key: without it every request is one tenant".into(),
-                ));
-            }
-            if let Some(max) = self.max_inflight.fixed()
-                && cap.get() > max.get()
-            {
-                return Err((
-                    format!("{at}.max_inflight_per_tenant"),
-                    format!(
-                        "must not exceed max_inflight ({} > {})",
-                        cap.get(),
-                        max.get()
-                    ),
-                ));
-            }
-        }
-        if self.retry_after_min_s > self.retry_after_max_s {
-            return Err((
-                format!("{at}.retry_after_min_s"),
-                format!(
-                    "must not exceed retry_after_max_s ({} > {})",
-                    self.retry_after_min_s, self.retry_after_max_s
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl ServerConfig {
-    /// Checks what spans several `[server]` keys, or one key's sense.
-    fn validate(&self) -> Result<(), (String, String)> {
-        if let Some(token) = &self.admin_token
-            && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err((
-                "server.admin_token".into(),
-                "must be at least 16 characters, without spaces or control characters".into(),
-            ));
-        }
-        if self.max_header_bytes.get() < 8192 {
-            return Err((
-                "server.max_header_bytes".into(),
-                format!(
-                    "must be at least 8192 (got {}): smaller would refuse ordinary browsers and SDKs",
-                    self.max_header_bytes.get()
-                ),
-            ));
-        }
-        if self.listen == self.admin_listen && self.listen.port() != 0 {
-            return Err((
-                "server.admin_listen".into(),
-                format!("must differ from server.listen ({})", self.listen),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Lower-cases a host name and strips a `:port`, the form routes are matched on.
-pub(crate) fn normalize_host(host: &str) -> String {
-    let host = host.trim();
-    let without_port = match host.rsplit_once(':') {
-        // `[::1]:80` or `name:80`; a bare IPv6 literal has more colons and no brackets.
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
-        _ => host,
-    };
-    without_port.to_ascii_lowercase()
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use http::{HeaderMap, HeaderName, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt};
 
-use super::limiter::{RateLimiter, Verdict};
+use super::bucket::Verdict;
+use super::limiter::RateLimiter;
 use crate::body::{BoxError, BoxFuture};
 use crate::conn::ClientTier;
 use crate::error::{Reason, Rejection, refused};

@@ -12,16 +12,21 @@
 //! ones share one overflow bucket), and clients whose bucket has refilled are
 //! forgotten on a timer.
 
+mod bucket;
+mod clock;
 mod layer;
 mod limiter;
+mod settings;
+mod shared;
 mod store;
 
 pub use crate::client_key::{ClientKey, KeyExtractor, KeySource};
+pub use bucket::Verdict;
+pub use clock::TokioClock;
 pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
-pub use limiter::{
-    Ask, Fallback, Rate, RateLimitMetrics, RateLimitSettings, RateLimitSnapshot, RateLimiter,
-    Scope, Tier, TokioClock, Verdict,
-};
+pub use limiter::{RateLimitMetrics, RateLimitSnapshot, RateLimiter};
+pub use settings::{Fallback, Rate, RateLimitSettings, Scope, Tier};
+pub use shared::Ask;
 pub use store::CappedStore;
 
 #[cfg(test)]

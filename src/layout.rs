@@ -1,9 +1,14 @@
+//! Two rules of the source's shape, checked by reading it (test code
+//! excluded).
+//!
 //! The protections are siblings: none names another (`crate::admission`
 //! from the circuit breaker, say). What they tell each other goes through leaf
 //! vocabulary beside `error.rs` (`exchange`, `classify`, `limit`, `deadline`,
 //! `jitter`), and `stack.rs` wires them; `cluster` is a store they may use.
-//! This test reads the sources (test code excluded) and names every import
-//! that breaks the rule.
+//! The test names every import that breaks the rule.
+//!
+//! No source file is over [`MAX_LINES`] lines: a file that grows past it
+//! holds more than one concern (the admission controller once held ten).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,9 @@ const PROTECTIONS: [&str; 9] = [
     "upstream_timeout",
     "observe",
 ];
+
+/// The longest a source file may be, test files and modules excluded.
+const MAX_LINES: usize = 600;
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -98,4 +106,24 @@ fn the_check_sees_a_crossing() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].ends_with("layer.rs:1: use crate::admission::Controller;"));
+}
+
+#[test]
+fn no_source_file_is_over_the_limit() {
+    let mut files = Vec::new();
+    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    let long: Vec<String> = files
+        .iter()
+        .filter(|f| !f.components().any(|c| c.as_os_str() == "tests"))
+        .filter_map(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            let lines = without_tests(&text).lines().count();
+            (lines > MAX_LINES).then(|| format!("{}: {lines} lines", f.display()))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "split these by concern (at most {MAX_LINES} lines each):\n{}",
+        long.join("\n")
+    );
 }
