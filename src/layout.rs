@@ -111,7 +111,10 @@ fn the_check_sees_a_crossing() {
 #[test]
 fn no_source_file_is_over_the_limit() {
     let mut files = Vec::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
     let long: Vec<String> = files
         .iter()
         .filter(|f| !f.components().any(|c| c.as_os_str() == "tests"))

@@ -96,10 +96,12 @@ fn run_proxy(file: Option<PathBuf>) -> ExitCode {
         }
     };
     block_on(config.server.worker_threads, async move {
+        // Before the listeners open: no signal may find its default action.
+        let (mut shutdown, mut reload) = server::signals::install();
         let running = server::start_from(config, file).await?;
         tokio::select! {
-            () = server::shutdown_signal() => {}
-            () = server::reload_on_sighup(&running) => {}
+            () = shutdown.recv() => {}
+            () = reload.serve(&running) => {}
         }
         running.shutdown().await;
         Ok(())
@@ -116,9 +118,10 @@ fn run_sim(listen: SocketAddr, workers: usize, service_ms: u64) -> ExitCode {
         service_time: Duration::from_millis(service_ms),
     };
     block_on(0, async move {
+        let (mut shutdown, _) = server::signals::install();
         let sim = sim::spawn(listen, options).await?;
         tracing::info!(addr = %sim.addr(), workers, service_ms, "upstream simulator listening");
-        server::shutdown_signal().await;
+        shutdown.recv().await;
         Ok(())
     })
 }

@@ -9,6 +9,7 @@ mod framing;
 mod history;
 mod listener;
 mod reload;
+pub mod signals;
 mod streams;
 pub mod tls;
 
@@ -302,50 +303,5 @@ impl Running {
         // The receiver lives in the serving task; if it is gone, so is the server.
         let _ = self.stop.send(true);
         self.task.await.unwrap_or(DrainReport::TimedOut)
-    }
-}
-
-/// Reloads `running` on every SIGHUP until the future is dropped.
-pub async fn reload_on_sighup(running: &Running) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload");
-            return std::future::pending().await;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading the config");
-            let _ = running.reload();
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = running;
-        std::future::pending::<()>().await
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -154,6 +154,63 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// SIGTERM, SIGINT and SIGHUP kill a process by default: their handlers
+/// must be in place before the listeners open, or a signal sent as the proxy
+/// starts (a pod deleted at once) cuts requests instead of draining them.
+/// Seen once in four runs of the suite: a SIGTERM right after the first
+/// request killed the process. Checked at the first moment the proxy's port
+/// takes a connection (its signal mask read from /proc; with the handlers
+/// registered after start-up, as before, this failed every other run), then
+/// a SIGTERM must still end it with 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_caught_from_the_moment_the_proxy_listens() {
+    let (up, _) = spawn_upstream().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config =
+        proc_config(up.addr.unwrap(), "").replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+    let path = write_config(&format!("signals-{}.toml", rand_name()), &config);
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Spin until the proxy's port takes a connection, then look at once.
+    let caught = tokio::task::spawn_blocking(move || {
+        let start = tokio::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "never listened");
+            std::hint::spin_loop();
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .unwrap();
+        u64::from_str_radix(mask.trim(), 16).unwrap()
+    })
+    .await
+    .unwrap();
+    for (signal, name) in [(1, "SIGHUP"), (2, "SIGINT"), (15, "SIGTERM")] {
+        assert!(caught & (1 << (signal - 1)) != 0, "{name} not caught yet");
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_exits_0() {
     let (up, _) = spawn_upstream().await;
