@@ -225,7 +225,7 @@ impl Rejection {
                 http::HeaderName::from_static("x-sluicegate-fallback"),
                 HeaderValue::from_static(self.reason.as_str()),
             );
-            res.extensions_mut().insert(Rejected(self.reason));
+            res.extensions_mut().insert(AnsweredByProxy(self.reason));
             return res;
         }
         let mut body = format!(
@@ -248,7 +248,7 @@ impl Rejection {
         if let Some(s) = self.retry_after_s {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        res.extensions_mut().insert(Rejected(self.reason));
+        res.extensions_mut().insert(AnsweredByProxy(self.reason));
         res
     }
 }
@@ -268,7 +268,7 @@ impl std::error::Error for Rejection {
 /// Response extension marking a response the proxy made itself, so that outer
 /// layers (metrics, logs) can tell a proxy 502 from an upstream 502.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejected(pub Reason);
+pub struct AnsweredByProxy(pub Reason);
 
 /// The client's own doing, found anywhere in an error's chain (the upstream
 /// client wraps a failing request body in its own error): a body over its
@@ -438,7 +438,10 @@ mod tests {
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[header::RETRY_AFTER], "3");
         assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
-        assert_eq!(res.extensions().get(), Some(&Rejected(Reason::QueueFull)));
+        assert_eq!(
+            res.extensions().get(),
+            Some(&AnsweredByProxy(Reason::QueueFull))
+        );
         let body = res.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["reason"], "queue_full");

@@ -94,6 +94,16 @@ pub struct Generation<S, I> {
     pub routes: Vec<I>,
 }
 
+impl<S, I> Generation<S, I> {
+    /// No routes: what a first build starts from.
+    pub fn empty() -> Self {
+        Self {
+            table: RouteTable::new(Vec::new()),
+            routes: Vec::new(),
+        }
+    }
+}
+
 /// The proxy's top service: routes each request to its route's stack.
 #[derive(Debug)]
 pub struct Proxy<S, I> {

@@ -331,14 +331,16 @@ impl Protections {
             if let Some(old) = previous.and_then(|p| p.rate_limit.as_ref()) {
                 limiter = limiter.carry_from(old);
             }
-            Arc::new(match (settings.scope, opened.cluster) {
+            let limiter = Arc::new(match (settings.scope, opened.cluster) {
                 (Scope::Cluster { fallback, sync }, Some(cluster)) => {
                     let fallbacks = registry.counter(CLUSTER_FALLBACK_TOTAL, &[("route", name)]);
                     limiter.shared_on(cluster.clone(), name, fallback, sync, fallbacks)
                 }
                 // Validation ties scope = "cluster" to a [cluster] section.
                 _ => limiter,
-            })
+            });
+            limiter.prune_in_background();
+            limiter
         });
         let spool = opened.spools.get(name);
         let circuit = circuit(route, &admission, registry);
@@ -379,7 +381,7 @@ pub struct Built<S> {
 }
 
 /// One route's stack entry and live state.
-pub(crate) fn route_parts<S>(
+fn route_parts<S>(
     route: &RouteConfig,
     registry: &Registry,
     opened: Opened<'_>,
@@ -404,32 +406,94 @@ pub(crate) fn route_parts<S>(
 }
 
 /// Builds the proxy, with `make_inner` giving each route's innermost service
-/// and `opened` what the process opened once.
-pub fn build_with<S>(
+/// and `opened` what the process opened once: the same assembly as a reload's
+/// ([`rebuild`]), from no routes.
+pub fn build_with<S: Clone>(
     config: &Config,
     registry: &Registry,
     opened: Opened<'_>,
-    mut make_inner: impl FnMut(&RouteConfig) -> S,
+    make_inner: impl FnMut(&RouteConfig) -> S,
 ) -> Built<S> {
-    let (entries, routes): (Vec<_>, Vec<_>) = config
-        .routes
-        .iter()
-        .map(|route| route_parts(route, registry, opened, &mut make_inner, None))
-        .unzip();
+    let (generation, _) = rebuild(config, registry, &Generation::empty(), opened, make_inner);
     let unmatched = Arc::new(Unmatched::new(
         registry.counter(UNMATCHED_TOTAL, &[]),
         registry.counter(INVALID_TOTAL, &[]),
     ));
-    let generation = Generation {
-        table: RouteTable::new(entries),
-        routes,
-    };
     let proxy = Proxy::new(generation, unmatched);
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(SequentialIds::default()))
         .layer(PropagateRequestIdLayer::x_request_id())
         .service(proxy.clone());
     Built { service, proxy }
+}
+
+/// What a reload changed, by route name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteChanges {
+    /// Identical routes: they keep their counters, circuit and adaptive limit.
+    pub kept: Vec<String>,
+    /// New names.
+    pub added: Vec<String>,
+    /// Same name, new settings: rebuilt, carrying on from the old state
+    /// (in-flight and queued requests, breaker state, rate-limit buckets).
+    pub changed: Vec<String>,
+    /// Gone.
+    pub removed: Vec<String>,
+}
+
+/// The routes of `config` as a new generation, reusing the stack and state of
+/// every route of `current` whose configuration did not change.
+pub fn rebuild<S: Clone>(
+    config: &Config,
+    registry: &Registry,
+    current: &Routes<S>,
+    opened: Opened<'_>,
+    mut make_inner: impl FnMut(&RouteConfig) -> S,
+) -> (Routes<S>, RouteChanges) {
+    let mut changes = RouteChanges::default();
+    let mut entries = Vec::with_capacity(config.routes.len());
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        let name = route.display_name();
+        let old = current
+            .routes
+            .iter()
+            .find(|r| r.config.display_name() == name);
+        let old_entry = current.table.entries().iter().find(|e| e.name == name);
+        match (old, old_entry) {
+            (Some(info), Some(entry)) if info.config == *route => {
+                changes.kept.push(name.to_string());
+                entries.push(entry.clone());
+                routes.push(info.clone());
+            }
+            (old, _) => {
+                let list = if old.is_some() {
+                    &mut changes.changed
+                } else {
+                    &mut changes.added
+                };
+                list.push(name.to_string());
+                // The spool and the cluster connection stay open across
+                // reloads (their settings cannot change without a restart).
+                // A changed route carries on from its old protections.
+                let previous = old.map(|info| &info.protections);
+                let (entry, info) = route_parts(route, registry, opened, &mut make_inner, previous);
+                entries.push(entry);
+                routes.push(info);
+            }
+        }
+    }
+    for old in &current.routes {
+        let name = old.config.display_name();
+        if !config.routes.iter().any(|r| r.display_name() == name) {
+            changes.removed.push(name.to_string());
+        }
+    }
+    let generation = Generation {
+        table: RouteTable::new(entries),
+        routes,
+    };
+    (generation, changes)
 }
 
 /// The forwarder to `route`'s upstream.
@@ -441,4 +505,52 @@ pub fn forward(route: &RouteConfig) -> Forward {
 /// process opened once.
 pub fn build(config: &Config, registry: &Registry, opened: Opened<'_>) -> Built<Forward> {
     build_with(config, registry, opened, forward)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The route stack's layers, outermost first, as its type nests them,
+    /// are the phases the module's header lists, in its order: moving a
+    /// layer means changing the documented request path too.
+    #[test]
+    fn the_route_stack_is_in_the_documented_order() {
+        let layers = [
+            ("observe", "Observe<"),
+            ("gRPC answers", "GrpcAnswers<"),
+            ("rescue", "Rescue<"),
+            ("body limit", "BodyLimit<"),
+            ("rate limit", "RateLimit<"),
+            ("spool", "Spooling<"),
+            ("circuit breaker", "CircuitBreaker<"),
+            ("admission", "Admission<"),
+            ("upstream timeout", "UpstreamTimeout<"),
+            ("forward", "Forward"),
+        ];
+        let stack = std::any::type_name::<RouteStack<Forward>>();
+        let mut at = 0;
+        for (_, layer) in layers {
+            let found = stack[at..]
+                .find(layer)
+                .unwrap_or_else(|| panic!("{layer} not after position {at} in {stack}"));
+            at += found + layer.len();
+        }
+        // The header's list of the per-route phases, in the same order.
+        let header = include_str!("stack.rs");
+        let start = header.find("6. **Per route**").expect("phase 6");
+        let end = header[start..].find("7. **Forward**").expect("phase 7") + start;
+        let text = header[start..end]
+            .replace("//!", "")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut at = 0;
+        for (phase, _) in layers {
+            let found = text[at..]
+                .find(phase)
+                .unwrap_or_else(|| panic!("phase {phase:?} not in order in: {text}"));
+            at += found + phase.len();
+        }
+    }
 }

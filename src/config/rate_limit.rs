@@ -3,7 +3,7 @@
 use serde::{Deserialize, Deserializer};
 
 use crate::admission::Priority;
-use crate::rate_limit::{Fallback, KeySource, Rate, RateLimitSettings, Scope, Tier};
+use crate::rate_limit::{ClusterFallback, KeySource, Rate, RateLimitSettings, Scope, Tier};
 
 /// `[route.rate_limit]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -271,9 +271,9 @@ impl From<&RateLimitConfig> for RateLimitSettings {
                 ScopeConfig::Local => Scope::Local,
                 ScopeConfig::Cluster => Scope::Cluster {
                     fallback: match c.fallback.unwrap_or_default() {
-                        QuotaFallback::Local => Fallback::Local,
-                        QuotaFallback::Allow => Fallback::Allow,
-                        QuotaFallback::Deny => Fallback::Deny,
+                        QuotaFallback::Local => ClusterFallback::Local,
+                        QuotaFallback::Allow => ClusterFallback::Allow,
+                        QuotaFallback::Deny => ClusterFallback::Deny,
                     },
                     sync: (c.sync_ms > 0).then(|| std::time::Duration::from_millis(c.sync_ms)),
                 },

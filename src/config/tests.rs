@@ -443,7 +443,7 @@ ipv6_prefix = 0
 
 #[test]
 fn a_cluster_scope_needs_a_cluster_and_takes_its_fallback() {
-    use crate::rate_limit::{Fallback, RateLimitSettings, Scope};
+    use crate::rate_limit::{ClusterFallback, RateLimitSettings, Scope};
     let cluster = "[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\n";
     let route = format!("{ROUTE}[route.rate_limit]\nper_second = 5\nscope = \"cluster\"\n");
     let e = err(&route);
@@ -457,7 +457,7 @@ fn a_cluster_scope_needs_a_cluster_and_takes_its_fallback() {
     assert_eq!(
         settings.scope,
         Scope::Cluster {
-            fallback: Fallback::Local,
+            fallback: ClusterFallback::Local,
             sync: None
         }
     );
@@ -467,7 +467,7 @@ fn a_cluster_scope_needs_a_cluster_and_takes_its_fallback() {
     assert_eq!(
         settings.scope,
         Scope::Cluster {
-            fallback: Fallback::Deny,
+            fallback: ClusterFallback::Deny,
             sync: Some(std::time::Duration::from_millis(10))
         }
     );

@@ -14,7 +14,7 @@ use super::status::{Code, GRPC_MESSAGE, GRPC_TIMEOUT, encode_message, parse_time
 use crate::body::{ProxyBody, full};
 use crate::classify::{GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, is_grpc_content};
 use crate::deadline::Deadline;
-use crate::error::Rejected;
+use crate::error::AnsweredByProxy;
 use crate::exchange::GrpcCall;
 
 /// Whether `req` is a gRPC call (`application/grpc`, `application/grpc+proto`,
@@ -93,7 +93,7 @@ where
 /// A refusal the proxy made, as a trailers-only gRPC response; the
 /// upstream's own answers pass untouched.
 fn as_grpc(res: Response<ProxyBody>) -> Response<ProxyBody> {
-    let Some(&Rejected(reason)) = res.extensions().get::<Rejected>() else {
+    let Some(&AnsweredByProxy(reason)) = res.extensions().get::<AnsweredByProxy>() else {
         return res;
     };
     let (mut parts, _json) = res.into_parts();
@@ -169,8 +169,8 @@ mod tests {
         assert!(res.headers().get("content-length").is_none());
         // Observe still sees what the proxy did.
         assert_eq!(
-            res.extensions().get::<Rejected>(),
-            Some(&Rejected(Reason::QueueFull))
+            res.extensions().get::<AnsweredByProxy>(),
+            Some(&AnsweredByProxy(Reason::QueueFull))
         );
     }
 

@@ -5,7 +5,7 @@
 //!
 //! [`GrpcAnswersLayer`] sits just above the rescue layer: a request with
 //! `content-type: application/grpc*` whose answer the proxy made itself (the
-//! [`Rejected`](crate::error::Rejected) extension) is rewritten into a
+//! [`AnsweredByProxy`](crate::error::AnsweredByProxy) extension) is rewritten into a
 //! trailers-only response: HTTP 200, `grpc-status`, `grpc-message` and, when
 //! the refusal has a `Retry-After`, `grpc-retry-pushback-ms` from the same
 //! computation, and `grpc-status-details-bin` with a `RetryInfo` of the same

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::{Outcome, RouteStats};
-use crate::error::Rejected;
+use crate::error::AnsweredByProxy;
 use crate::exchange::{SpoolReceipt, UpstreamLatency};
 
 /// Counts a route's requests by outcome, and writes the access log
@@ -153,8 +153,8 @@ where
             .expect("ObserveFuture polled after completion");
         Poll::Ready(match result {
             Ok(res) => {
-                let outcome = match res.extensions().get::<Rejected>() {
-                    Some(Rejected(reason)) => Outcome::Rejected(*reason),
+                let outcome = match res.extensions().get::<AnsweredByProxy>() {
+                    Some(AnsweredByProxy(reason)) => Outcome::Rejected(*reason),
                     None if res.extensions().get::<SpoolReceipt>().is_some() => Outcome::Spooled,
                     None => Outcome::of_status(res.status()),
                 };

@@ -2,7 +2,7 @@
 //!
 //! [`ObserveLayer`] sits at the top of every route's stack, so it sees every
 //! answer, the upstream's and the proxy's own (told apart by the
-//! [`Rejected`](crate::error::Rejected) extension). In-flight and queue
+//! [`AnsweredByProxy`](crate::error::AnsweredByProxy) extension). In-flight and queue
 //! gauges belong to admission, which knows when a slot is taken and freed.
 
 mod layer;

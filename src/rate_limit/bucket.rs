@@ -1,5 +1,5 @@
 //! [`Bucket`]: one policy's GCRA buckets (governor) and the `RateLimit`
-//! fields that tell a client where it stands; [`Verdict`]: the answer to one
+//! fields that tell a client where it stands; [`Decision`]: the answer to one
 //! request.
 
 use std::sync::Arc;
@@ -86,13 +86,13 @@ impl Bucket {
     }
 
     /// The answer: refused for `retry_after_s`, or allowed with `remaining`.
-    pub(super) fn verdict(&self, retry_after_s: Option<u64>, remaining: u32) -> Verdict {
+    pub(super) fn decide(&self, retry_after_s: Option<u64>, remaining: u32) -> Decision {
         let reset = match retry_after_s {
             // Until a token is back, then the rest of the burst.
             Some(s) => s + self.reset_after(1),
             None => self.reset_after(remaining),
         };
-        Verdict {
+        Decision {
             retry_after_s,
             policy: self.policy.clone(),
             state: self.state(remaining, reset),
@@ -109,7 +109,7 @@ impl Bucket {
 
 /// The answer to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub struct Decision {
     /// `None`: allowed. `Some(s)`: refused; come back in `s` seconds.
     pub retry_after_s: Option<u64>,
     /// `RateLimit-Policy` field value.

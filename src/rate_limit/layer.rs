@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service, ServiceExt};
 
-use super::bucket::Verdict;
+use super::bucket::Decision;
 use super::limiter::RateLimiter;
 use crate::body::{BoxError, BoxFuture};
 use crate::conn::ClientTier;
@@ -94,18 +94,18 @@ pub struct RateLimit<S> {
     limiter: Arc<RateLimiter>,
 }
 
-fn fields(verdict: &Verdict) -> HeaderMap {
+fn fields(decision: &Decision) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(2);
-    headers.insert(RATELIMIT_POLICY, verdict.policy.clone());
-    headers.insert(RATELIMIT, verdict.state.clone());
+    headers.insert(RATELIMIT_POLICY, decision.policy.clone());
+    headers.insert(RATELIMIT, decision.state.clone());
     headers
 }
 
 /// The refusal of a client over its rate.
-fn over_rate(verdict: &Verdict, secs: u64) -> Rejection {
+fn over_rate(decision: &Decision, secs: u64) -> Rejection {
     Rejection::new(Reason::RateLimited)
         .with_retry_after(secs)
-        .with_headers(fields(verdict))
+        .with_headers(fields(decision))
 }
 
 /// The inner answer with the client's `RateLimit` fields: on a response,
@@ -113,17 +113,17 @@ fn over_rate(verdict: &Verdict, secs: u64) -> Rejection {
 /// still tells the client where it stands with its rate.
 fn with_fields<ResB>(
     result: Result<Response<ResB>, BoxError>,
-    verdict: Verdict,
+    decision: Decision,
 ) -> Result<Response<ResB>, BoxError> {
     match result {
         Ok(mut res) => {
             let headers = res.headers_mut();
-            headers.insert(RATELIMIT_POLICY, verdict.policy);
-            headers.insert(RATELIMIT, verdict.state);
+            headers.insert(RATELIMIT_POLICY, decision.policy);
+            headers.insert(RATELIMIT, decision.state);
             Ok(res)
         }
         Err(err) => match err.downcast::<Rejection>() {
-            Ok(rejection) => Err(rejection.with_headers(fields(&verdict)).into()),
+            Ok(rejection) => Err(rejection.with_headers(fields(&decision)).into()),
             Err(err) => Err(err),
         },
     }
@@ -142,7 +142,7 @@ where
     type Future = ResponseFuture<S::Future, ResB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // The verdict is per request (the key is in the request); readiness
+        // The decision is per request (the key is in the request); readiness
         // is the inner service's.
         self.inner.poll_ready(cx).map_err(Into::into)
     }
@@ -170,8 +170,8 @@ where
         } else {
             Ok(self.limiter.check_from(&key, address))
         };
-        let verdict = match here {
-            Ok(verdict) => verdict,
+        let decision = match here {
+            Ok(decision) => decision,
             Err(ask) => {
                 // A round trip to Redis first: the request waits in a future of
                 // its own, with the service made ready (this one keeps a clone).
@@ -180,30 +180,30 @@ where
                 let inner = std::mem::replace(&mut self.inner, clone);
                 return ResponseFuture::Deciding {
                     future: Box::pin(async move {
-                        let verdict = limiter.ask(&key, ask).await;
-                        if let Some(secs) = verdict.retry_after_s {
-                            return Err(over_rate(&verdict, secs).into());
+                        let decision = limiter.ask(&key, ask).await;
+                        if let Some(secs) = decision.retry_after_s {
+                            return Err(over_rate(&decision, secs).into());
                         }
-                        if let Some(tier) = &verdict.tier {
+                        if let Some(tier) = &decision.tier {
                             req.extensions_mut().insert(ClientTier(tier.clone()));
                         }
                         let result = inner.oneshot(req).await.map_err(Into::into);
-                        with_fields(result, verdict)
+                        with_fields(result, decision)
                     }),
                 };
             }
         };
-        if let Some(secs) = verdict.retry_after_s {
+        if let Some(secs) = decision.retry_after_s {
             return ResponseFuture::Refused {
-                rejection: Some(over_rate(&verdict, secs)),
+                rejection: Some(over_rate(&decision, secs)),
             };
         }
-        if let Some(tier) = &verdict.tier {
+        if let Some(tier) = &decision.tier {
             req.extensions_mut().insert(ClientTier(tier.clone()));
         }
         ResponseFuture::Called {
             inner: self.inner.call(req),
-            verdict: Some(verdict),
+            decision: Some(decision),
         }
     }
 }
@@ -217,7 +217,7 @@ pin_project! {
         Called {
             #[pin]
             inner: F,
-            verdict: Option<Verdict>,
+            decision: Option<Decision>,
         },
         /// Decided on the cluster's Redis, then called.
         Deciding {
@@ -239,10 +239,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseProj::Called { inner, verdict } => {
+            ResponseProj::Called { inner, decision } => {
                 let result = ready!(inner.poll(cx)).map_err(Into::into);
-                let verdict = verdict.take().expect("polled after completion");
-                Poll::Ready(with_fields(result, verdict))
+                let decision = decision.take().expect("polled after completion");
+                Poll::Ready(with_fields(result, decision))
             }
             ResponseProj::Deciding { future } => future.as_mut().poll(cx),
             ResponseProj::Refused { rejection } => Poll::Ready(refused(rejection)),

@@ -12,9 +12,9 @@ use governor::middleware::StateInformationMiddleware;
 use metrics::{Counter, Gauge};
 use serde::Serialize;
 
-use super::bucket::{Bucket, Verdict};
+use super::bucket::{Bucket, Decision};
 use super::clock::TokioClock;
-use super::settings::{Fallback, Rate, RateLimitSettings, Scope};
+use super::settings::{ClusterFallback, Rate, RateLimitSettings, Scope};
 use super::shared::{Ask, Held, SharedBuckets, Spent, batch_cap};
 use super::store::CappedStore;
 use crate::client_key::{ClientKey, KeyExtractor, KeySource};
@@ -206,7 +206,7 @@ impl RateLimiter {
         mut self,
         cluster: Arc<Cluster>,
         route: &str,
-        fallback: Fallback,
+        fallback: ClusterFallback,
         sync: Option<Duration>,
         fallbacks: Counter,
     ) -> Self {
@@ -239,7 +239,7 @@ impl RateLimiter {
     /// Asks Redis what [`RateLimiter::decide_here`] could not decide: one
     /// round trip, at most `timeout_ms`; the fallback decides when Redis
     /// cannot.
-    pub async fn ask(&self, key: &ClientKey, ask: Ask) -> Verdict {
+    pub async fn ask(&self, key: &ClientKey, ask: Ask) -> Decision {
         let Some(shared) = &self.shared else {
             return self.check(key);
         };
@@ -266,7 +266,7 @@ impl RateLimiter {
                 // and the tokens this replica holds.
                 let room = (t + tau).saturating_sub(reply.tat_ahead).min(tau);
                 let remaining = (room.as_nanos() / t.as_nanos().max(1)) as u32;
-                bucket.verdict(None, remaining + kept)
+                bucket.decide(None, remaining + kept)
             }
             Ok(reply) => {
                 self.metrics.limited.increment(1);
@@ -275,7 +275,7 @@ impl RateLimiter {
                     shared.keep(key, Held::Refused { until }, n);
                 }
                 let secs = reply.wait.as_secs_f64().ceil().max(1.0) as u64;
-                bucket.verdict(Some(secs), 0)
+                bucket.decide(Some(secs), 0)
             }
             Err(_) => {
                 if fetcher {
@@ -283,11 +283,11 @@ impl RateLimiter {
                 }
                 shared.fallbacks.increment(1);
                 match shared.fallback {
-                    Fallback::Local => self.check(key),
-                    Fallback::Allow => bucket.verdict(None, bucket.rate.burst()),
-                    Fallback::Deny => {
+                    ClusterFallback::Local => self.check(key),
+                    ClusterFallback::Allow => bucket.decide(None, bucket.rate.burst()),
+                    ClusterFallback::Deny => {
                         self.metrics.limited.increment(1);
-                        bucket.verdict(Some(1), 0)
+                        bucket.decide(Some(1), 0)
                     }
                 }
             }
@@ -297,7 +297,7 @@ impl RateLimiter {
     /// A shared limiter's decision that needs no round trip (a token of the
     /// client's batch, or a refusal Redis gave that still holds), or what to
     /// ask Redis for ([`RateLimiter::ask`]).
-    pub fn decide_here(&self, key: &ClientKey) -> Result<Verdict, Ask> {
+    pub fn decide_here(&self, key: &ClientKey) -> Result<Decision, Ask> {
         let Some(shared) = &self.shared else {
             return Err(Ask {
                 tokens: 1,
@@ -307,11 +307,11 @@ impl RateLimiter {
         let bucket = self.bucket_of(key);
         let cap = shared.sync.map_or(1, |sync| batch_cap(&bucket.rate, sync));
         Ok(match shared.spend(key, cap)? {
-            Spent::Allowed(left) => bucket.verdict(None, left),
+            Spent::Allowed(left) => bucket.decide(None, left),
             Spent::Refused(wait) => {
                 self.metrics.limited.increment(1);
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                bucket.verdict(Some(secs), 0)
+                bucket.decide(Some(secs), 0)
             }
         })
     }
@@ -335,7 +335,7 @@ impl RateLimiter {
 
     /// The per-address ceiling's refusal, when `address` is over it
     /// (counts the request against it otherwise).
-    pub fn over_ceiling(&self, address: Option<IpAddr>) -> Option<Verdict> {
+    pub fn over_ceiling(&self, address: Option<IpAddr>) -> Option<Decision> {
         let per_ip = self.per_ip.as_ref().filter(|_| self.ceiling)?;
         let key = ClientKey::Ip(address?);
         if !per_ip.store.takes(&key) {
@@ -346,12 +346,12 @@ impl RateLimiter {
                 return None;
             }
         }
-        let verdict = self.spend(per_ip, &key);
-        verdict.retry_after_s.is_some().then_some(verdict)
+        let decision = self.spend(per_ip, &key);
+        decision.retry_after_s.is_some().then_some(decision)
     }
 
     /// Counts one request of `key` and says whether it may go on.
-    pub fn check(&self, key: &ClientKey) -> Verdict {
+    pub fn check(&self, key: &ClientKey) -> Decision {
         self.spend(self.bucket_of(key), key)
     }
 
@@ -359,7 +359,11 @@ impl RateLimiter {
     /// keys; asked only when needed: for the ceiling, or for a new key once
     /// `max_keys` are tracked): over its address's ceiling it is refused; a
     /// new key that finds no place is counted in its address's bucket.
-    pub fn check_from(&self, key: &ClientKey, address: impl FnOnce() -> Option<IpAddr>) -> Verdict {
+    pub fn check_from(
+        &self,
+        key: &ClientKey,
+        address: impl FnOnce() -> Option<IpAddr>,
+    ) -> Decision {
         let bucket = self.bucket_of(key);
         let Some(per_ip) = self.per_ip.as_ref() else {
             return self.spend(bucket, key);
@@ -380,7 +384,7 @@ impl RateLimiter {
                 self.metrics.overflowed.increment(1);
                 if self.ceiling {
                     // Already counted against the ceiling just above.
-                    return per_ip.verdict(None, 0);
+                    return per_ip.decide(None, 0);
                 }
                 return self.spend(per_ip, &ClientKey::Ip(ip));
             }
@@ -408,7 +412,7 @@ impl RateLimiter {
         }
     }
 
-    fn spend(&self, bucket: &Bucket, key: &ClientKey) -> Verdict {
+    fn spend(&self, bucket: &Bucket, key: &ClientKey) -> Decision {
         let (retry_after_s, remaining) = match bucket.governor.check_key(key) {
             Ok(snapshot) => (None, snapshot.remaining_burst_capacity()),
             Err(not_until) => {
@@ -418,7 +422,7 @@ impl RateLimiter {
                 (Some(secs), 0)
             }
         };
-        bucket.verdict(retry_after_s, remaining)
+        bucket.decide(retry_after_s, remaining)
     }
 
     /// Forgets clients whose bucket has refilled (forgetting them changes
@@ -432,6 +436,18 @@ impl RateLimiter {
         }
         for tier in &self.tiers {
             tier.governor.retain_recent();
+        }
+    }
+
+    /// How often a limiter forgets clients whose bucket has refilled.
+    pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
+    /// Prunes every [`PRUNE_INTERVAL`](Self::PRUNE_INTERVAL) until the
+    /// limiter is dropped, when built on a tokio runtime (a limiter built
+    /// outside one, in a bench, prunes when full).
+    pub fn prune_in_background(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.spawn_pruner(Self::PRUNE_INTERVAL);
         }
     }
 

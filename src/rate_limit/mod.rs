@@ -21,11 +21,11 @@ mod shared;
 mod store;
 
 pub use crate::client_key::{ClientKey, KeyExtractor, KeySource};
-pub use bucket::Verdict;
+pub use bucket::Decision;
 pub use clock::TokioClock;
 pub use layer::{RATELIMIT, RATELIMIT_POLICY, RateLimit, RateLimitLayer};
 pub use limiter::{RateLimitMetrics, RateLimitSnapshot, RateLimiter};
-pub use settings::{Fallback, Rate, RateLimitSettings, Scope, Tier};
+pub use settings::{ClusterFallback, Rate, RateLimitSettings, Scope, Tier};
 pub use shared::Ask;
 pub use store::CappedStore;
 

@@ -75,7 +75,7 @@ pub enum Scope {
     /// while Redis is down or slow.
     Cluster {
         /// Who decides while Redis cannot.
-        fallback: Fallback,
+        fallback: ClusterFallback,
         /// `sync_ms`: each replica takes tokens in batches and spends them
         /// for up to this long; `None`: one round trip per request.
         sync: Option<Duration>,
@@ -85,7 +85,7 @@ pub enum Scope {
 /// Who decides while Redis cannot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Fallback {
+pub enum ClusterFallback {
     /// This replica's own bucket at the same rate: the fleet admits at most
     /// N× for the while.
     Local,

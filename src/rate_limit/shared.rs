@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use metrics::Counter;
 
-use super::settings::{Fallback, Rate};
+use super::settings::{ClusterFallback, Rate};
 use crate::client_key::ClientKey;
 use crate::cluster::Cluster;
 
@@ -17,7 +17,7 @@ use crate::cluster::Cluster;
 pub(super) struct SharedBuckets {
     pub(super) cluster: Arc<Cluster>,
     pub(super) route: String,
-    pub(super) fallback: Fallback,
+    pub(super) fallback: ClusterFallback,
     pub(super) fallbacks: Counter,
     /// `sync_ms`: tokens taken from Redis in a batch, spent here until
     /// they run out or the time is up. At most `max_keys` clients.

@@ -230,8 +230,8 @@ async fn the_largest_accepted_buckets_keep_governors_arithmetic_in_range() {
     for (per_second, burst) in [(0.1, 3_153_600), (1_000_000.0, u32::MAX)] {
         let limiter = limiter(per_second, burst);
         let a = ip("192.0.2.1");
-        let verdict = limiter.check(&a);
-        assert_eq!(verdict.retry_after_s, None, "{per_second} {burst}");
+        let decision = limiter.check(&a);
+        assert_eq!(decision.retry_after_s, None, "{per_second} {burst}");
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(limiter.check(&a).retry_after_s, None);
     }

@@ -156,32 +156,32 @@ impl Activity {
     }
 
     /// What the bounds say at `now`: close, or look again at a moment.
-    fn check(&self, now: Instant, bounds: Bounds) -> Verdict {
+    fn check(&self, now: Instant, bounds: Bounds) -> Check {
         let requests = self.requests.load(Ordering::Acquire);
         if requests == 0 {
             let until = self.start + bounds.first_request;
             return match now >= until {
-                true => Verdict::Close(Closed::FirstRequestTimeout),
-                false => Verdict::Later(until),
+                true => Check::Close(Closed::FirstRequestTimeout),
+                false => Check::Later(until),
             };
         }
         if !self.http2.load(Ordering::Relaxed) {
             // HTTP/1: hyper bounds the rest.
-            return Verdict::Done;
+            return Check::Done;
         }
         let premature = self.premature.load(Ordering::Relaxed);
         let forwarded = requests.saturating_sub(self.local.load(Ordering::Relaxed));
         if self.premature_beyond(1) && premature * 2 >= forwarded {
-            return Verdict::Goaway(Closed::PrematureResets);
+            return Check::Goaway(Closed::PrematureResets);
         }
         if self.open.load(Ordering::Acquire) > 0 {
-            return Verdict::Later(now + bounds.http2_idle);
+            return Check::Later(now + bounds.http2_idle);
         }
         let since = self.start + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed));
         let until = since + bounds.http2_idle;
         match now >= until {
-            true => Verdict::Goaway(Closed::Idle),
-            false => Verdict::Later(until),
+            true => Check::Goaway(Closed::Idle),
+            false => Check::Later(until),
         }
     }
 }
@@ -198,7 +198,7 @@ enum Watch {
 }
 
 /// What [`Activity::check`] found.
-enum Verdict {
+enum Check {
     /// Close now, without a goodbye (nothing was ever asked on it).
     Close(Closed),
     /// Say goodbye (GOAWAY), let what is open finish.
@@ -288,12 +288,12 @@ where
             },
         };
         match verdict {
-            Verdict::Close(why) => {
+            Check::Close(why) => {
                 closed(why);
                 tracing::debug!(reason = why.as_str(), "client connection closed");
                 return Ok(());
             }
-            Verdict::Goaway(why) => {
+            Check::Goaway(why) => {
                 closed(why);
                 tracing::debug!(reason = why.as_str(), "client connection told to go away");
                 conn.as_mut().graceful_shutdown();
@@ -302,8 +302,8 @@ where
                 state = Watch::Leaving;
                 sleep.as_mut().reset(Instant::now() + bounds.first_request);
             }
-            Verdict::Later(at) => sleep.as_mut().reset(at),
-            Verdict::Done => state = Watch::Nothing,
+            Check::Later(at) => sleep.as_mut().reset(at),
+            Check::Done => state = Watch::Nothing,
         }
     }
 }

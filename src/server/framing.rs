@@ -79,7 +79,7 @@ enum State {
 }
 
 /// What a complete head means for the bytes after it.
-enum Verdict {
+enum HeadMeaning {
     /// Let through; the framing that follows.
     Next(State),
     /// Ambiguous or unfollowable: refuse it (and count it).
@@ -186,18 +186,18 @@ impl<T> FramingGuard<T> {
                 continue;
             };
             #[cfg(test)]
-            if matches!(verdict, Verdict::Next(_)) {
+            if matches!(verdict, HeadMeaning::Next(_)) {
                 self.heads.lock().unwrap().push(head.to_vec());
             }
             self.head.clear();
             self.first = false;
             return match verdict {
-                Verdict::Next(next) => {
+                HeadMeaning::Next(next) => {
                     self.state = next;
                     Gathered::Head(end + 1)
                 }
-                Verdict::Refuse | Verdict::Malformed => {
-                    if matches!(verdict, Verdict::Refuse) {
+                HeadMeaning::Refuse | HeadMeaning::Malformed => {
+                    if matches!(verdict, HeadMeaning::Refuse) {
                         tracing::warn!("refused a request head (400, connection closed)");
                         self.refused.increment(1);
                     }
@@ -221,9 +221,9 @@ impl<T> FramingGuard<T> {
 
 /// The verdict on a head that ends with an empty line; `None` when it is only
 /// empty lines (httparse skips those before a request line).
-fn judge(head: &[u8], first: bool) -> Option<Verdict> {
+fn judge(head: &[u8], first: bool) -> Option<HeadMeaning> {
     if first && head == PREFACE {
-        return Some(Verdict::Next(State::Pass));
+        return Some(HeadMeaning::Next(State::Pass));
     }
     let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -232,7 +232,7 @@ fn judge(head: &[u8], first: bool) -> Option<Verdict> {
         Ok(httparse::Status::Partial) => None,
         Err(e) => {
             tracing::debug!(error = %e, "malformed request head");
-            Some(Verdict::Malformed)
+            Some(HeadMeaning::Malformed)
         }
     }
 }
@@ -280,7 +280,7 @@ fn has_bare_lf(head: &[u8]) -> bool {
 }
 
 /// The framing a parsed head sets, by hyper's rules, or a refusal.
-fn framing(req: &httparse::Request<'_, '_>, bare_lf: bool) -> Verdict {
+fn framing(req: &httparse::Request<'_, '_>, bare_lf: bool) -> HeadMeaning {
     let mut refuse = bare_lf || req.method == Some("CONNECT");
     let mut content_length = None;
     let mut transfer_encoding = false;
@@ -306,9 +306,9 @@ fn framing(req: &httparse::Request<'_, '_>, bare_lf: bool) -> Verdict {
     let ambiguous = transfer_encoding && content_length.is_some();
     let bad_te = transfer_encoding && (!chunked || req.version == Some(0));
     if refuse || ambiguous || bad_te {
-        return Verdict::Refuse;
+        return HeadMeaning::Refuse;
     }
-    Verdict::Next(if transfer_encoding {
+    HeadMeaning::Next(if transfer_encoding {
         State::Chunked(Chunked::Start, 0)
     } else {
         match content_length {

@@ -24,7 +24,7 @@ use super::tls::TlsListener;
 use crate::body::BoxError;
 use crate::config::ServerConfig;
 use crate::conn::{ClientAddr, PeerClosed};
-use crate::error::{Rejected, Side};
+use crate::error::{AnsweredByProxy, Side};
 use crate::pace::MinRate;
 use crate::proxy::ReadTimeout;
 use crate::stack::ProxyService;
@@ -243,7 +243,7 @@ impl Connection {
             let call = service.clone().oneshot(req);
             async move {
                 let res = call.await?;
-                if stream.is_stream() && res.extensions().get::<Rejected>().is_some() {
+                if stream.is_stream() && res.extensions().get::<AnsweredByProxy>().is_some() {
                     stream.answered_locally();
                 }
                 Ok::<_, std::convert::Infallible>(res.map(|body| ResponseBody::new(body, stream)))

@@ -13,7 +13,8 @@ pub mod signals;
 mod streams;
 pub mod tls;
 
-pub use reload::{ReloadError, Reloader, RouteChanges, rebuild};
+pub use crate::stack::{RouteChanges, rebuild};
+pub use reload::{ReloadError, Reloader};
 
 use std::io;
 use std::net::SocketAddr;
@@ -77,9 +78,6 @@ pub enum DrainReport {
     TimedOut,
 }
 
-/// How often rate limits forget clients whose bucket has refilled.
-const RATE_LIMIT_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Binds both listeners and starts serving `config`, which cannot be reloaded
 /// (there is no file behind it).
 pub async fn start(config: Config) -> io::Result<Running> {
@@ -104,11 +102,6 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> io::Result<Run
         cluster: cluster.as_ref(),
     };
     let built = stack::build(&config, &registry, opened);
-    for route in &built.proxy.generation().routes {
-        if let Some(limiter) = &route.protections.rate_limit {
-            limiter.spawn_pruner(RATE_LIMIT_PRUNE_INTERVAL);
-        }
-    }
     let tls = match &config.server.tls {
         Some(files) => {
             Some(Arc::new(tls::TlsListener::new(files).map_err(|e| {

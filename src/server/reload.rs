@@ -20,9 +20,8 @@ use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError, RouteConfig, ServerConfig};
 use crate::metrics::{CONFIG_RELOAD_TOTAL, Registry};
 use crate::proxy::Forward;
-use crate::route::{Generation, RouteTable};
 use crate::spool::Spools;
-use crate::stack::{self, Opened, RouteProxy, Routes};
+use crate::stack::{self, Opened, RouteChanges, RouteProxy};
 
 use super::tls::{self, TlsError, TlsListener};
 
@@ -209,22 +208,13 @@ impl Reloader {
             spools: &self.spools,
             cluster: self.cluster.as_ref(),
         };
-        let (generation, changes) = rebuild(
+        let (generation, changes) = stack::rebuild(
             &new,
             &self.registry,
             &self.proxy.generation(),
             opened,
             stack::forward,
         );
-        for route in &generation.routes {
-            let fresh = changes
-                .kept
-                .iter()
-                .all(|k| k != route.config.display_name());
-            if let (true, Some(limiter)) = (fresh, &route.protections.rate_limit) {
-                limiter.spawn_pruner(super::RATE_LIMIT_PRUNE_INTERVAL);
-            }
-        }
         self.proxy.swap(generation);
         if let (Some(listener), Some(config)) = (&self.tls, tls) {
             listener.install(config);
@@ -232,76 +222,6 @@ impl Reloader {
         *current = new;
         Ok(changes)
     }
-}
-
-/// What a reload changed, by route name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RouteChanges {
-    /// Identical routes: they keep their counters, circuit and adaptive limit.
-    pub kept: Vec<String>,
-    /// New names.
-    pub added: Vec<String>,
-    /// Same name, new settings: rebuilt, carrying on from the old state
-    /// (in-flight and queued requests, breaker state, rate-limit buckets).
-    pub changed: Vec<String>,
-    /// Gone.
-    pub removed: Vec<String>,
-}
-
-/// The routes of `config` as a new generation, reusing the stack and state of
-/// every route of `current` whose configuration did not change.
-pub fn rebuild<S: Clone>(
-    config: &Config,
-    registry: &Registry,
-    current: &Routes<S>,
-    opened: Opened<'_>,
-    mut make_inner: impl FnMut(&RouteConfig) -> S,
-) -> (Routes<S>, RouteChanges) {
-    let mut changes = RouteChanges::default();
-    let mut entries = Vec::with_capacity(config.routes.len());
-    let mut routes = Vec::with_capacity(config.routes.len());
-    for route in &config.routes {
-        let name = route.display_name();
-        let old = current
-            .routes
-            .iter()
-            .find(|r| r.config.display_name() == name);
-        let old_entry = current.table.entries().iter().find(|e| e.name == name);
-        match (old, old_entry) {
-            (Some(info), Some(entry)) if info.config == *route => {
-                changes.kept.push(name.to_string());
-                entries.push(entry.clone());
-                routes.push(info.clone());
-            }
-            (old, _) => {
-                let list = if old.is_some() {
-                    &mut changes.changed
-                } else {
-                    &mut changes.added
-                };
-                list.push(name.to_string());
-                // The spool and the cluster connection stay open across
-                // reloads (their settings cannot change without a restart).
-                // A changed route carries on from its old protections.
-                let previous = old.map(|info| &info.protections);
-                let (entry, info) =
-                    stack::route_parts(route, registry, opened, &mut make_inner, previous);
-                entries.push(entry);
-                routes.push(info);
-            }
-        }
-    }
-    for old in &current.routes {
-        let name = old.config.display_name();
-        if !config.routes.iter().any(|r| r.display_name() == name) {
-            changes.removed.push(name.to_string());
-        }
-    }
-    let generation = Generation {
-        table: RouteTable::new(entries),
-        routes,
-    };
-    (generation, changes)
 }
 
 /// The first route whose `[route.spool]` differs between `old` and `new`.

@@ -171,7 +171,7 @@ pub async fn run(
                         // lowered since it was spooled): it must not hold up
                         // the rest.
                         let excerpt = "heavier than the route's max_inflight_bytes".to_string();
-                        let outcome = Outcome::Refused {
+                        let outcome = Attempt::Refused {
                             status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(),
                             excerpt,
                         };
@@ -325,7 +325,7 @@ fn replay_request(stored: Stored, granted: Extensions) -> ReplayRequest {
 // === Outcomes ===
 
 /// How a delivery went.
-enum Outcome {
+enum Attempt {
     Delivered,
     /// Refused for now.
     Again {
@@ -345,14 +345,14 @@ enum Outcome {
     },
 }
 
-async fn deliver(service: ReplayService, request: ReplayRequest) -> Outcome {
+async fn deliver(service: ReplayService, request: ReplayRequest) -> Attempt {
     match service.oneshot(request).await {
         Ok(res) => answered(res).await,
         Err(err) => failed(err),
     }
 }
 
-async fn answered(res: Response<ProxyBody>) -> Outcome {
+async fn answered(res: Response<ProxyBody>) -> Attempt {
     let answer = classify::answer(&res, false);
     let delivery = answer.delivery();
     let excerpt = match delivery {
@@ -364,25 +364,25 @@ async fn answered(res: Response<ProxyBody>) -> Outcome {
     };
     let status = answer.status.as_u16();
     match delivery {
-        Delivery::Delivered => Outcome::Delivered,
-        Delivery::Again => Outcome::Again {
+        Delivery::Delivered => Attempt::Delivered,
+        Delivery::Again => Attempt::Again {
             attempted: true,
             route_wide: false,
             retry_after: answer.retry_after,
             status: Some(status),
             excerpt,
         },
-        Delivery::Refused => Outcome::Refused { status, excerpt },
+        Delivery::Refused => Attempt::Refused { status, excerpt },
     }
 }
 
-fn failed(err: BoxError) -> Outcome {
+fn failed(err: BoxError) -> Attempt {
     // Held back by the proxy, or the upstream could not be reached at all:
     // not this request's attempt, and an outage of any length leaves the
     // spool as it was. Otherwise timed out, or the upstream broke the
     // connection.
     let failure = classify::failure(err.as_ref());
-    Outcome::Again {
+    Attempt::Again {
         attempted: !failure.held_back(),
         route_wide: failure.held_back(),
         retry_after: failure.retry_after(),
@@ -421,7 +421,7 @@ async fn settle(
     spool: &Spool,
     next: &Next,
     stored: Stored,
-    outcome: Outcome,
+    outcome: Attempt,
     backpressure: &[u16],
     flight: &mut InFlight,
 ) {
@@ -429,14 +429,14 @@ async fn settle(
     let metrics = store.metrics();
     let shared = &*flight.shared.clone();
     let (status, excerpt, attempts) = match outcome {
-        Outcome::Delivered => {
+        Attempt::Delivered => {
             shared.pause().succeeded();
             metrics.delivered.increment(1);
             store.delivered(next);
             flight.change = grow;
             return;
         }
-        Outcome::Again {
+        Attempt::Again {
             attempted,
             route_wide,
             retry_after,
@@ -462,7 +462,7 @@ async fn settle(
             }
             (status, excerpt, attempts)
         }
-        Outcome::Refused { status, excerpt } => (Some(status), excerpt, next.attempts + 1),
+        Attempt::Refused { status, excerpt } => (Some(status), excerpt, next.attempts + 1),
     };
     tracing::warn!(
         route = spool.route(),
