@@ -36,6 +36,9 @@
 //! On the way back the same layers see the response in reverse order, and two
 //! of them keep a hand on its body: the admission slot is held until the body
 //! has been sent, and the circuit decides a call's outcome at the body's end.
+//! How an exchange ended is decided once, in [`crate::classify`]; the layers
+//! are siblings that share only leaf vocabulary ([`crate::exchange`],
+//! [`crate::limit`]), and this module wires them (ARCHITECTURE.md).
 
 use std::sync::Arc;
 
