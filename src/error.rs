@@ -205,7 +205,13 @@ impl Rejection {
         self.cause.as_deref()
     }
 
-    /// The response the client gets.
+    /// The header fields it adds to its response (the rate limit's).
+    pub fn headers(&self) -> Option<&http::HeaderMap> {
+        self.headers.as_deref()
+    }
+
+    /// The response an HTTP client gets (a gRPC call's is
+    /// `grpc::refusal`'s; [`crate::respond::answer`] picks).
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut res = self.bare_response();
         if let Some(extra) = self.headers {

@@ -13,16 +13,32 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::Response;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::classify::{self, Failure};
 use crate::error::{ErrorChain, Reason, Rejection};
+use crate::exchange::GrpcCall;
+
+/// The client's answer to `rejection`, in its protocol: gRPC for a gRPC call
+/// (`grpc`), else the JSON answer. Every refusal is rendered here, once.
+pub fn answer(rejection: Rejection, grpc: bool) -> Response<ProxyBody> {
+    if grpc {
+        crate::grpc::refusal(rejection)
+    } else {
+        rejection.into_response()
+    }
+}
 
 /// Turns a stack error into the client's response, logging the cause.
 pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
+    rescue_as(route, err, false)
+}
+
+/// As [`rescue`], for a gRPC call when `grpc`.
+pub fn rescue_as(route: &str, err: BoxError, grpc: bool) -> Response<ProxyBody> {
     let failure = classify::failure(err.as_ref());
     if let Failure::Client(reason) = failure {
         // The client's doing: worth a line when debugging, not a warning.
@@ -32,7 +48,7 @@ pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
             cause = %ErrorChain(err.as_ref()),
             "request refused: the client's fault"
         );
-        return Rejection::new(reason).into_response();
+        return answer(Rejection::new(reason), grpc);
     }
     let rejection = match err.downcast::<Rejection>() {
         Ok(rejection) => *rejection,
@@ -46,7 +62,7 @@ pub fn rescue(route: &str, err: BoxError) -> Response<ProxyBody> {
             "request failed"
         );
     }
-    rejection.into_response()
+    answer(rejection, grpc)
 }
 
 // === impl RescueLayer ===
@@ -88,9 +104,9 @@ pub struct Rescue<S> {
     not_ready: Option<Arc<str>>,
 }
 
-impl<S, Req, B> Service<Req> for Rescue<S>
+impl<S, ReqB, B> Service<Request<ReqB>> for Rescue<S>
 where
-    S: Service<Req, Response = Response<B>>,
+    S: Service<Request<ReqB>, Response = Response<B>>,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -106,16 +122,18 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let grpc = req.extensions().get::<GrpcCall>().is_some();
         if let Some(error) = self.not_ready.take() {
             let err = Rejection::new(Reason::UpstreamUnavailable).with_cause(error.to_string());
             return RescueFuture::Failed {
-                response: Some(rescue(&self.route, err.into())),
+                response: Some(rescue_as(&self.route, err.into(), grpc)),
             };
         }
         RescueFuture::Pending {
             inner: self.inner.call(req),
             route: self.route.clone(),
+            grpc,
         }
     }
 }
@@ -130,6 +148,7 @@ pin_project! {
             #[pin]
             inner: F,
             route: Arc<str>,
+            grpc: bool,
         },
         /// The inner service was not ready; this is the answer.
         Failed {
@@ -149,10 +168,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            RescueProj::Pending { inner, route } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
-                Ok(res) => res.map(boxed),
-                Err(err) => rescue(route, err.into()),
-            })),
+            RescueProj::Pending { inner, route, grpc } => {
+                Poll::Ready(Ok(match ready!(inner.poll(cx)) {
+                    Ok(res) => res.map(boxed),
+                    Err(err) => rescue_as(route, err.into(), *grpc),
+                }))
+            }
             RescueProj::Failed { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("RescueFuture polled after completion"))),

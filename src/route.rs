@@ -19,7 +19,7 @@ use tower::util::{Oneshot, ServiceExt};
 
 use crate::body::ProxyBody;
 use crate::error::{Reason, Rejection};
-use crate::normalize;
+use crate::{normalize, respond};
 
 /// One route of the table: what it matches and the service that answers.
 #[derive(Debug, Clone)]
@@ -196,12 +196,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Refused here, a gRPC call is answered in gRPC all the same.
+        let grpc = crate::classify::is_grpc_content(req.headers());
         if let Err(why) = normalize::request(&mut req) {
             tracing::debug!(why, uri = %req.uri(), "refused an invalid request (400)");
             self.unmatched.invalid_count.fetch_add(1, Ordering::Relaxed);
             self.unmatched.invalid.increment(1);
             return ProxyFuture::Ready {
-                response: Some(Rejection::new(Reason::BadRequest).into_response()),
+                response: Some(respond::answer(Rejection::new(Reason::BadRequest), grpc)),
             };
         }
         let route = self
@@ -218,7 +220,7 @@ where
                 self.unmatched.count.fetch_add(1, Ordering::Relaxed);
                 self.unmatched.counter.increment(1);
                 ProxyFuture::Ready {
-                    response: Some(Rejection::new(Reason::NoRoute).into_response()),
+                    response: Some(respond::answer(Rejection::new(Reason::NoRoute), grpc)),
                 }
             }
         }

@@ -16,9 +16,9 @@
 //! 5. **Route** ([`crate::route`]): the one host and path in normal form (400
 //!    otherwise), matched against the live [`Generation`] (404 when none).
 //! 6. **Per route**, outermost first: observe (counts, access log) → gRPC
-//!    answers (a refusal to a gRPC call becomes its `grpc-status`,
-//!    [`crate::grpc`]) → rescue (errors become responses,
-//!    [`crate::respond`]) → body limit (413) →
+//!    answers (a gRPC call marked as one, its deadline set, [`crate::grpc`])
+//!    → rescue (errors become responses, a gRPC call's as its
+//!    `grpc-status`, [`crate::respond`]) → body limit (413) →
 //!    rate limit (429) → spool (an eligible refusal below becomes a `202`,
 //!    [`crate::spool`]) → circuit breaker (503, never queued) → admission
 //!    (in-flight limit, queue; 503 with `Retry-After`; the priority header

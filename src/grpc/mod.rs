@@ -3,19 +3,20 @@
 //! an HTTP 503 with a JSON body (which gRPC libraries turn into an opaque
 //! UNAVAILABLE).
 //!
-//! [`GrpcAnswersLayer`] sits just above the rescue layer: a request with
-//! `content-type: application/grpc*` whose answer the proxy made itself (the
-//! [`AnsweredByProxy`](crate::error::AnsweredByProxy) extension) is rewritten into a
-//! trailers-only response: HTTP 200, `grpc-status`, `grpc-message` and, when
-//! the refusal has a `Retry-After`, `grpc-retry-pushback-ms` from the same
-//! computation, and `grpc-status-details-bin` with a `RetryInfo` of the same
-//! delay, which OpenTelemetry exporters wait ([`details`]; [`status`] maps
-//! reasons to codes). A call's `grpc-timeout`
-//! becomes its [`Deadline`](crate::deadline::Deadline).
+//! [`GrpcAnswersLayer`] sits just above the rescue layer and marks a request
+//! with `content-type: application/grpc*` as a gRPC call
+//! ([`GrpcCall`](crate::exchange::GrpcCall)); its `grpc-timeout` becomes its
+//! [`Deadline`](crate::deadline::Deadline). A refusal of such a call is
+//! rendered once, by the rescue layer (or the router, for `no_route` and
+//! `bad_request`), through [`refusal`]: a trailers-only response, HTTP 200,
+//! `grpc-status`, `grpc-message` and, when the refusal has a `Retry-After`,
+//! `grpc-retry-pushback-ms` of the same delay and `grpc-status-details-bin`
+//! with a `RetryInfo` of it, which OpenTelemetry exporters wait
+//! ([`details`]; [`status`] maps reasons to codes).
 
 mod answer;
 pub mod details;
 pub mod status;
 
-pub use answer::{GrpcAnswers, GrpcAnswersLayer, is_grpc};
+pub use answer::{GrpcAnswers, GrpcAnswersLayer, is_grpc, refusal};
 pub use status::Code;

@@ -103,6 +103,33 @@ async fn an_unreachable_upstream_is_unavailable() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Refused before any route (no route for the method, a path above the
+/// root): a gRPC call still gets a gRPC status, UNIMPLEMENTED and INTERNAL
+/// as README promises, not an HTTP 404 with a JSON body its library cannot
+/// read.
+#[tokio::test]
+async fn a_call_refused_before_any_route_is_answered_in_grpc() {
+    let (up, _) = spawn_upstream().await;
+    let proxy = sluicegate::start(config(up.addr.unwrap(), "/only", ""))
+        .await
+        .unwrap();
+    let base = format!("http://{}", proxy.proxy_addr());
+    let (res, _) = send(&h2c_client(), grpc_call(format!("{base}/pkg.Other/Method"))).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["grpc-status"], "12");
+    assert_eq!(res.headers()["content-type"], "application/grpc");
+    let (res, _) = send(&h2c_client(), grpc_call(format!("{base}/../x"))).await;
+    assert_eq!(res.headers()["grpc-status"], "13");
+    // An HTTP client keeps its JSON answer.
+    let (res, _) = send(
+        &h2c_client(),
+        Request::post(format!("{base}/x")).body(full("{}")).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    proxy.shutdown().await;
+}
+
 fn http2_route(extra: &str) -> String {
     format!("upstream_protocol = \"http2\"\n{extra}")
 }
