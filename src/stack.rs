@@ -240,7 +240,10 @@ fn controller(route: &RouteConfig, registry: &Registry) -> Arc<Controller> {
         .admission
         .as_ref()
         .map_or(AdmissionSettings::UNLIMITED, AdmissionSettings::from);
-    let metrics = AdmissionMetrics::new(route.display_name(), registry);
+    let metrics = match route.admission {
+        Some(_) => AdmissionMetrics::new(route.display_name(), registry),
+        None => AdmissionMetrics::unlimited(route.display_name(), registry),
+    };
     match route.admission.as_ref().and_then(|a| a.adaptive_settings()) {
         Some(adaptive) => Controller::adaptive(settings, adaptive, metrics),
         None => Controller::with_metrics(settings, metrics),

@@ -98,6 +98,9 @@ pub struct Cluster {
     settings: ClusterSettings,
     address: String,
     up: AtomicBool,
+    /// Whether Redis has answered or failed once yet: the first verdict is
+    /// logged whichever it is, so that Redis down at start is not silent.
+    known: AtomicBool,
     /// Commands failed or timed out in a row.
     failing: AtomicU32,
     up_gauge: Gauge,
@@ -144,6 +147,7 @@ impl Cluster {
             settings,
             address,
             up: AtomicBool::new(false),
+            known: AtomicBool::new(false),
             failing: AtomicU32::new(0),
             up_gauge,
             gcra: Script::new(GCRA),
@@ -177,7 +181,8 @@ impl Cluster {
     }
 
     fn set_up(&self, up: bool, by: &str) {
-        if self.up.swap(up, Ordering::SeqCst) != up {
+        let first = !self.known.swap(true, Ordering::SeqCst);
+        if self.up.swap(up, Ordering::SeqCst) != up || first {
             self.up_gauge.set(if up { 1.0 } else { 0.0 });
             if up {
                 tracing::info!(redis = %self.address, "cluster: redis is up; quotas are shared again");

@@ -132,3 +132,38 @@ async fn a_simple_request_cannot_reload() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A route without admission has no limit and no queue timeout: README says
+/// their gauges are absent for it, and a limit of 0 would draw as one on the
+/// dashboard's "In flight vs limit". Its in-flight gauge is there.
+#[tokio::test]
+async fn routes_without_admission_export_no_limit() {
+    let (up, _) = spawn_upstream().await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [[route]]\nname = \"limited\"\npath_prefix = \"/a\"\nupstream = \"http://{up}\"\n\
+         [route.admission]\nmax_inflight = 4\n\
+         [[route]]\nname = \"open\"\npath_prefix = \"/b\"\nupstream = \"http://{up}\"\n",
+        up = up.addr.unwrap()
+    );
+    let proxy = sluicegate::start(Config::parse("t.toml", &text).unwrap())
+        .await
+        .unwrap();
+    let (_, body) = get(&format!("http://{}/metrics", proxy.admin_addr())).await;
+    let metrics = String::from_utf8_lossy(&body);
+    for gauge in [
+        "sluicegate_concurrency_limit",
+        "sluicegate_queue_timeout_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("{gauge}{{route=\"limited\"}}")),
+            "{gauge}"
+        );
+        assert!(
+            !metrics.contains(&format!("{gauge}{{route=\"open\"}}")),
+            "{gauge}"
+        );
+    }
+    assert!(metrics.contains("sluicegate_inflight{route=\"open\"}"));
+    proxy.shutdown().await;
+}

@@ -330,3 +330,60 @@ async fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     );
     assert!(line.contains("INFO"), "{line:?}");
 }
+
+/// Redis down when the proxy starts: requests fall back as they should,
+/// and the operator reads why, once, at warn (README "[cluster]"): the
+/// first probe's verdict is logged whichever it is, not only a change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_is_logged_once_at_warn() {
+    let (up, _) = spawn_upstream().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis = closed.local_addr().unwrap();
+    drop(closed);
+    let extra = "[route.rate_limit]\nper_second = 100\nburst = 100\nscope = \"cluster\"\n";
+    let config = format!(
+        "{}\n[cluster]\nredis_url = \"redis://{redis}\"\n",
+        proc_config(up.addr.unwrap(), extra)
+    );
+    let path = write_config(&format!("redis-down-{}.toml", rand_name()), &config);
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The first probe goes at once; three more follow in 1.5 s: one line.
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut down = Vec::new();
+        let mut until = None;
+        loop {
+            let wait = until.map_or(Duration::from_secs(20), |u: tokio::time::Instant| {
+                u.saturating_duration_since(tokio::time::Instant::now())
+            });
+            match rx.recv_timeout(wait) {
+                Ok(line) if line.contains("redis is down") => {
+                    down.push(line);
+                    until.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(1500));
+                }
+                Ok(_) => {}
+                Err(_) => return down,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("WARN"), "{lines:?}");
+}

@@ -51,6 +51,18 @@ impl AdmissionMetrics {
         }
     }
 
+    /// The metrics of a route without admission, which only counts what is
+    /// in flight: no limit and no queue timeout to export (absent, not 0,
+    /// so that a dashboard draws no limit of 0 and no alert compares with it).
+    pub fn unlimited(route: &str, registry: &Registry) -> Self {
+        let r = [("route", route)];
+        Self {
+            inflight: registry.gauge(INFLIGHT, &r),
+            queue_depth: registry.gauge(QUEUE_DEPTH, &r),
+            ..Self::noop()
+        }
+    }
+
     pub(super) fn record_wait(&self, waited: Duration) {
         self.queue_wait.record(waited.as_secs_f64());
         self.queue_wait_sketch.record(waited);
