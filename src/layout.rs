@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// The protection modules, and the other layers of a route (README
 /// "Layout").
-const PROTECTIONS: [&str; 9] = [
+const PROTECTIONS: [&str; 10] = [
     "admission",
     "adaptive",
     "circuit",
@@ -24,6 +24,7 @@ const PROTECTIONS: [&str; 9] = [
     "body_limit",
     "upstream_timeout",
     "observe",
+    "proxy",
 ];
 
 /// The longest a source file may be, test files and modules excluded.
