@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::process::{BIN, Proc, rand_name, write_config};
+use crate::support::process::{BIN, Proc, log_lines, rand_name, write_config};
 use crate::support::*;
 use http::{Request, StatusCode};
 
@@ -354,13 +354,7 @@ async fn redis_down_at_start_is_logged_once_at_warn() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = log_lines(&mut child);
     // The first probe goes at once; three more follow in 1.5 s: one line.
     let lines = tokio::task::spawn_blocking(move || {
         let mut down = Vec::new();

@@ -10,6 +10,19 @@ use std::time::Duration;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
 
+/// The lines `child` writes to its (piped) stderr, as they come, read by a
+/// thread of their own so that the child never blocks on a full pipe.
+pub fn log_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// Writes `text` as config file `name` in the test's temporary directory.
 pub fn write_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluicegate-proc-{}", std::process::id()));
@@ -38,13 +51,7 @@ impl Proc {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = log_lines(&mut child);
         let line = loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(20))
